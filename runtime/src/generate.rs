@@ -1,0 +1,169 @@
+//! The generation loop shared by every backend: prefill the prompt, then
+//! pick and feed back one token at a time until a stop condition.
+
+use crate::session::{Engine, SessionError};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct GenerationOptions {
+    pub max_new_tokens: usize,
+    /// Generation stops after producing one of these (it is included in the output).
+    pub eos_token_ids: Vec<u32>,
+    /// Keep every step's logits in the report (for `--save-logits`).
+    pub record_logits: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    MaxNewTokens,
+    EndOfSequence,
+    /// The KV cache is full; more tokens need a model compiled with a larger cache.
+    ContextFull,
+}
+
+pub struct GenerationReport {
+    pub tokens: Vec<u32>,
+    /// Row `i` holds the logits token `i` was chosen from (if recorded).
+    pub logits: Vec<Vec<f32>>,
+    pub prompt_tokens: usize,
+    pub prefill_time: Duration,
+    pub decode_time: Duration,
+    pub stop: StopReason,
+}
+
+impl GenerationReport {
+    pub fn prefill_tokens_per_second(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_time.as_secs_f64().max(1e-9)
+    }
+
+    /// Decode steps are the tokens after the first (which comes from the prefill).
+    pub fn decode_tokens_per_second(&self) -> Option<f64> {
+        let steps = self.tokens.len().saturating_sub(1);
+        (steps > 0).then(|| steps as f64 / self.decode_time.as_secs_f64().max(1e-9))
+    }
+}
+
+/// The index of the largest logit; the first one on ties (as `torch.argmax`).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Greedy generation. `on_token` sees each token as soon as it is chosen.
+pub fn generate(
+    engine: &mut dyn Engine,
+    prompt: &[u32],
+    options: &GenerationOptions,
+    mut on_token: impl FnMut(u32),
+) -> Result<GenerationReport, SessionError> {
+    let start = Instant::now();
+    let mut logits = engine.forward(prompt)?;
+    let prefill_time = start.elapsed();
+    let decode_start = Instant::now();
+    let mut report = GenerationReport {
+        tokens: Vec::new(),
+        logits: Vec::new(),
+        prompt_tokens: prompt.len(),
+        prefill_time,
+        decode_time: Duration::ZERO,
+        stop: StopReason::MaxNewTokens,
+    };
+    while report.tokens.len() < options.max_new_tokens {
+        let token = argmax(&logits);
+        if options.record_logits {
+            report.logits.push(std::mem::take(&mut logits));
+        }
+        report.tokens.push(token);
+        on_token(token);
+        if options.eos_token_ids.contains(&token) {
+            report.stop = StopReason::EndOfSequence;
+            break;
+        }
+        if report.tokens.len() == options.max_new_tokens {
+            break;
+        }
+        if engine.position() >= engine.capacity() {
+            report.stop = StopReason::ContextFull;
+            break;
+        }
+        logits = engine.forward(&[token])?;
+    }
+    report.decode_time = decode_start.elapsed();
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An engine whose next token is always (last token + 1) mod 5.
+    struct Counter {
+        position: usize,
+        capacity: usize,
+    }
+
+    impl Engine for Counter {
+        fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SessionError> {
+            self.position += tokens.len();
+            let mut logits = vec![0.0; 5];
+            logits[(*tokens.last().unwrap() as usize + 1) % 5] = 1.0;
+            Ok(logits)
+        }
+        fn position(&self) -> usize {
+            self.position
+        }
+        fn capacity(&self) -> usize {
+            self.capacity
+        }
+        fn reset(&mut self) {
+            self.position = 0;
+        }
+        fn device(&self) -> String {
+            "test counter".into()
+        }
+    }
+
+    fn options(max_new_tokens: usize, eos: &[u32]) -> GenerationOptions {
+        GenerationOptions {
+            max_new_tokens,
+            eos_token_ids: eos.to_vec(),
+            record_logits: true,
+        }
+    }
+
+    #[test]
+    fn stops_at_eos_max_tokens_or_a_full_cache() {
+        let mut e = Counter {
+            position: 0,
+            capacity: 100,
+        };
+        let r = generate(&mut e, &[0], &options(3, &[]), |_| {}).unwrap();
+        assert_eq!(
+            (r.tokens, r.stop),
+            (vec![1, 2, 3], StopReason::MaxNewTokens)
+        );
+        assert_eq!(r.logits.len(), 3);
+        let mut e = Counter {
+            position: 0,
+            capacity: 100,
+        };
+        let r = generate(&mut e, &[0], &options(10, &[2]), |_| {}).unwrap();
+        assert_eq!((r.tokens, r.stop), (vec![1, 2], StopReason::EndOfSequence));
+        let mut e = Counter {
+            position: 0,
+            capacity: 3,
+        };
+        let r = generate(&mut e, &[0, 0], &options(10, &[]), |_| {}).unwrap();
+        assert_eq!((r.tokens, r.stop), (vec![1, 2], StopReason::ContextFull));
+    }
+
+    #[test]
+    fn argmax_takes_the_first_maximum() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
+    }
+}

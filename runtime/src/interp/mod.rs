@@ -1,0 +1,201 @@
+//! The reference CPU interpreter: runs an IR graph in f32, deterministically.
+//! It is the ground truth that every backend's numbers are compared with.
+
+pub mod linalg;
+
+use crate::ir::ops::KernelError;
+use crate::ir::{DType, Graph, IrError, ValueId, ValueSource};
+use crate::tensor::Tensor;
+use crate::weights::{WeightError, WeightStore};
+use std::collections::HashMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InterpError {
+    #[error(transparent)]
+    Graph(#[from] IrError),
+    #[error(transparent)]
+    Weight(#[from] WeightError),
+    #[error("graph `{graph}` needs input `{name}`")]
+    MissingInput { graph: String, name: String },
+    #[error("graph `{graph}` has no input `{name}`")]
+    UnknownInput { graph: String, name: String },
+    #[error("input `{name}` of graph `{graph}` must be {expected}, got {got}")]
+    InputType {
+        graph: String,
+        name: String,
+        expected: String,
+        got: String,
+    },
+    #[error("node `{node}` ({op}) failed: {source}")]
+    Kernel {
+        node: String,
+        op: &'static str,
+        #[source]
+        source: KernelError,
+    },
+}
+
+/// Weights converted to f32 once and shared by every graph that uses them
+/// (the prefill and decode graphs of a model use the same tensors).
+#[derive(Default)]
+pub struct F32Weights {
+    tensors: HashMap<String, Tensor>,
+}
+
+impl F32Weights {
+    fn get(&mut self, store: &WeightStore, name: &str) -> Result<Tensor, WeightError> {
+        if let Some(t) = self.tensors.get(name) {
+            return Ok(t.clone());
+        }
+        let t = store.to_f32_tensor(name)?;
+        self.tensors.insert(name.to_string(), t.clone());
+        Ok(t)
+    }
+}
+
+/// One graph, ready to run.
+pub struct Interpreter {
+    graph: Graph,
+    weights: Vec<(ValueId, Tensor)>,
+    /// For each value, the index of the last node that reads it (or
+    /// `usize::MAX` for graph outputs), so intermediates are freed early.
+    last_use: Vec<usize>,
+}
+
+impl Interpreter {
+    pub fn new(
+        graph: Graph,
+        store: &WeightStore,
+        cache: &mut F32Weights,
+    ) -> Result<Interpreter, InterpError> {
+        graph.validate()?;
+        let mut weights = Vec::new();
+        for (id, tensor) in graph.weights() {
+            let declared = graph.ty(id);
+            let stored = store.tensor_type(tensor)?;
+            if stored != *declared {
+                return Err(InterpError::Graph(IrError::Structure {
+                    graph: graph.name.clone(),
+                    message: format!(
+                        "weight `{tensor}` is declared {declared} but {} holds {stored}",
+                        store.origin(tensor).display()
+                    ),
+                }));
+            }
+            weights.push((id, cache.get(store, tensor)?));
+        }
+        let mut last_use = vec![0usize; graph.values.len()];
+        for (i, node) in graph.nodes.iter().enumerate() {
+            for &input in &node.inputs {
+                last_use[input.index()] = i;
+            }
+        }
+        for &out in &graph.outputs {
+            last_use[out.index()] = usize::MAX;
+        }
+        Ok(Interpreter {
+            graph,
+            weights,
+            last_use,
+        })
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// Runs the graph. Every input must be given, with its declared type.
+    /// Returns the outputs in the graph's output order.
+    pub fn run(&self, inputs: &[(&str, Tensor)]) -> Result<Vec<Tensor>, InterpError> {
+        self.run_with_taps(inputs, &[]).map(|(outputs, _)| outputs)
+    }
+
+    /// Like [`Self::run`], and also returns the named intermediate values
+    /// (by IR value name), for layer-by-layer comparisons.
+    pub fn run_with_taps(
+        &self,
+        inputs: &[(&str, Tensor)],
+        taps: &[&str],
+    ) -> Result<(Vec<Tensor>, Vec<(String, Tensor)>), InterpError> {
+        let graph = &self.graph;
+        let mut slots: Vec<Option<Tensor>> = vec![None; graph.values.len()];
+        for (id, tensor) in &self.weights {
+            slots[id.index()] = Some(tensor.clone());
+        }
+        for &(name, ref tensor) in inputs {
+            let id = graph.input(name).map_err(|_| InterpError::UnknownInput {
+                graph: graph.name.clone(),
+                name: name.to_string(),
+            })?;
+            let expected = graph.ty(id);
+            let matches = tensor.shape() == expected.shape.as_slice()
+                && (tensor.dtype() == expected.dtype
+                    || (expected.dtype.is_float() && tensor.dtype() == DType::F32));
+            if !matches {
+                return Err(InterpError::InputType {
+                    graph: graph.name.clone(),
+                    name: name.to_string(),
+                    expected: expected.to_string(),
+                    got: format!("{}{:?}", tensor.dtype(), tensor.shape()),
+                });
+            }
+            slots[id.index()] = Some(tensor.clone());
+        }
+        for &id in &graph.inputs {
+            if slots[id.index()].is_none() {
+                return Err(InterpError::MissingInput {
+                    graph: graph.name.clone(),
+                    name: graph.value(id).name.clone(),
+                });
+            }
+        }
+        let tap_ids: Vec<ValueId> = taps
+            .iter()
+            .filter_map(|name| {
+                graph
+                    .values
+                    .iter()
+                    .position(|v| {
+                        v.name == *name && !matches!(v.source, ValueSource::Weight { .. })
+                    })
+                    .map(|i| ValueId(i as u32))
+            })
+            .collect();
+        let mut tapped = Vec::new();
+        for (index, node) in graph.nodes.iter().enumerate() {
+            let args: Vec<&Tensor> = node
+                .inputs
+                .iter()
+                .map(|id| {
+                    slots[id.index()]
+                        .as_ref()
+                        .expect("validated graphs define values before use")
+                })
+                .collect();
+            let out = node.op.eval(&args).map_err(|source| InterpError::Kernel {
+                node: node.name.clone(),
+                op: node.op.name(),
+                source,
+            })?;
+            if tap_ids.contains(&node.output) {
+                tapped.push((graph.value(node.output).name.clone(), out.clone()));
+            }
+            slots[node.output.index()] = Some(out);
+            for &input in &node.inputs {
+                if self.last_use[input.index()] == index && !graph.inputs.contains(&input) {
+                    slots[input.index()] = None;
+                }
+            }
+        }
+        let outputs = graph
+            .outputs
+            .iter()
+            .map(|id| {
+                slots[id.index()]
+                    .take()
+                    .expect("validated graphs compute their outputs")
+            })
+            .collect();
+        Ok((outputs, tapped))
+    }
+}

@@ -1,0 +1,161 @@
+//! A whole model in IR form: the prefill and decode graphs, the KV-cache
+//! contract between them and the host, and what a runtime needs to know
+//! about the model without its original checkpoint.
+
+use super::{DType, Graph, IrError, TensorType};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The names every Kiln model graph uses for its inputs and outputs.
+pub struct GraphNames;
+
+impl GraphNames {
+    /// `[1, T]` i64 token ids.
+    pub const INPUT_IDS: &'static str = "input_ids";
+    /// `[1, T]` i64 absolute positions.
+    pub const POSITION_IDS: &'static str = "position_ids";
+    /// `[1, 1, T, L + T]` f32, additive: 0 shows a key, -inf hides it.
+    pub const ATTENTION_MASK: &'static str = "attention_mask";
+    /// `[layers, 1, kv_heads, L, head_dim]` f32: every layer's keys.
+    pub const K_CACHE: &'static str = "k_cache";
+    pub const V_CACHE: &'static str = "v_cache";
+    /// `[1, T, vocab]` f32.
+    pub const LOGITS: &'static str = "logits";
+    /// `[layers, 1, kv_heads, T, head_dim]` f32: this step's new keys/values.
+    pub const K_NEW: &'static str = "k_new";
+    pub const V_NEW: &'static str = "v_new";
+}
+
+/// How the KV cache is laid out and who writes it.
+///
+/// The cache holds `max_len` slots per layer. A step of `T` tokens reads the
+/// cache (slots `< past_len` visible through the mask) and returns the new
+/// rows as `k_new` / `v_new`; the host copies row `t` of each layer into slot
+/// `past_len + t`. The graphs never write the cache, so no scatter op is needed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvCacheLayout {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub max_len: usize,
+    pub head_dim: usize,
+}
+
+impl KvCacheLayout {
+    pub fn cache_type(&self) -> TensorType {
+        TensorType::f32([self.layers, 1, self.kv_heads, self.max_len, self.head_dim])
+    }
+
+    pub fn new_rows_type(&self, tokens: usize) -> TensorType {
+        TensorType::f32([self.layers, 1, self.kv_heads, tokens, self.head_dim])
+    }
+}
+
+/// Facts about the model that runtimes and tools need.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// The Hugging Face architecture, e.g. `LlamaForCausalLM`.
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// The dtype of the checkpoint's weights.
+    pub weight_dtype: DType,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelIr {
+    /// Bumped whenever the serialized form changes incompatibly.
+    pub format_version: u32,
+    pub info: ModelInfo,
+    pub kv_cache: KvCacheLayout,
+    /// Tokens per prefill step (`T` of the prefill graph).
+    pub prefill_len: usize,
+    pub prefill: Graph,
+    pub decode: Graph,
+}
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelIrError {
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a Kiln IR file: {source}")]
+    Parse {
+        path: std::path::PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: IR format version {found}, this Kiln reads version {FORMAT_VERSION}; recompile the model")]
+    Version {
+        path: std::path::PathBuf,
+        found: u32,
+    },
+    #[error("{path}: {source}")]
+    Invalid {
+        path: std::path::PathBuf,
+        #[source]
+        source: IrError,
+    },
+}
+
+impl ModelIr {
+    pub fn graphs(&self) -> [&Graph; 2] {
+        [&self.prefill, &self.decode]
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("the IR always serializes")
+    }
+
+    pub fn save_json(&self, path: &Path) -> Result<(), ModelIrError> {
+        std::fs::write(path, self.to_json()).map_err(|source| ModelIrError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Reads an IR file and validates both graphs.
+    pub fn load_json(path: &Path) -> Result<ModelIr, ModelIrError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ModelIrError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let version: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| ModelIrError::Parse {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let found = version
+            .get("format_version")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0) as u32;
+        if found != FORMAT_VERSION {
+            return Err(ModelIrError::Version {
+                path: path.to_path_buf(),
+                found,
+            });
+        }
+        let model: ModelIr =
+            serde_json::from_value(version).map_err(|source| ModelIrError::Parse {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        for graph in model.graphs() {
+            graph.validate().map_err(|source| ModelIrError::Invalid {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+        Ok(model)
+    }
+}

@@ -1,0 +1,138 @@
+//! The IR's op set, one file per op. Each file holds everything the IR knows
+//! about its op: its attributes, its type rule (`infer`) and its reference
+//! semantics (`eval`, run by the CPU interpreter in f32).
+//!
+//! Backends lower ops in their own per-op files; the reference semantics here
+//! is the definition they are checked against.
+
+mod attention;
+mod binary;
+mod concat;
+mod gather;
+mod linear;
+mod reshape;
+mod rms_norm;
+mod rope;
+mod silu;
+mod slice;
+mod swiglu;
+mod transpose;
+
+pub use attention::Attention;
+pub use binary::{Add, Mul};
+pub use concat::Concat;
+pub use gather::Gather;
+pub use linear::Linear;
+pub use reshape::Reshape;
+pub use rms_norm::RmsNorm;
+pub use rope::Rope;
+pub use silu::Silu;
+pub use slice::Slice;
+pub use swiglu::SwiGlu;
+pub use transpose::Transpose;
+
+use crate::ir::TensorType;
+use crate::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+/// A failure while evaluating an op on concrete data (types were already
+/// checked; this is about values, such as an out-of-range token id).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct KernelError(pub String);
+
+/// What every op provides.
+pub trait OpSpec {
+    /// The op's name as dumps and backends print it.
+    const NAME: &'static str;
+
+    /// The output type for these input types, or why they are not accepted.
+    fn infer(&self, inputs: &[&TensorType]) -> Result<TensorType, String>;
+
+    /// Reference semantics in f32. `inputs` have the types `infer` accepted.
+    fn eval(&self, inputs: &[&Tensor]) -> Result<Tensor, KernelError>;
+}
+
+macro_rules! op_set {
+    ($($variant:ident),* $(,)?) => {
+        /// One IR op with its attributes.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "op")]
+        pub enum Op {
+            $($variant($variant),)*
+        }
+
+        impl Op {
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(Op::$variant(_) => <$variant as OpSpec>::NAME,)*
+                }
+            }
+
+            pub fn infer(&self, inputs: &[&TensorType]) -> Result<TensorType, String> {
+                match self {
+                    $(Op::$variant(op) => op.infer(inputs),)*
+                }
+            }
+
+            pub fn eval(&self, inputs: &[&Tensor]) -> Result<Tensor, KernelError> {
+                match self {
+                    $(Op::$variant(op) => op.eval(inputs),)*
+                }
+            }
+        }
+
+        $(impl From<$variant> for Op {
+            fn from(op: $variant) -> Op {
+                Op::$variant(op)
+            }
+        })*
+    };
+}
+
+op_set!(
+    Gather, Linear, Add, Mul, RmsNorm, Rope, Attention, Silu, SwiGlu, Reshape, Transpose, Concat,
+    Slice
+);
+
+/// Checks the input count, for `infer` implementations.
+pub(crate) fn expect_inputs(
+    inputs: &[&TensorType],
+    allowed: std::ops::RangeInclusive<usize>,
+) -> Result<(), String> {
+    if allowed.contains(&inputs.len()) {
+        Ok(())
+    } else if allowed.start() == allowed.end() {
+        Err(format!(
+            "takes {} inputs, got {}",
+            allowed.start(),
+            inputs.len()
+        ))
+    } else {
+        Err(format!(
+            "takes {} to {} inputs, got {}",
+            allowed.start(),
+            allowed.end(),
+            inputs.len()
+        ))
+    }
+}
+
+/// Checks that an input is a float tensor of the given rank (`None`: any rank).
+pub(crate) fn expect_float(ty: &TensorType, what: &str, rank: Option<usize>) -> Result<(), String> {
+    if !ty.dtype.is_float() {
+        return Err(format!("{what} must be a float tensor, got {ty}"));
+    }
+    match rank {
+        Some(r) if ty.rank() != r => Err(format!("{what} must have rank {r}, got {ty}")),
+        _ => Ok(()),
+    }
+}
+
+/// Activations are computed in f32 in the IR; weights keep their stored dtype.
+pub(crate) fn expect_f32(ty: &TensorType, what: &str) -> Result<(), String> {
+    if ty.dtype != crate::ir::DType::F32 {
+        return Err(format!("{what} must be f32, got {ty}"));
+    }
+    Ok(())
+}
