@@ -1,1 +1,276 @@
-fn main() {}
+//! The `kiln` command line.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kiln::frontend::{GraphOptions, HfModel};
+use kiln_runtime::generate::{generate, GenerationOptions, StopReason};
+use kiln_runtime::session::{CpuSession, Engine};
+use kiln_runtime::tokenizer::{TextStream, Tokenizer};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Compile Hugging Face language models for Ascend NPUs, and run them",
+    long_about = "Kiln lowers a Hugging Face decoder-only model (config.json + safetensors + \
+                  tokenizer.json; Llama, Qwen2/2.5, Qwen3, Mistral) into a static-shape IR with \
+                  a prefill graph and a decode graph over a fixed-length KV cache, and runs it on \
+                  the reference CPU interpreter."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a model's configuration and, with --ir, its IR graphs.
+    Inspect(InspectArgs),
+    /// Generate text (or token ids) from a prompt.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct ShapeArgs {
+    /// Tokens per prefill step (the prefill graph's static length) [default: 64]
+    #[arg(long)]
+    prefill_len: Option<usize>,
+    /// KV-cache length: the most tokens (prompt + generated) a conversation
+    /// can hold [default: 1024, or the model's max_position_embeddings if smaller]
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+}
+
+impl ShapeArgs {
+    fn options(&self, dir: &Path) -> Result<GraphOptions> {
+        let model = HfModel::open(dir)?;
+        let defaults = GraphOptions::defaults_for(&model.config);
+        let max_seq_len = self.max_seq_len.unwrap_or(defaults.max_seq_len);
+        Ok(GraphOptions {
+            max_seq_len,
+            prefill_len: self
+                .prefill_len
+                .unwrap_or(defaults.prefill_len.min(max_seq_len)),
+        })
+    }
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// A Hugging Face model directory.
+    model: PathBuf,
+    /// Print the prefill and decode graphs.
+    #[arg(long)]
+    ir: bool,
+    /// Write the IR as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    save_ir: Option<PathBuf>,
+    #[command(flatten)]
+    shape: ShapeArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Backend {
+    /// The reference interpreter, in f32 on the CPU.
+    Cpu,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A Hugging Face model directory.
+    model: PathBuf,
+    /// Where to run the model.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: Backend,
+    /// The prompt text (needs the model's tokenizer.json).
+    #[arg(
+        long,
+        conflicts_with = "token_ids",
+        required_unless_present = "token_ids"
+    )]
+    prompt: Option<String>,
+    /// The prompt as token ids, e.g. 3,17,250 (skips the tokenizer; the
+    /// generated ids are printed instead of text).
+    #[arg(long, value_delimiter = ',')]
+    token_ids: Option<Vec<u32>>,
+    /// How many tokens to generate at most.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Do not stop at the model's end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Save the logits as an f32 .npy of shape [new tokens, vocab]: row i
+    /// holds the logits the i-th new token was chosen from.
+    #[arg(long, value_name = "FILE.npy")]
+    save_logits: Option<PathBuf>,
+    /// Worker threads for the interpreter [default: all cores]
+    #[arg(long)]
+    threads: Option<usize>,
+    #[command(flatten)]
+    shape: ShapeArgs,
+}
+
+fn main() {
+    if let Err(err) = run(Cli::parse()) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Inspect(args) => inspect(args),
+        Command::Generate(args) => generate_command(args),
+    }
+}
+
+fn inspect(args: InspectArgs) -> Result<()> {
+    let options = args.shape.options(&args.model)?;
+    let (model, ir) = kiln::lower(&args.model, Some(options))?;
+    let c = &model.config;
+    println!("model      {}", model.dir.display());
+    println!("arch       {}", ir.info.architecture);
+    println!(
+        "shape      {} layers, hidden {}, {} heads ({} KV heads) of {}, MLP {}, vocab {}",
+        c.num_layers,
+        c.hidden_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.intermediate_size,
+        c.vocab_size
+    );
+    println!(
+        "weights    {} ({} files)",
+        ir.info.weight_dtype,
+        model.weights.files().count()
+    );
+    println!("rope       theta {} {:?}", c.rope.theta, c.rope.scaling);
+    println!(
+        "graphs     prefill {} tokens/step, decode 1 token/step, KV cache {} positions",
+        ir.prefill_len, ir.kv_cache.max_len
+    );
+    for graph in ir.graphs() {
+        let ops: Vec<String> = graph
+            .op_counts()
+            .iter()
+            .map(|(op, n)| format!("{op}×{n}"))
+            .collect();
+        println!(
+            "{:<10} {} nodes: {}",
+            graph.name,
+            graph.nodes.len(),
+            ops.join(" ")
+        );
+    }
+    if args.ir {
+        for graph in ir.graphs() {
+            println!("\n{graph}");
+        }
+    }
+    if let Some(path) = args.save_ir {
+        ir.save_json(&path)?;
+        println!("IR written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn generate_command(args: GenerateArgs) -> Result<()> {
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .context("cannot start the worker threads")?;
+
+    let options = args.shape.options(&args.model)?;
+    let (model, ir) = kiln::lower(&args.model, Some(options))?;
+    let tokenizer = match (&args.prompt, &model.tokenizer) {
+        (Some(_), Some(path)) => Some(Tokenizer::from_file(path)?),
+        (Some(_), None) => bail!(
+            "{} has no tokenizer.json; pass the prompt as --token-ids instead",
+            model.dir.display()
+        ),
+        (None, _) => None,
+    };
+    let prompt: Vec<u32> = match (&args.prompt, &args.token_ids, &tokenizer) {
+        (Some(text), _, Some(tok)) => tok.encode(text)?,
+        (None, Some(ids), _) => ids.clone(),
+        _ => unreachable!("clap requires --prompt or --token-ids"),
+    };
+    if prompt.is_empty() {
+        bail!("the prompt is empty");
+    }
+    if prompt.len() > ir.kv_cache.max_len {
+        bail!(
+            "the prompt has {} tokens but the KV cache holds {} (--max-seq-len); shorten the prompt or raise --max-seq-len (the model allows up to {})",
+            prompt.len(),
+            ir.kv_cache.max_len,
+            model.config.max_position_embeddings
+        );
+    }
+
+    let Backend::Cpu = args.backend;
+    let mut engine = CpuSession::new(&ir, &model.weights)?;
+    let gen_options = GenerationOptions {
+        max_new_tokens: args.max_new_tokens,
+        eos_token_ids: if args.ignore_eos {
+            Vec::new()
+        } else {
+            model.eos_token_ids.clone()
+        },
+        record_logits: args.save_logits.is_some(),
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut stream = tokenizer.as_ref().map(TextStream::new);
+    let mut first = true;
+    let mut write_error = None;
+    let report = generate(&mut engine, &prompt, &gen_options, |token| {
+        let piece = match stream.as_mut() {
+            Some(stream) => stream.push(token).unwrap_or_default(),
+            None if first => token.to_string(),
+            None => format!(",{token}"),
+        };
+        first = false;
+        if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+            write_error.get_or_insert(e);
+        }
+    })?;
+    writeln!(out)?;
+    if let Some(e) = write_error {
+        return Err(e).context("cannot write to stdout");
+    }
+
+    if let Some(path) = &args.save_logits {
+        let rows = report.logits.len();
+        let flat: Vec<f32> = report.logits.concat();
+        kiln_runtime::npy::write_f32(path, &[rows, ir.info.vocab_size], &flat)?;
+    }
+    eprintln!(
+        "prefill: {} tokens in {:.1} ms ({:.1} tok/s)",
+        report.prompt_tokens,
+        report.prefill_time.as_secs_f64() * 1e3,
+        report.prefill_tokens_per_second()
+    );
+    if let Some(rate) = report.decode_tokens_per_second() {
+        eprintln!(
+            "decode:  {} tokens in {:.1} ms ({rate:.1} tok/s)",
+            report.tokens.len() - 1,
+            report.decode_time.as_secs_f64() * 1e3
+        );
+    }
+    eprintln!("device:  {}", engine.device());
+    if report.stop == StopReason::ContextFull {
+        eprintln!(
+            "note: stopped because the KV cache is full ({} positions); use a larger --max-seq-len for longer output",
+            engine.capacity()
+        );
+    }
+    Ok(())
+}

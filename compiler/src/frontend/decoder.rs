@@ -1,0 +1,272 @@
+//! The decoder-only transformer that every supported architecture is a
+//! variant of, lowered into one IR graph of a fixed number of tokens.
+//!
+//! Per layer: `x += o_proj(attention(rope(q), rope(k), v))` on the
+//! RMS-normalized input, then `x += down_proj(silu(gate_proj(h)) · up_proj(h))`
+//! on the RMS-normalized result. The KV cache is read through the layer's
+//! slice of the shared cache input; the new rows leave as graph outputs.
+
+use super::config::ModelConfig;
+use super::FrontendError;
+use kiln_runtime::ir::ops::{
+    Add, Attention, Concat, Gather, Linear, Mul, Reshape, RmsNorm, Rope, Silu, Slice, Transpose,
+};
+use kiln_runtime::ir::{
+    DType, Graph, GraphBuilder, GraphNames, KvCacheLayout, TensorType, ValueId,
+};
+use kiln_runtime::weights::WeightStore;
+
+/// How an architecture's layers differ from the plain Llama layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecoderSpec {
+    /// Biases on the q, k and v projections.
+    pub qkv_bias: bool,
+    /// A bias on the output projection.
+    pub o_bias: bool,
+    /// Biases on the gate, up and down projections.
+    pub mlp_bias: bool,
+    /// RMSNorm over each head of q and k before RoPE (Qwen3).
+    pub qk_norm: bool,
+}
+
+/// Names of the RoPE tables the frontend adds to the weight store.
+pub const ROPE_COS: &str = "kiln.rope.cos";
+pub const ROPE_SIN: &str = "kiln.rope.sin";
+
+/// Builds a graph over the weight store, checking every weight's shape.
+struct DecoderBuilder<'a> {
+    b: GraphBuilder,
+    store: &'a WeightStore,
+}
+
+impl DecoderBuilder<'_> {
+    fn weight(&mut self, name: &str, shape: &[usize]) -> Result<ValueId, FrontendError> {
+        let ty = self.store.expect(name, shape)?;
+        Ok(self.b.weight(name, ty))
+    }
+
+    fn node(
+        &mut self,
+        name: impl Into<String>,
+        op: impl Into<kiln_runtime::ir::Op>,
+        inputs: &[ValueId],
+    ) -> Result<ValueId, FrontendError> {
+        Ok(self.b.node(name, op, inputs)?)
+    }
+
+    /// `x · Wᵀ (+ b)` with `W = {prefix}.weight [out, in]` and `{prefix}.bias [out]`.
+    fn linear(
+        &mut self,
+        x: ValueId,
+        prefix: &str,
+        out: usize,
+        bias: bool,
+    ) -> Result<ValueId, FrontendError> {
+        let features = *self
+            .b
+            .ty(x)
+            .shape
+            .last()
+            .expect("activations have rank ≥ 1");
+        let mut inputs = vec![
+            x,
+            self.weight(&format!("{prefix}.weight"), &[out, features])?,
+        ];
+        if bias {
+            inputs.push(self.weight(&format!("{prefix}.bias"), &[out])?);
+        }
+        self.node(prefix, Linear, &inputs)
+    }
+
+    fn rms_norm(&mut self, x: ValueId, weight: &str, eps: f32) -> Result<ValueId, FrontendError> {
+        let dim = *self
+            .b
+            .ty(x)
+            .shape
+            .last()
+            .expect("activations have rank ≥ 1");
+        let w = self.weight(weight, &[dim])?;
+        self.node(weight.trim_end_matches(".weight"), RmsNorm { eps }, &[x, w])
+    }
+}
+
+/// Lowers the model into a graph over `tokens` positions per step.
+pub fn build_graph(
+    name: &str,
+    config: &ModelConfig,
+    spec: DecoderSpec,
+    store: &WeightStore,
+    tokens: usize,
+    cache: &KvCacheLayout,
+) -> Result<Graph, FrontendError> {
+    let c = config;
+    let (heads, kv_heads, head_dim, hidden) =
+        (c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size);
+    let mut d = DecoderBuilder {
+        b: GraphBuilder::new(name),
+        store,
+    };
+
+    let ids = d.b.input(
+        GraphNames::INPUT_IDS,
+        TensorType::new(DType::I64, [1, tokens]),
+    );
+    let positions = d.b.input(
+        GraphNames::POSITION_IDS,
+        TensorType::new(DType::I64, [1, tokens]),
+    );
+    let mask = d.b.input(
+        GraphNames::ATTENTION_MASK,
+        TensorType::f32([1, 1, tokens, cache.max_len + tokens]),
+    );
+    let k_cache = d.b.input(GraphNames::K_CACHE, cache.cache_type());
+    let v_cache = d.b.input(GraphNames::V_CACHE, cache.cache_type());
+
+    let embed = d.weight("model.embed_tokens.weight", &[c.vocab_size, hidden])?;
+    let mut x = d.node("embed", Gather, &[embed, ids])?;
+
+    let cos_table = d.weight(ROPE_COS, &[cache.max_len, head_dim])?;
+    let sin_table = d.weight(ROPE_SIN, &[cache.max_len, head_dim])?;
+    let cos = d.node("rope.cos", Gather, &[cos_table, positions])?;
+    let sin = d.node("rope.sin", Gather, &[sin_table, positions])?;
+
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut new_keys = Vec::with_capacity(c.num_layers);
+    let mut new_values = Vec::with_capacity(c.num_layers);
+    for layer in 0..c.num_layers {
+        let p = format!("model.layers.{layer}");
+        let h = d.rms_norm(x, &format!("{p}.input_layernorm.weight"), c.rms_norm_eps)?;
+
+        // [1, T, n·D] → [1, T, n, D] (→ per-head norm) → [1, n, T, D] (→ RoPE)
+        let project = |d: &mut DecoderBuilder,
+                       what: &str,
+                       n: usize,
+                       rotate: bool|
+         -> Result<ValueId, FrontendError> {
+            let proj = format!("{p}.self_attn.{what}_proj");
+            let y = d.linear(h, &proj, n * head_dim, spec.qkv_bias)?;
+            let mut y = d.node(
+                format!("{proj}.heads"),
+                Reshape {
+                    shape: vec![1, tokens, n, head_dim],
+                },
+                &[y],
+            )?;
+            if spec.qk_norm && rotate {
+                y = d.rms_norm(
+                    y,
+                    &format!("{p}.self_attn.{what}_norm.weight"),
+                    c.rms_norm_eps,
+                )?;
+            }
+            let y = d.node(
+                format!("{proj}.transposed"),
+                Transpose {
+                    perm: vec![0, 2, 1, 3],
+                },
+                &[y],
+            )?;
+            if rotate {
+                d.node(format!("{proj}.rope"), Rope, &[y, cos, sin])
+            } else {
+                Ok(y)
+            }
+        };
+        let q = project(&mut d, "q", heads, true)?;
+        let k = project(&mut d, "k", kv_heads, true)?;
+        let v = project(&mut d, "v", kv_heads, false)?;
+
+        let cache_shape = vec![1, kv_heads, cache.max_len, head_dim];
+        let layer_cache = |d: &mut DecoderBuilder,
+                           which: ValueId,
+                           what: &str|
+         -> Result<ValueId, FrontendError> {
+            let slice = d.node(
+                format!("{p}.{what}_cache"),
+                Slice {
+                    axis: 0,
+                    start: layer,
+                    end: layer + 1,
+                },
+                &[which],
+            )?;
+            d.node(
+                format!("{p}.{what}_cache.heads"),
+                Reshape {
+                    shape: cache_shape.clone(),
+                },
+                &[slice],
+            )
+        };
+        let kc = layer_cache(&mut d, k_cache, "k")?;
+        let vc = layer_cache(&mut d, v_cache, "v")?;
+        let attn = d.node(
+            format!("{p}.self_attn"),
+            Attention { scale },
+            &[q, k, v, kc, vc, mask],
+        )?;
+        let attn = d.node(
+            format!("{p}.self_attn.merged"),
+            Transpose {
+                perm: vec![0, 2, 1, 3],
+            },
+            &[attn],
+        )?;
+        let attn = d.node(
+            format!("{p}.self_attn.flat"),
+            Reshape {
+                shape: vec![1, tokens, heads * head_dim],
+            },
+            &[attn],
+        )?;
+        let o = d.linear(attn, &format!("{p}.self_attn.o_proj"), hidden, spec.o_bias)?;
+        x = d.node(format!("{p}.attn_residual"), Add, &[x, o])?;
+
+        let h = d.rms_norm(
+            x,
+            &format!("{p}.post_attention_layernorm.weight"),
+            c.rms_norm_eps,
+        )?;
+        let gate = d.linear(
+            h,
+            &format!("{p}.mlp.gate_proj"),
+            c.intermediate_size,
+            spec.mlp_bias,
+        )?;
+        let up = d.linear(
+            h,
+            &format!("{p}.mlp.up_proj"),
+            c.intermediate_size,
+            spec.mlp_bias,
+        )?;
+        let act = d.node(format!("{p}.mlp.act"), Silu, &[gate])?;
+        let act = d.node(format!("{p}.mlp.gated"), Mul, &[act, up])?;
+        let down = d.linear(act, &format!("{p}.mlp.down_proj"), hidden, spec.mlp_bias)?;
+        x = d.node(format!("{p}.mlp_residual"), Add, &[x, down])?;
+
+        let rows = vec![1, 1, kv_heads, tokens, head_dim];
+        new_keys.push(d.node(
+            format!("{p}.k_new"),
+            Reshape {
+                shape: rows.clone(),
+            },
+            &[k],
+        )?);
+        new_values.push(d.node(format!("{p}.v_new"), Reshape { shape: rows }, &[v])?);
+    }
+
+    let x = d.rms_norm(x, "model.norm.weight", c.rms_norm_eps)?;
+    let lm_head = if c.tie_word_embeddings {
+        "model.embed_tokens.weight"
+    } else {
+        "lm_head.weight"
+    };
+    let w = d.weight(lm_head, &[c.vocab_size, hidden])?;
+    let logits = d.node("lm_head", Linear, &[x, w])?;
+    let k_new = d.node("k_new.all", Concat { axis: 0 }, &new_keys)?;
+    let v_new = d.node("v_new.all", Concat { axis: 0 }, &new_values)?;
+    d.b.output(logits, GraphNames::LOGITS);
+    d.b.output(k_new, GraphNames::K_NEW);
+    d.b.output(v_new, GraphNames::V_NEW);
+    Ok(d.b.finish()?)
+}
