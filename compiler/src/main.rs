@@ -242,6 +242,9 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
             write_error.get_or_insert(e);
         }
     })?;
+    if let Some(rest) = stream.as_mut().map(TextStream::finish).transpose()? {
+        write!(out, "{rest}")?;
+    }
     writeln!(out)?;
     if let Some(e) = write_error {
         return Err(e).context("cannot write to stdout");

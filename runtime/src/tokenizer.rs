@@ -78,4 +78,12 @@ impl<'a> TextStream<'a> {
         self.emitted = text.len();
         Ok(new)
     }
+
+    /// The text held back at the end (an incomplete character decodes as U+FFFD).
+    pub fn finish(&mut self) -> Result<String, TokenizerError> {
+        let text = self.tokenizer.decode(&self.ids)?;
+        let rest = text.get(self.emitted..).unwrap_or_default().to_string();
+        self.emitted = text.len();
+        Ok(rest)
+    }
 }

@@ -53,6 +53,9 @@ impl F32Weights {
     }
 }
 
+/// Intermediate values captured during a run, by IR value name.
+pub type Taps = Vec<(String, Tensor)>;
+
 /// One graph, ready to run.
 pub struct Interpreter {
     graph: Graph,
@@ -116,7 +119,7 @@ impl Interpreter {
         &self,
         inputs: &[(&str, Tensor)],
         taps: &[&str],
-    ) -> Result<(Vec<Tensor>, Vec<(String, Tensor)>), InterpError> {
+    ) -> Result<(Vec<Tensor>, Taps), InterpError> {
         let graph = &self.graph;
         let mut slots: Vec<Option<Tensor>> = vec![None; graph.values.len()];
         for (id, tensor) in &self.weights {

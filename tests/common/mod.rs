@@ -1,0 +1,115 @@
+//! Helpers shared by the end-to-end tests: running the `kiln` binary and
+//! reading the committed fixtures and goldens.
+#![allow(dead_code)]
+
+use kiln_runtime::npy::{self, NpyArray};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const FIXTURES: [&str; 6] = [
+    "llama-gqa",
+    "llama-bf16-tied",
+    "llama3-rope",
+    "qwen2-old-config",
+    "mistral-sharded",
+    "qwen3",
+];
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    repo_root().join("tests/fixtures/models").join(name)
+}
+
+pub struct Golden {
+    pub prompt: String,
+    pub prompt_ids: Vec<u32>,
+    pub generated_ids: Vec<u32>,
+    pub generated_text: String,
+    /// `[generated tokens][vocab]`
+    pub logits: Vec<Vec<f32>>,
+}
+
+pub fn golden(name: &str) -> Golden {
+    let dir = repo_root().join("tests/fixtures/golden").join(name);
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let ids = |key: &str| -> Vec<u32> {
+        json[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    Golden {
+        prompt: json["prompt"].as_str().unwrap().to_string(),
+        prompt_ids: ids("prompt_ids"),
+        generated_ids: ids("generated_ids"),
+        generated_text: json["generated_text"].as_str().unwrap().to_string(),
+        logits: read_rows(&dir.join("logits.npy")),
+    }
+}
+
+/// A 2-D f32 .npy as rows.
+pub fn read_rows(path: &Path) -> Vec<Vec<f32>> {
+    match npy::read(path).unwrap() {
+        NpyArray::F32 { shape, data } => {
+            assert_eq!(shape.len(), 2, "{}: expected a 2-D array", path.display());
+            data.chunks(shape[1]).map(<[f32]>::to_vec).collect()
+        }
+        other => panic!("{}: expected f32, got {other:?}", path.display()),
+    }
+}
+
+pub fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("the kiln binary runs")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a clean failure: exit code 1, a message containing every needle,
+/// and no panic.
+pub fn assert_fails_with(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected failure, got {:?}\nstderr: {err}",
+        o.status
+    );
+    assert!(!err.contains("panicked"), "kiln panicked:\n{err}");
+    for needle in needles {
+        assert!(err.contains(needle), "stderr lacks {needle:?}:\n{err}");
+    }
+}
+
+pub fn join_ids(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len(), "row counts differ");
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len(), "row lengths differ");
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f32::max)
+}
