@@ -269,6 +269,7 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
         );
     }
     eprintln!("device:  {}", engine.device());
+    eprint!("{}", kiln_runtime::interp::profile::report());
     if report.stop == StopReason::ContextFull {
         eprintln!(
             "note: stopped because the KV cache is full ({} positions); use a larger --max-seq-len for longer output",

@@ -190,7 +190,9 @@ impl WeightStore {
         // SAFETY: the map is read-only; Kiln does not modify weight files while
         // running, and a file changed underneath by someone else is outside
         // what any memory-mapping reader can defend against.
-        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        // `populate` maps every page now, so the first inference does not
+        // pay for hundreds of thousands of page faults.
+        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(io)?;
         let (header_len, metadata) =
             SafeTensors::read_metadata(&map).map_err(|e| WeightError::BadFile {
                 path: path.to_path_buf(),

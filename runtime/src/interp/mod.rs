@@ -2,6 +2,7 @@
 //! It is the ground truth that every backend's numbers are compared with.
 
 pub mod linalg;
+pub mod profile;
 
 use crate::ir::ops::KernelError;
 use crate::ir::{DType, Graph, IrError, ValueId, ValueSource};
@@ -175,11 +176,13 @@ impl Interpreter {
                         .expect("validated graphs define values before use")
                 })
                 .collect();
+            let started = profile::start();
             let out = node.op.eval(&args).map_err(|source| InterpError::Kernel {
                 node: node.name.clone(),
                 op: node.op.name(),
                 source,
             })?;
+            profile::record(node.op.name(), started);
             if tap_ids.contains(&node.output) {
                 tapped.push((graph.value(node.output).name.clone(), out.clone()));
             }
