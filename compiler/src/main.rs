@@ -108,6 +108,10 @@ struct GenerateArgs {
     /// Worker threads for the interpreter [default: all cores]
     #[arg(long)]
     threads: Option<usize>,
+    /// Untimed passes over the prompt (and two decode steps) before the timed
+    /// run, so that benchmarks compare warm caches on every side.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    warmup: usize,
     #[command(flatten)]
     shape: ShapeArgs,
 }
@@ -217,6 +221,15 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
 
     let Backend::Cpu = args.backend;
     let mut engine = CpuSession::new(&ir, &model.weights)?;
+    for _ in 0..args.warmup {
+        let logits = engine.forward(&prompt)?;
+        let token = kiln_runtime::generate::argmax(&logits);
+        if engine.position() + 2 <= engine.capacity() {
+            engine.forward(&[token])?;
+            engine.forward(&[token])?;
+        }
+        engine.reset();
+    }
     let gen_options = GenerationOptions {
         max_new_tokens: args.max_new_tokens,
         eos_token_ids: if args.ignore_eos {

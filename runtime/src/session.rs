@@ -39,7 +39,8 @@ pub trait Engine {
 }
 
 /// The inputs of one step of `tokens` graph positions, of which the first
-/// `valid` are real: ids, positions and the additive mask.
+/// `valid` are real: ids, positions, the additive mask and the position
+/// whose logits to return.
 ///
 /// Padding rows (a short last prefill chunk) see only themselves, so their
 /// softmax stays finite; no real row sees them, and their K/V rows are
@@ -48,6 +49,7 @@ pub struct StepInputs {
     pub input_ids: Vec<i64>,
     pub position_ids: Vec<i64>,
     pub attention_mask: Vec<f32>,
+    pub logits_index: i64,
 }
 
 impl StepInputs {
@@ -80,6 +82,7 @@ impl StepInputs {
             input_ids,
             position_ids,
             attention_mask,
+            logits_index: valid as i64 - 1,
         }
     }
 }
@@ -168,6 +171,10 @@ impl CpuSession {
                     inputs.attention_mask,
                 ),
             ),
+            (
+                GraphNames::LOGITS_INDEX,
+                Tensor::from_i64([1, 1], vec![inputs.logits_index]),
+            ),
             (GraphNames::K_CACHE, self.k_cache.clone()),
             (GraphNames::V_CACHE, self.v_cache.clone()),
         ])?;
@@ -204,8 +211,7 @@ impl CpuSession {
             *cache = Tensor::from_f32(shape, data);
         }
         self.past_len += valid;
-        let logits = outputs[logits_at].f32s();
-        Ok(logits[(valid - 1) * self.vocab..valid * self.vocab].to_vec())
+        Ok(outputs[logits_at].f32s().to_vec())
     }
 
     fn prefill_len(&self) -> usize {
@@ -275,6 +281,7 @@ mod tests {
         let s = StepInputs::new(&[7, 8], 3, 2, 4);
         assert_eq!(s.input_ids, [7, 8, 0]);
         assert_eq!(s.position_ids, [2, 3, 3]);
+        assert_eq!(s.logits_index, 1);
         #[rustfmt::skip]
         assert_eq!(s.attention_mask, [
             0., 0., inf, inf,   0., inf, inf,

@@ -9,10 +9,12 @@ build (`cargo build --release`). The model is random, of SmolLM2-135M's
 shape (hidden 576, 30 layers, 9 heads, 3 KV heads, vocab 49152, tied
 embeddings), f32, written to a temporary directory.
 
-Each side is timed the same way: prefill = one forward over the prompt;
-decode = (new tokens - 1) single-token steps with the KV cache, each followed
-by a greedy argmax. Model loading is not timed. The best of --repeats runs is
-reported for each side, since the machine may be shared.
+Each side is timed the same way: prefill = one forward over the prompt,
+computing the last position's logits only (as generate() does); decode =
+(new tokens - 1) single-token steps with the KV cache, each followed by a
+greedy argmax. Model loading is not timed, and each side does one untimed
+warm-up pass first. The best of --repeats runs is reported for each side,
+since the machine may be shared.
 """
 
 import argparse
@@ -49,7 +51,8 @@ def smollm2_135m_shape() -> LlamaConfig:
 def time_torch(model, prompt: list[int], new_tokens: int) -> tuple[float, float]:
     with torch.no_grad():
         start = time.perf_counter()
-        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        # Only the last position's logits, as generate() asks for (and as Kiln's graphs compute).
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
         token = int(torch.argmax(out.logits[0, -1]))
         prefill = time.perf_counter() - start
         start = time.perf_counter()
@@ -65,7 +68,7 @@ def time_kiln(model_dir: Path, prompt: list[int], new_tokens: int, threads: int)
         str(KILN), "generate", str(model_dir),
         "--token-ids", ",".join(map(str, prompt)),
         "--max-new-tokens", str(new_tokens), "--ignore-eos",
-        "--threads", str(threads), "--prefill-len", str(len(prompt)),
+        "--threads", str(threads), "--prefill-len", str(len(prompt)), "--warmup", "1",
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, check=True)
     times = {}

@@ -119,6 +119,10 @@ pub fn build_graph(
         GraphNames::ATTENTION_MASK,
         TensorType::f32([1, 1, tokens, cache.max_len + tokens]),
     );
+    let logits_index = d.b.input(
+        GraphNames::LOGITS_INDEX,
+        TensorType::new(DType::I64, [1, 1]),
+    );
     let k_cache = d.b.input(GraphNames::K_CACHE, cache.cache_type());
     let v_cache = d.b.input(GraphNames::V_CACHE, cache.cache_type());
 
@@ -256,6 +260,16 @@ pub fn build_graph(
     }
 
     let x = d.rms_norm(x, "model.norm.weight", c.rms_norm_eps)?;
+    // Only one position's logits are needed per step: pick its hidden state
+    // before the (large) vocabulary projection.
+    let x = d.node(
+        "final_hidden",
+        Reshape {
+            shape: vec![tokens, hidden],
+        },
+        &[x],
+    )?;
+    let x = d.node("final_hidden.picked", Gather, &[x, logits_index])?;
     let lm_head = if c.tie_word_embeddings {
         "model.embed_tokens.weight"
     } else {

@@ -1,11 +1,13 @@
 //! The interpreter's numeric building blocks: a dot product and
 //! `x · Wᵀ` for Hugging Face's `[out, in]` weight layout.
 //!
-//! Every output element is the same sequence of operations whatever the
-//! thread count, the tile it falls in, or the number of rows of `x`: eight
-//! lane sums over `k ≡ lane (mod 8)`, a fixed reduction tree, then the tail.
-//! So the interpreter's results do not depend on `--threads`, and a token
-//! gives the same numbers in a prefill chunk as in a decode step.
+//! A product with a few rows of `x` (a decode step) is bound by reading the
+//! weights once: Kiln's own SIMD dot-product tiles do it, parallel over
+//! blocks of weight rows. A product with many rows (a prefill chunk) is bound
+//! by arithmetic and goes to the `gemm` crate's packed kernels.
+//!
+//! Either way each output element is reduced in an order that does not
+//! depend on the thread count, so results do not depend on `--threads`.
 
 use rayon::prelude::*;
 
@@ -14,6 +16,9 @@ const LANES: usize = 8;
 
 /// Rows of `W` per parallel task: 64 rows of a 4096-wide layer are 1 MiB.
 const ROWS_PER_TASK: usize = 64;
+
+/// Up to this many rows of `x`, `x · Wᵀ` takes the matrix-vector path.
+const SMALL_M: usize = 4;
 
 /// A vector of f32 lanes and the operations the kernels need. Lane `l`
 /// accumulates the products at `k ≡ l (mod N)`; `sum` reduces the lanes in a
@@ -186,15 +191,35 @@ mod neon {
     }
 }
 
-/// Dot products of `MX` rows of x with `NW` rows of W (all of length k):
+/// Sums the lanes of `acc[i][j]` and adds the products past the last whole
+/// vector, completing `x[i] · w[j]`.
+#[inline(always)]
+fn finish<V: Lanes, const MX: usize, const NW: usize>(
+    acc: [[V; NW]; MX],
+    x: [&[f32]; MX],
+    w: [&[f32]; NW],
+) -> [[f32; NW]; MX] {
+    let k = x[0].len();
+    let body = k / V::N * V::N;
+    std::array::from_fn(|i| {
+        std::array::from_fn(|j| {
+            let mut tail = 0f32;
+            for p in body..k {
+                tail = V::scalar_mul_add(x[i][p], w[j][p], tail);
+            }
+            acc[i][j].sum() + tail
+        })
+    })
+}
+
+/// Dot products of `MX` rows of x with `NW` rows of W:
 /// `out[i][j] = x[i] · w[j]`, with `MX·NW` vector accumulators.
 #[inline(always)]
 fn tile<V: Lanes, const MX: usize, const NW: usize>(
     x: [&[f32]; MX],
     w: [&[f32]; NW],
 ) -> [[f32; NW]; MX] {
-    let k = x[0].len();
-    let body = k / V::N * V::N;
+    let body = x[0].len() / V::N * V::N;
     let mut acc = [[V::zero(); NW]; MX];
     let mut at = 0;
     while at < body {
@@ -207,26 +232,14 @@ fn tile<V: Lanes, const MX: usize, const NW: usize>(
         }
         at += V::N;
     }
-    let mut out = [[0f32; NW]; MX];
-    for i in 0..MX {
-        for j in 0..NW {
-            let mut tail = 0f32;
-            for p in body..k {
-                tail = V::scalar_mul_add(x[i][p], w[j][p], tail);
-            }
-            out[i][j] = acc[i][j].sum() + tail;
-        }
-    }
-    out
+    finish(acc, x, w)
 }
 
 /// `out[j·m + i] = x[i] · w[j]` for `w` holding whole rows of length `k`
 /// (output transposed: one contiguous run of `m` values per weight row).
-#[inline(always)]
 /// `MX × NW` is the register tile: 3 × 4 accumulators + 3 x vectors + 1 w
-/// vector fill AVX2's 16 registers; AVX-512 has 32. The `MX` rows of x stay
-/// in L1 while the block's weight rows stream past them from L2, so each
-/// weight byte brought in serves `MX` dot products.
+/// vector fill AVX2's 16 registers; AVX-512 has 32.
+#[inline(always)]
 fn block<V: Lanes, const MX: usize, const NW: usize>(
     x: &[f32],
     w: &[f32],
@@ -242,31 +255,23 @@ fn block<V: Lanes, const MX: usize, const NW: usize>(
             out[(j + dj) * m + i] = v;
         }
     };
-    let full_n = n / NW * NW;
-    let mut i = 0;
-    while i < m {
-        let mx = (m - i).min(MX);
-        let mut j = 0;
-        while j < full_n {
-            let ws: [&[f32]; NW] = std::array::from_fn(|d| wr(j + d));
-            if mx == MX {
-                let t = tile::<V, MX, NW>(std::array::from_fn(|d| xr(i + d)), ws);
-                for (di, row) in t.iter().enumerate() {
-                    store(i + di, j, row);
-                }
-            } else {
-                for di in 0..mx {
-                    store(i + di, j, &tile::<V, 1, NW>([xr(i + di)], ws)[0]);
-                }
-            }
-            j += NW;
-        }
-        for j in full_n..n {
-            for di in 0..mx {
-                store(i + di, j, &tile::<V, 1, 1>([xr(i + di)], [wr(j)])[0]);
+    let (full_m, full_n) = (m / MX * MX, n / NW * NW);
+    for j in (0..full_n).step_by(NW) {
+        let ws: [&[f32]; NW] = std::array::from_fn(|d| wr(j + d));
+        for i in (0..full_m).step_by(MX) {
+            let t = tile::<V, MX, NW>(std::array::from_fn(|d| xr(i + d)), ws);
+            for (di, row) in t.iter().enumerate() {
+                store(i + di, j, row);
             }
         }
-        i += mx;
+        for i in full_m..m {
+            store(i, j, &tile::<V, 1, NW>([xr(i)], ws)[0]);
+        }
+    }
+    for j in full_n..n {
+        for i in 0..m {
+            store(i, j, &tile::<V, 1, 1>([xr(i)], [wr(j)])[0]);
+        }
     }
 }
 
@@ -317,6 +322,9 @@ pub fn matmul_transposed(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> 
     if k == 0 {
         return vec![0.0; m * n];
     }
+    if m > SMALL_M {
+        return gemm_transposed(x, w, m, k, n);
+    }
     // Compute [n, m], one task per block of weight rows, so each weight row
     // is read from memory once; then transpose.
     let mut out_t = vec![0f32; n * m];
@@ -332,6 +340,43 @@ pub fn matmul_transposed(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> 
         for (i, &v) in row.iter().enumerate() {
             out[i * n + j] = v;
         }
+    }
+    out
+}
+
+fn gemm_transposed(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the pointers cover m·n, m·k and n·k elements (asserted by the
+    // caller), and the strides describe row-major out and x and the
+    // transposed view of row-major w.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
     }
     out
 }
@@ -382,7 +427,7 @@ mod tests {
     }
 
     #[test]
-    fn results_do_not_depend_on_threads_or_row_count() {
+    fn results_do_not_depend_on_the_thread_count() {
         let (m, k, n) = (13, 96, 300);
         let x = pseudo_random(m * k, 3);
         let w = pseudo_random(n * k, 4);
@@ -396,9 +441,16 @@ mod tests {
         let all = run(1);
         assert_eq!(all, run(2));
         assert_eq!(all, run(3));
-        // Row 5 alone gives bit-identical results to row 5 within the batch.
-        let single = matmul_transposed(&x[5 * k..6 * k], &w, 1, k, n);
-        assert_eq!(single, &all[5 * n..6 * n]);
-        assert_eq!(dot(&x[5 * k..6 * k], &w[7 * k..8 * k]), all[5 * n + 7]);
+        // The matrix-vector path too, and `dot` agrees with it bit for bit.
+        let row = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| matmul_transposed(&x[5 * k..6 * k], &w, 1, k, n))
+        };
+        let single = row(1);
+        assert_eq!(single, row(2));
+        assert_eq!(dot(&x[5 * k..6 * k], &w[7 * k..8 * k]), single[7]);
     }
 }

@@ -36,7 +36,7 @@ pub fn report() -> String {
     }
     let totals = totals().lock().unwrap_or_else(|e| e.into_inner());
     let mut rows: Vec<_> = totals.iter().collect();
-    rows.sort_by(|a, b| b.1 .1.cmp(&a.1 .1));
+    rows.sort_by_key(|row| std::cmp::Reverse(row.1 .1));
     rows.iter()
         .map(|(op, (calls, time))| {
             format!(

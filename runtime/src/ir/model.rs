@@ -16,10 +16,13 @@ impl GraphNames {
     pub const POSITION_IDS: &'static str = "position_ids";
     /// `[1, 1, T, L + T]` f32, additive: 0 shows a key, -inf hides it.
     pub const ATTENTION_MASK: &'static str = "attention_mask";
+    /// `[1, 1]` i64: which of the step's `T` positions to compute logits for
+    /// (the last real token; later positions may be padding).
+    pub const LOGITS_INDEX: &'static str = "logits_index";
     /// `[layers, 1, kv_heads, L, head_dim]` f32: every layer's keys.
     pub const K_CACHE: &'static str = "k_cache";
     pub const V_CACHE: &'static str = "v_cache";
-    /// `[1, T, vocab]` f32.
+    /// `[1, 1, vocab]` f32: the logits at `logits_index`.
     pub const LOGITS: &'static str = "logits";
     /// `[layers, 1, kv_heads, T, head_dim]` f32: this step's new keys/values.
     pub const K_NEW: &'static str = "k_new";

@@ -81,7 +81,23 @@ impl OpSpec for Attention {
         let (k_cache, v_cache, mask) = (inputs[3].f32s(), inputs[4].f32s(), inputs[5].f32s());
         let width = cache_len + tokens;
 
-        let per_head: Vec<Result<Vec<f32>, KernelError>> = (0..heads)
+        // The visible columns of each query row, found once for all heads.
+        // A -inf column contributes exp(-inf) = 0 exactly: skipping it is exact.
+        let visible: Vec<Vec<(usize, f32)>> = mask
+            .chunks_exact(width)
+            .map(|row| {
+                row.iter()
+                    .copied()
+                    .enumerate()
+                    .filter(|&(_, m)| m != f32::NEG_INFINITY)
+                    .collect()
+            })
+            .collect();
+        if let Some(t) = visible.iter().position(Vec::is_empty) {
+            return Err(KernelError(format!("mask row {t} hides every key")));
+        }
+
+        let per_head: Vec<Vec<f32>> = (0..heads)
             .into_par_iter()
             .map(|h| {
                 let g = h / group;
@@ -101,40 +117,35 @@ impl OpSpec for Attention {
                     }
                 };
                 let mut out = vec![0f32; tokens * dim];
-                let mut scores: Vec<(usize, f32)> = Vec::with_capacity(width);
-                for t in 0..tokens {
+                let mut scores: Vec<f32> = Vec::with_capacity(width);
+                for (t, columns) in visible.iter().enumerate() {
                     let query = &q[(h * tokens + t) * dim..][..dim];
-                    let mask_row = &mask[t * width..(t + 1) * width];
                     scores.clear();
-                    // A -inf column contributes exp(-inf) = 0 exactly: skip it.
-                    for (j, &m) in mask_row.iter().enumerate() {
-                        if m != f32::NEG_INFINITY {
-                            scores.push((j, dot(query, key(j)) * self.scale + m));
-                        }
-                    }
-                    if scores.is_empty() {
-                        return Err(KernelError(format!("mask row {t} hides every key")));
-                    }
-                    let max = scores.iter().map(|s| s.1).fold(f32::NEG_INFINITY, f32::max);
+                    scores.extend(
+                        columns
+                            .iter()
+                            .map(|&(j, m)| dot(query, key(j)) * self.scale + m),
+                    );
+                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let mut sum = 0f32;
                     for s in scores.iter_mut() {
-                        s.1 = (s.1 - max).exp();
-                        sum += s.1;
+                        *s = (*s - max).exp();
+                        sum += *s;
                     }
                     let row = &mut out[t * dim..(t + 1) * dim];
-                    for &(j, p) in &scores {
+                    for (&(j, _), &p) in columns.iter().zip(&scores) {
                         let weight = p / sum;
                         for (o, x) in row.iter_mut().zip(value(j)) {
                             *o += weight * x;
                         }
                     }
                 }
-                Ok(out)
+                out
             })
             .collect();
         let mut out = Vec::with_capacity(heads * tokens * dim);
         for head in per_head {
-            out.extend(head?);
+            out.extend(head);
         }
         Ok(Tensor::from_f32(inputs[0].shape().to_vec(), out))
     }
