@@ -2,9 +2,12 @@
 //! `x · Wᵀ` for Hugging Face's `[out, in]` weight layout.
 //!
 //! A product with a few rows of `x` (a decode step) is bound by reading the
-//! weights once: Kiln's own SIMD dot-product tiles do it, parallel over
-//! blocks of weight rows. A product with many rows (a prefill chunk) is bound
-//! by arithmetic and goes to the `gemm` crate's packed kernels.
+//! weights once: SIMD dot-product tiles do it, parallel over blocks of weight
+//! rows. A product with many rows (a prefill chunk) is bound by arithmetic:
+//! weight rows are packed into column panels and a register-blocked
+//! micro-kernel broadcasts x against them, as BLAS libraries do. (Kiln's own
+//! kernels beat the `gemm` crate's on the shapes of small LLMs on these
+//! machines; `examples/matmul_probe.rs` measures both.)
 //!
 //! Either way each output element is reduced in an order that does not
 //! depend on the thread count, so results do not depend on `--threads`.
@@ -29,6 +32,10 @@ trait Lanes: Copy {
     fn zero() -> Self;
     /// Loads `N` values from the front of `v`.
     fn load(v: &[f32]) -> Self;
+    /// Every lane set to `v`.
+    fn splat(v: f32) -> Self;
+    /// Stores the lanes to the front of `out`.
+    fn store(self, out: &mut [f32]);
     /// `self + a·b`
     fn mul_add(self, a: Self, b: Self) -> Self;
     fn sum(self) -> f32;
@@ -49,6 +56,14 @@ impl Lanes for Portable {
     #[inline(always)]
     fn load(v: &[f32]) -> Self {
         Portable(v[..LANES].try_into().unwrap())
+    }
+    #[inline(always)]
+    fn splat(v: f32) -> Self {
+        Portable([v; LANES])
+    }
+    #[inline(always)]
+    fn store(self, out: &mut [f32]) {
+        out[..LANES].copy_from_slice(&self.0);
     }
     #[inline(always)]
     fn mul_add(self, a: Self, b: Self) -> Self {
@@ -87,6 +102,15 @@ mod avx2 {
         fn load(v: &[f32]) -> Self {
             assert!(v.len() >= LANES);
             unsafe { Avx2Fma(_mm256_loadu_ps(v.as_ptr())) }
+        }
+        #[inline(always)]
+        fn splat(v: f32) -> Self {
+            unsafe { Avx2Fma(_mm256_set1_ps(v)) }
+        }
+        #[inline(always)]
+        fn store(self, out: &mut [f32]) {
+            assert!(out.len() >= LANES);
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), self.0) }
         }
         #[inline(always)]
         fn mul_add(self, a: Self, b: Self) -> Self {
@@ -128,6 +152,15 @@ mod avx2 {
             unsafe { Avx512(_mm512_loadu_ps(v.as_ptr())) }
         }
         #[inline(always)]
+        fn splat(v: f32) -> Self {
+            unsafe { Avx512(_mm512_set1_ps(v)) }
+        }
+        #[inline(always)]
+        fn store(self, out: &mut [f32]) {
+            assert!(out.len() >= 16);
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), self.0) }
+        }
+        #[inline(always)]
         fn mul_add(self, a: Self, b: Self) -> Self {
             unsafe { Avx512(_mm512_fmadd_ps(a.0, b.0, self.0)) }
         }
@@ -166,6 +199,18 @@ mod neon {
         fn load(v: &[f32]) -> Self {
             assert!(v.len() >= LANES);
             unsafe { Neon(vld1q_f32(v.as_ptr()), vld1q_f32(v.as_ptr().add(4))) }
+        }
+        #[inline(always)]
+        fn splat(v: f32) -> Self {
+            unsafe { Neon(vdupq_n_f32(v), vdupq_n_f32(v)) }
+        }
+        #[inline(always)]
+        fn store(self, out: &mut [f32]) {
+            assert!(out.len() >= LANES);
+            unsafe {
+                vst1q_f32(out.as_mut_ptr(), self.0);
+                vst1q_f32(out.as_mut_ptr().add(4), self.1);
+            }
         }
         #[inline(always)]
         fn mul_add(self, a: Self, b: Self) -> Self {
@@ -315,7 +360,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     out[0]
 }
 
-/// `x [m, k] · w[n, k]ᵀ → [m, n]`, row-major.
+/// `x [m, k] · w[n, k]ᵀ → [m, n]`, row-major, for weights that are not
+/// packed (see [`PackedMatrix`] for the ones that are).
 pub fn matmul_transposed(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), n * k);
@@ -323,7 +369,7 @@ pub fn matmul_transposed(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> 
         return vec![0.0; m * n];
     }
     if m > SMALL_M {
-        return gemm_transposed(x, w, m, k, n);
+        return PackedMatrix::new(w, n, k).matmul(x, m);
     }
     // Compute [n, m], one task per block of weight rows, so each weight row
     // is read from memory once; then transpose.
@@ -344,41 +390,247 @@ pub fn matmul_transposed(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> 
     out
 }
 
-fn gemm_transposed(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    let mut out = vec![0f32; m * n];
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the pointers cover m·n, m·k and n·k elements (asserted by the
-    // caller), and the strides describe row-major out and x and the
-    // transposed view of row-major w.
-    unsafe {
-        gemm::gemm(
-            m,
+/// Rows of x per micro-tile.
+const MR: usize = 6;
+/// Vectors of output columns per panel (AVX2: 6 × 2 accumulators + 2 panel
+/// vectors + 1 broadcast fill its 16 registers).
+const NV: usize = 2;
+/// Panels per parallel task.
+const PANELS_PER_TASK: usize = 4;
+
+/// The vector width the packed kernels use on this CPU.
+fn packed_lanes() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            return 16;
+        }
+    }
+    LANES
+}
+
+/// A weight matrix `W [n, k]` rearranged for `x · Wᵀ`: column panels of
+/// `width = NV · lanes` weight rows, each laid out `[k][width]` (rows past
+/// `n` are zero). A micro-kernel then broadcasts one element of x against
+/// a whole panel row, reading the panel as one sequential stream; this is
+/// how BLAS libraries pack their operands, done once when the weights load.
+///
+/// Every output element is a plain sequential sum over `k`, whatever the
+/// number of rows of x or threads: prefill and decode agree bit for bit.
+pub struct PackedMatrix {
+    n: usize,
+    k: usize,
+    lanes: usize,
+    panels: PanelMemory,
+}
+
+/// Page-aligned anonymous memory for the panels, on huge pages where the
+/// kernel grants them: a decode step streams every weight once, and 2 MiB
+/// pages spare it a TLB miss every 4 KiB.
+struct PanelMemory {
+    map: memmap2::MmapMut,
+    len: usize,
+}
+
+impl PanelMemory {
+    fn zeroed(len: usize) -> PanelMemory {
+        let bytes = (len * 4).max(1);
+        let map = memmap2::MmapOptions::new()
+            .len(bytes)
+            .map_anon()
+            .unwrap_or_else(|e| panic!("cannot allocate {bytes} bytes for packed weights: {e}"));
+        #[cfg(target_os = "linux")]
+        {
+            // Only a hint: without transparent huge pages nothing changes.
+            let _ = map.advise(memmap2::Advice::HugePage);
+        }
+        PanelMemory { map, len }
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        bytemuck::cast_slice(&self.map[..self.len * 4])
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        bytemuck::cast_slice_mut(&mut self.map[..self.len * 4])
+    }
+}
+
+impl PackedMatrix {
+    pub fn new(w: &[f32], n: usize, k: usize) -> PackedMatrix {
+        assert_eq!(w.len(), n * k);
+        let lanes = packed_lanes();
+        let width = NV * lanes;
+        let count = n.div_ceil(width);
+        let mut panels = PanelMemory::zeroed(count * k * width);
+        panels
+            .as_mut_slice()
+            .par_chunks_mut(k * width)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let j0 = p * width;
+                for c in 0..width.min(n - j0) {
+                    let row = &w[(j0 + c) * k..(j0 + c + 1) * k];
+                    for (kk, &v) in row.iter().enumerate() {
+                        panel[kk * width + c] = v;
+                    }
+                }
+            });
+        PackedMatrix {
             n,
             k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+            lanes,
+            panels,
+        }
     }
-    out
+
+    /// `(n, k)`: the shape of the original `W`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// `x [m, k] · Wᵀ → [m, n]`, row-major.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        assert_eq!(x.len(), m * k);
+        let mut out = vec![0f32; m * n];
+        if m == 0 || n == 0 {
+            return out;
+        }
+        let width = NV * self.lanes;
+        let task_columns = PANELS_PER_TASK * width;
+        // Tasks write disjoint column ranges of every row of `out`.
+        struct SharedOut(*mut f32, usize);
+        // SAFETY: see `slice`.
+        unsafe impl Sync for SharedOut {}
+        impl SharedOut {
+            /// SAFETY: concurrent callers must write disjoint elements.
+            #[allow(clippy::mut_from_ref)]
+            unsafe fn slice(&self) -> &mut [f32] {
+                std::slice::from_raw_parts_mut(self.0, self.1)
+            }
+        }
+        let shared = SharedOut(out.as_mut_ptr(), out.len());
+        (0..n.div_ceil(task_columns))
+            .into_par_iter()
+            .for_each(|task| {
+                let j0 = task * task_columns;
+                let j1 = (j0 + task_columns).min(n);
+                let panels = &self.panels.as_slice()[j0 * k..j1.div_ceil(width) * width * k];
+                // SAFETY: this task writes only columns j0..j1 of each row, and
+                // the ranges of different tasks do not overlap; `out` outlives
+                // the parallel loop.
+                let out = unsafe { shared.slice() };
+                self.task(x, m, j0, j1, panels, out);
+            });
+        out
+    }
+
+    fn task(&self, x: &[f32], m: usize, j0: usize, j1: usize, panels: &[f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if self.lanes == 16 {
+                // SAFETY: lanes is 16 only when the CPU has AVX-512F (packed_lanes).
+                return unsafe { panel_task_avx512(x, m, self.n, self.k, j0, j1, panels, out) };
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+                return unsafe { panel_task_avx2(x, m, self.n, self.k, j0, j1, panels, out) };
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            panel_task::<neon::Neon>(x, m, self.n, self.k, j0, j1, panels, out)
+        }
+        #[cfg(not(target_arch = "aarch64"))]
+        panel_task::<Portable>(x, m, self.n, self.k, j0, j1, panels, out)
+    }
+}
+
+/// `acc[r][v] = Σ_kk x[r][kk] · panel[kk][v·N..(v+1)·N]`.
+#[inline(always)]
+fn micro_tile<V: Lanes, const R: usize>(x: [&[f32]; R], panel: &[f32]) -> [[V; NV]; R] {
+    let mut acc = [[V::zero(); NV]; R];
+    for (kk, b) in panel.chunks_exact(NV * V::N).enumerate() {
+        let b: [V; NV] = std::array::from_fn(|v| V::load(&b[v * V::N..]));
+        for r in 0..R {
+            let a = V::splat(x[r][kk]);
+            for v in 0..NV {
+                acc[r][v] = acc[r][v].mul_add(a, b[v]);
+            }
+        }
+    }
+    acc
+}
+
+/// Columns `j0..j1` of every row of `x [m, k] · Wᵀ`, from their panels.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn panel_task<V: Lanes>(
+    x: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+    panels: &[f32],
+    out: &mut [f32],
+) {
+    let width = NV * V::N;
+    let mut lanes_out = vec![0f32; width];
+    let row = |i: usize| &x[i * k..(i + 1) * k];
+    for (p, panel) in panels.chunks_exact(k * width).enumerate() {
+        let p0 = j0 + p * width;
+        let cols = width.min(j1 - p0);
+        let mut store = |i: usize, acc: &[V; NV]| {
+            for (v, lanes) in acc.iter().enumerate() {
+                lanes.store(&mut lanes_out[v * V::N..]);
+            }
+            out[i * n + p0..i * n + p0 + cols].copy_from_slice(&lanes_out[..cols]);
+        };
+        let full = m / MR * MR;
+        for i0 in (0..full).step_by(MR) {
+            let acc = micro_tile::<V, MR>(std::array::from_fn(|r| row(i0 + r)), panel);
+            for (r, acc_row) in acc.iter().enumerate() {
+                store(i0 + r, acc_row);
+            }
+        }
+        for i in full..m {
+            store(i, &micro_tile::<V, 1>([row(i)], panel)[0]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn panel_task_avx512(
+    x: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+    panels: &[f32],
+    out: &mut [f32],
+) {
+    panel_task::<avx2::Avx512>(x, m, n, k, j0, j1, panels, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn panel_task_avx2(
+    x: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+    panels: &[f32],
+    out: &mut [f32],
+) {
+    panel_task::<avx2::Avx2Fma>(x, m, n, k, j0, j1, panels, out)
 }
 
 #[cfg(test)]

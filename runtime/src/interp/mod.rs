@@ -36,22 +36,56 @@ pub enum InterpError {
     },
 }
 
-/// Weights converted to f32 once and shared by every graph that uses them
-/// (the prefill and decode graphs of a model use the same tensors).
+/// Weights converted to f32 (and packed, for `Linear`) once and shared by
+/// every graph that uses them (a model's prefill and decode graphs use the
+/// same tensors).
 #[derive(Default)]
 pub struct F32Weights {
-    tensors: HashMap<String, Tensor>,
+    tensors: HashMap<(String, bool), Tensor>,
 }
 
 impl F32Weights {
-    fn get(&mut self, store: &WeightStore, name: &str) -> Result<Tensor, WeightError> {
-        if let Some(t) = self.tensors.get(name) {
+    fn get(
+        &mut self,
+        store: &WeightStore,
+        name: &str,
+        packed: bool,
+    ) -> Result<Tensor, WeightError> {
+        let key = (name.to_string(), packed);
+        if let Some(t) = self.tensors.get(&key) {
             return Ok(t.clone());
         }
-        let t = store.to_f32_tensor(name)?;
-        self.tensors.insert(name.to_string(), t.clone());
+        let plain = store.to_f32_tensor(name)?;
+        let t = if packed {
+            let (n, k) = (plain.shape()[0], plain.shape()[1]);
+            let matrix = linalg::PackedMatrix::new(plain.f32s(), n, k);
+            Tensor::from_buffer(
+                plain.shape().to_vec(),
+                std::sync::Arc::new(crate::tensor::Buffer::Packed(matrix)),
+            )
+        } else {
+            plain
+        };
+        self.tensors.insert(key, t.clone());
         Ok(t)
     }
+}
+
+/// Weights that only ever serve as a `Linear` weight (input 1) in `graph`:
+/// these are packed for the matmul kernels.
+fn linear_only_weights(graph: &Graph) -> Vec<bool> {
+    let mut linear_only = vec![true; graph.values.len()];
+    for node in &graph.nodes {
+        for (slot, &input) in node.inputs.iter().enumerate() {
+            if !(matches!(node.op, crate::ir::Op::Linear(_)) && slot == 1) {
+                linear_only[input.index()] = false;
+            }
+        }
+    }
+    for &out in &graph.outputs {
+        linear_only[out.index()] = false;
+    }
+    linear_only
 }
 
 /// Intermediate values captured during a run, by IR value name.
@@ -73,6 +107,7 @@ impl Interpreter {
         cache: &mut F32Weights,
     ) -> Result<Interpreter, InterpError> {
         graph.validate()?;
+        let linear_only = linear_only_weights(&graph);
         let mut weights = Vec::new();
         for (id, tensor) in graph.weights() {
             let declared = graph.ty(id);
@@ -86,7 +121,7 @@ impl Interpreter {
                     ),
                 }));
             }
-            weights.push((id, cache.get(store, tensor)?));
+            weights.push((id, cache.get(store, tensor, linear_only[id.index()])?));
         }
         let mut last_use = vec![0usize; graph.values.len()];
         for (i, node) in graph.nodes.iter().enumerate() {
