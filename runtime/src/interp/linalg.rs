@@ -41,6 +41,9 @@ trait Lanes: Copy {
     fn sum(self) -> f32;
     /// `acc + a·b` on scalars, matching `mul_add`'s rounding.
     fn scalar_mul_add(a: f32, b: f32, acc: f32) -> f32;
+    /// Rows of x per micro-tile of the packed kernel: as many as the
+    /// registers hold (`rows × NV` accumulators + `NV` panel vectors + 1).
+    const TILE_ROWS: usize = 6;
 }
 
 /// Portable fallback: separate multiply and add.
@@ -141,6 +144,7 @@ mod avx2 {
 
     impl Lanes for Avx512 {
         const N: usize = 16;
+        const TILE_ROWS: usize = 12;
         #[inline(always)]
         fn zero() -> Self {
             // SAFETY (all methods): only called from `#[target_feature(enable = "avx512f,avx2,fma")]` code.
@@ -352,7 +356,8 @@ fn block_dispatch(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
     block::<Portable, 3, 4>(x, w, k, out)
 }
 
-/// `Σ a[i]·b[i]` over equal-length slices, with the same kernel as the matmuls.
+/// `Σ a[i]·b[i]` over equal-length slices, rounded as the matrix-vector
+/// path rounds it.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let mut out = [0f32];
@@ -390,8 +395,6 @@ pub fn matmul_transposed(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> 
     out
 }
 
-/// Rows of x per micro-tile.
-const MR: usize = 6;
 /// Vectors of output columns per panel (AVX2: 6 × 2 accumulators + 2 panel
 /// vectors + 1 broadcast fill its 16 registers).
 const NV: usize = 2;
@@ -563,6 +566,26 @@ fn micro_tile<V: Lanes, const R: usize>(x: [&[f32]; R], panel: &[f32]) -> [[V; N
     acc
 }
 
+/// Runs `R`-row micro-tiles over rows `start..` of x while `R` rows remain;
+/// returns the first row not covered.
+#[inline(always)]
+fn tile_rows<'x, V: Lanes, const R: usize>(
+    start: usize,
+    m: usize,
+    row: &impl Fn(usize) -> &'x [f32],
+    panel: &[f32],
+    store: &mut impl FnMut(usize, &[V; NV]),
+) -> usize {
+    let full = start + (m - start) / R * R;
+    for i0 in (start..full).step_by(R) {
+        let acc = micro_tile::<V, R>(std::array::from_fn(|r| row(i0 + r)), panel);
+        for (r, acc_row) in acc.iter().enumerate() {
+            store(i0 + r, acc_row);
+        }
+    }
+    full
+}
+
 /// Columns `j0..j1` of every row of `x [m, k] · Wᵀ`, from their panels.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -588,13 +611,11 @@ fn panel_task<V: Lanes>(
             }
             out[i * n + p0..i * n + p0 + cols].copy_from_slice(&lanes_out[..cols]);
         };
-        let full = m / MR * MR;
-        for i0 in (0..full).step_by(MR) {
-            let acc = micro_tile::<V, MR>(std::array::from_fn(|r| row(i0 + r)), panel);
-            for (r, acc_row) in acc.iter().enumerate() {
-                store(i0 + r, acc_row);
-            }
-        }
+        let mut full = match V::TILE_ROWS {
+            12 => tile_rows::<V, 12>(0, m, &row, panel, &mut store),
+            _ => tile_rows::<V, 6>(0, m, &row, panel, &mut store),
+        };
+        full = tile_rows::<V, 4>(full, m, &row, panel, &mut store);
         for i in full..m {
             store(i, &micro_tile::<V, 1>([row(i)], panel)[0]);
         }
@@ -674,6 +695,27 @@ mod tests {
             let want = naive(&x, &w, m, k, n);
             for (a, b) in got.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "m={m} k={k} n={n}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn packed_rows_agree_bit_for_bit_whatever_the_batch() {
+        // A token's logits must not depend on whether it ran in a prefill
+        // chunk (many rows, wide tiles) or a decode step (one row).
+        let (k, n) = (200, 77);
+        let w = pseudo_random(n * k, 5);
+        let packed = PackedMatrix::new(&w, n, k);
+        for m in [1, 4, 5, 13, 29] {
+            let x = pseudo_random(m * k, 6);
+            let all = packed.matmul(&x, m);
+            for i in 0..m {
+                let single = packed.matmul(&x[i * k..(i + 1) * k], 1);
+                assert_eq!(single, &all[i * n..(i + 1) * n], "m={m} row {i}");
+            }
+            let want = naive(&x, &w, m, k, n);
+            for (a, b) in all.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4);
             }
         }
     }

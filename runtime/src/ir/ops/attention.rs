@@ -97,9 +97,13 @@ impl OpSpec for Attention {
             return Err(KernelError(format!("mask row {t} hides every key")));
         }
 
-        let per_head: Vec<Vec<f32>> = (0..heads)
-            .into_par_iter()
-            .map(|h| {
+        // One task per (head, query row): a prefill chunk has plenty, and a
+        // decode step still spreads its heads over the threads.
+        let mut out = vec![0f32; heads * tokens * dim];
+        out.par_chunks_mut(dim)
+            .enumerate()
+            .for_each(|(row_index, row)| {
+                let (h, t) = (row_index / tokens, row_index % tokens);
                 let g = h / group;
                 // Key/value row `j` of the concatenation [cache; new] for KV head g.
                 let key = |j: usize| {
@@ -116,37 +120,25 @@ impl OpSpec for Attention {
                         &v[(g * tokens + j - cache_len) * dim..][..dim]
                     }
                 };
-                let mut out = vec![0f32; tokens * dim];
-                let mut scores: Vec<f32> = Vec::with_capacity(width);
-                for (t, columns) in visible.iter().enumerate() {
-                    let query = &q[(h * tokens + t) * dim..][..dim];
-                    scores.clear();
-                    scores.extend(
-                        columns
-                            .iter()
-                            .map(|&(j, m)| dot(query, key(j)) * self.scale + m),
-                    );
-                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let row = &mut out[t * dim..(t + 1) * dim];
-                    for (&(j, _), &p) in columns.iter().zip(&scores) {
-                        let weight = p / sum;
-                        for (o, x) in row.iter_mut().zip(value(j)) {
-                            *o += weight * x;
-                        }
+                let columns = &visible[t];
+                let query = &q[(h * tokens + t) * dim..][..dim];
+                let mut scores: Vec<f32> = columns
+                    .iter()
+                    .map(|&(j, m)| dot(query, key(j)) * self.scale + m)
+                    .collect();
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                for (&(j, _), &p) in columns.iter().zip(&scores) {
+                    let weight = p / sum;
+                    for (o, x) in row.iter_mut().zip(value(j)) {
+                        *o += weight * x;
                     }
                 }
-                out
-            })
-            .collect();
-        let mut out = Vec::with_capacity(heads * tokens * dim);
-        for head in per_head {
-            out.extend(head);
-        }
+            });
         Ok(Tensor::from_f32(inputs[0].shape().to_vec(), out))
     }
 }
