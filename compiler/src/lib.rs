@@ -1,6 +1,8 @@
-//! Kiln's compiler: the Hugging Face frontend, the IR passes and (later)
-//! the backends. The `kiln` binary in `main.rs` is a thin layer over this.
+//! Kiln's compiler: the Hugging Face frontend, the IR passes and the
+//! backends (ONNX, ATC). The `kiln` binary in `main.rs` is a thin layer over this.
 
+pub mod backend;
+pub mod compile;
 pub mod frontend;
 pub mod passes;
 

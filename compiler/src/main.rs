@@ -30,6 +30,43 @@ enum Command {
     Inspect(InspectArgs),
     /// Generate text (or token ids) from a prompt.
     Generate(GenerateArgs),
+    /// Compile a model into prefill/decode ONNX graphs for ATC, with a
+    /// build_om.sh that turns them into .om models and a manifest.
+    Compile(CompileArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DTypeArg {
+    /// float16 weights and activations (RMSNorm and softmax reductions in f32): for the NPU.
+    Fp16,
+    /// float32 throughout: for checking against the reference.
+    Fp32,
+}
+
+#[derive(Args)]
+struct CompileArgs {
+    /// A Hugging Face model directory.
+    model: PathBuf,
+    /// Where to write the compiled model [default: <model directory name>.kiln]
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// The device to compile for.
+    #[arg(long, default_value = kiln::backend::atc::DEFAULT_TARGET,
+          long_help = format!("The device to compile for: {}", kiln::backend::atc::known_targets()))]
+    target: String,
+    #[arg(long, value_enum, default_value = "fp16")]
+    dtype: DTypeArg,
+    /// ONNX opset (13 to 18; 13 is accepted by every ATC from CANN 5 on).
+    #[arg(long, default_value_t = kiln::backend::onnx::DEFAULT_OPSET)]
+    opset: i64,
+    /// Keep weights in one weights.bin beside the ONNX files (automatic above 2 GB).
+    #[arg(long)]
+    external_data: bool,
+    /// Do not run ATC even when it is installed.
+    #[arg(long)]
+    no_atc: bool,
+    #[command(flatten)]
+    shape: ShapeArgs,
 }
 
 #[derive(Args)]
@@ -127,7 +164,75 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect(args),
         Command::Generate(args) => generate_command(args),
+        Command::Compile(args) => compile_command(args),
     }
+}
+
+fn compile_command(args: CompileArgs) -> Result<()> {
+    use kiln::backend::onnx::builder::FloatType;
+    let target = kiln::backend::atc::target(&args.target)?;
+    let options = kiln::compile::CompileOptions {
+        graph: Some(args.shape.options(&args.model)?),
+        target,
+        float: match args.dtype {
+            DTypeArg::Fp16 => FloatType::F16,
+            DTypeArg::Fp32 => FloatType::F32,
+        },
+        opset: args.opset,
+        external_data: args.external_data,
+        skip_atc: args.no_atc,
+    };
+    let out = match args.output {
+        Some(out) => out,
+        None => {
+            let name = args
+                .model
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "model".into());
+            PathBuf::from(format!("{name}.kiln"))
+        }
+    };
+    let started = std::time::Instant::now();
+    let report = kiln::compile::compile(&args.model, &out, &options, |step| {
+        eprintln!("kiln: {step}")
+    })?;
+    let m = &report.manifest;
+    println!(
+        "compiled {} ({}) for {} in {:.1} s",
+        args.model.display(),
+        m.architecture,
+        target.description,
+        started.elapsed().as_secs_f64()
+    );
+    println!("  output     {}", report.out.display());
+    for (name, size) in &report.files {
+        println!("    {name:<24} {:>10.2} MB", *size as f64 / 1e6);
+    }
+    for (graph, counts) in &report.node_counts {
+        let total: usize = counts.values().sum();
+        let ops: Vec<String> = counts.iter().map(|(op, n)| format!("{op}×{n}")).collect();
+        println!("  {graph:<10} {total} nodes: {}", ops.join(" "));
+    }
+    let bytes = report.decode_bytes_per_token as f64;
+    let (low, high) = target.bandwidth_gbs;
+    println!(
+        "  decode     reads {:.1} MB per token (weights + full KV cache): at most {:.1}–{:.1} tok/s at {low}–{high} GB/s",
+        bytes / 1e6,
+        low * 1e9 / bytes,
+        high * 1e9 / bytes
+    );
+    match &report.atc {
+        Some(atc) => println!("  atc        ran {}; the .om models are in {}", atc.display(), report.out.display()),
+        None if args.no_atc => println!("  atc        skipped (--no-atc); run {}/build_om.sh on a machine with CANN", report.out.display()),
+        None => println!(
+            "  atc        not found on this machine (PATH, $ASCEND_HOME_PATH, $ASCEND_TOOLKIT_HOME, /usr/local/Ascend); \
+             copy {} to a machine with CANN and run its build_om.sh to make the .om models",
+            report.out.display()
+        ),
+    }
+    Ok(())
 }
 
 fn inspect(args: InspectArgs) -> Result<()> {

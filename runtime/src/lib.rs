@@ -7,6 +7,7 @@
 pub mod generate;
 pub mod interp;
 pub mod ir;
+pub mod manifest;
 pub mod npy;
 pub mod session;
 pub mod tensor;

@@ -113,3 +113,44 @@ pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         })
         .fold(0.0, f32::max)
 }
+
+/// The Python that has onnx, onnxruntime and numpy: `$KILN_PYTHON`, else the
+/// repository's `.venv` (which `.ci/run` creates). Missing is a failure, not
+/// a skip: these checks are the truth for the ONNX Kiln writes.
+pub fn python() -> PathBuf {
+    let candidate = std::env::var_os("KILN_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin/python"));
+    let ok = Command::new(&candidate)
+        .args(["-c", "import onnx, onnxruntime, numpy"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "{} cannot import onnx, onnxruntime and numpy: run `bash .ci/run` once (it creates .venv), \
+         or set KILN_PYTHON to a Python that has tests/requirements.txt installed",
+        candidate.display()
+    );
+    candidate
+}
+
+/// Runs `kiln compile` on a fixture into `out`, asserting success.
+pub fn compile_fixture(name: &str, out: &Path, extra: &[&str]) -> Output {
+    let model = model_dir(name);
+    let mut args = vec![
+        "compile",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--no-atc",
+    ];
+    args.extend_from_slice(extra);
+    let o = kiln(&args);
+    assert!(
+        o.status.success(),
+        "{name}: kiln compile failed:\n{}",
+        stderr(&o)
+    );
+    o
+}

@@ -1,0 +1,4 @@
+//! Backends: IR → artifacts for other toolchains. Each reads the IR only.
+
+pub mod atc;
+pub mod onnx;

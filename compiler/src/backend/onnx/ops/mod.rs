@@ -1,0 +1,60 @@
+//! One lowering per IR op: how it is spelled in standard ONNX ops that ATC
+//! accepts and that run well on the 310B.
+
+mod attention;
+mod elementwise;
+mod gather;
+mod linear;
+mod rms_norm;
+mod rope;
+mod shape;
+
+use super::builder::{FloatType, GraphBuilder};
+use super::OnnxError;
+use kiln_runtime::ir::{Graph, Node, Op, TensorType};
+
+/// What a lowering needs: the graph under construction and the target.
+pub struct Cx {
+    pub b: GraphBuilder,
+    pub float: FloatType,
+    pub opset: i64,
+}
+
+/// One IR node's inputs and output, by ONNX value name, with their IR types.
+pub struct NodeIo<'a> {
+    pub name: &'a str,
+    pub inputs: Vec<&'a str>,
+    pub types: Vec<&'a TensorType>,
+    pub output: &'a str,
+    pub output_type: &'a TensorType,
+}
+
+pub fn lower_node(cx: &mut Cx, graph: &Graph, node: &Node) -> Result<(), OnnxError> {
+    let io = NodeIo {
+        name: &node.name,
+        inputs: node
+            .inputs
+            .iter()
+            .map(|&id| graph.value(id).name.as_str())
+            .collect(),
+        types: node.inputs.iter().map(|&id| graph.ty(id)).collect(),
+        output: &graph.value(node.output).name,
+        output_type: graph.ty(node.output),
+    };
+    match &node.op {
+        Op::Gather(_) => gather::lower(cx, &io),
+        Op::Linear(_) => linear::lower(cx, &io),
+        Op::Add(_) => elementwise::binary(cx, &io, "Add"),
+        Op::Mul(_) => elementwise::binary(cx, &io, "Mul"),
+        Op::Silu(_) => elementwise::silu(cx, &io),
+        Op::SwiGlu(_) => elementwise::swiglu(cx, &io),
+        Op::RmsNorm(op) => rms_norm::lower(cx, &io, op.eps),
+        Op::Rope(_) => rope::lower(cx, &io),
+        Op::Attention(op) => attention::lower(cx, &io, op.scale),
+        Op::Reshape(op) => shape::reshape(cx, &io, &op.shape),
+        Op::Transpose(op) => shape::transpose(cx, &io, &op.perm),
+        Op::Concat(op) => shape::concat(cx, &io, op.axis),
+        Op::Slice(op) => shape::slice(cx, &io, op.axis, op.start, op.end),
+    }
+    Ok(())
+}

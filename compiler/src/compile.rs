@@ -1,0 +1,383 @@
+//! `kiln compile`: a Hugging Face model directory → a compiled directory
+//! with the prefill and decode graphs as ONNX, `build_om.sh` for ATC, the
+//! IR, the tokenizer and `manifest.json`. The directory appears whole or not
+//! at all: everything is written to a temporary directory beside it, which
+//! is renamed at the end.
+
+use crate::backend::atc::{self, AtcJob, Target};
+use crate::backend::onnx::allow_list::{self, AVOID};
+use crate::backend::onnx::builder::FloatType;
+use crate::backend::onnx::{self, ExternalData, OnnxGraph, OnnxOptions, WeightPlacement};
+use crate::frontend::{FrontendError, GraphOptions};
+use kiln_runtime::ir::ModelIr;
+use kiln_runtime::manifest::{
+    GenerationInfo, GraphInfo, KvCacheInfo, Manifest, MaskInfo, TargetInfo, TensorInfo,
+    MANIFEST_FILE, MANIFEST_FORMAT,
+};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+/// Files inside a compiled directory.
+pub const IR_FILE: &str = "model.kiln.json";
+pub const EXTERNAL_DATA_FILE: &str = "weights.bin";
+pub const BUILD_SCRIPT: &str = "build_om.sh";
+
+/// Above this many weight bytes the ONNX files keep their weights in an
+/// external data file (protobuf messages are limited to 2 GiB).
+const INLINE_LIMIT: u64 = 1900 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error(transparent)]
+    Frontend(#[from] FrontendError),
+    #[error(transparent)]
+    Onnx(#[from] onnx::OnnxError),
+    #[error(transparent)]
+    Atc(#[from] atc::AtcError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} exists and is not a Kiln output directory (it has no {MANIFEST_FILE}); choose another --output")]
+    OutputExists(PathBuf),
+    #[error("the {graph} graph contains {op}, which {why}")]
+    Avoided {
+        graph: String,
+        op: &'static str,
+        why: &'static str,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CompileError + '_ {
+    move |source| CompileError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+pub struct CompileOptions {
+    pub graph: Option<GraphOptions>,
+    pub target: &'static Target,
+    pub float: FloatType,
+    pub opset: i64,
+    /// Force weights into `weights.bin` even for small models.
+    pub external_data: bool,
+    /// Do not run ATC even when it is installed.
+    pub skip_atc: bool,
+}
+
+/// What a compile produced, for the closing summary.
+pub struct CompileReport {
+    pub out: PathBuf,
+    pub manifest: Manifest,
+    pub files: Vec<(String, u64)>,
+    pub node_counts: Vec<(String, std::collections::BTreeMap<String, usize>)>,
+    /// Bytes a decode step reads: every weight once, plus the whole KV cache.
+    pub decode_bytes_per_token: u64,
+    /// `Some(path)` when ATC was found and run.
+    pub atc: Option<PathBuf>,
+}
+
+/// Removes the temporary directory unless the compile finished.
+struct TempDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+pub fn compile(
+    model_dir: &Path,
+    out: &Path,
+    options: &CompileOptions,
+    mut progress: impl FnMut(&str),
+) -> Result<CompileReport, CompileError> {
+    if out.exists() && !out.join(MANIFEST_FILE).is_file() {
+        let empty = std::fs::read_dir(out)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
+        if !empty {
+            return Err(CompileError::OutputExists(out.to_path_buf()));
+        }
+    }
+    progress("reading the model");
+    let (model, ir) = crate::lower(model_dir, options.graph)?;
+    let onnx_options = OnnxOptions {
+        opset: options.opset,
+        float: options.float,
+    };
+    progress("lowering to ONNX");
+    let mut lowered = Vec::new();
+    for graph in ir.graphs() {
+        let onnx = onnx::lower(graph, &onnx_options)?;
+        allow_list::atc().check(&onnx.model, &graph.name)?;
+        for node in &onnx.model.graph.node {
+            if let Some(&(op, why)) = AVOID.iter().find(|(op, _)| *op == node.op_type) {
+                return Err(CompileError::Avoided {
+                    graph: graph.name.clone(),
+                    op,
+                    why,
+                });
+            }
+        }
+        lowered.push((graph.name.clone(), onnx));
+    }
+
+    // A temporary directory beside the target, renamed into place at the end.
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+    let leaf = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let tmp = TempDir {
+        path: parent.join(format!(".{leaf}.kiln-tmp-{}", std::process::id())),
+        keep: false,
+    };
+    let _ = std::fs::remove_dir_all(&tmp.path);
+    std::fs::create_dir(&tmp.path).map_err(io_err(&tmp.path))?;
+
+    let weight_bytes: u64 = lowered[0]
+        .1
+        .weights
+        .iter()
+        .map(|name| {
+            model
+                .weights
+                .tensor_type(name)
+                .map(|t| (t.numel() * options.float.size_bytes()) as u64)
+        })
+        .sum::<Result<u64, _>>()
+        .map_err(FrontendError::from)?;
+    let external = options.external_data || weight_bytes > INLINE_LIMIT;
+    let mut external_data = ExternalData::new(tmp.path.join(EXTERNAL_DATA_FILE));
+    let mut weights_sha256 = String::new();
+    for (name, onnx_graph) in &lowered {
+        let file = format!("{name}.onnx");
+        let path = tmp.path.join(&file);
+        let placement = if external {
+            WeightPlacement::External(&mut external_data)
+        } else {
+            WeightPlacement::Inline
+        };
+        // Report the start, and every tenth of the tensors for large models.
+        let mut last_tenth = 0;
+        let report = |done: usize, total: usize| {
+            let tenth = (done * 10).checked_div(total).unwrap_or(10);
+            if done == 0 {
+                progress(&format!(
+                    "writing {file} ({total} weight tensors, {:.1} MB)",
+                    weight_bytes as f64 / 1e6
+                ));
+            } else if weight_bytes > 100 << 20 && tenth != last_tenth {
+                last_tenth = tenth;
+                progress(&format!("writing {file}: {}%", tenth * 10));
+            }
+        };
+        let written = onnx::write(
+            &path,
+            onnx_graph,
+            &model.weights,
+            options.float,
+            placement,
+            report,
+        )?;
+        if weights_sha256.is_empty() {
+            weights_sha256 = written.weights_sha256;
+        }
+    }
+
+    progress("writing the manifest, IR, tokenizer and build_om.sh");
+    let ir_path = tmp.path.join(IR_FILE);
+    ir.save_json(&ir_path).map_err(|e| CompileError::Io {
+        path: ir_path.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let copied = |name: &str| -> Result<Option<String>, CompileError> {
+        let src = model.dir.join(name);
+        if !src.is_file() {
+            return Ok(None);
+        }
+        let dst = tmp.path.join(name);
+        std::fs::copy(&src, &dst).map_err(io_err(&src))?;
+        Ok(Some(name.to_string()))
+    };
+    let tokenizer = copied("tokenizer.json")?;
+    let tokenizer_config = copied("tokenizer_config.json")?;
+    copied("generation_config.json")?;
+
+    let config_path = model.dir.join("config.json");
+    let config_bytes = std::fs::read(&config_path).map_err(io_err(&config_path))?;
+    let manifest = manifest(
+        &ir,
+        &lowered,
+        options,
+        format!("{:x}", Sha256::digest(&config_bytes)),
+        weights_sha256,
+        tokenizer,
+        tokenizer_config,
+    );
+    let manifest_path = tmp.path.join(MANIFEST_FILE);
+    std::fs::write(&manifest_path, manifest.to_json()).map_err(io_err(&manifest_path))?;
+
+    let precision_mode = match options.float {
+        FloatType::F16 => "must_keep_origin_dtype",
+        FloatType::F32 => "allow_fp32_to_fp16",
+    };
+    let jobs: Vec<AtcJob> = manifest
+        .graphs
+        .iter()
+        .map(|g| AtcJob {
+            graph: g.name.clone(),
+            onnx: g.onnx.clone(),
+            om_base: g.om.trim_end_matches(".om").to_string(),
+            inputs: g
+                .inputs
+                .iter()
+                .map(|t| (t.name.clone(), t.shape.clone()))
+                .collect(),
+        })
+        .collect();
+    let script_path = tmp.path.join(BUILD_SCRIPT);
+    std::fs::write(
+        &script_path,
+        atc::script(&jobs, options.target, precision_mode),
+    )
+    .map_err(io_err(&script_path))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script_path, std::fs::Permissions::from_mode(0o755))
+            .map_err(io_err(&script_path))?;
+    }
+
+    // Swap the finished directory into place.
+    if out.exists() {
+        let old = parent.join(format!(".{leaf}.kiln-old-{}", std::process::id()));
+        std::fs::rename(out, &old).map_err(io_err(out))?;
+        std::fs::rename(&tmp.path, out).map_err(io_err(out))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&tmp.path, out).map_err(io_err(out))?;
+    }
+    let mut tmp = tmp;
+    tmp.keep = true;
+
+    let atc_path = if options.skip_atc {
+        None
+    } else {
+        atc::find_atc()
+    };
+    if let Some(atc) = &atc_path {
+        progress(&format!("running ATC ({})", atc.display()));
+        atc::run_script(out, atc, |line| progress(line))?;
+    }
+
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(out)
+        .map_err(io_err(out))?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().ok()?.len(),
+            ))
+        })
+        .collect();
+    files.sort();
+    let kv = &manifest.kv_cache;
+    let kv_bytes =
+        2 * kv.layers * kv.kv_heads * kv.max_len * kv.head_dim * options.float.size_bytes();
+    Ok(CompileReport {
+        out: out.to_path_buf(),
+        files,
+        node_counts: lowered
+            .iter()
+            .map(|(n, g)| (n.clone(), g.node_counts()))
+            .collect(),
+        decode_bytes_per_token: weight_bytes + kv_bytes as u64,
+        manifest,
+        atc: atc_path,
+    })
+}
+
+fn manifest(
+    ir: &ModelIr,
+    lowered: &[(String, OnnxGraph)],
+    options: &CompileOptions,
+    config_sha256: String,
+    weights_sha256: String,
+    tokenizer: Option<String>,
+    tokenizer_config: Option<String>,
+) -> Manifest {
+    let tensors = |sig: Vec<(String, &'static str, Vec<usize>)>| {
+        sig.into_iter()
+            .map(|(name, dtype, shape)| TensorInfo {
+                name,
+                dtype: dtype.to_string(),
+                shape,
+            })
+            .collect()
+    };
+    let kv = &ir.kv_cache;
+    Manifest {
+        format: MANIFEST_FORMAT,
+        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        architecture: ir.info.architecture.clone(),
+        config_sha256,
+        weights_sha256,
+        target: TargetInfo {
+            name: options.target.name.to_string(),
+            soc_version: options.target.soc_version.to_string(),
+        },
+        dtype: options.float.name().to_string(),
+        opset: options.opset,
+        vocab_size: ir.info.vocab_size,
+        prefill_len: ir.prefill_len,
+        kv_cache: KvCacheInfo {
+            layers: kv.layers,
+            kv_heads: kv.kv_heads,
+            max_len: kv.max_len,
+            head_dim: kv.head_dim,
+            layout: "k_cache and v_cache: [layers, 1, kv_heads, max_len, head_dim], one tensor each for all layers".into(),
+            update: "a step of T tokens returns k_new/v_new [layers, 1, kv_heads, T, head_dim]; the host copies \
+                     row t of every layer and head into slot past_len + t (real tokens only), then past_len += real tokens"
+                .into(),
+        },
+        mask: MaskInfo {
+            layout: "attention_mask [1, 1, T, max_len + T], added to the scores: column j < max_len is cache slot j, \
+                     column max_len + c is this step's token c; 0 shows a column"
+                .into(),
+            hidden: "-inf".into(),
+        },
+        graphs: lowered
+            .iter()
+            .zip(ir.graphs())
+            .map(|((name, onnx), graph)| GraphInfo {
+                name: name.clone(),
+                tokens: graph.ty(graph.inputs[0]).shape[1],
+                onnx: format!("{name}.onnx"),
+                om: format!("{name}.om"),
+                inputs: tensors(onnx.signature(false)),
+                outputs: tensors(onnx.signature(true)),
+            })
+            .collect(),
+        ir: IR_FILE.to_string(),
+        tokenizer,
+        tokenizer_config,
+        generation: GenerationInfo {
+            bos_token_id: ir.info.bos_token_id,
+            eos_token_ids: ir.info.eos_token_ids.clone(),
+        },
+    }
+}

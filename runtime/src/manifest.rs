@@ -1,0 +1,135 @@
+//! `manifest.json`: what `kiln compile` wrote and how to run it. The
+//! runtime reads it to check a compiled model before running it (a KV length
+//! that disagrees with the .om files is the peers' "garbled output" bug).
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const MANIFEST_FORMAT: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub kiln_version: String,
+    pub architecture: String,
+    /// SHA-256 of the source `config.json`.
+    pub config_sha256: String,
+    /// SHA-256 of the converted weight bytes, in the prefill graph's order.
+    pub weights_sha256: String,
+    pub target: TargetInfo,
+    /// `float32` or `float16`: the dtype of weights, activations, float
+    /// inputs and outputs.
+    pub dtype: String,
+    pub opset: i64,
+    pub vocab_size: usize,
+    pub prefill_len: usize,
+    pub kv_cache: KvCacheInfo,
+    pub mask: MaskInfo,
+    pub graphs: Vec<GraphInfo>,
+    /// Kiln IR of both graphs (`model.kiln.json`), for the reference interpreter.
+    pub ir: String,
+    pub tokenizer: Option<String>,
+    pub tokenizer_config: Option<String>,
+    pub generation: GenerationInfo,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TargetInfo {
+    pub name: String,
+    pub soc_version: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KvCacheInfo {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub max_len: usize,
+    pub head_dim: usize,
+    /// Human-readable description of the layout and of the host's update.
+    pub layout: String,
+    pub update: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MaskInfo {
+    pub layout: String,
+    /// The value that hides a column ("-inf").
+    pub hidden: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphInfo {
+    /// `prefill` or `decode`.
+    pub name: String,
+    /// Tokens per step.
+    pub tokens: usize,
+    pub onnx: String,
+    /// The .om file ATC writes (present once build_om.sh has run).
+    pub om: String,
+    pub inputs: Vec<TensorInfo>,
+    pub outputs: Vec<TensorInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GenerationInfo {
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a Kiln manifest: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "{path}: manifest format {found}, this Kiln reads {MANIFEST_FORMAT}; recompile the model"
+    )]
+    Format { path: PathBuf, found: u32 },
+}
+
+impl Manifest {
+    pub fn graph(&self, name: &str) -> Option<&GraphInfo> {
+        self.graphs.iter().find(|g| g.name == name)
+    }
+
+    pub fn load(dir: &Path) -> Result<Manifest, ManifestError> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let manifest: Manifest =
+            serde_json::from_str(&text).map_err(|source| ManifestError::Parse {
+                path: path.clone(),
+                source,
+            })?;
+        if manifest.format != MANIFEST_FORMAT {
+            return Err(ManifestError::Format {
+                path,
+                found: manifest.format,
+            });
+        }
+        Ok(manifest)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("manifests serialize") + "\n"
+    }
+}
