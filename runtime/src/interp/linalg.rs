@@ -399,7 +399,7 @@ pub fn matmul_transposed(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> 
 /// vectors + 1 broadcast fill its 16 registers).
 const NV: usize = 2;
 /// Panels per parallel task.
-const PANELS_PER_TASK: usize = 4;
+const PANELS_PER_TASK: usize = 1;
 
 /// The vector width the packed kernels use on this CPU.
 fn packed_lanes() -> usize {
