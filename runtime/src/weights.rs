@@ -190,9 +190,7 @@ impl WeightStore {
         // SAFETY: the map is read-only; Kiln does not modify weight files while
         // running, and a file changed underneath by someone else is outside
         // what any memory-mapping reader can defend against.
-        // `populate` maps every page now, so the first inference does not
-        // pay for hundreds of thousands of page faults.
-        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(io)?;
+        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
         let (header_len, metadata) =
             SafeTensors::read_metadata(&map).map_err(|e| WeightError::BadFile {
                 path: path.to_path_buf(),
@@ -321,6 +319,37 @@ impl WeightStore {
             Source::Mapped { file, start, len } => &self.files[*file].map[*start..*start + *len],
             Source::Owned(data) => bytemuck::cast_slice(data.as_slice()),
         })
+    }
+
+    /// Tells the kernel this process is done with a tensor's pages for now,
+    /// so streaming every weight once (as `kiln compile` does) keeps only a
+    /// tensor's worth of the files resident. Reading it again still works:
+    /// the pages come back from the file.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(Entry {
+            source: Source::Mapped { file, start, len },
+            ..
+        }) = self.entries.get(name)
+        {
+            let map = &self.files[*file].map;
+            // madvise works on whole pages: release only those inside the tensor.
+            let page = 4096;
+            let first = start.div_ceil(page) * page;
+            let last = (start + len) / page * page;
+            if last > first {
+                // SAFETY: the mapping is private and read-only, backed by a file
+                // Kiln does not modify; MADV_DONTNEED only drops the resident
+                // copies, and later reads fault the same bytes back in from the file.
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        first,
+                        last - first,
+                    )
+                };
+            }
+        }
     }
 
     /// The tensor as f32: borrowed from the mapped file when it is stored as

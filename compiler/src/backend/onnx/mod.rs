@@ -367,6 +367,7 @@ pub fn write(
             .map_err(io)?;
         out.write_all(&header.bytes).map_err(io)?;
         let (_, bytes) = weight_bytes(store, name, float)?;
+        store.release(name);
         hasher.update(&bytes);
         weight_total += bytes.len() as u64;
         if header.raw_len > 0 {
