@@ -2,6 +2,7 @@
 //! It is the ground truth that every backend's numbers are compared with.
 
 pub mod linalg;
+pub mod math;
 pub mod profile;
 
 use crate::ir::ops::KernelError;

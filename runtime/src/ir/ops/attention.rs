@@ -16,6 +16,7 @@
 
 use super::{expect_f32, expect_inputs, KernelError, OpSpec};
 use crate::interp::linalg::dot;
+use crate::interp::math::exp;
 use crate::ir::TensorType;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -129,7 +130,7 @@ impl OpSpec for Attention {
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0f32;
                 for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
+                    *s = exp(*s - max);
                     sum += *s;
                 }
                 for (&(j, _), &p) in columns.iter().zip(&scores) {

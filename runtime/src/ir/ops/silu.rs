@@ -8,9 +8,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Silu;
 
-pub(super) fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
+pub(super) use crate::interp::math::silu;
 
 impl OpSpec for Silu {
     const NAME: &'static str = "Silu";
