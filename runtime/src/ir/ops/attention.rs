@@ -98,11 +98,12 @@ impl OpSpec for Attention {
             return Err(KernelError(format!("mask row {t} hides every key")));
         }
 
-        // One task per (head, query row): a prefill chunk has plenty, and a
-        // decode step still spreads its heads over the threads.
+        // Parallel over (head, query row), a few rows per task: a prefill
+        // chunk has plenty, and a decode step still spreads its heads.
         let mut out = vec![0f32; heads * tokens * dim];
         out.par_chunks_mut(dim)
             .enumerate()
+            .with_min_len(4)
             .for_each(|(row_index, row)| {
                 let (h, t) = (row_index / tokens, row_index % tokens);
                 let g = h / group;
