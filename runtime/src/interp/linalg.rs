@@ -356,6 +356,52 @@ fn block_dispatch(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
     block::<Portable, 3, 4>(x, w, k, out)
 }
 
+/// `out[j] = x · rows[j]` for consecutive rows of length `x.len()`, rounded
+/// exactly as [`dot`] rounds each (attention scores against a run of keys).
+pub fn dot_rows(x: &[f32], rows: &[f32], out: &mut [f32]) {
+    assert_eq!(rows.len(), out.len() * x.len());
+    if !x.is_empty() {
+        block_dispatch(x, rows, x.len(), out);
+    }
+}
+
+/// `out += Σ_j weights[j] · rows[j]` over consecutive rows of `out.len()`
+/// values, in order (attention's weighted sum of values).
+pub fn add_weighted_rows(weights: &[f32], rows: &[f32], out: &mut [f32]) {
+    assert_eq!(rows.len(), weights.len() * out.len());
+    #[inline(always)]
+    fn body(weights: &[f32], rows: &[f32], out: &mut [f32]) {
+        if out.is_empty() {
+            return;
+        }
+        for (&w, row) in weights.iter().zip(rows.chunks_exact(out.len())) {
+            for (o, &x) in out.iter_mut().zip(row) {
+                *o += w * x;
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(weights: &[f32], rows: &[f32], out: &mut [f32]) {
+            body(weights, rows, out)
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(weights: &[f32], rows: &[f32], out: &mut [f32]) {
+            body(weights, rows, out)
+        }
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            return unsafe { avx512(weights, rows, out) };
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { avx2(weights, rows, out) };
+        }
+    }
+    body(weights, rows, out)
+}
+
 /// `Σ a[i]·b[i]` over equal-length slices, rounded as the matrix-vector
 /// path rounds it.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {

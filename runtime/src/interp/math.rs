@@ -57,7 +57,10 @@ mod tests {
     fn silu_matches_its_definition() {
         for x in [-20.0f32, -3.5, -0.1, 0.0, 0.7, 4.0, 30.0] {
             let want = x / (1.0 + (-x).exp());
-            assert!((silu(x) - want).abs() <= 4.0 * f32::EPSILON * want.abs().max(1e-30), "{x}");
+            assert!(
+                (silu(x) - want).abs() <= 4.0 * f32::EPSILON * want.abs().max(1e-30),
+                "{x}"
+            );
         }
     }
 }

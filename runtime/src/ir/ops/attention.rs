@@ -15,7 +15,7 @@
 //! cache every step, which is slow on the NPU.
 
 use super::{expect_f32, expect_inputs, KernelError, OpSpec};
-use crate::interp::linalg::dot;
+use crate::interp::linalg::{add_weighted_rows, dot_rows};
 use crate::interp::math::exp;
 use crate::ir::TensorType;
 use crate::tensor::Tensor;
@@ -74,6 +74,12 @@ impl OpSpec for Attention {
     }
 
     fn eval(&self, inputs: &[&Tensor]) -> Result<Tensor, KernelError> {
+        self.eval_with(inputs)
+    }
+}
+
+impl Attention {
+    fn eval_with<'a>(&self, inputs: &[&'a Tensor]) -> Result<Tensor, KernelError> {
         let [_, heads, tokens, dim] = inputs[0].shape().try_into().expect("rank checked");
         let kv_heads = inputs[1].shape()[1];
         let cache_len = inputs[3].shape()[2];
@@ -82,19 +88,27 @@ impl OpSpec for Attention {
         let (k_cache, v_cache, mask) = (inputs[3].f32s(), inputs[4].f32s(), inputs[5].f32s());
         let width = cache_len + tokens;
 
-        // The visible columns of each query row, found once for all heads.
+        // The visible columns of each query row, found once for all heads, as
+        // runs of consecutive columns that lie all in the cache or all among
+        // the new tokens (so each run's keys and values are consecutive rows).
         // A -inf column contributes exp(-inf) = 0 exactly: skipping it is exact.
-        let visible: Vec<Vec<(usize, f32)>> = mask
+        let runs: Vec<Vec<(usize, usize)>> = mask
             .chunks_exact(width)
             .map(|row| {
-                row.iter()
-                    .copied()
-                    .enumerate()
-                    .filter(|&(_, m)| m != f32::NEG_INFINITY)
-                    .collect()
+                let mut runs: Vec<(usize, usize)> = Vec::new();
+                for (j, &m) in row.iter().enumerate() {
+                    if m == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    match runs.last_mut() {
+                        Some((_, end)) if *end == j && j != cache_len => *end += 1,
+                        _ => runs.push((j, j + 1)),
+                    }
+                }
+                runs
             })
             .collect();
-        if let Some(t) = visible.iter().position(Vec::is_empty) {
+        if let Some(t) = runs.iter().position(Vec::is_empty) {
             return Err(KernelError(format!("mask row {t} hides every key")));
         }
 
@@ -107,38 +121,43 @@ impl OpSpec for Attention {
             .for_each(|(row_index, row)| {
                 let (h, t) = (row_index / tokens, row_index % tokens);
                 let g = h / group;
-                // Key/value row `j` of the concatenation [cache; new] for KV head g.
-                let key = |j: usize| {
-                    if j < cache_len {
-                        &k_cache[(g * cache_len + j) * dim..][..dim]
-                    } else {
-                        &k[(g * tokens + j - cache_len) * dim..][..dim]
-                    }
-                };
-                let value = |j: usize| {
-                    if j < cache_len {
-                        &v_cache[(g * cache_len + j) * dim..][..dim]
-                    } else {
-                        &v[(g * tokens + j - cache_len) * dim..][..dim]
-                    }
-                };
-                let columns = &visible[t];
+                // Rows `a..b` of the concatenation [cache; new] for KV head g
+                // (a run never straddles the two).
+                let rows =
+                    |cache: &'a [f32], new: &'a [f32], (a, b): (usize, usize)| -> &'a [f32] {
+                        if b <= cache_len {
+                            &cache[(g * cache_len + a) * dim..(g * cache_len + b) * dim]
+                        } else {
+                            let (a, b) = (a - cache_len, b - cache_len);
+                            &new[(g * tokens + a) * dim..(g * tokens + b) * dim]
+                        }
+                    };
                 let query = &q[(h * tokens + t) * dim..][..dim];
-                let mut scores: Vec<f32> = columns
-                    .iter()
-                    .map(|&(j, m)| dot(query, key(j)) * self.scale + m)
-                    .collect();
+                let mask_row = &mask[t * width..(t + 1) * width];
+                let total: usize = runs[t].iter().map(|(a, b)| b - a).sum();
+                let mut scores = vec![0f32; total];
+                let mut at = 0;
+                for &(a, b) in &runs[t] {
+                    let run = &mut scores[at..at + b - a];
+                    dot_rows(query, rows(k_cache, k, (a, b)), run);
+                    for (s, &m) in run.iter_mut().zip(&mask_row[a..b]) {
+                        *s = *s * self.scale + m;
+                    }
+                    at += b - a;
+                }
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0f32;
                 for s in scores.iter_mut() {
                     *s = exp(*s - max);
                     sum += *s;
                 }
-                for (&(j, _), &p) in columns.iter().zip(&scores) {
-                    let weight = p / sum;
-                    for (o, x) in row.iter_mut().zip(value(j)) {
-                        *o += weight * x;
-                    }
+                for s in scores.iter_mut() {
+                    *s /= sum;
+                }
+                let mut at = 0;
+                for &(a, b) in &runs[t] {
+                    add_weighted_rows(&scores[at..at + b - a], rows(v_cache, v, (a, b)), row);
+                    at += b - a;
                 }
             });
         Ok(Tensor::from_f32(inputs[0].shape().to_vec(), out))
