@@ -289,3 +289,39 @@ fn not_a_model_directory_and_bad_token_ids() {
         &["token id 99999 is outside the vocabulary of 320 tokens"],
     );
 }
+
+#[test]
+fn inspect_reads_an_om_file_and_refuses_a_corrupt_one() {
+    use kiln_runtime::om::writer::{inout_info, om_file, TensorSpec};
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = [TensorSpec {
+        name: "input_ids",
+        dtype: 9,
+        dims: &[1, 1],
+    }];
+    let outputs = [TensorSpec {
+        name: "logits:0",
+        dtype: 1,
+        dims: &[1, 1, 320],
+    }];
+    let bytes = om_file(
+        "decode",
+        &[(0, vec![0; 16]), (8, inout_info(&inputs, &outputs))],
+        true,
+    );
+    let path = tmp.path().join("decode.om");
+    std::fs::write(&path, &bytes).unwrap();
+    let out = kiln(&["inspect", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("input  input_ids : int64[1, 1]")
+            && text.contains("output logits:0 : float16[1, 1, 320]"),
+        "{text}"
+    );
+    std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
+    assert_fails_with(
+        &kiln(&["inspect", path.to_str().unwrap()]),
+        &["decode.om", "truncated or corrupt"],
+    );
+}

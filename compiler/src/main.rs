@@ -26,7 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Show a model's configuration and, with --ir, its IR graphs.
+    /// Show a model's configuration and, with --ir, its IR graphs; or an .om
+    /// file's partitions, inputs and outputs (read without ACL).
     Inspect(InspectArgs),
     /// Generate text (or token ids) from a prompt.
     Generate(GenerateArgs),
@@ -96,7 +97,7 @@ impl ShapeArgs {
 
 #[derive(Args)]
 struct InspectArgs {
-    /// A Hugging Face model directory.
+    /// A Hugging Face model directory, or an .om file.
     model: PathBuf,
     /// Print the prefill and decode graphs.
     #[arg(long)]
@@ -236,6 +237,11 @@ fn compile_command(args: CompileArgs) -> Result<()> {
 }
 
 fn inspect(args: InspectArgs) -> Result<()> {
+    if args.model.is_file() {
+        let om = kiln_runtime::om::OmFile::open(&args.model)?;
+        print!("{om}");
+        return Ok(());
+    }
     let options = args.shape.options(&args.model)?;
     let (model, ir) = kiln::lower(&args.model, Some(options))?;
     let c = &model.config;

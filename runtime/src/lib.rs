@@ -9,6 +9,7 @@ pub mod interp;
 pub mod ir;
 pub mod manifest;
 pub mod npy;
+pub mod om;
 pub mod session;
 pub mod tensor;
 pub mod tokenizer;
