@@ -4,6 +4,7 @@
 //! This crate stays small and free of the compiler's dependencies so that it
 //! builds for the aarch64 boards Kiln targets.
 
+pub mod acl;
 pub mod generate;
 pub mod interp;
 pub mod ir;

@@ -1,0 +1,254 @@
+//! A loaded .om model: its description, and execution on device buffers.
+
+use super::api::{AclApi, IoDims};
+use super::error::AclError;
+use super::{Acl, Device, DeviceBuffer};
+use crate::om::AclDataType;
+use std::ffi::{c_void, CStr, CString};
+use std::path::Path;
+use std::sync::Arc;
+
+/// One input or output as ACL describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IoDesc {
+    pub name: String,
+    pub dtype: AclDataType,
+    pub dims: Vec<i64>,
+    /// Bytes of the buffer ACL expects.
+    pub size: usize,
+}
+
+pub struct Model {
+    acl: Arc<Acl>,
+    id: u32,
+    desc: *mut c_void,
+    inputs: Vec<IoDesc>,
+    outputs: Vec<IoDesc>,
+}
+
+// SAFETY: a model id and its description are process-wide ACL objects.
+unsafe impl Send for Model {}
+
+/// A dataset and its data buffers, destroyed together.
+struct Dataset<'a> {
+    api: &'a AclApi,
+    ptr: *mut c_void,
+    buffers: Vec<*mut c_void>,
+}
+
+impl<'a> Dataset<'a> {
+    fn new(api: &'a AclApi, buffers: &[(*mut c_void, usize)]) -> Result<Dataset<'a>, AclError> {
+        // SAFETY: plain constructor.
+        let ptr = unsafe { (api.create_dataset)() };
+        if ptr.is_null() {
+            return Err(AclError::local(
+                "aclmdlCreateDataset",
+                "returned null".into(),
+            ));
+        }
+        let mut set = Dataset {
+            api,
+            ptr,
+            buffers: Vec::new(),
+        };
+        for &(data, size) in buffers {
+            // SAFETY: `data` is a live device allocation of at least `size` bytes.
+            let buffer = unsafe { (api.create_data_buffer)(data, size) };
+            if buffer.is_null() {
+                return Err(AclError::local(
+                    "aclCreateDataBuffer",
+                    "returned null".into(),
+                ));
+            }
+            set.buffers.push(buffer);
+            // SAFETY: both handles are live; the dataset does not take ownership.
+            api.check("aclmdlAddDatasetBuffer", unsafe {
+                (api.add_dataset_buffer)(set.ptr, buffer)
+            })?;
+        }
+        Ok(set)
+    }
+}
+
+impl Drop for Dataset<'_> {
+    fn drop(&mut self) {
+        // SAFETY: each handle was created above and is destroyed once.
+        unsafe {
+            for &b in &self.buffers {
+                (self.api.destroy_data_buffer)(b);
+            }
+            (self.api.destroy_dataset)(self.ptr);
+        }
+    }
+}
+
+fn c_str(p: *const std::ffi::c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        // SAFETY: ACL returns NUL-terminated strings it owns.
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}
+
+impl Model {
+    /// Loads an .om file on `device` and reads its description.
+    pub fn load(device: &Device, path: &Path) -> Result<Model, AclError> {
+        let acl = device.acl().clone();
+        let api = acl.api();
+        device.bind()?;
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+            AclError::local(
+                "aclmdlLoadFromFile",
+                format!("{} contains a NUL byte", path.display()),
+            )
+        })?;
+        let mut id = 0u32;
+        // SAFETY: a NUL-terminated path and a valid out-pointer.
+        api.check("aclmdlLoadFromFile", unsafe {
+            (api.load_from_file)(c_path.as_ptr(), &mut id)
+        })
+        .map_err(|mut e| {
+            e.message = format!("{} ({})", e.message.trim(), path.display());
+            e
+        })?;
+        // SAFETY: plain constructor.
+        let desc = unsafe { (api.create_desc)() };
+        let mut model = Model {
+            acl: acl.clone(),
+            id,
+            desc,
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+        };
+        if desc.is_null() {
+            return Err(AclError::local("aclmdlCreateDesc", "returned null".into()));
+        }
+        // SAFETY: desc is live and id is a loaded model.
+        api.check("aclmdlGetDesc", unsafe { (api.get_desc)(desc, id) })?;
+        model.inputs = model.describe(false)?;
+        model.outputs = model.describe(true)?;
+        Ok(model)
+    }
+
+    fn describe(&self, outputs: bool) -> Result<Vec<IoDesc>, AclError> {
+        let api = self.acl.api();
+        // SAFETY (block): `desc` is live; indices are below the counts ACL gave.
+        unsafe {
+            let count = if outputs {
+                (api.num_outputs)(self.desc)
+            } else {
+                (api.num_inputs)(self.desc)
+            };
+            let mut list = Vec::with_capacity(count.min(1024));
+            for i in 0..count {
+                let mut dims = Box::new(IoDims {
+                    name: [0; super::api::MAX_NAME],
+                    dim_count: 0,
+                    dims: [0; super::api::MAX_DIMS],
+                });
+                let (call, code) = if outputs {
+                    (
+                        "aclmdlGetOutputDims",
+                        (api.output_dims)(self.desc, i, &mut *dims),
+                    )
+                } else {
+                    (
+                        "aclmdlGetInputDims",
+                        (api.input_dims)(self.desc, i, &mut *dims),
+                    )
+                };
+                api.check(call, code)?;
+                let rank = dims.dim_count.min(super::api::MAX_DIMS);
+                list.push(IoDesc {
+                    name: c_str(if outputs {
+                        (api.output_name)(self.desc, i)
+                    } else {
+                        (api.input_name)(self.desc, i)
+                    }),
+                    dtype: AclDataType(if outputs {
+                        (api.output_dtype)(self.desc, i)
+                    } else {
+                        (api.input_dtype)(self.desc, i)
+                    }),
+                    dims: dims.dims[..rank].to_vec(),
+                    size: if outputs {
+                        (api.output_size)(self.desc, i)
+                    } else {
+                        (api.input_size)(self.desc, i)
+                    },
+                });
+            }
+            Ok(list)
+        }
+    }
+
+    pub fn inputs(&self) -> &[IoDesc] {
+        &self.inputs
+    }
+
+    pub fn outputs(&self) -> &[IoDesc] {
+        &self.outputs
+    }
+
+    /// Runs the model synchronously. Buffers are in the model's input and
+    /// output order and must be at least the sizes it declares.
+    pub fn execute(
+        &self,
+        inputs: &[&DeviceBuffer],
+        outputs: &mut [&mut DeviceBuffer],
+    ) -> Result<(), AclError> {
+        let api = self.acl.api();
+        for (what, given, want) in [
+            ("inputs", inputs.len(), self.inputs.len()),
+            ("outputs", outputs.len(), self.outputs.len()),
+        ] {
+            if given != want {
+                return Err(AclError::local(
+                    "aclmdlExecute",
+                    format!("the model has {want} {what}, {given} were given"),
+                ));
+            }
+        }
+        for (buffer, desc) in inputs
+            .iter()
+            .map(|b| b.size())
+            .zip(&self.inputs)
+            .chain(outputs.iter().map(|b| b.size()).zip(&self.outputs))
+        {
+            if buffer < desc.size {
+                return Err(AclError::local(
+                    "aclmdlExecute",
+                    format!(
+                        "buffer for `{}` has {buffer} bytes, the model needs {}",
+                        desc.name, desc.size
+                    ),
+                ));
+            }
+        }
+        let ins: Vec<(*mut c_void, usize)> =
+            inputs.iter().map(|b| (b.as_ptr(), b.size())).collect();
+        let outs: Vec<(*mut c_void, usize)> =
+            outputs.iter().map(|b| (b.as_ptr(), b.size())).collect();
+        let input_set = Dataset::new(api, &ins)?;
+        let output_set = Dataset::new(api, &outs)?;
+        // SAFETY: the model is loaded; both datasets are live and reference
+        // live device buffers of the declared sizes.
+        api.check("aclmdlExecute", unsafe {
+            (api.execute)(self.id, input_set.ptr, output_set.ptr)
+        })
+    }
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        let api = self.acl.api();
+        // SAFETY: destroyed once, description before the model.
+        unsafe {
+            if !self.desc.is_null() {
+                (api.destroy_desc)(self.desc);
+            }
+            (api.unload)(self.id);
+        }
+    }
+}

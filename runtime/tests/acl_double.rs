@@ -1,0 +1,165 @@
+//! The ACL layer against a TEST DOUBLE (tests/acl_double/acl_double.c, built
+//! here with the system C compiler): a small C library that exports the ACL
+//! functions and records the calls. Nothing here runs on an NPU; these tests
+//! check Kiln's side of the contract: loading, call order, ownership, error
+//! propagation.
+
+use kiln_runtime::acl::{Acl, AclSetupError, Device, Model, RunMode};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn build_double(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/acl_double/acl_double.c");
+    let lib = dir.join("libacl_test_double.so");
+    let out = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-Wall", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .output()
+        .expect("a C compiler (cc) is needed to build the ACL test double");
+    assert!(
+        out.status.success(),
+        "building the ACL test double failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lib
+}
+
+fn calls(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// One test: ACL is process-wide, and these steps share the environment.
+#[test]
+fn acl_layer_against_the_test_double() {
+    let tmp = tempfile::tempdir().unwrap();
+
+    // 1. Without ACL anywhere: a clear error that lists where it looked.
+    std::env::set_var("KILN_ACL_LIB", tmp.path().join("missing/libascendcl.so"));
+    std::env::remove_var("ASCEND_HOME_PATH");
+    std::env::remove_var("ASCEND_TOOLKIT_HOME");
+    match Acl::init() {
+        Err(AclSetupError::Load(e)) => {
+            let text = e.to_string();
+            assert!(text.starts_with("ACL not found; looked in: "), "{text}");
+            assert!(
+                text.contains("missing/libascendcl.so") && text.contains("/usr/local/Ascend"),
+                "{text}"
+            );
+        }
+        Err(other) => panic!("expected ACL not found, got {other}"),
+        Ok(_) => panic!("found an ACL library where none should be"),
+    }
+
+    // 2. The test double, end to end.
+    let lib = build_double(tmp.path());
+    let log = tmp.path().join("calls.log");
+    std::env::set_var("KILN_ACL_LIB", &lib);
+    std::env::set_var("KILN_ACL_DOUBLE_LOG", &log);
+    let model_file = tmp.path().join("double.om");
+    std::fs::write(&model_file, b"not really an om; the double only opens it").unwrap();
+    {
+        let acl = Acl::init().expect("the test double loads");
+        assert!(acl.library().contains("libacl_test_double.so"));
+        assert_eq!(acl.run_mode().unwrap(), RunMode::Device);
+        // A device that does not exist: the ACL error comes back whole.
+        let err = Device::open(&acl, 3).err().expect("device 3 must fail");
+        assert_eq!(err.code, 107001);
+        assert!(
+            err.to_string()
+                .contains("aclrtSetDevice failed with ACL error 107001")
+                && err.message.contains("only device 0")
+        );
+
+        let device = Device::open(&acl, 0).unwrap();
+        let model = Model::load(&device, &model_file).unwrap();
+        assert_eq!(model.inputs()[0].name, "x");
+        assert_eq!(model.inputs()[0].dims, vec![1, 4]);
+        assert_eq!(model.inputs()[0].dtype.to_string(), "float32");
+        assert_eq!(model.outputs()[0].size, 16);
+        let mut input = device.alloc(16).unwrap();
+        let mut output = device.alloc(16).unwrap();
+        input.write(&f32_bytes(&[1.0, -2.0, 3.5, 0.25])).unwrap();
+        model.execute(&[&input], &mut [&mut output]).unwrap();
+        let mut out = [0u8; 16];
+        output.read(&mut out).unwrap();
+        assert_eq!(out.to_vec(), f32_bytes(&[2.0, -4.0, 7.0, 0.5]));
+
+        // A failing execute is a readable error, and the process carries on.
+        std::env::set_var("KILN_ACL_DOUBLE_FAIL_EXECUTE", "1");
+        let err = model.execute(&[&input], &mut [&mut output]).unwrap_err();
+        std::env::remove_var("KILN_ACL_DOUBLE_FAIL_EXECUTE");
+        assert_eq!(err.code, 507011);
+        assert_eq!(
+            err.to_string(),
+            "aclmdlExecute failed with ACL error 507011 (a runtime (aclrt) error): test double: execute failed as the test asked"
+        );
+        model.execute(&[&input], &mut [&mut output]).unwrap();
+
+        // Sizes are checked before ACL sees them.
+        let mut small = device.alloc(8).unwrap();
+        let err = model.execute(&[&input], &mut [&mut small]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("buffer for `y` has 8 bytes, the model needs 16"),
+            "{err}"
+        );
+        assert!(input.write(&[0u8; 32]).is_err());
+
+        // A missing model file.
+        let err = Model::load(&device, &tmp.path().join("nope.om"))
+            .err()
+            .unwrap();
+        assert_eq!(err.code, 100003);
+        assert!(
+            err.to_string().contains("ACL_ERROR_INVALID_FILE")
+                && err.to_string().contains("nope.om"),
+            "{err}"
+        );
+        // Everything drops here, in reverse order of creation.
+    }
+
+    let calls = calls(&log);
+    let order: Vec<&str> = calls
+        .iter()
+        .map(String::as_str)
+        .filter(|c| {
+            !matches!(
+                *c,
+                "aclrtMalloc" | "aclrtFree" | "aclmdlExecute" | "aclrtGetRunMode"
+            )
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "aclInit",
+            "aclrtSetDevice", // device 3, refused
+            "aclrtSetDevice",
+            "aclrtCreateContext",
+            "aclrtCreateStream",
+            "aclmdlLoadFromFile",
+            "aclmdlGetDesc",
+            "aclmdlLoadFromFile", // nope.om, refused
+            "aclmdlUnload",
+            "aclrtDestroyStream",
+            "aclrtDestroyContext",
+            "aclrtResetDevice",
+            "aclFinalize",
+            "live objects at finalize: 0",
+        ],
+        "calls: {calls:?}"
+    );
+    let mallocs = calls.iter().filter(|c| *c == "aclrtMalloc").count();
+    let frees = calls.iter().filter(|c| *c == "aclrtFree").count();
+    assert_eq!((mallocs, frees), (3, 3));
+    assert_eq!(calls.iter().filter(|c| *c == "aclmdlExecute").count(), 3);
+}
