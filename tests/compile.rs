@@ -289,3 +289,41 @@ fn external_data_is_shared_by_both_graphs() {
     assert_eq!(ids, g.generated_ids);
     assert!(max_abs_diff(&logits, &g.logits) <= 1e-4);
 }
+
+#[test]
+fn a_compiled_directory_runs_on_the_reference_interpreter_without_the_checkpoint() {
+    use kiln_runtime::compiled::CompiledModel;
+    use kiln_runtime::generate::{generate, GenerationOptions};
+    use kiln_runtime::session::CpuSession;
+
+    let tmp = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let dir = tmp.path().join(name);
+        compile_fixture(name, &dir, &[]);
+        // What kiln-run does on the board: only the compiled directory.
+        let model = CompiledModel::open(&dir).unwrap();
+        let g = golden(name);
+        let mut session = CpuSession::new(&model.ir, &model.weights).unwrap();
+        let options = GenerationOptions {
+            max_new_tokens: g.generated_ids.len(),
+            eos_token_ids: vec![],
+            record_logits: true,
+        };
+        let report = generate(&mut session, &g.prompt_ids, &options, |_| {}).unwrap();
+        assert_eq!(report.tokens, g.generated_ids, "{name}");
+        let err = max_abs_diff(&report.logits, &g.logits);
+        assert!(err <= 1e-4, "{name}: max abs logit error {err:.3e}");
+    }
+    // A manifest that disagrees with its IR is refused.
+    let dir = tmp.path().join("qwen3");
+    let manifest_path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest_path).unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+    manifest["kv_cache"]["max_len"] = 128.into();
+    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    let err = CompiledModel::open(&dir).err().unwrap().to_string();
+    assert!(
+        err.contains("the manifest and the IR disagree") && err.contains("recompile"),
+        "{err}"
+    );
+}

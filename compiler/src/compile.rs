@@ -9,11 +9,12 @@ use crate::backend::onnx::allow_list::{self, AVOID};
 use crate::backend::onnx::builder::FloatType;
 use crate::backend::onnx::{self, ExternalData, OnnxGraph, OnnxOptions, WeightPlacement};
 use crate::frontend::{FrontendError, GraphOptions};
-use kiln_runtime::ir::ModelIr;
+use kiln_runtime::ir::{DType, ModelIr};
 use kiln_runtime::manifest::{
     GenerationInfo, GraphInfo, KvCacheInfo, Manifest, MaskInfo, TargetInfo, TensorInfo,
     MANIFEST_FILE, MANIFEST_FORMAT,
 };
+use kiln_runtime::weights::WeightStore;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 pub const IR_FILE: &str = "model.kiln.json";
 pub const EXTERNAL_DATA_FILE: &str = "weights.bin";
 pub const BUILD_SCRIPT: &str = "build_om.sh";
+pub const REFERENCE_WEIGHTS: &str = "weights.safetensors";
 
 /// Above this many weight bytes the ONNX files keep their weights in an
 /// external data file (protobuf messages are limited to 2 GiB).
@@ -216,6 +218,8 @@ pub fn compile(
     let tokenizer = copied("tokenizer.json")?;
     let tokenizer_config = copied("tokenizer_config.json")?;
     copied("generation_config.json")?;
+    progress("writing the reference weights");
+    write_reference_weights(&ir, &model.weights, &tmp.path.join(REFERENCE_WEIGHTS))?;
 
     let config_path = model.dir.join("config.json");
     let config_bytes = std::fs::read(&config_path).map_err(io_err(&config_path))?;
@@ -373,6 +377,7 @@ fn manifest(
             })
             .collect(),
         ir: IR_FILE.to_string(),
+        reference_weights: REFERENCE_WEIGHTS.to_string(),
         tokenizer,
         tokenizer_config,
         generation: GenerationInfo {
@@ -380,4 +385,44 @@ fn manifest(
             eos_token_ids: ir.info.eos_token_ids.clone(),
         },
     }
+}
+
+/// Every tensor the graphs read, as stored (so the reference interpreter
+/// upcasts exactly what it would have upcast from the checkpoint), written
+/// straight from the memory-mapped files.
+fn write_reference_weights(
+    ir: &ModelIr,
+    store: &WeightStore,
+    path: &Path,
+) -> Result<(), CompileError> {
+    use safetensors::tensor::TensorView;
+    use safetensors::Dtype;
+    let mut names: Vec<&str> = ir
+        .graphs()
+        .iter()
+        .flat_map(|g| g.weights().map(|(_, t)| t))
+        .collect();
+    names.sort();
+    names.dedup();
+    let mut views = Vec::with_capacity(names.len());
+    for name in names {
+        let ty = store.tensor_type(name).map_err(FrontendError::from)?;
+        let dtype = match ty.dtype {
+            DType::F32 => Dtype::F32,
+            DType::F16 => Dtype::F16,
+            DType::BF16 => Dtype::BF16,
+            DType::I64 => Dtype::I64,
+        };
+        let bytes = store.bytes(name).map_err(FrontendError::from)?;
+        let view =
+            TensorView::new(dtype, ty.shape.clone(), bytes).map_err(|e| CompileError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(format!("tensor `{name}`: {e}")),
+            })?;
+        views.push((name.to_string(), view));
+    }
+    safetensors::serialize_to_file(views, None, path).map_err(|e| CompileError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })
 }

@@ -1,12 +1,11 @@
 //! The `kiln` command line.
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kiln::frontend::{GraphOptions, HfModel};
-use kiln_runtime::generate::{generate, GenerationOptions, StopReason};
-use kiln_runtime::session::{CpuSession, Engine};
-use kiln_runtime::tokenizer::{TextStream, Tokenizer};
-use std::io::Write;
+use kiln_runtime::run;
+use kiln_runtime::session::CpuSession;
+use kiln_runtime::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
@@ -293,112 +292,44 @@ fn inspect(args: InspectArgs) -> Result<()> {
 }
 
 fn generate_command(args: GenerateArgs) -> Result<()> {
-    let threads = args.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .context("cannot start the worker threads")?;
-
+    run::init_threads(args.threads).map_err(anyhow::Error::msg)?;
     let options = args.shape.options(&args.model)?;
     let (model, ir) = kiln::lower(&args.model, Some(options))?;
     let tokenizer = match (&args.prompt, &model.tokenizer) {
         (Some(_), Some(path)) => Some(Tokenizer::from_file(path)?),
-        (Some(_), None) => bail!(
-            "{} has no tokenizer.json; pass the prompt as --token-ids instead",
-            model.dir.display()
-        ),
-        (None, _) => None,
+        _ => None,
     };
-    let prompt: Vec<u32> = match (&args.prompt, &args.token_ids, &tokenizer) {
-        (Some(text), _, Some(tok)) => tok.encode(text)?,
-        (None, Some(ids), _) => ids.clone(),
-        _ => unreachable!("clap requires --prompt or --token-ids"),
-    };
-    if prompt.is_empty() {
-        bail!("the prompt is empty");
-    }
-    if prompt.len() > ir.kv_cache.max_len {
-        bail!(
-            "the prompt has {} tokens but the KV cache holds {} (--max-seq-len); shorten the prompt or raise --max-seq-len (the model allows up to {})",
-            prompt.len(),
-            ir.kv_cache.max_len,
-            model.config.max_position_embeddings
-        );
-    }
-
     let Backend::Cpu = args.backend;
     let mut engine = CpuSession::new(&ir, &model.weights)?;
-    for _ in 0..args.warmup {
-        let logits = engine.forward(&prompt)?;
-        let token = kiln_runtime::generate::argmax(&logits);
-        if engine.position() + 2 <= engine.capacity() {
-            engine.forward(&[token])?;
-            engine.forward(&[token])?;
-        }
-        engine.reset();
-    }
-    let gen_options = GenerationOptions {
-        max_new_tokens: args.max_new_tokens,
-        eos_token_ids: if args.ignore_eos {
-            Vec::new()
-        } else {
-            model.eos_token_ids.clone()
-        },
-        record_logits: args.save_logits.is_some(),
+    let prompt = match (&args.prompt, &args.token_ids) {
+        (Some(text), _) => run::Prompt::Text(text),
+        (None, Some(ids)) => run::Prompt::Ids(ids),
+        (None, None) => unreachable!("clap requires --prompt or --token-ids"),
     };
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let mut stream = tokenizer.as_ref().map(TextStream::new);
-    let mut first = true;
-    let mut write_error = None;
-    let report = generate(&mut engine, &prompt, &gen_options, |token| {
-        let piece = match stream.as_mut() {
-            Some(stream) => stream.push(token).unwrap_or_default(),
-            None if first => token.to_string(),
-            None => format!(",{token}"),
-        };
-        first = false;
-        if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
-            write_error.get_or_insert(e);
+    run::run_generation(
+        &mut engine,
+        tokenizer.as_ref(),
+        &run::RunOptions {
+            prompt,
+            max_new_tokens: args.max_new_tokens,
+            eos_token_ids: if args.ignore_eos {
+                Vec::new()
+            } else {
+                model.eos_token_ids.clone()
+            },
+            save_logits: args.save_logits.as_deref(),
+            warmup: args.warmup,
+            vocab_size: ir.info.vocab_size,
+        },
+    )
+    .map_err(|e| match e {
+        run::RunError::Usage(m) if m.contains("no tokenizer.json") => {
+            anyhow::anyhow!(
+                "{} has no tokenizer.json; pass the prompt as --token-ids instead",
+                model.dir.display()
+            )
         }
+        other => other.into(),
     })?;
-    if let Some(rest) = stream.as_mut().map(TextStream::finish).transpose()? {
-        write!(out, "{rest}")?;
-    }
-    writeln!(out)?;
-    if let Some(e) = write_error {
-        return Err(e).context("cannot write to stdout");
-    }
-
-    if let Some(path) = &args.save_logits {
-        let rows = report.logits.len();
-        let flat: Vec<f32> = report.logits.concat();
-        kiln_runtime::npy::write_f32(path, &[rows, ir.info.vocab_size], &flat)?;
-    }
-    eprintln!(
-        "prefill: {} tokens in {:.1} ms ({:.1} tok/s)",
-        report.prompt_tokens,
-        report.prefill_time.as_secs_f64() * 1e3,
-        report.prefill_tokens_per_second()
-    );
-    if let Some(rate) = report.decode_tokens_per_second() {
-        eprintln!(
-            "decode:  {} tokens in {:.1} ms ({rate:.1} tok/s)",
-            report.tokens.len() - 1,
-            report.decode_time.as_secs_f64() * 1e3
-        );
-    }
-    eprintln!("device:  {}", engine.device());
-    eprint!("{}", kiln_runtime::interp::profile::report());
-    if report.stop == StopReason::ContextFull {
-        eprintln!(
-            "note: stopped because the KV cache is full ({} positions); use a larger --max-seq-len for longer output",
-            engine.capacity()
-        );
-    }
     Ok(())
 }

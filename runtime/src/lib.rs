@@ -5,12 +5,14 @@
 //! builds for the aarch64 boards Kiln targets.
 
 pub mod acl;
+pub mod compiled;
 pub mod generate;
 pub mod interp;
 pub mod ir;
 pub mod manifest;
 pub mod npy;
 pub mod om;
+pub mod run;
 pub mod session;
 pub mod tensor;
 pub mod tokenizer;

@@ -29,6 +29,9 @@ pub struct Manifest {
     pub graphs: Vec<GraphInfo>,
     /// Kiln IR of both graphs (`model.kiln.json`), for the reference interpreter.
     pub ir: String,
+    /// Every tensor the IR reads, in the checkpoint's own dtype (the RoPE
+    /// tables in f32): the reference interpreter's weights.
+    pub reference_weights: String,
     pub tokenizer: Option<String>,
     pub tokenizer_config: Option<String>,
     pub generation: GenerationInfo,

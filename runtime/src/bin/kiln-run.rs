@@ -1,0 +1,116 @@
+//! `kiln-run`: the small runtime binary for the board. It runs a directory
+//! written by `kiln compile` — no compiler, no original checkpoint — and
+//! reads .om files without ACL.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kiln_runtime::compiled::CompiledModel;
+use kiln_runtime::om::OmFile;
+use kiln_runtime::run::{self, Prompt, RunOptions};
+use kiln_runtime::session::CpuSession;
+use kiln_runtime::tokenizer::Tokenizer;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "kiln-run",
+    version,
+    about = "Run models compiled by `kiln compile`"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text (or token ids) from a prompt.
+    Generate(GenerateArgs),
+    /// Print an .om file's partitions, inputs and outputs (read without ACL).
+    Inspect {
+        /// An .om file.
+        om: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Backend {
+    /// The reference interpreter on the compiled IR and weights, in f32.
+    Cpu,
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// A directory written by `kiln compile`.
+    model: PathBuf,
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: Backend,
+    /// The prompt text (uses the compiled directory's tokenizer.json).
+    #[arg(
+        long,
+        conflicts_with = "token_ids",
+        required_unless_present = "token_ids"
+    )]
+    prompt: Option<String>,
+    /// The prompt as token ids, e.g. 3,17,250 (the generated ids are printed).
+    #[arg(long, value_delimiter = ',')]
+    token_ids: Option<Vec<u32>>,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Do not stop at the model's end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Save the logits as an f32 .npy of shape [new tokens, vocab].
+    #[arg(long, value_name = "FILE.npy")]
+    save_logits: Option<PathBuf>,
+    /// Worker threads [default: all cores]
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn main() {
+    let result = match Cli::parse().command {
+        Command::Generate(args) => generate(args),
+        Command::Inspect { om } => OmFile::open(&om)
+            .map(|om| print!("{om}"))
+            .map_err(|e| e.to_string()),
+    };
+    if let Err(message) = result {
+        eprintln!("error: {message}");
+        std::process::exit(1);
+    }
+}
+
+fn generate(args: GenerateArgs) -> Result<(), String> {
+    run::init_threads(args.threads)?;
+    let model = CompiledModel::open(&args.model).map_err(|e| e.to_string())?;
+    let tokenizer = match (&args.prompt, model.tokenizer_path()) {
+        (Some(_), Some(path)) => Some(Tokenizer::from_file(&path).map_err(|e| e.to_string())?),
+        _ => None,
+    };
+    let Backend::Cpu = args.backend;
+    let mut engine = CpuSession::new(&model.ir, &model.weights).map_err(|e| e.to_string())?;
+    let prompt = match (&args.prompt, &args.token_ids) {
+        (Some(text), _) => Prompt::Text(text),
+        (None, Some(ids)) => Prompt::Ids(ids),
+        (None, None) => unreachable!("clap requires --prompt or --token-ids"),
+    };
+    let eos = if args.ignore_eos {
+        Vec::new()
+    } else {
+        model.manifest.generation.eos_token_ids.clone()
+    };
+    run::run_generation(
+        &mut engine,
+        tokenizer.as_ref(),
+        &RunOptions {
+            prompt,
+            max_new_tokens: args.max_new_tokens,
+            eos_token_ids: eos,
+            save_logits: args.save_logits.as_deref(),
+            warmup: 0,
+            vocab_size: model.manifest.vocab_size,
+        },
+    )
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}

@@ -1,0 +1,144 @@
+//! The generation command both binaries share (`kiln generate` on a Hugging
+//! Face directory, `kiln-run generate` on a compiled one): encode the
+//! prompt, run, stream text or ids to stdout, report speed to stderr.
+
+use crate::generate::{argmax, generate, GenerationOptions, GenerationReport, StopReason};
+use crate::npy::{self, NpyError};
+use crate::session::{Engine, SessionError};
+use crate::tokenizer::{TextStream, Tokenizer, TokenizerError};
+use std::io::Write;
+use std::path::Path;
+
+pub enum Prompt<'a> {
+    Text(&'a str),
+    /// Token ids: the output is ids too, comma-separated.
+    Ids(&'a [u32]),
+}
+
+pub struct RunOptions<'a> {
+    pub prompt: Prompt<'a>,
+    pub max_new_tokens: usize,
+    pub eos_token_ids: Vec<u32>,
+    pub save_logits: Option<&'a Path>,
+    /// Untimed passes first, for benchmarks.
+    pub warmup: usize,
+    pub vocab_size: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Npy(#[from] NpyError),
+    #[error("cannot write to stdout: {0}")]
+    Stdout(#[from] std::io::Error),
+    #[error("{0}")]
+    Usage(String),
+}
+
+pub fn run_generation(
+    engine: &mut dyn Engine,
+    tokenizer: Option<&Tokenizer>,
+    options: &RunOptions,
+) -> Result<GenerationReport, RunError> {
+    let prompt: Vec<u32> = match (&options.prompt, tokenizer) {
+        (Prompt::Text(text), Some(tok)) => tok.encode(text)?,
+        (Prompt::Text(_), None) => {
+            return Err(RunError::Usage(
+                "the model has no tokenizer.json; pass the prompt as --token-ids instead".into(),
+            ))
+        }
+        (Prompt::Ids(ids), _) => ids.to_vec(),
+    };
+    if prompt.is_empty() {
+        return Err(RunError::Usage("the prompt is empty".into()));
+    }
+    if prompt.len() > engine.capacity() {
+        return Err(RunError::Usage(format!(
+            "the prompt has {} tokens but the KV cache holds {} (--max-seq-len); shorten the prompt, \
+             or use (compile) the model with a larger --max-seq-len",
+            prompt.len(),
+            engine.capacity()
+        )));
+    }
+    for _ in 0..options.warmup {
+        let logits = engine.forward(&prompt)?;
+        if engine.position() + 2 <= engine.capacity() {
+            let token = argmax(&logits);
+            engine.forward(&[token])?;
+            engine.forward(&[token])?;
+        }
+        engine.reset();
+    }
+    let gen_options = GenerationOptions {
+        max_new_tokens: options.max_new_tokens,
+        eos_token_ids: options.eos_token_ids.clone(),
+        record_logits: options.save_logits.is_some(),
+    };
+    let text_output = matches!(options.prompt, Prompt::Text(_));
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut stream = tokenizer.filter(|_| text_output).map(TextStream::new);
+    let mut first = true;
+    let mut write_error = None;
+    let report = generate(engine, &prompt, &gen_options, |token| {
+        let piece = match stream.as_mut() {
+            Some(stream) => stream.push(token).unwrap_or_default(),
+            None if first => token.to_string(),
+            None => format!(",{token}"),
+        };
+        first = false;
+        if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+            write_error.get_or_insert(e);
+        }
+    })?;
+    if let Some(rest) = stream.as_mut().map(TextStream::finish).transpose()? {
+        write!(out, "{rest}")?;
+    }
+    writeln!(out)?;
+    if let Some(e) = write_error {
+        return Err(RunError::Stdout(e));
+    }
+    if let Some(path) = options.save_logits {
+        let rows = report.logits.len();
+        npy::write_f32(path, &[rows, options.vocab_size], &report.logits.concat())?;
+    }
+    eprintln!(
+        "prefill: {} tokens in {:.1} ms ({:.1} tok/s)",
+        report.prompt_tokens,
+        report.prefill_time.as_secs_f64() * 1e3,
+        report.prefill_tokens_per_second()
+    );
+    if let Some(rate) = report.decode_tokens_per_second() {
+        eprintln!(
+            "decode:  {} tokens in {:.1} ms ({rate:.1} tok/s)",
+            report.tokens.len() - 1,
+            report.decode_time.as_secs_f64() * 1e3
+        );
+    }
+    eprintln!("device:  {}", engine.device());
+    eprint!("{}", crate::interp::profile::report());
+    if report.stop == StopReason::ContextFull {
+        eprintln!(
+            "note: stopped because the KV cache is full ({} positions); use a larger --max-seq-len for longer output",
+            engine.capacity()
+        );
+    }
+    Ok(report)
+}
+
+/// Sets the worker-thread count for the interpreter (all cores by default).
+pub fn init_threads(threads: Option<usize>) -> Result<(), String> {
+    let threads = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .map_err(|e| format!("cannot start the worker threads: {e}"))
+}
