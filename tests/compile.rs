@@ -327,3 +327,78 @@ fn a_compiled_directory_runs_on_the_reference_interpreter_without_the_checkpoint
         "{err}"
     );
 }
+
+#[test]
+fn om_files_are_checked_against_the_manifest() {
+    use kiln_runtime::compiled::{CompiledModel, OmCheck};
+    use kiln_runtime::manifest::TensorInfo;
+    use kiln_runtime::om::writer::{inout_info, om_file, TensorSpec};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("qwen3");
+    compile_fixture("qwen3", &dir, &[]);
+    let model = CompiledModel::open(&dir).unwrap();
+    assert!(model
+        .check_om_files()
+        .unwrap()
+        .iter()
+        .all(|(_, c)| matches!(c, OmCheck::Missing)));
+
+    // .om files as ATC would describe them (written by the documented layout;
+    // no ATC here), optionally with the KV cache of another length.
+    let write_om = |graph: &str, kv_len: Option<i64>| {
+        let info = model.manifest.graph(graph).unwrap();
+        let dtype = |t: &TensorInfo| if t.dtype == "int64" { 9 } else { 1 };
+        let dims: Vec<(String, i32, Vec<i64>)> = info
+            .inputs
+            .iter()
+            .chain(&info.outputs)
+            .map(|t| {
+                let mut d: Vec<i64> = t.shape.iter().map(|&x| x as i64).collect();
+                if let (Some(len), "k_cache" | "v_cache") = (kv_len, t.name.as_str()) {
+                    d[3] = len;
+                }
+                (
+                    format!(
+                        "{}{}",
+                        t.name,
+                        if info.outputs.contains(t) { ":0" } else { "" }
+                    ),
+                    dtype(t),
+                    d,
+                )
+            })
+            .collect();
+        let specs: Vec<TensorSpec> = dims
+            .iter()
+            .map(|(name, dtype, d)| TensorSpec {
+                name,
+                dtype: *dtype,
+                dims: d,
+            })
+            .collect();
+        let (inputs, outputs) = specs.split_at(info.inputs.len());
+        let bytes = om_file(
+            graph,
+            &[(0, vec![0; 8]), (8, inout_info(inputs, outputs))],
+            true,
+        );
+        std::fs::write(dir.join(&info.om), bytes).unwrap();
+    };
+    write_om("prefill", None);
+    write_om("decode", None);
+    let checks = model.check_om_files().unwrap();
+    assert!(
+        checks.iter().all(|(_, c)| matches!(c, OmCheck::Matches)),
+        "{:?}",
+        checks.iter().map(|c| &c.0).collect::<Vec<_>>()
+    );
+
+    // The peers' "garbled output" bug: an .om built for another KV length.
+    write_om("decode", Some(512));
+    let err = model.check_om_files().err().unwrap().to_string();
+    assert!(
+        err.contains("decode.om") && err.contains("k_cache") && err.contains("garbles the output"),
+        "{err}"
+    );
+}

@@ -4,7 +4,8 @@
 
 use crate::ir::model::ModelIrError;
 use crate::ir::ModelIr;
-use crate::manifest::{Manifest, ManifestError};
+use crate::manifest::{GraphInfo, Manifest, ManifestError};
+use crate::om::{OmError, OmFile, OmModelIo};
 use crate::weights::{WeightError, WeightStore};
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,79 @@ pub enum CompiledError {
     Weights(#[from] WeightError),
     #[error("{dir}: the manifest and the IR disagree: {what}; recompile the model")]
     Mismatch { dir: PathBuf, what: String },
+    #[error(transparent)]
+    Om(#[from] OmError),
+    #[error("{om}: {problem}")]
+    OmMismatch { om: PathBuf, problem: String },
+}
+
+/// What checking one graph's .om file found.
+pub enum OmCheck {
+    /// The .om's inputs and outputs are the manifest's.
+    Matches,
+    /// No .om yet: build_om.sh has not run here.
+    Missing,
+    /// The .om does not describe its IO (no MODEL_INOUT_INFO partition);
+    /// only ACL can check it, when it loads the model.
+    Undescribed,
+}
+
+fn acl_dtype_name(dtype: &str) -> Option<i32> {
+    match dtype {
+        "float32" => Some(0),
+        "float16" => Some(1),
+        "int64" => Some(9),
+        _ => None,
+    }
+}
+
+/// Compares an .om's description with the manifest's graph, position by
+/// position (ATC names outputs after nodes, so only inputs are compared by
+/// name).
+pub fn check_io(graph: &GraphInfo, io: &OmModelIo, kv_max_len: usize) -> Result<(), String> {
+    for (what, expected, actual) in [
+        ("inputs", &graph.inputs, &io.inputs),
+        ("outputs", &graph.outputs, &io.outputs),
+    ] {
+        if expected.len() != actual.len() {
+            return Err(format!(
+                "the .om has {} {what}, manifest.json lists {}",
+                actual.len(),
+                expected.len()
+            ));
+        }
+        for (e, a) in expected.iter().zip(actual.iter()) {
+            if what == "inputs" && e.name != a.name {
+                return Err(format!(
+                    "input `{}` of the .om is `{}` in manifest.json",
+                    a.name, e.name
+                ));
+            }
+            let dims: Vec<i64> = e.shape.iter().map(|&d| d as i64).collect();
+            if a.dims != dims {
+                let cache = matches!(e.name.as_str(), "k_cache" | "v_cache" | "attention_mask");
+                let hint = if cache {
+                    format!(
+                        ": the .om was built for a different KV-cache length than manifest.json's {kv_max_len}; \
+                         running them together garbles the output. Rerun build_om.sh in this directory"
+                    )
+                } else {
+                    ". Rerun build_om.sh in this directory".to_string()
+                };
+                return Err(format!(
+                    "{what} `{}` is {:?} in the .om but {:?} in manifest.json{hint}",
+                    e.name, a.dims, dims
+                ));
+            }
+            if acl_dtype_name(&e.dtype).is_some_and(|d| d != a.dtype.0) {
+                return Err(format!(
+                    "{what} `{}` is {} in the .om but {} in manifest.json",
+                    e.name, a.dtype, e.dtype
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 pub struct CompiledModel {
@@ -62,6 +136,31 @@ impl CompiledModel {
             ir,
             weights,
         })
+    }
+
+    /// Checks each graph's .om (when present) against the manifest.
+    pub fn check_om_files(&self) -> Result<Vec<(String, OmCheck)>, CompiledError> {
+        let mut results = Vec::new();
+        for graph in &self.manifest.graphs {
+            let path = self.dir.join(&graph.om);
+            if !path.is_file() {
+                results.push((graph.om.clone(), OmCheck::Missing));
+                continue;
+            }
+            let om = OmFile::open(&path)?;
+            let Some(io) = om.models.first().and_then(|m| m.io.as_ref()) else {
+                results.push((graph.om.clone(), OmCheck::Undescribed));
+                continue;
+            };
+            check_io(graph, io, self.manifest.kv_cache.max_len).map_err(|problem| {
+                CompiledError::OmMismatch {
+                    om: path.clone(),
+                    problem,
+                }
+            })?;
+            results.push((graph.om.clone(), OmCheck::Matches));
+        }
+        Ok(results)
     }
 
     pub fn tokenizer_path(&self) -> Option<PathBuf> {

@@ -188,10 +188,15 @@ fn c_string(bytes: &[u8]) -> String {
 
 impl OmFile {
     pub fn open(path: &Path) -> Result<OmFile, OmError> {
-        let bytes = std::fs::read(path).map_err(|source| OmError::Io {
+        let io = |source| OmError::Io {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        // Mapped, not read: an .om holds every weight, gigabytes for an LLM,
+        // and only the header, the tables and MODEL_INOUT_INFO are touched.
+        // SAFETY: read-only map of a file Kiln does not modify.
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
         Self::parse(&bytes).map_err(|message| OmError::Invalid {
             path: path.to_path_buf(),
             message,

@@ -30,6 +30,13 @@ enum Command {
         /// An .om file.
         om: PathBuf,
     },
+    /// Check a compiled directory: its manifest, IR and weights agree, and
+    /// each .om (once build_om.sh has made it) has the manifest's inputs and
+    /// outputs — the check that catches a KV-cache length mismatch.
+    Check {
+        /// A directory written by `kiln compile`.
+        model: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -73,11 +80,33 @@ fn main() {
         Command::Inspect { om } => OmFile::open(&om)
             .map(|om| print!("{om}"))
             .map_err(|e| e.to_string()),
+        Command::Check { model } => check(&model),
     };
     if let Err(message) = result {
         eprintln!("error: {message}");
         std::process::exit(1);
     }
+}
+
+fn check(dir: &std::path::Path) -> Result<(), String> {
+    use kiln_runtime::compiled::OmCheck;
+    let model = CompiledModel::open(dir).map_err(|e| e.to_string())?;
+    println!(
+        "{}: manifest, IR and reference weights agree",
+        dir.display()
+    );
+    for (om, status) in model.check_om_files().map_err(|e| e.to_string())? {
+        match status {
+            OmCheck::Matches => println!("{om}: inputs and outputs match manifest.json"),
+            OmCheck::Missing => {
+                println!("{om}: not built yet (run build_om.sh on a machine with CANN)")
+            }
+            OmCheck::Undescribed => {
+                println!("{om}: has no MODEL_INOUT_INFO; ACL will check it when it loads")
+            }
+        }
+    }
+    Ok(())
 }
 
 fn generate(args: GenerateArgs) -> Result<(), String> {
