@@ -31,7 +31,8 @@ impl OpSpec for RmsNorm {
         let d = w.len();
         let mut out = Vec::with_capacity(x.numel());
         for row in x.f32s().chunks_exact(d) {
-            let mean_square = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            // The SIMD dot product: lane-split sums, as precise as a plain loop and faster.
+            let mean_square = crate::interp::linalg::dot(row, row) / d as f32;
             let scale = 1.0 / (mean_square + self.eps).sqrt();
             out.extend(row.iter().zip(w).map(|(v, g)| v * scale * g));
         }
