@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--save-logits", type=Path, help="f32 .npy of shape [new tokens, vocab]")
     parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--follow-ids", help="feed these generated ids instead of the argmax (for diffs: both sides see the same tokens)")
     args = parser.parse_args()
 
     session = OrtSession(args.compiled_dir)
@@ -96,8 +97,9 @@ def main() -> None:
     prefill = time.perf_counter() - start
     rows, tokens = [], []
     start = time.perf_counter()
+    follow = [int(t) for t in args.follow_ids.split(",")] if args.follow_ids else []
     while len(tokens) < args.max_new_tokens:
-        token = int(np.argmax(logits))
+        token = follow[len(tokens)] if len(tokens) < len(follow) else int(np.argmax(logits))
         rows.append(logits)
         tokens.append(token)
         if token in eos or len(tokens) == args.max_new_tokens or session.past >= session.max_len:

@@ -402,3 +402,72 @@ fn om_files_are_checked_against_the_manifest() {
         "{err}"
     );
 }
+
+#[test]
+fn diff_cpu_against_onnxruntime_and_a_perturbed_weight() {
+    use kiln_runtime::compiled::CompiledModel;
+    use kiln_runtime::diff::{diff_backends, DiffBackend, Thresholds};
+    use safetensors::tensor::TensorView;
+    use safetensors::SafeTensors;
+
+    let python = python();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("mistral");
+    compile_fixture("mistral-sharded", &dir, &["--dtype", "fp32"]);
+    let g = golden("mistral-sharded");
+    let strict = Thresholds {
+        min_cosine: 0.99999,
+        max_abs: 1e-3,
+    };
+    let model = CompiledModel::open(&dir).unwrap();
+    let report = diff_backends(
+        &model,
+        DiffBackend::Cpu,
+        DiffBackend::Onnxruntime,
+        &g.prompt_ids,
+        8,
+        Some(&python),
+    )
+    .unwrap();
+    assert_eq!(report.tokens, g.generated_ids[..8]);
+    assert!(report
+        .steps
+        .iter()
+        .all(|d| d.cosine >= 0.99999 && d.top1_agrees));
+    assert_eq!(report.first_failure(&strict), None);
+
+    // Perturb one weight of the CPU side (the final norm, one element).
+    let path = dir.join("weights.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<u8>, safetensors::Dtype, Vec<usize>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec(), v.dtype(), v.shape().to_vec()))
+        .collect();
+    let norm = tensors
+        .iter_mut()
+        .find(|t| t.0 == "model.norm.weight")
+        .unwrap();
+    let v = f32::from_le_bytes(norm.1[..4].try_into().unwrap());
+    norm.1[..4].copy_from_slice(&(v * 4.0 + 1.0).to_le_bytes());
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, d, dt, s)| (n.clone(), TensorView::new(*dt, s.clone(), d).unwrap()))
+        .collect();
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    let model = CompiledModel::open(&dir).unwrap();
+    let report = diff_backends(
+        &model,
+        DiffBackend::Cpu,
+        DiffBackend::Onnxruntime,
+        &g.prompt_ids,
+        8,
+        Some(&python),
+    )
+    .unwrap();
+    let failure = report
+        .first_failure(&strict)
+        .expect("a perturbed weight must be reported");
+    assert!(failure.starts_with("step 0:"), "{failure}");
+}

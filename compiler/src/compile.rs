@@ -218,6 +218,9 @@ pub fn compile(
     let tokenizer = copied("tokenizer.json")?;
     let tokenizer_config = copied("tokenizer_config.json")?;
     copied("generation_config.json")?;
+    // The ONNX Runtime runner travels with the model, for `kiln-run diff`.
+    let runner = tmp.path.join("ort_run.py");
+    std::fs::write(&runner, include_str!("../../examples/ort_run.py")).map_err(io_err(&runner))?;
     progress("writing the reference weights");
     write_reference_weights(&ir, &model.weights, &tmp.path.join(REFERENCE_WEIGHTS))?;
 

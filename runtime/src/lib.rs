@@ -6,6 +6,7 @@
 
 pub mod acl;
 pub mod compiled;
+pub mod diff;
 pub mod generate;
 pub mod interp;
 pub mod ir;
