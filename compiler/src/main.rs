@@ -121,34 +121,8 @@ struct GenerateArgs {
     /// Where to run the model.
     #[arg(long, value_enum, default_value = "cpu")]
     backend: Backend,
-    /// The prompt text (needs the model's tokenizer.json).
-    #[arg(
-        long,
-        conflicts_with = "token_ids",
-        required_unless_present = "token_ids"
-    )]
-    prompt: Option<String>,
-    /// The prompt as token ids, e.g. 3,17,250 (skips the tokenizer; the
-    /// generated ids are printed instead of text).
-    #[arg(long, value_delimiter = ',')]
-    token_ids: Option<Vec<u32>>,
-    /// How many tokens to generate at most.
-    #[arg(long, default_value_t = 32)]
-    max_new_tokens: usize,
-    /// Do not stop at the model's end-of-sequence tokens.
-    #[arg(long)]
-    ignore_eos: bool,
-    /// Save the logits as an f32 .npy of shape [new tokens, vocab]: row i
-    /// holds the logits the i-th new token was chosen from.
-    #[arg(long, value_name = "FILE.npy")]
-    save_logits: Option<PathBuf>,
-    /// Worker threads for the interpreter [default: all cores]
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Untimed passes over the prompt (and two decode steps) before the timed
-    /// run, so that benchmarks compare warm caches on every side.
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    warmup: usize,
+    #[command(flatten)]
+    run: run::GenerationArgs,
     #[command(flatten)]
     shape: ShapeArgs,
 }
@@ -292,44 +266,20 @@ fn inspect(args: InspectArgs) -> Result<()> {
 }
 
 fn generate_command(args: GenerateArgs) -> Result<()> {
-    run::init_threads(args.threads).map_err(anyhow::Error::msg)?;
+    run::init_threads(args.run.threads).map_err(anyhow::Error::msg)?;
     let options = args.shape.options(&args.model)?;
     let (model, ir) = kiln::lower(&args.model, Some(options))?;
-    let tokenizer = match (&args.prompt, &model.tokenizer) {
+    let tokenizer = match (&args.run.prompt.prompt, &model.tokenizer) {
         (Some(_), Some(path)) => Some(Tokenizer::from_file(path)?),
-        _ => None,
+        (Some(_), None) => anyhow::bail!(
+            "{} has no tokenizer.json; pass the prompt as --token-ids instead",
+            model.dir.display()
+        ),
+        (None, _) => None,
     };
     let Backend::Cpu = args.backend;
     let mut engine = CpuSession::new(&ir, &model.weights)?;
-    let prompt = match (&args.prompt, &args.token_ids) {
-        (Some(text), _) => run::Prompt::Text(text),
-        (None, Some(ids)) => run::Prompt::Ids(ids),
-        (None, None) => unreachable!("clap requires --prompt or --token-ids"),
-    };
-    run::run_generation(
-        &mut engine,
-        tokenizer.as_ref(),
-        &run::RunOptions {
-            prompt,
-            max_new_tokens: args.max_new_tokens,
-            eos_token_ids: if args.ignore_eos {
-                Vec::new()
-            } else {
-                model.eos_token_ids.clone()
-            },
-            save_logits: args.save_logits.as_deref(),
-            warmup: args.warmup,
-            vocab_size: ir.info.vocab_size,
-        },
-    )
-    .map_err(|e| match e {
-        run::RunError::Usage(m) if m.contains("no tokenizer.json") => {
-            anyhow::anyhow!(
-                "{} has no tokenizer.json; pass the prompt as --token-ids instead",
-                model.dir.display()
-            )
-        }
-        other => other.into(),
-    })?;
+    let options = args.run.options(&model.eos_token_ids, ir.info.vocab_size);
+    run::run_generation(&mut engine, tokenizer.as_ref(), &options)?;
     Ok(())
 }

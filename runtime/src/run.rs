@@ -9,6 +9,74 @@ use crate::tokenizer::{TextStream, Tokenizer, TokenizerError};
 use std::io::Write;
 use std::path::Path;
 
+/// The prompt options every generating command takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PromptArgs {
+    /// The prompt text (needs the model's tokenizer.json).
+    #[arg(
+        long,
+        conflicts_with = "token_ids",
+        required_unless_present = "token_ids"
+    )]
+    pub prompt: Option<String>,
+    /// The prompt as token ids, e.g. 3,17,250 (skips the tokenizer; the
+    /// generated ids are printed instead of text).
+    #[arg(long, value_delimiter = ',')]
+    pub token_ids: Option<Vec<u32>>,
+}
+
+impl PromptArgs {
+    pub fn prompt(&self) -> Prompt<'_> {
+        match (&self.prompt, &self.token_ids) {
+            (Some(text), _) => Prompt::Text(text),
+            (None, Some(ids)) => Prompt::Ids(ids),
+            (None, None) => unreachable!("clap requires --prompt or --token-ids"),
+        }
+    }
+}
+
+/// The options of `kiln generate` and `kiln-run generate`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GenerationArgs {
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    /// How many tokens to generate at most.
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// Do not stop at the model's end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Save the logits as an f32 .npy of shape [new tokens, vocab]: row i
+    /// holds the logits the i-th new token was chosen from.
+    #[arg(long, value_name = "FILE.npy")]
+    pub save_logits: Option<std::path::PathBuf>,
+    /// Worker threads for the interpreter [default: all cores]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Untimed passes over the prompt (and two decode steps) before the timed
+    /// run, so that benchmarks compare warm caches on every side.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub warmup: usize,
+}
+
+impl GenerationArgs {
+    /// The run options for a model whose end-of-sequence ids are `eos`.
+    pub fn options(&self, eos: &[u32], vocab_size: usize) -> RunOptions<'_> {
+        RunOptions {
+            prompt: self.prompt.prompt(),
+            max_new_tokens: self.max_new_tokens,
+            eos_token_ids: if self.ignore_eos {
+                Vec::new()
+            } else {
+                eos.to_vec()
+            },
+            save_logits: self.save_logits.as_deref(),
+            warmup: self.warmup,
+            vocab_size,
+        }
+    }
+}
+
 pub enum Prompt<'a> {
     Text(&'a str),
     /// Token ids: the output is ids too, comma-separated.

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kiln_runtime::compiled::CompiledModel;
 use kiln_runtime::diff::DiffBackend;
 use kiln_runtime::om::OmFile;
-use kiln_runtime::run::{self, Prompt, RunOptions};
+use kiln_runtime::run::{self, GenerationArgs, Prompt, PromptArgs};
 use kiln_runtime::session::CpuSession;
 use kiln_runtime::tokenizer::Tokenizer;
 use std::path::PathBuf;
@@ -75,14 +75,8 @@ struct DiffArgs {
     a: DiffBackendArg,
     #[arg(long, value_enum, default_value = "onnxruntime")]
     b: DiffBackendArg,
-    #[arg(
-        long,
-        conflicts_with = "token_ids",
-        required_unless_present = "token_ids"
-    )]
-    prompt: Option<String>,
-    #[arg(long, value_delimiter = ',')]
-    token_ids: Option<Vec<u32>>,
+    #[command(flatten)]
+    prompt: PromptArgs,
     /// Generated tokens to compare (the first comes from the prefill).
     #[arg(long, default_value_t = 8)]
     steps: usize,
@@ -103,27 +97,8 @@ struct GenerateArgs {
     model: PathBuf,
     #[arg(long, value_enum, default_value = "cpu")]
     backend: Backend,
-    /// The prompt text (uses the compiled directory's tokenizer.json).
-    #[arg(
-        long,
-        conflicts_with = "token_ids",
-        required_unless_present = "token_ids"
-    )]
-    prompt: Option<String>,
-    /// The prompt as token ids, e.g. 3,17,250 (the generated ids are printed).
-    #[arg(long, value_delimiter = ',')]
-    token_ids: Option<Vec<u32>>,
-    #[arg(long, default_value_t = 32)]
-    max_new_tokens: usize,
-    /// Do not stop at the model's end-of-sequence tokens.
-    #[arg(long)]
-    ignore_eos: bool,
-    /// Save the logits as an f32 .npy of shape [new tokens, vocab].
-    #[arg(long, value_name = "FILE.npy")]
-    save_logits: Option<PathBuf>,
-    /// Worker threads [default: all cores]
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    run: GenerationArgs,
 }
 
 fn main() {
@@ -163,45 +138,28 @@ fn check(dir: &std::path::Path) -> Result<(), String> {
 }
 
 fn generate(args: GenerateArgs) -> Result<(), String> {
-    run::init_threads(args.threads)?;
+    run::init_threads(args.run.threads)?;
     let model = CompiledModel::open(&args.model).map_err(|e| e.to_string())?;
-    let tokenizer = match (&args.prompt, model.tokenizer_path()) {
+    let tokenizer = match (&args.run.prompt.prompt, model.tokenizer_path()) {
         (Some(_), Some(path)) => Some(Tokenizer::from_file(&path).map_err(|e| e.to_string())?),
         _ => None,
     };
     let Backend::Cpu = args.backend;
     let mut engine = CpuSession::new(&model.ir, &model.weights).map_err(|e| e.to_string())?;
-    let prompt = match (&args.prompt, &args.token_ids) {
-        (Some(text), _) => Prompt::Text(text),
-        (None, Some(ids)) => Prompt::Ids(ids),
-        (None, None) => unreachable!("clap requires --prompt or --token-ids"),
-    };
-    let eos = if args.ignore_eos {
-        Vec::new()
-    } else {
-        model.manifest.generation.eos_token_ids.clone()
-    };
-    run::run_generation(
-        &mut engine,
-        tokenizer.as_ref(),
-        &RunOptions {
-            prompt,
-            max_new_tokens: args.max_new_tokens,
-            eos_token_ids: eos,
-            save_logits: args.save_logits.as_deref(),
-            warmup: 0,
-            vocab_size: model.manifest.vocab_size,
-        },
-    )
-    .map(|_| ())
-    .map_err(|e| e.to_string())
+    let options = args.run.options(
+        &model.manifest.generation.eos_token_ids,
+        model.manifest.vocab_size,
+    );
+    run::run_generation(&mut engine, tokenizer.as_ref(), &options)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 fn diff(args: DiffArgs) -> Result<(), String> {
     use kiln_runtime::diff::{diff_backends, Thresholds};
     let model = CompiledModel::open(&args.model).map_err(|e| e.to_string())?;
-    let prompt: Vec<u32> = match (&args.prompt, &args.token_ids) {
-        (Some(text), _) => {
+    let prompt: Vec<u32> = match args.prompt.prompt() {
+        Prompt::Text(text) => {
             let path = model
                 .tokenizer_path()
                 .ok_or("the compiled directory has no tokenizer.json; use --token-ids")?;
@@ -209,8 +167,7 @@ fn diff(args: DiffArgs) -> Result<(), String> {
                 .and_then(|t| t.encode(text))
                 .map_err(|e| e.to_string())?
         }
-        (None, Some(ids)) => ids.clone(),
-        (None, None) => unreachable!("clap requires --prompt or --token-ids"),
+        Prompt::Ids(ids) => ids.to_vec(),
     };
     let (a, b) = (DiffBackend::from(args.a), DiffBackend::from(args.b));
     let report = diff_backends(&model, a, b, &prompt, args.steps, args.python.as_deref())?;
