@@ -308,6 +308,7 @@ fn a_compiled_directory_runs_on_the_reference_interpreter_without_the_checkpoint
             max_new_tokens: g.generated_ids.len(),
             eos_token_ids: vec![],
             record_logits: true,
+            sampling: Default::default(),
         };
         let report = generate(&mut session, &g.prompt_ids, &options, |_| {}).unwrap();
         assert_eq!(report.tokens, g.generated_ids, "{name}");

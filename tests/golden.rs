@@ -144,9 +144,47 @@ fn saved_ir_reloads_and_runs_identically() {
         max_new_tokens: g.generated_ids.len(),
         eos_token_ids: vec![],
         record_logits: true,
+        sampling: Default::default(),
     };
     let mut session = CpuSession::new(&loaded, &model.weights).unwrap();
     let report = generate(&mut session, &g.prompt_ids, &options, |_| {}).unwrap();
     assert_eq!(report.tokens, g.generated_ids);
     assert!(max_abs_diff(&report.logits, &g.logits) <= TOLERANCE);
+}
+
+#[test]
+fn sampling_is_reproducible_by_seed() {
+    let model = model_dir("llama-gqa");
+    let run = |seed: &str| {
+        let out = kiln(&[
+            "generate",
+            model.to_str().unwrap(),
+            "--token-ids",
+            "5,6,7",
+            "--max-new-tokens",
+            "12",
+            "--ignore-eos",
+            "--temperature",
+            "1.5",
+            "--top-k",
+            "50",
+            "--top-p",
+            "0.95",
+            "--seed",
+            seed,
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    assert_eq!(run("7"), run("7"));
+    assert_ne!(run("7"), run("8"));
+    let bad = kiln(&[
+        "generate",
+        model.to_str().unwrap(),
+        "--token-ids",
+        "5",
+        "--top-p",
+        "0",
+    ]);
+    assert_fails_with(&bad, &["--top-p must be in (0, 1]"]);
 }

@@ -1,6 +1,8 @@
 //! The generation loop shared by every backend: prefill the prompt, then
 //! pick and feed back one token at a time until a stop condition.
 
+pub use crate::sampling::argmax;
+use crate::sampling::{Sampler, Sampling};
 use crate::session::{Engine, SessionError};
 use std::time::{Duration, Instant};
 
@@ -11,6 +13,8 @@ pub struct GenerationOptions {
     pub eos_token_ids: Vec<u32>,
     /// Keep every step's logits in the report (for `--save-logits`).
     pub record_logits: bool,
+    /// Greedy unless set otherwise.
+    pub sampling: Sampling,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,18 +47,7 @@ impl GenerationReport {
     }
 }
 
-/// The index of the largest logit; the first one on ties (as `torch.argmax`).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-/// Greedy generation. `on_token` sees each token as soon as it is chosen.
+/// Generation. `on_token` sees each token as soon as it is chosen.
 pub fn generate(
     engine: &mut dyn Engine,
     prompt: &[u32],
@@ -73,8 +66,11 @@ pub fn generate(
         decode_time: Duration::ZERO,
         stop: StopReason::MaxNewTokens,
     };
+    let mut sampler = Sampler::new(options.sampling.clone());
+    let mut history = prompt.to_vec();
     while report.tokens.len() < options.max_new_tokens {
-        let token = argmax(&logits);
+        let token = sampler.pick(&logits, &history);
+        history.push(token);
         if options.record_logits {
             report.logits.push(std::mem::take(&mut logits));
         }
@@ -133,6 +129,7 @@ mod tests {
             max_new_tokens,
             eos_token_ids: eos.to_vec(),
             record_logits: true,
+            sampling: Sampling::default(),
         }
     }
 
@@ -160,10 +157,5 @@ mod tests {
         };
         let r = generate(&mut e, &[0, 0], &options(10, &[]), |_| {}).unwrap();
         assert_eq!((r.tokens, r.stop), (vec![1, 2], StopReason::ContextFull));
-    }
-
-    #[test]
-    fn argmax_takes_the_first_maximum() {
-        assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
     }
 }

@@ -14,6 +14,7 @@ pub mod manifest;
 pub mod npy;
 pub mod om;
 pub mod run;
+pub mod sampling;
 pub mod session;
 pub mod tensor;
 pub mod tokenizer;

@@ -4,6 +4,7 @@
 
 use crate::generate::{argmax, generate, GenerationOptions, GenerationReport, StopReason};
 use crate::npy::{self, NpyError};
+use crate::sampling::Sampling;
 use crate::session::{Engine, SessionError};
 use crate::tokenizer::{TextStream, Tokenizer, TokenizerError};
 use std::io::Write;
@@ -57,6 +58,21 @@ pub struct GenerationArgs {
     /// run, so that benchmarks compare warm caches on every side.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub warmup: usize,
+    /// Sample with this temperature; 0 picks the most likely token (greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// When sampling, keep only the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// When sampling, keep the most likely tokens up to this total probability.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Discourage tokens already in the conversation (> 1), as transformers does.
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Seed for sampling: the same seed gives the same text.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 impl GenerationArgs {
@@ -73,6 +89,13 @@ impl GenerationArgs {
             save_logits: self.save_logits.as_deref(),
             warmup: self.warmup,
             vocab_size,
+            sampling: Sampling {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                repetition_penalty: self.repetition_penalty,
+                seed: self.seed,
+            },
         }
     }
 }
@@ -91,6 +114,7 @@ pub struct RunOptions<'a> {
     /// Untimed passes first, for benchmarks.
     pub warmup: usize,
     pub vocab_size: usize,
+    pub sampling: Sampling,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +148,7 @@ pub fn run_generation(
     if prompt.is_empty() {
         return Err(RunError::Usage("the prompt is empty".into()));
     }
+    options.sampling.check().map_err(RunError::Usage)?;
     if prompt.len() > engine.capacity() {
         return Err(RunError::Usage(format!(
             "the prompt has {} tokens but the KV cache holds {} (--max-seq-len); shorten the prompt, \
@@ -145,6 +170,7 @@ pub fn run_generation(
         max_new_tokens: options.max_new_tokens,
         eos_token_ids: options.eos_token_ids.clone(),
         record_logits: options.save_logits.is_some(),
+        sampling: options.sampling.clone(),
     };
     let text_output = matches!(options.prompt, Prompt::Text(_));
     let stdout = std::io::stdout();
