@@ -436,6 +436,31 @@ fn diff_cpu_against_onnxruntime_and_a_perturbed_weight() {
         .iter()
         .all(|d| d.cosine >= 0.99999 && d.top1_agrees));
     assert_eq!(report.first_failure(&strict), None);
+    // The same through the command line, as a user runs it.
+    let diff = |dir: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args([
+                "diff",
+                dir.to_str().unwrap(),
+                "--a",
+                "cpu",
+                "--b",
+                "onnxruntime",
+                "--steps",
+                "8",
+            ])
+            .args(["--token-ids", &join_ids(&g.prompt_ids)])
+            .env("KILN_PYTHON", &python)
+            .output()
+            .unwrap()
+    };
+    let out = diff(&dir);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("ok: every step within cosine ≥ 0.99999"),
+        "{}",
+        stdout(&out)
+    );
 
     // Perturb one weight of the CPU side (the final norm, one element).
     let path = dir.join("weights.safetensors");

@@ -33,6 +33,9 @@ enum Command {
     /// Compile a model into prefill/decode ONNX graphs for ATC, with a
     /// build_om.sh that turns them into .om models and a manifest.
     Compile(CompileArgs),
+    /// Run the same tokens through two backends of a compiled model and
+    /// compare their logits step by step; exits 1 past the thresholds.
+    Diff(kiln_runtime::diff::DiffArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -139,6 +142,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect(args) => inspect(args),
         Command::Generate(args) => generate_command(args),
         Command::Compile(args) => compile_command(args),
+        Command::Diff(args) => kiln_runtime::diff::diff_command(&args).map_err(anyhow::Error::msg),
     }
 }
 

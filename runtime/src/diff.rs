@@ -216,6 +216,103 @@ impl StepDiff {
     }
 }
 
+// The `diff` command, shared by `kiln diff` and `kiln-run diff`.
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum DiffBackendArg {
+    /// The reference interpreter (model.kiln.json + weights.safetensors).
+    Cpu,
+    /// ONNX Runtime on prefill.onnx / decode.onnx, through the directory's
+    /// ort_run.py (needs Python with numpy and onnxruntime).
+    Onnxruntime,
+}
+
+impl From<DiffBackendArg> for DiffBackend {
+    fn from(b: DiffBackendArg) -> DiffBackend {
+        match b {
+            DiffBackendArg::Cpu => DiffBackend::Cpu,
+            DiffBackendArg::Onnxruntime => DiffBackend::Onnxruntime,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DiffArgs {
+    /// A directory written by `kiln compile`.
+    pub model: PathBuf,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub a: DiffBackendArg,
+    #[arg(long, value_enum, default_value = "onnxruntime")]
+    pub b: DiffBackendArg,
+    #[command(flatten)]
+    pub prompt: crate::run::PromptArgs,
+    /// Generated tokens to compare (the first comes from the prefill).
+    #[arg(long, default_value_t = 8)]
+    pub steps: usize,
+    /// Fail below this cosine similarity of a step's logits.
+    #[arg(long, default_value_t = 0.99999)]
+    pub min_cosine: f64,
+    /// Fail above this max abs difference of a step's logits.
+    #[arg(long, default_value_t = 1e-3)]
+    pub max_abs: f32,
+    /// Python for the onnxruntime backend [default: $KILN_PYTHON, else python3]
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+}
+
+/// Runs the diff and prints its table; `Err` (exit 1) past the thresholds.
+pub fn diff_command(args: &DiffArgs) -> Result<(), String> {
+    let model = crate::compiled::CompiledModel::open(&args.model).map_err(|e| e.to_string())?;
+    let prompt: Vec<u32> = match args.prompt.prompt() {
+        crate::run::Prompt::Text(text) => {
+            let path = model
+                .tokenizer_path()
+                .ok_or("the compiled directory has no tokenizer.json; use --token-ids")?;
+            crate::tokenizer::Tokenizer::from_file(&path)
+                .and_then(|t| t.encode(text))
+                .map_err(|e| e.to_string())?
+        }
+        crate::run::Prompt::Ids(ids) => ids.to_vec(),
+    };
+    let (a, b) = (DiffBackend::from(args.a), DiffBackend::from(args.b));
+    let report = diff_backends(&model, a, b, &prompt, args.steps, args.python.as_deref())?;
+    let thresholds = Thresholds {
+        min_cosine: args.min_cosine,
+        max_abs: args.max_abs,
+    };
+    println!(
+        "{} vs {} on {} prompt tokens (both fed {}'s greedy tokens)",
+        a.name(),
+        b.name(),
+        prompt.len(),
+        a.name()
+    );
+    println!(
+        "{:>4} {:>7} {:>11} {:>11} {:>10} {:>5} {:>5}",
+        "step", "token", "max abs", "mean abs", "cosine", "top1", "top5"
+    );
+    for (step, (d, token)) in report.steps.iter().zip(&report.tokens).enumerate() {
+        println!(
+            "{step:>4} {token:>7} {:>11.3e} {:>11.3e} {:>10.7} {:>5} {:>4}/5",
+            d.max_abs,
+            d.mean_abs,
+            d.cosine,
+            if d.top1_agrees { "yes" } else { "NO" },
+            d.top5_overlap
+        );
+    }
+    match report.first_failure(&thresholds) {
+        None => {
+            println!(
+                "ok: every step within cosine ≥ {} and max abs ≤ {:.1e}",
+                args.min_cosine, args.max_abs
+            );
+            Ok(())
+        }
+        Some(why) => Err(format!("{} and {} diverge at {why}", a.name(), b.name())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,9 +4,8 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use kiln_runtime::compiled::CompiledModel;
-use kiln_runtime::diff::DiffBackend;
 use kiln_runtime::om::OmFile;
-use kiln_runtime::run::{self, GenerationArgs, Prompt, PromptArgs};
+use kiln_runtime::run::{self, GenerationArgs};
 use kiln_runtime::session::CpuSession;
 use kiln_runtime::tokenizer::Tokenizer;
 use std::path::PathBuf;
@@ -33,7 +32,7 @@ enum Command {
     },
     /// Run the same tokens through two backends and compare their logits
     /// step by step; exits 1 when a step is past the thresholds.
-    Diff(DiffArgs),
+    Diff(kiln_runtime::diff::DiffArgs),
     /// Check a compiled directory: its manifest, IR and weights agree, and
     /// each .om (once build_om.sh has made it) has the manifest's inputs and
     /// outputs — the check that catches a KV-cache length mismatch.
@@ -47,48 +46,6 @@ enum Command {
 enum Backend {
     /// The reference interpreter on the compiled IR and weights, in f32.
     Cpu,
-}
-
-#[derive(Clone, Copy, PartialEq, ValueEnum)]
-enum DiffBackendArg {
-    /// The reference interpreter (model.kiln.json + weights.safetensors).
-    Cpu,
-    /// ONNX Runtime on prefill.onnx / decode.onnx, through the directory's
-    /// ort_run.py (needs Python with numpy and onnxruntime).
-    Onnxruntime,
-}
-
-impl From<DiffBackendArg> for DiffBackend {
-    fn from(b: DiffBackendArg) -> DiffBackend {
-        match b {
-            DiffBackendArg::Cpu => DiffBackend::Cpu,
-            DiffBackendArg::Onnxruntime => DiffBackend::Onnxruntime,
-        }
-    }
-}
-
-#[derive(clap::Args)]
-struct DiffArgs {
-    /// A directory written by `kiln compile`.
-    model: PathBuf,
-    #[arg(long, value_enum, default_value = "cpu")]
-    a: DiffBackendArg,
-    #[arg(long, value_enum, default_value = "onnxruntime")]
-    b: DiffBackendArg,
-    #[command(flatten)]
-    prompt: PromptArgs,
-    /// Generated tokens to compare (the first comes from the prefill).
-    #[arg(long, default_value_t = 8)]
-    steps: usize,
-    /// Fail below this cosine similarity of a step's logits.
-    #[arg(long, default_value_t = 0.99999)]
-    min_cosine: f64,
-    /// Fail above this max abs difference of a step's logits.
-    #[arg(long, default_value_t = 1e-3)]
-    max_abs: f32,
-    /// Python for the onnxruntime backend [default: $KILN_PYTHON, else python3]
-    #[arg(long)]
-    python: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -108,7 +65,7 @@ fn main() {
             .map(|om| print!("{om}"))
             .map_err(|e| e.to_string()),
         Command::Check { model } => check(&model),
-        Command::Diff(args) => diff(args),
+        Command::Diff(args) => kiln_runtime::diff::diff_command(&args),
     };
     if let Err(message) = result {
         eprintln!("error: {message}");
@@ -153,57 +110,4 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
     run::run_generation(&mut engine, tokenizer.as_ref(), &options)
         .map(|_| ())
         .map_err(|e| e.to_string())
-}
-
-fn diff(args: DiffArgs) -> Result<(), String> {
-    use kiln_runtime::diff::{diff_backends, Thresholds};
-    let model = CompiledModel::open(&args.model).map_err(|e| e.to_string())?;
-    let prompt: Vec<u32> = match args.prompt.prompt() {
-        Prompt::Text(text) => {
-            let path = model
-                .tokenizer_path()
-                .ok_or("the compiled directory has no tokenizer.json; use --token-ids")?;
-            Tokenizer::from_file(&path)
-                .and_then(|t| t.encode(text))
-                .map_err(|e| e.to_string())?
-        }
-        Prompt::Ids(ids) => ids.to_vec(),
-    };
-    let (a, b) = (DiffBackend::from(args.a), DiffBackend::from(args.b));
-    let report = diff_backends(&model, a, b, &prompt, args.steps, args.python.as_deref())?;
-    let thresholds = Thresholds {
-        min_cosine: args.min_cosine,
-        max_abs: args.max_abs,
-    };
-    println!(
-        "{} vs {} on {} prompt tokens (both fed {}'s greedy tokens)",
-        a.name(),
-        b.name(),
-        prompt.len(),
-        a.name()
-    );
-    println!(
-        "{:>4} {:>7} {:>11} {:>11} {:>10} {:>5} {:>5}",
-        "step", "token", "max abs", "mean abs", "cosine", "top1", "top5"
-    );
-    for (step, (d, token)) in report.steps.iter().zip(&report.tokens).enumerate() {
-        println!(
-            "{step:>4} {token:>7} {:>11.3e} {:>11.3e} {:>10.7} {:>5} {:>4}/5",
-            d.max_abs,
-            d.mean_abs,
-            d.cosine,
-            if d.top1_agrees { "yes" } else { "NO" },
-            d.top5_overlap
-        );
-    }
-    match report.first_failure(&thresholds) {
-        None => {
-            println!(
-                "ok: every step within cosine ≥ {} and max abs ≤ {:.1e}",
-                args.min_cosine, args.max_abs
-            );
-            Ok(())
-        }
-        Some(why) => Err(format!("{} and {} diverge at {why}", a.name(), b.name())),
-    }
 }
