@@ -60,7 +60,12 @@ impl OpSpec for Transpose {
         let mut index = vec![0usize; rank - 1];
         for _ in 0..numel / inner {
             let base: usize = index.iter().zip(&strides).map(|(i, s)| i * s).sum();
-            out.extend((0..inner).map(|j| src[base + j * inner_stride]));
+            if inner_stride == 1 {
+                // The last axis stays last (heads ↔ tokens): whole rows move.
+                out.extend_from_slice(&src[base..base + inner]);
+            } else {
+                out.extend((0..inner).map(|j| src[base + j * inner_stride]));
+            }
             for axis in (0..rank - 1).rev() {
                 index[axis] += 1;
                 if index[axis] < out_shape[axis] {
