@@ -134,7 +134,7 @@ fn saved_ir_reloads_and_runs_identically() {
 
     let name = "llama3-rope";
     let g = golden(name);
-    let (model, ir) = kiln::lower(&model_dir(name), None).unwrap();
+    let (model, ir) = kiln::lower(&model_dir(name), &Default::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.kiln.json");
     ir.save_json(&path).unwrap();

@@ -8,7 +8,7 @@ use crate::backend::atc::{self, AtcJob, Target};
 use crate::backend::onnx::allow_list::{self, AVOID};
 use crate::backend::onnx::builder::FloatType;
 use crate::backend::onnx::{self, ExternalData, OnnxGraph, OnnxOptions, WeightPlacement};
-use crate::frontend::{FrontendError, GraphOptions};
+use crate::frontend::{FrontendError, ShapeRequest};
 use kiln_runtime::ir::{DType, ModelIr};
 use kiln_runtime::manifest::{
     GenerationInfo, GraphInfo, KvCacheInfo, Manifest, MaskInfo, TargetInfo, TensorInfo,
@@ -60,7 +60,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CompileError + '_ {
 }
 
 pub struct CompileOptions {
-    pub graph: Option<GraphOptions>,
+    pub shape: ShapeRequest,
     pub target: &'static Target,
     pub float: FloatType,
     pub opset: i64,
@@ -111,7 +111,7 @@ pub fn compile(
         }
     }
     progress("reading the model");
-    let (model, ir) = crate::lower(model_dir, options.graph)?;
+    let (model, ir) = crate::lower(model_dir, &options.shape)?;
     let onnx_options = OnnxOptions {
         opset: options.opset,
         float: options.float,

@@ -6,18 +6,15 @@ pub mod compile;
 pub mod frontend;
 pub mod passes;
 
-use frontend::{FrontendError, GraphOptions, HfModel};
+use frontend::{FrontendError, GraphOptions, HfModel, ShapeRequest};
 use kiln_runtime::ir::ModelIr;
 use std::path::Path;
 
-/// Opens a model directory and lowers it to optimized IR. `options` of
-/// `None` picks the defaults for the model.
-pub fn lower(
-    dir: &Path,
-    options: Option<GraphOptions>,
-) -> Result<(HfModel, ModelIr), FrontendError> {
+/// Opens a model directory and lowers it to optimized IR, with the static
+/// sizes `shape` asks for (the model's defaults for the rest).
+pub fn lower(dir: &Path, shape: &ShapeRequest) -> Result<(HfModel, ModelIr), FrontendError> {
     let mut model = HfModel::open(dir)?;
-    let options = options.unwrap_or_else(|| GraphOptions::defaults_for(&model.config));
+    let options = GraphOptions::resolve(&model.config, shape);
     let mut ir = model.build_ir(&options)?;
     passes::optimize(&mut ir)?;
     Ok((model, ir))

@@ -2,11 +2,11 @@
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use kiln::frontend::{GraphOptions, HfModel};
+use kiln::frontend::ShapeRequest;
 use kiln_runtime::run;
 use kiln_runtime::session::CpuSession;
 use kiln_runtime::tokenizer::Tokenizer;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(
@@ -84,16 +84,11 @@ struct ShapeArgs {
 }
 
 impl ShapeArgs {
-    fn options(&self, dir: &Path) -> Result<GraphOptions> {
-        let model = HfModel::open(dir)?;
-        let defaults = GraphOptions::defaults_for(&model.config);
-        let max_seq_len = self.max_seq_len.unwrap_or(defaults.max_seq_len);
-        Ok(GraphOptions {
-            max_seq_len,
-            prefill_len: self
-                .prefill_len
-                .unwrap_or(defaults.prefill_len.min(max_seq_len)),
-        })
+    fn request(&self) -> ShapeRequest {
+        ShapeRequest {
+            prefill_len: self.prefill_len,
+            max_seq_len: self.max_seq_len,
+        }
     }
 }
 
@@ -150,7 +145,7 @@ fn compile_command(args: CompileArgs) -> Result<()> {
     use kiln::backend::onnx::builder::FloatType;
     let target = kiln::backend::atc::target(&args.target)?;
     let options = kiln::compile::CompileOptions {
-        graph: Some(args.shape.options(&args.model)?),
+        shape: args.shape.request(),
         target,
         float: match args.dtype {
             DTypeArg::Fp16 => FloatType::F16,
@@ -219,8 +214,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
         print!("{om}");
         return Ok(());
     }
-    let options = args.shape.options(&args.model)?;
-    let (model, ir) = kiln::lower(&args.model, Some(options))?;
+    let (model, ir) = kiln::lower(&args.model, &args.shape.request())?;
     let c = &model.config;
     println!("model      {}", model.dir.display());
     println!("arch       {}", ir.info.architecture);
@@ -271,8 +265,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
 
 fn generate_command(args: GenerateArgs) -> Result<()> {
     run::init_threads(args.run.threads).map_err(anyhow::Error::msg)?;
-    let options = args.shape.options(&args.model)?;
-    let (model, ir) = kiln::lower(&args.model, Some(options))?;
+    let (model, ir) = kiln::lower(&args.model, &args.shape.request())?;
     let tokenizer = match (&args.run.prompt.prompt, &model.tokenizer) {
         (Some(_), Some(path)) => Some(Tokenizer::from_file(path)?),
         (Some(_), None) => anyhow::bail!(

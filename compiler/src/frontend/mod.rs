@@ -26,6 +26,13 @@ pub enum FrontendError {
     Options(String),
 }
 
+/// Static sizes the user asked for; `None` takes the model's default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShapeRequest {
+    pub prefill_len: Option<usize>,
+    pub max_seq_len: Option<usize>,
+}
+
 /// Static sizes of the graphs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GraphOptions {
@@ -39,11 +46,16 @@ impl GraphOptions {
     pub const DEFAULT_PREFILL_LEN: usize = 64;
     pub const DEFAULT_MAX_SEQ_LEN: usize = 1024;
 
-    /// The defaults, limited by what the model supports.
-    pub fn defaults_for(config: &ModelConfig) -> GraphOptions {
-        let max_seq_len = Self::DEFAULT_MAX_SEQ_LEN.min(config.max_position_embeddings);
+    /// What the user asked for, with defaults (limited by what the model
+    /// supports) for what they did not.
+    pub fn resolve(config: &ModelConfig, request: &ShapeRequest) -> GraphOptions {
+        let max_seq_len = request
+            .max_seq_len
+            .unwrap_or(Self::DEFAULT_MAX_SEQ_LEN.min(config.max_position_embeddings));
         GraphOptions {
-            prefill_len: Self::DEFAULT_PREFILL_LEN.min(max_seq_len),
+            prefill_len: request
+                .prefill_len
+                .unwrap_or(Self::DEFAULT_PREFILL_LEN.min(max_seq_len)),
             max_seq_len,
         }
     }

@@ -47,10 +47,6 @@ impl KvCacheLayout {
     pub fn cache_type(&self) -> TensorType {
         TensorType::f32([self.layers, 1, self.kv_heads, self.max_len, self.head_dim])
     }
-
-    pub fn new_rows_type(&self, tokens: usize) -> TensorType {
-        TensorType::f32([self.layers, 1, self.kv_heads, tokens, self.head_dim])
-    }
 }
 
 /// Facts about the model that runtimes and tools need.
