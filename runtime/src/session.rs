@@ -2,7 +2,7 @@
 //! contract in [`KvCacheLayout`], shared by every backend, and the reference
 //! CPU session built on the interpreter.
 
-use crate::interp::{F32Weights, InterpError, Interpreter};
+use crate::interp::{F32Weights, InterpError, Interpreter, Taps};
 use crate::ir::{GraphNames, KvCacheLayout, ModelIr};
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
@@ -20,6 +20,8 @@ pub enum SessionError {
     BadToken { id: u32, vocab: usize },
     #[error(transparent)]
     Interp(#[from] InterpError),
+    #[error(transparent)]
+    Npu(#[from] crate::npu::NpuError),
 }
 
 /// Something that turns tokens into next-token logits while keeping its own
@@ -116,6 +118,10 @@ pub struct CpuSession {
     k_cache: Tensor,
     v_cache: Tensor,
     past_len: usize,
+    /// IR value names to capture on each graph run (empty: none, at no cost).
+    capture: Vec<String>,
+    /// What the last graph run captured.
+    captured: Taps,
 }
 
 impl CpuSession {
@@ -136,7 +142,21 @@ impl CpuSession {
             vocab: model.info.vocab_size,
             layout,
             past_len: 0,
+            capture: Vec::new(),
+            captured: Vec::new(),
         })
+    }
+
+    /// Captures these IR values (by name) on every graph run from now on,
+    /// for layer-by-layer comparisons; names a graph lacks are skipped.
+    pub fn capture(&mut self, names: Vec<String>) {
+        self.capture = names;
+    }
+
+    /// The values captured by the last graph run: for a [`Engine::forward`],
+    /// the run that produced its logits (a long prompt's last prefill chunk).
+    pub fn take_captured(&mut self) -> Taps {
+        std::mem::take(&mut self.captured)
     }
 
     /// Runs one graph step over `tokens` (at most the graph's length).
@@ -155,29 +175,34 @@ impl CpuSession {
             .shape[1];
         let cache_len = self.layout.max_len;
         let inputs = StepInputs::new(tokens, graph_tokens, self.past_len, cache_len);
-        let outputs = interp.run(&[
-            (
-                GraphNames::INPUT_IDS,
-                Tensor::from_i64([1, graph_tokens], inputs.input_ids),
-            ),
-            (
-                GraphNames::POSITION_IDS,
-                Tensor::from_i64([1, graph_tokens], inputs.position_ids),
-            ),
-            (
-                GraphNames::ATTENTION_MASK,
-                Tensor::from_f32(
-                    [1, 1, graph_tokens, cache_len + graph_tokens],
-                    inputs.attention_mask,
+        let capture: Vec<&str> = self.capture.iter().map(String::as_str).collect();
+        let (outputs, captured) = interp.run_with_taps(
+            &[
+                (
+                    GraphNames::INPUT_IDS,
+                    Tensor::from_i64([1, graph_tokens], inputs.input_ids),
                 ),
-            ),
-            (
-                GraphNames::LOGITS_INDEX,
-                Tensor::from_i64([1, 1], vec![inputs.logits_index]),
-            ),
-            (GraphNames::K_CACHE, self.k_cache.clone()),
-            (GraphNames::V_CACHE, self.v_cache.clone()),
-        ])?;
+                (
+                    GraphNames::POSITION_IDS,
+                    Tensor::from_i64([1, graph_tokens], inputs.position_ids),
+                ),
+                (
+                    GraphNames::ATTENTION_MASK,
+                    Tensor::from_f32(
+                        [1, 1, graph_tokens, cache_len + graph_tokens],
+                        inputs.attention_mask,
+                    ),
+                ),
+                (
+                    GraphNames::LOGITS_INDEX,
+                    Tensor::from_i64([1, 1], vec![inputs.logits_index]),
+                ),
+                (GraphNames::K_CACHE, self.k_cache.clone()),
+                (GraphNames::V_CACHE, self.v_cache.clone()),
+            ],
+            &capture,
+        )?;
+        self.captured = captured;
         let graph = interp.graph();
         let position = |name: &str| {
             graph

@@ -241,3 +241,68 @@ impl Interpreter {
         Ok((outputs, tapped))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::ops::{Add, Linear, RmsNorm};
+    use crate::ir::{GraphBuilder, TensorType};
+
+    /// `logits = Linear(RmsNorm(x) + x)`: a value in the middle, one at the end.
+    fn graph_and_weights() -> (Graph, WeightStore) {
+        let mut store = WeightStore::default();
+        store.insert_f32("norm", vec![4], vec![1.0, 0.5, 2.0, 1.5]);
+        store.insert_f32(
+            "head",
+            vec![3, 4],
+            (0..12).map(|i| i as f32 * 0.25 - 1.0).collect(),
+        );
+        let mut b = GraphBuilder::new("g");
+        let x = b.input("x", TensorType::f32([1, 2, 4]));
+        let norm = b.weight("norm", TensorType::f32([4]));
+        let head = b.weight("head", TensorType::f32([3, 4]));
+        let h = b.node("hidden", RmsNorm { eps: 1e-6 }, &[x, norm]).unwrap();
+        let r = b.node("residual", Add, &[h, x]).unwrap();
+        let y = b.node("lm_head", Linear, &[r, head]).unwrap();
+        b.output(y, "logits");
+        (b.finish().unwrap(), store)
+    }
+
+    #[test]
+    fn captured_values_are_the_computed_ones() {
+        let (graph, store) = graph_and_weights();
+        let interp = Interpreter::new(graph, &store, &mut F32Weights::default()).unwrap();
+        let x = Tensor::from_f32([1, 2, 4], vec![1., -2., 3., 0.5, 0.25, 4., -1., 2.]);
+        let plain = interp.run(&[("x", x.clone())]).unwrap();
+        let (outputs, taps) = interp
+            .run_with_taps(
+                &[("x", x.clone())],
+                &["logits", "residual", "norm", "no-such-value"],
+            )
+            .unwrap();
+        // Capturing changes nothing, and the captured logits are the output's numbers.
+        assert_eq!(outputs[0].f32s(), plain[0].f32s());
+        let names: Vec<&str> = taps.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["residual", "logits"],
+            "graph order; weights and unknown names skipped"
+        );
+        assert_eq!(taps[1].1.shape(), [1, 2, 3]);
+        assert_eq!(taps[1].1.f32s(), plain[0].f32s());
+        // The intermediate value is what the graph up to it computes.
+        let mut b = GraphBuilder::new("prefix");
+        let xi = b.input("x", TensorType::f32([1, 2, 4]));
+        let norm = b.weight("norm", TensorType::f32([4]));
+        let h = b
+            .node("hidden", RmsNorm { eps: 1e-6 }, &[xi, norm])
+            .unwrap();
+        let r = b.node("residual", Add, &[h, xi]).unwrap();
+        b.output(r, "residual");
+        let (_, store) = graph_and_weights();
+        let prefix =
+            Interpreter::new(b.finish().unwrap(), &store, &mut F32Weights::default()).unwrap();
+        let expected = prefix.run(&[("x", x)]).unwrap();
+        assert_eq!(taps[0].1.f32s(), expected[0].f32s());
+    }
+}
