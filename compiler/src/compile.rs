@@ -8,7 +8,8 @@ use crate::backend::atc::{self, AtcJob, Target};
 use crate::backend::onnx::allow_list::{self, AVOID};
 use crate::backend::onnx::builder::FloatType;
 use crate::backend::onnx::{self, ExternalData, OnnxGraph, OnnxOptions, WeightPlacement};
-use crate::frontend::{FrontendError, ShapeRequest};
+use crate::frontend::{FrontendError, ShapeRequest, SideFiles};
+use crate::output::StagedDir;
 use kiln_runtime::ir::{DType, ModelIr};
 use kiln_runtime::manifest::{
     GenerationInfo, GraphInfo, KvCacheInfo, Manifest, MaskInfo, TargetInfo, TensorInfo,
@@ -82,33 +83,14 @@ pub struct CompileReport {
     pub atc: Option<PathBuf>,
 }
 
-/// Removes the temporary directory unless the compile finished.
-struct TempDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
 pub fn compile(
     model_dir: &Path,
     out: &Path,
     options: &CompileOptions,
     mut progress: impl FnMut(&str),
 ) -> Result<CompileReport, CompileError> {
-    if out.exists() && !out.join(MANIFEST_FILE).is_file() {
-        let empty = std::fs::read_dir(out)
-            .map(|mut d| d.next().is_none())
-            .unwrap_or(false);
-        if !empty {
-            return Err(CompileError::OutputExists(out.to_path_buf()));
-        }
+    if crate::output::check_replaceable(out, MANIFEST_FILE).is_err() {
+        return Err(CompileError::OutputExists(out.to_path_buf()));
     }
     progress("reading the model");
     let (model, ir) = crate::lower(model_dir, &options.shape)?;
@@ -134,21 +116,7 @@ pub fn compile(
     }
 
     // A temporary directory beside the target, renamed into place at the end.
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-    let leaf = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let tmp = TempDir {
-        path: parent.join(format!(".{leaf}.kiln-tmp-{}", std::process::id())),
-        keep: false,
-    };
-    let _ = std::fs::remove_dir_all(&tmp.path);
-    std::fs::create_dir(&tmp.path).map_err(io_err(&tmp.path))?;
+    let tmp = StagedDir::beside(out).map_err(io_err(out))?;
 
     let weight_bytes: u64 = lowered[0]
         .1
@@ -206,31 +174,29 @@ pub fn compile(
         path: ir_path.clone(),
         source: std::io::Error::other(e.to_string()),
     })?;
-    let copied = |name: &str| -> Result<Option<String>, CompileError> {
-        let src = model.dir.join(name);
-        if !src.is_file() {
-            return Ok(None);
-        }
+    // config.json, tokenizer.json, tokenizer_config.json and
+    // generation_config.json, as read (or rebuilt from a GGUF).
+    let mut side_files = Vec::new();
+    for (name, bytes) in model.files.present() {
         let dst = tmp.path.join(name);
-        std::fs::copy(&src, &dst).map_err(io_err(&src))?;
-        Ok(Some(name.to_string()))
-    };
-    let tokenizer = copied("tokenizer.json")?;
-    let tokenizer_config = copied("tokenizer_config.json")?;
-    copied("generation_config.json")?;
+        std::fs::write(&dst, bytes).map_err(io_err(&dst))?;
+        side_files.push(name);
+    }
+    let has = |name: &str| side_files.contains(&name).then(|| name.to_string());
+    let tokenizer = has(SideFiles::TOKENIZER);
+    let tokenizer_config = has(SideFiles::TOKENIZER_CONFIG);
     // The ONNX Runtime runner travels with the model, for `kiln-run diff`.
     let runner = tmp.path.join("ort_run.py");
     std::fs::write(&runner, include_str!("../../examples/ort_run.py")).map_err(io_err(&runner))?;
     progress("writing the reference weights");
     write_reference_weights(&ir, &model.weights, &tmp.path.join(REFERENCE_WEIGHTS))?;
 
-    let config_path = model.dir.join("config.json");
-    let config_bytes = std::fs::read(&config_path).map_err(io_err(&config_path))?;
+    let config_bytes = &model.files.config;
     let manifest = manifest(
         &ir,
         &lowered,
         options,
-        format!("{:x}", Sha256::digest(&config_bytes)),
+        format!("{:x}", Sha256::digest(config_bytes)),
         weights_sha256,
         tokenizer,
         tokenizer_config,
@@ -270,16 +236,7 @@ pub fn compile(
     }
 
     // Swap the finished directory into place.
-    if out.exists() {
-        let old = parent.join(format!(".{leaf}.kiln-old-{}", std::process::id()));
-        std::fs::rename(out, &old).map_err(io_err(out))?;
-        std::fs::rename(&tmp.path, out).map_err(io_err(out))?;
-        let _ = std::fs::remove_dir_all(&old);
-    } else {
-        std::fs::rename(&tmp.path, out).map_err(io_err(out))?;
-    }
-    let mut tmp = tmp;
-    tmp.keep = true;
+    tmp.commit().map_err(io_err(out))?;
 
     let atc_path = if options.skip_atc {
         None

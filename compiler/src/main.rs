@@ -5,7 +5,6 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use kiln::frontend::ShapeRequest;
 use kiln_runtime::run;
 use kiln_runtime::session::CpuSession;
-use kiln_runtime::tokenizer::Tokenizer;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -216,7 +215,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
     }
     let (model, ir) = kiln::lower(&args.model, &args.shape.request())?;
     let c = &model.config;
-    println!("model      {}", model.dir.display());
+    println!("model      {}", model.source.display());
     println!("arch       {}", ir.info.architecture);
     println!(
         "shape      {} layers, hidden {}, {} heads ({} KV heads) of {}, MLP {}, vocab {}",
@@ -266,13 +265,9 @@ fn inspect(args: InspectArgs) -> Result<()> {
 fn generate_command(args: GenerateArgs) -> Result<()> {
     run::init_threads(args.run.threads).map_err(anyhow::Error::msg)?;
     let (model, ir) = kiln::lower(&args.model, &args.shape.request())?;
-    let tokenizer = match (&args.run.prompt.prompt, &model.tokenizer) {
-        (Some(_), Some(path)) => Some(Tokenizer::from_file(path)?),
-        (Some(_), None) => anyhow::bail!(
-            "{} has no tokenizer.json; pass the prompt as --token-ids instead",
-            model.dir.display()
-        ),
-        (None, _) => None,
+    let tokenizer = match &args.run.prompt.prompt {
+        Some(_) => Some(model.tokenizer().map_err(anyhow::Error::msg)?),
+        None => None,
     };
     let Backend::Cpu = args.backend;
     let mut engine = CpuSession::new(&ir, &model.weights)?;

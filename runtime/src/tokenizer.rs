@@ -26,6 +26,15 @@ impl Tokenizer {
         Ok(Tokenizer { inner })
     }
 
+    /// A tokenizer from `tokenizer.json`'s bytes; `origin` names them in errors.
+    pub fn from_bytes(bytes: &[u8], origin: &Path) -> Result<Tokenizer, TokenizerError> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| TokenizerError::Load {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Ok(Tokenizer { inner })
+    }
+
     /// Token ids for `text`, with the special tokens the tokenizer's
     /// post-processor adds (as `tokenizer(text)` does in transformers).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {

@@ -151,11 +151,16 @@ impl Fields<'_> {
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<ModelConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        let bytes = std::fs::read(path).map_err(|source| ConfigError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        let json: Value = serde_json::from_str(&text).map_err(|source| ConfigError::Json {
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// Parses config.json's bytes; `path` names them in errors.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<ModelConfig, ConfigError> {
+        let json: Value = serde_json::from_slice(bytes).map_err(|source| ConfigError::Json {
             path: path.to_path_buf(),
             source,
         })?;

@@ -1,21 +1,27 @@
-//! The Hugging Face frontend: a model directory (`config.json`,
-//! safetensors, `tokenizer.json`) → Kiln IR.
+//! The frontend: a Hugging Face model directory (`config.json`,
+//! safetensors, `tokenizer.json`) or a llama.cpp GGUF file → Kiln IR.
 
 pub mod arch;
 pub mod config;
 pub mod decoder;
+pub mod gguf;
 pub mod rope;
 
 use config::{ConfigError, ModelConfig};
 use kiln_runtime::ir::model::{ModelInfo, FORMAT_VERSION};
 use kiln_runtime::ir::{IrError, KvCacheLayout, ModelIr};
+use kiln_runtime::tokenizer::Tokenizer;
 use kiln_runtime::weights::{WeightError, WeightStore};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrontendError {
-    #[error("{0} is not a Hugging Face model directory (it has no config.json)")]
+    #[error(
+        "{0} is neither a Hugging Face model directory (it has no config.json) nor a .gguf file"
+    )]
     NotAModel(PathBuf),
+    #[error(transparent)]
+    Gguf(#[from] gguf::GgufModelError),
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -87,63 +93,153 @@ impl GraphOptions {
     }
 }
 
-/// A Hugging Face model directory, opened and validated.
+/// The Hugging Face files beside the weights, held in memory: read from a
+/// model directory, or rebuilt from a GGUF file's metadata.
+#[derive(Default)]
+pub struct SideFiles {
+    pub config: Vec<u8>,
+    pub tokenizer: Option<Vec<u8>>,
+    pub tokenizer_config: Option<Vec<u8>>,
+    pub generation_config: Option<Vec<u8>>,
+}
+
+impl SideFiles {
+    pub const CONFIG: &'static str = "config.json";
+    pub const TOKENIZER: &'static str = "tokenizer.json";
+    pub const TOKENIZER_CONFIG: &'static str = "tokenizer_config.json";
+    pub const GENERATION_CONFIG: &'static str = "generation_config.json";
+
+    fn read_dir(dir: &Path) -> Result<SideFiles, FrontendError> {
+        let read = |name: &str| -> Result<Option<Vec<u8>>, FrontendError> {
+            let path = dir.join(name);
+            if !path.is_file() {
+                return Ok(None);
+            }
+            std::fs::read(&path)
+                .map(Some)
+                .map_err(|source| ConfigError::Io { path, source }.into())
+        };
+        Ok(SideFiles {
+            config: read(Self::CONFIG)?.ok_or_else(|| FrontendError::NotAModel(dir.into()))?,
+            tokenizer: read(Self::TOKENIZER)?,
+            tokenizer_config: read(Self::TOKENIZER_CONFIG)?,
+            generation_config: read(Self::GENERATION_CONFIG)?,
+        })
+    }
+
+    /// Each file present, by its name in a model directory.
+    pub fn present(&self) -> Vec<(&'static str, &[u8])> {
+        [
+            (Self::CONFIG, Some(&self.config)),
+            (Self::TOKENIZER, self.tokenizer.as_ref()),
+            (Self::TOKENIZER_CONFIG, self.tokenizer_config.as_ref()),
+            (Self::GENERATION_CONFIG, self.generation_config.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(name, bytes)| Some((name, bytes?.as_slice())))
+        .collect()
+    }
+}
+
+/// A model in Hugging Face form, opened and validated: from a model
+/// directory, or from a GGUF file dequantized into the same form.
 pub struct HfModel {
-    pub dir: PathBuf,
+    /// The directory or .gguf file it was opened from.
+    pub source: PathBuf,
     pub config: ModelConfig,
     pub weights: WeightStore,
-    /// `tokenizer.json`, when the directory has one.
-    pub tokenizer: Option<PathBuf>,
+    pub files: SideFiles,
+    /// Why there is no tokenizer, when there is none.
+    pub no_tokenizer_reason: Option<String>,
     /// From `generation_config.json` when present, else from `config.json`.
     pub eos_token_ids: Vec<u32>,
 }
 
 impl HfModel {
-    pub fn open(dir: &Path) -> Result<HfModel, FrontendError> {
-        let config_path = dir.join("config.json");
-        if !config_path.is_file() {
-            return Err(FrontendError::NotAModel(dir.to_path_buf()));
+    /// Opens a model directory or a .gguf file.
+    pub fn open(path: &Path) -> Result<HfModel, FrontendError> {
+        if path.is_file() && is_gguf(path) {
+            return Self::open_gguf(path);
         }
-        let config = ModelConfig::from_file(&config_path)?;
-        let weights = WeightStore::open_dir(dir)?;
-        let tokenizer = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
-        let eos_token_ids = match Self::generation_eos(dir)? {
-            Some(ids) if !ids.is_empty() => ids,
-            _ => config.eos_token_ids.clone(),
+        if !path.join(SideFiles::CONFIG).is_file() {
+            return Err(FrontendError::NotAModel(path.to_path_buf()));
+        }
+        let files = SideFiles::read_dir(path)?;
+        let config_path = path.join(SideFiles::CONFIG);
+        let config = ModelConfig::from_bytes(&config_path, &files.config)?;
+        let weights = WeightStore::open_dir(path)?;
+        let no_tokenizer_reason = files.tokenizer.is_none().then(|| {
+            format!(
+                "{} has no tokenizer.json; pass the prompt as --token-ids instead",
+                path.display()
+            )
+        });
+        Self::assemble(path, config, weights, files, no_tokenizer_reason)
+    }
+
+    fn open_gguf(path: &Path) -> Result<HfModel, FrontendError> {
+        let model = gguf::GgufModel::open(path)?;
+        let config_bytes =
+            serde_json::to_vec_pretty(&model.config_json).expect("a JSON value serializes");
+        let config = ModelConfig::from_bytes(path, &config_bytes)?;
+        let mut weights = WeightStore::default();
+        for (name, shape, data) in model.tensors {
+            weights.insert_f32(&name, shape, data);
+        }
+        let mut files = SideFiles {
+            config: config_bytes,
+            ..SideFiles::default()
         };
+        let no_tokenizer_reason = match model.tokenizer {
+            Ok(t) => {
+                files.tokenizer = Some(t.tokenizer_json.into_bytes());
+                files.tokenizer_config = Some(t.tokenizer_config_json.into_bytes());
+                None
+            }
+            Err(why) => Some(format!(
+                "{}: {why}; pass the prompt as --token-ids instead",
+                path.display()
+            )),
+        };
+        Self::assemble(path, config, weights, files, no_tokenizer_reason)
+    }
+
+    fn assemble(
+        source: &Path,
+        config: ModelConfig,
+        weights: WeightStore,
+        files: SideFiles,
+        no_tokenizer_reason: Option<String>,
+    ) -> Result<HfModel, FrontendError> {
+        let generation_path = source.join(SideFiles::GENERATION_CONFIG);
+        let eos_token_ids = match files.generation_config.as_deref() {
+            Some(bytes) => generation_eos(&generation_path, bytes)?,
+            None => None,
+        }
+        .filter(|ids| !ids.is_empty())
+        .unwrap_or_else(|| config.eos_token_ids.clone());
         Ok(HfModel {
-            dir: dir.to_path_buf(),
+            source: source.to_path_buf(),
             config,
             weights,
-            tokenizer,
+            files,
+            no_tokenizer_reason,
             eos_token_ids,
         })
     }
 
-    fn generation_eos(dir: &Path) -> Result<Option<Vec<u32>>, FrontendError> {
-        let path = dir.join("generation_config.json");
-        if !path.is_file() {
-            return Ok(None);
+    /// The model's tokenizer; an error that says what to do when it has none.
+    pub fn tokenizer(&self) -> Result<Tokenizer, String> {
+        match &self.files.tokenizer {
+            Some(bytes) => {
+                let origin = self.source.join(SideFiles::TOKENIZER);
+                Tokenizer::from_bytes(bytes, &origin).map_err(|e| e.to_string())
+            }
+            None => Err(self
+                .no_tokenizer_reason
+                .clone()
+                .unwrap_or_else(|| "the model has no tokenizer".into())),
         }
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| ConfigError::Json {
-                path: path.clone(),
-                source,
-            })?;
-        let ids = match json.get("eos_token_id") {
-            None | Some(serde_json::Value::Null) => return Ok(None),
-            Some(serde_json::Value::Array(a)) => a
-                .iter()
-                .filter_map(|v| v.as_u64())
-                .map(|v| v as u32)
-                .collect(),
-            Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-        };
-        Ok(Some(ids))
     }
 
     /// Lowers the model into its prefill and decode graphs. Adds the RoPE
@@ -194,4 +290,33 @@ impl HfModel {
             decode,
         })
     }
+}
+
+/// A GGUF file by its magic, whatever its name.
+fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == gguf::reader::MAGIC
+}
+
+/// `eos_token_id` from generation_config.json, if it names any.
+fn generation_eos(path: &Path, bytes: &[u8]) -> Result<Option<Vec<u32>>, FrontendError> {
+    let json: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|source| ConfigError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let ids = match json.get("eos_token_id") {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .map(|v| v as u32)
+            .collect(),
+        Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+    };
+    Ok(Some(ids))
 }

@@ -1,0 +1,305 @@
+//! The GGUF frontend: a llama.cpp model file → the same Hugging Face form
+//! (config.json, named f32 weights, tokenizer.json) the safetensors frontend
+//! reads, so everything after it cannot tell the two apart.
+//!
+//! - [`reader`] parses the container; [`quant`] dequantizes ggml blocks.
+//! - Here: llama.cpp's metadata keys → config.json keys, its tensor names →
+//!   transformers' names, and the Q/K row order llama.cpp changes for Llama.
+//! - [`tokenizer`] rebuilds tokenizer.json and tokenizer_config.json.
+
+pub mod quant;
+pub mod reader;
+pub mod tokenizer;
+
+use reader::{GgufError, GgufFile, MetaValue, TensorInfo};
+use serde_json::{json, Value};
+use std::path::Path;
+
+pub use tokenizer::TokenizerFiles;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GgufModelError {
+    #[error(transparent)]
+    File(#[from] GgufError),
+    #[error("{path}: {message}")]
+    Unsupported { path: String, message: String },
+}
+
+/// llama.cpp architecture name → (transformers class, whether llama.cpp
+/// permuted the Q/K rows for its interleaved RoPE).
+const ARCHITECTURES: [(&str, &str, bool); 4] = [
+    ("llama", "LlamaForCausalLM", true),
+    ("mistral", "MistralForCausalLM", true),
+    ("qwen2", "Qwen2ForCausalLM", false),
+    ("qwen3", "Qwen3ForCausalLM", false),
+];
+
+/// A GGUF file in Hugging Face form.
+pub struct GgufModel {
+    /// config.json as transformers would write it for this model.
+    pub config_json: Value,
+    /// Dequantized weights under transformers' names (Q/K rows restored).
+    pub tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    pub tokenizer: Result<TokenizerFiles, String>,
+    /// The file's metadata for `kiln inspect`: (key, short value).
+    pub summary: Vec<(String, String)>,
+}
+
+impl GgufModel {
+    /// Reads and dequantizes `path`.
+    pub fn open(path: &Path) -> Result<GgufModel, GgufModelError> {
+        let file = GgufFile::open(path)?;
+        let unsupported = |message: String| GgufModelError::Unsupported {
+            path: path.display().to_string(),
+            message,
+        };
+        let arch = file
+            .get("general.architecture")
+            .and_then(MetaValue::as_str)
+            .ok_or_else(|| unsupported("it has no general.architecture".into()))?
+            .to_string();
+        let &(_, class, permuted) = ARCHITECTURES
+            .iter()
+            .find(|(name, _, _)| *name == arch)
+            .ok_or_else(|| {
+                let known: Vec<&str> = ARCHITECTURES.iter().map(|a| a.0).collect();
+                unsupported(format!(
+                    "its architecture `{arch}` is not one Kiln supports ({})",
+                    known.join(", ")
+                ))
+            })?;
+        let config_json = config_json(&file, &arch, class).map_err(unsupported)?;
+        let heads = config_json["num_attention_heads"].as_u64().unwrap_or(1) as usize;
+        let kv_heads = config_json["num_key_value_heads"].as_u64().unwrap_or(1) as usize;
+
+        let count = file.tensors.len();
+        let mut tensors = Vec::with_capacity(count);
+        for info in &file.tensors {
+            let name = hf_name(&info.name).ok_or_else(|| {
+                unsupported(format!(
+                    "it holds tensor `{}`, which Kiln does not know how to map{}",
+                    info.name,
+                    if info.name.starts_with("rope_freqs") {
+                        " (Llama 3.1-style RoPE frequency factors are not supported from GGUF yet)"
+                    } else {
+                        ""
+                    }
+                ))
+            })?;
+            let mut data = vec![0f32; info.numel()];
+            quant::dequantize(info.ggml_type, file.tensor_bytes(info), &mut data);
+            if permuted {
+                if name.ends_with("self_attn.q_proj.weight") || name.ends_with("q_proj.bias") {
+                    data = unpermute_rows(info, data, heads).map_err(unsupported)?;
+                } else if name.ends_with("self_attn.k_proj.weight") || name.ends_with("k_proj.bias")
+                {
+                    data = unpermute_rows(info, data, kv_heads).map_err(unsupported)?;
+                }
+            }
+            tensors.push((name, info.shape.clone(), data));
+        }
+        let summary = file
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect();
+        Ok(GgufModel {
+            config_json,
+            tensors,
+            tokenizer: tokenizer::build(&file),
+            summary,
+        })
+    }
+}
+
+/// config.json for the file's metadata (keys under `<arch>.`).
+fn config_json(file: &GgufFile, arch: &str, class: &str) -> Result<Value, String> {
+    let key = |name: &str| file.get(&format!("{arch}.{name}"));
+    let uint = |name: &str| -> Result<u64, String> {
+        key(name)
+            .ok_or_else(|| format!("it has no {arch}.{name}"))?
+            .as_u64()
+            .ok_or_else(|| format!("{arch}.{name} is not a non-negative integer"))
+    };
+    let has = |name: &str| file.tensors.iter().any(|t| t.name == name);
+    let hidden = uint("embedding_length")?;
+    let heads = uint("attention.head_count")?;
+    let kv_heads = match key("attention.head_count_kv") {
+        Some(v) => v.as_u64().ok_or(
+            "attention.head_count_kv is not an integer (per-layer counts are not supported)",
+        )?,
+        None => heads,
+    };
+    let vocab = match key("vocab_size").and_then(MetaValue::as_u64) {
+        Some(v) => v,
+        None => file
+            .get("tokenizer.ggml.tokens")
+            .and_then(MetaValue::as_array)
+            .map(|t| t.len() as u64)
+            .ok_or_else(|| format!("it has neither {arch}.vocab_size nor a token list"))?,
+    };
+    // Heads can be narrower than hidden / heads (Qwen3): key_length says so.
+    let head_dim = key("attention.key_length")
+        .and_then(MetaValue::as_u64)
+        .unwrap_or(if heads > 0 { hidden / heads } else { 0 });
+    if let Some(rot) = key("rope.dimension_count").and_then(MetaValue::as_u64) {
+        if rot != head_dim {
+            return Err(format!(
+                "it rotates {rot} of each head's {head_dim} dimensions; Kiln supports full-width RoPE only"
+            ));
+        }
+    }
+    let mut config = json!({
+        "architectures": [class],
+        "model_type": arch,
+        "hidden_size": hidden,
+        "intermediate_size": uint("feed_forward_length")?,
+        "num_hidden_layers": uint("block_count")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "max_position_embeddings": uint("context_length")?,
+        "rms_norm_eps": key("attention.layer_norm_rms_epsilon").and_then(MetaValue::as_f64).unwrap_or(1e-5),
+        "rope_theta": key("rope.freq_base").and_then(MetaValue::as_f64).unwrap_or(10000.0),
+        // llama.cpp writes the output projection only when it is not the embedding.
+        "tie_word_embeddings": !has("output.weight"),
+        "attention_bias": has("blk.0.attn_q.bias"),
+        "torch_dtype": "float32",
+    });
+    if let Some(kind) = key("rope.scaling.type").and_then(MetaValue::as_str) {
+        if kind != "none" {
+            let factor = key("rope.scaling.factor").and_then(MetaValue::as_f64);
+            config["rope_scaling"] = json!({"rope_type": kind, "factor": factor});
+        }
+    }
+    for (hf, gguf) in [
+        ("bos_token_id", "bos_token_id"),
+        ("eos_token_id", "eos_token_id"),
+    ] {
+        if let Some(id) = file
+            .get(&format!("tokenizer.ggml.{gguf}"))
+            .and_then(MetaValue::as_u64)
+        {
+            config[hf] = json!(id);
+        }
+    }
+    Ok(config)
+}
+
+/// transformers' name for a llama.cpp tensor name, or `None` if unknown.
+fn hf_name(gguf: &str) -> Option<String> {
+    let top = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(name) = top {
+        return Some(name.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, param) = rest.rsplit_once('.')?;
+    if param != "weight" && param != "bias" {
+        return None;
+    }
+    let hf_module = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf_module}.{param}"))
+}
+
+/// Undoes llama.cpp's Q/K row permutation. Its converter reorders each
+/// head's rows from (half, i) to (i, half) so that its RoPE can rotate
+/// adjacent pairs; transformers rotates halves, so the rows go back.
+fn unpermute_rows(info: &TensorInfo, data: Vec<f32>, heads: usize) -> Result<Vec<f32>, String> {
+    let rows = info.shape[0];
+    if heads == 0 || rows % (2 * heads) != 0 {
+        return Err(format!(
+            "tensor `{}` has {rows} rows, not a whole number of {heads} heads",
+            info.name
+        ));
+    }
+    let row_len = data.len() / rows;
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    let mut out = vec![0f32; data.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for side in 0..2 {
+                let from = h * head_dim + 2 * i + side;
+                let to = h * head_dim + side * half + i;
+                out[to * row_len..(to + 1) * row_len]
+                    .copy_from_slice(&data[from * row_len..(from + 1) * row_len]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_llama_cpp_names() {
+        assert_eq!(
+            hf_name("blk.12.attn_q.weight").as_deref(),
+            Some("model.layers.12.self_attn.q_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_down.weight").as_deref(),
+            Some("model.layers.0.mlp.down_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.3.attn_k_norm.weight").as_deref(),
+            Some("model.layers.3.self_attn.k_norm.weight")
+        );
+        assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
+        assert_eq!(hf_name("rope_freqs.weight"), None);
+        assert_eq!(hf_name("blk.x.attn_q.weight"), None);
+        assert_eq!(hf_name("blk.0.attn_q.scale"), None);
+    }
+
+    /// llama.cpp's permutation, written as its converter does it (reshape to
+    /// heads × 2 × half, swap the last two axes), must be undone exactly.
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        let (heads, head_dim, cols) = (3, 8, 2);
+        let rows = heads * head_dim;
+        let hf: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+        let mut permuted = vec![0f32; hf.len()];
+        for h in 0..heads {
+            for side in 0..2 {
+                for i in 0..head_dim / 2 {
+                    let src = h * head_dim + side * head_dim / 2 + i;
+                    let dst = h * head_dim + i * 2 + side;
+                    permuted[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        assert_ne!(permuted, hf);
+        let info = TensorInfo {
+            name: "blk.0.attn_q.weight".into(),
+            shape: vec![rows, cols],
+            ggml_type: quant::GgmlType::F32,
+            start: 0,
+            len: 0,
+        };
+        assert_eq!(unpermute_rows(&info, permuted, heads).unwrap(), hf);
+    }
+}

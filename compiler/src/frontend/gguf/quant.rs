@@ -1,0 +1,247 @@
+//! ggml tensor types and their dequantization to f32.
+//!
+//! Block layouts follow ggml's `ggml-common.h` (all little-endian). Values
+//! are computed as ggml's reference `dequantize_row_*` computes them, in
+//! f32, so the dequantized weights equal what llama.cpp and transformers'
+//! GGUF loader produce.
+
+use half::{bf16, f16};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    /// 32 weights: f16 scale d, 16 bytes of 4-bit q; w = d·(q − 8).
+    Q4_0,
+    /// 32 weights: f16 scale d, f16 min m, 16 bytes of 4-bit q; w = d·q + m.
+    Q4_1,
+    /// 32 weights: f16 scale d, 32 × i8 q; w = d·q.
+    Q8_0,
+    /// 256 weights in 8 sub-blocks of 32 with 6-bit scales and mins.
+    Q4K,
+    /// 256 weights of 6 bits in 16 sub-blocks of 16 with i8 scales.
+    Q6K,
+}
+
+impl GgmlType {
+    const ALL: [GgmlType; 8] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+    ];
+
+    /// The type's number in ggml's `enum ggml_type`.
+    pub fn id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Q4K => 12,
+            GgmlType::Q6K => 14,
+            GgmlType::BF16 => 30,
+        }
+    }
+
+    pub fn from_id(id: u32) -> Option<GgmlType> {
+        Self::ALL.into_iter().find(|t| t.id() == id)
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::id_name(self.id())
+    }
+
+    /// ggml's name for any type number, for messages about the ones Kiln
+    /// does not read.
+    pub fn id_name(id: u32) -> &'static str {
+        const NAMES: [&str; 31] = [
+            "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
+            "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S",
+            "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M",
+            "BF16",
+        ];
+        NAMES.get(id as usize).copied().unwrap_or("unknown")
+    }
+
+    pub fn supported_names() -> String {
+        Self::ALL.map(GgmlType::name).join(", ")
+    }
+
+    /// Weights per block.
+    pub fn block_len(self) -> usize {
+        match self {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => 32,
+            GgmlType::Q4K | GgmlType::Q6K => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            GgmlType::F32 => 4,
+            GgmlType::F16 | GgmlType::BF16 => 2,
+            GgmlType::Q4_0 => 2 + 16,
+            GgmlType::Q4_1 => 2 + 2 + 16,
+            GgmlType::Q8_0 => 2 + 32,
+            GgmlType::Q4K => 2 + 2 + 12 + 128,
+            GgmlType::Q6K => 128 + 64 + 16 + 2,
+        }
+    }
+}
+
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+/// Dequantizes `bytes` (whole blocks of `ty`, as the reader checked) into `out`,
+/// which holds exactly the blocks' weights.
+pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    let (block_len, block_bytes) = (ty.block_len(), ty.block_bytes());
+    debug_assert_eq!(bytes.len() / block_bytes * block_len, out.len());
+    let blocks = bytes
+        .chunks_exact(block_bytes)
+        .zip(out.chunks_exact_mut(block_len));
+    match ty {
+        GgmlType::F32 => {
+            blocks.for_each(|(b, o)| o[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        }
+        GgmlType::F16 => blocks.for_each(|(b, o)| o[0] = f16_at(b, 0)),
+        GgmlType::BF16 => {
+            blocks.for_each(|(b, o)| o[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32())
+        }
+        GgmlType::Q4_0 => blocks.for_each(|(b, o)| {
+            let d = f16_at(b, 0);
+            for (i, &q) in b[2..18].iter().enumerate() {
+                // Low nibbles are weights 0–15, high nibbles 16–31.
+                o[i] = d * ((q & 0xf) as i32 - 8) as f32;
+                o[i + 16] = d * ((q >> 4) as i32 - 8) as f32;
+            }
+        }),
+        GgmlType::Q4_1 => blocks.for_each(|(b, o)| {
+            let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+            for (i, &q) in b[4..20].iter().enumerate() {
+                o[i] = (q & 0xf) as f32 * d + m;
+                o[i + 16] = (q >> 4) as f32 * d + m;
+            }
+        }),
+        GgmlType::Q8_0 => blocks.for_each(|(b, o)| {
+            let d = f16_at(b, 0);
+            for (o, &q) in o.iter_mut().zip(&b[2..34]) {
+                *o = q as i8 as f32 * d;
+            }
+        }),
+        GgmlType::Q4K => blocks.for_each(|(b, o)| dequantize_q4k(b, o)),
+        GgmlType::Q6K => blocks.for_each(|(b, o)| dequantize_q6k(b, o)),
+    }
+}
+
+/// The j-th 6-bit (scale, min) pair of a Q4_K block's 12 packed bytes.
+fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Q4_K: d, dmin (f16), 12 bytes of scales/mins, 128 bytes of nibbles. Each
+/// 64 weights share 32 bytes: low nibbles first (scale pair 2i), then high
+/// nibbles (pair 2i+1); w = d·scale·q − dmin·min.
+fn dequantize_q4k(b: &[u8], o: &mut [f32]) {
+    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let scales = &b[4..16];
+    let qs = &b[16..144];
+    for chunk in 0..4 {
+        let q = &qs[chunk * 32..chunk * 32 + 32];
+        let (sc1, m1) = q4k_scale_min(2 * chunk, scales);
+        let (sc2, m2) = q4k_scale_min(2 * chunk + 1, scales);
+        let (d1, min1) = (d * sc1 as f32, dmin * m1 as f32);
+        let (d2, min2) = (d * sc2 as f32, dmin * m2 as f32);
+        let out = &mut o[chunk * 64..chunk * 64 + 64];
+        for l in 0..32 {
+            out[l] = d1 * (q[l] & 0xf) as f32 - min1;
+            out[l + 32] = d2 * (q[l] >> 4) as f32 - min2;
+        }
+    }
+}
+
+/// Q6_K: 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, 16 i8
+/// scales, f16 d. Each half of 128 weights uses 64 low bytes, 32 high bytes
+/// and 8 scales; w = d·scale·(q − 32).
+fn dequantize_q6k(b: &[u8], o: &mut [f32]) {
+    let d = f16_at(b, 208);
+    for half in 0..2 {
+        let ql = &b[half * 64..half * 64 + 64];
+        let qh = &b[128 + half * 32..128 + half * 32 + 32];
+        let sc = &b[192 + half * 8..192 + half * 8 + 8];
+        let out = &mut o[half * 128..half * 128 + 128];
+        for l in 0..32 {
+            let is = l / 16;
+            let q1 = ((ql[l] & 0xf) | ((qh[l] & 3) << 4)) as i32 - 32;
+            let q2 = ((ql[l + 32] & 0xf) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+            out[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+            out[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+            out[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+            out[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_numbers_round_trip_and_unknown_ones_are_named() {
+        for t in GgmlType::ALL {
+            assert_eq!(GgmlType::from_id(t.id()), Some(t));
+        }
+        assert_eq!(GgmlType::from_id(6), None);
+        assert_eq!(GgmlType::id_name(6), "Q5_0");
+        assert_eq!(GgmlType::id_name(1000), "unknown");
+    }
+
+    #[test]
+    fn q4_1_uses_low_nibbles_first() {
+        // d = 2, m = -1; byte i holds q = i (low) and 15 - i (high).
+        let mut block = Vec::new();
+        block.extend_from_slice(&f16::from_f32(2.0).to_le_bytes());
+        block.extend_from_slice(&f16::from_f32(-1.0).to_le_bytes());
+        block.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
+        let mut out = [0f32; 32];
+        dequantize(GgmlType::Q4_1, &block, &mut out);
+        for i in 0..16 {
+            assert_eq!(out[i], 2.0 * i as f32 - 1.0);
+            assert_eq!(out[i + 16], 2.0 * (15 - i) as f32 - 1.0);
+        }
+    }
+
+    #[test]
+    fn q8_0_and_q4_0_are_signed() {
+        let mut q8 = f16::from_f32(0.5).to_le_bytes().to_vec();
+        q8.extend((0..32).map(|i| (i as i8 - 16) as u8));
+        let mut out = [0f32; 32];
+        dequantize(GgmlType::Q8_0, &q8, &mut out);
+        assert_eq!(out[0], -8.0);
+        assert_eq!(out[31], 7.5);
+
+        let mut q4 = f16::from_f32(1.0).to_le_bytes().to_vec();
+        q4.extend([0x0fu8; 16]);
+        dequantize(GgmlType::Q4_0, &q4, &mut out);
+        assert_eq!(out[0], 7.0);
+        assert_eq!(out[16], -8.0);
+    }
+}

@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Small GGUF fixtures written by llama.cpp's own Python package (`gguf`),
+so Kiln's GGUF reader is checked against an independent writer and an
+independent dequantizer. Not run in CI; run it once and commit the output:
+
+    /path/to/venv/bin/pip install -r tests/golden/requirements.txt
+    python tests/golden/make_gguf_fixtures.py
+
+It writes into tests/fixtures/gguf/:
+
+- quant.gguf + quant_expected.npy: one tensor per ggml type Kiln reads
+  (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) made of random blocks, and
+  what `gguf.quants.dequantize` makes of each, stacked in file order
+  ([8, 4, 512]).
+- llama-gqa.gguf, qwen3.gguf: the Hugging Face fixtures of the same names
+  (tests/fixtures/models/) as llama.cpp's converter would store them: its
+  tensor names, its metadata keys, Llama's Q/K rows permuted for
+  interleaved RoPE, and the byte-level BPE tokenizer as `tokenizer.ggml.*`
+  arrays. Weights stay F32, so Kiln must reproduce the transformers goldens
+  of those fixtures (tests/fixtures/golden/) from the GGUF alone.
+"""
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+from safetensors.numpy import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / "tests" / "fixtures" / "models"
+OUT = ROOT / "tests" / "fixtures" / "gguf"
+Q = gguf.GGMLQuantizationType
+
+
+def random_blocks(rng, qtype, rows, cols):
+    """Random raw blocks whose f16 scales are small and finite."""
+    block_len, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    n_blocks = rows * cols // block_len
+    raw = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
+    scale = lambda n: np.frombuffer(  # noqa: E731
+        rng.uniform(-0.1, 0.1, size=n).astype(np.float16).tobytes(), dtype=np.uint8
+    ).reshape(n, 2)
+    if qtype in (Q.Q4_0, Q.Q8_0):
+        raw[:, 0:2] = scale(n_blocks)
+    elif qtype == Q.Q4_1:
+        raw[:, 0:2] = scale(n_blocks)
+        raw[:, 2:4] = scale(n_blocks)
+    elif qtype == Q.Q4_K:
+        raw[:, 0:2] = scale(n_blocks)  # d
+        raw[:, 2:4] = scale(n_blocks)  # dmin
+    elif qtype == Q.Q6_K:
+        raw[:, 208:210] = scale(n_blocks)  # d is last
+    return raw.reshape(rows, cols // block_len * block_bytes)
+
+
+def make_quant():
+    rng = np.random.default_rng(7)
+    writer = gguf.GGUFWriter(str(OUT / "quant.gguf"), "quant-test")
+    expected = {}
+    rows, cols = 4, 512
+    for name, qtype in [
+        ("f32", Q.F32),
+        ("f16", Q.F16),
+        ("bf16", Q.BF16),
+        ("q4_0", Q.Q4_0),
+        ("q4_1", Q.Q4_1),
+        ("q8_0", Q.Q8_0),
+        ("q4_k", Q.Q4_K),
+        ("q6_k", Q.Q6_K),
+    ]:
+        if qtype in (Q.F32, Q.F16):
+            values = rng.standard_normal((rows, cols)).astype(np.float32)
+            data = values.astype(np.float16 if qtype == Q.F16 else np.float32)
+            writer.add_tensor(name, data)
+            expected[name] = data.astype(np.float32)
+            continue
+        if qtype == Q.BF16:
+            raw = gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), Q.BF16)
+        else:
+            raw = random_blocks(rng, qtype, rows, cols)
+        writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
+        expected[name] = gguf.quants.dequantize(raw, qtype).astype(np.float32)
+        assert expected[name].shape == (rows, cols), (name, expected[name].shape)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    # One array, tensors in file order, so the Rust test needs only an .npy reader.
+    np.save(OUT / "quant_expected.npy", np.stack(list(expected.values())))
+
+
+def llama_cpp_permute(w, n_head):
+    """llama.cpp's converter: each head's rows (half, i) → (i, half)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+GGUF_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def make_model(fixture, arch):
+    src = MODELS / fixture
+    config = json.loads((src / "config.json").read_text())
+    tok = json.loads((src / "tokenizer.json").read_text())
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    theta = (config.get("rope_parameters") or {}).get("rope_theta") or config.get("rope_theta", 10000.0)
+
+    writer = gguf.GGUFWriter(str(OUT / f"{fixture}.gguf"), arch)
+    writer.add_name(fixture)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(theta)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_vocab_size(config["vocab_size"])
+
+    vocab = tok["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for token, index in vocab.items():
+        tokens[index] = token
+    special = {t["id"] for t in tok.get("added_tokens", []) if t.get("special")}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    writer.add_token_merges(merges)
+    if config.get("eos_token_id") is not None:
+        writer.add_eos_token_id(config["eos_token_id"])
+    writer.add_add_bos_token(False)
+
+    weights = load_file(src / "model.safetensors")
+    for name, w in sorted(weights.items()):
+        w = w.astype(np.float32)
+        if name == "model.embed_tokens.weight":
+            gguf_name = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gguf_name = "output_norm.weight"
+        elif name == "lm_head.weight":
+            gguf_name = "output.weight"
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            gguf_name = f"blk.{layer}.{GGUF_NAMES[rest]}"
+            if arch == "llama" and rest == "self_attn.q_proj.weight":
+                w = llama_cpp_permute(w, heads)
+            elif arch == "llama" and rest == "self_attn.k_proj.weight":
+                w = llama_cpp_permute(w, kv_heads)
+        writer.add_tensor(gguf_name, np.ascontiguousarray(w))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def main():
+    OUT.mkdir(parents=True, exist_ok=True)
+    make_quant()
+    make_model("llama-gqa", "llama")
+    make_model("qwen3", "qwen3")
+    print(f"wrote {sorted(p.name for p in OUT.iterdir())} (gguf {gguf.__name__})")
+
+
+if __name__ == "__main__":
+    main()
