@@ -94,6 +94,25 @@ pub fn check_io(graph: &GraphInfo, io: &OmModelIo, kv_max_len: usize) -> Result<
     Ok(())
 }
 
+/// Checks `graph`'s .om in `dir` (when present) against the manifest.
+pub fn check_om_file(
+    dir: &Path,
+    manifest: &Manifest,
+    graph: &GraphInfo,
+) -> Result<OmCheck, CompiledError> {
+    let path = dir.join(&graph.om);
+    if !path.is_file() {
+        return Ok(OmCheck::Missing);
+    }
+    let om = OmFile::open(&path)?;
+    let Some(io) = om.models.first().and_then(|m| m.io.as_ref()) else {
+        return Ok(OmCheck::Undescribed);
+    };
+    check_io(graph, io, manifest.kv_cache.max_len)
+        .map_err(|problem| CompiledError::OmMismatch { om: path, problem })?;
+    Ok(OmCheck::Matches)
+}
+
 pub struct CompiledModel {
     pub dir: PathBuf,
     pub manifest: Manifest,
@@ -140,27 +159,16 @@ impl CompiledModel {
 
     /// Checks each graph's .om (when present) against the manifest.
     pub fn check_om_files(&self) -> Result<Vec<(String, OmCheck)>, CompiledError> {
-        let mut results = Vec::new();
-        for graph in &self.manifest.graphs {
-            let path = self.dir.join(&graph.om);
-            if !path.is_file() {
-                results.push((graph.om.clone(), OmCheck::Missing));
-                continue;
-            }
-            let om = OmFile::open(&path)?;
-            let Some(io) = om.models.first().and_then(|m| m.io.as_ref()) else {
-                results.push((graph.om.clone(), OmCheck::Undescribed));
-                continue;
-            };
-            check_io(graph, io, self.manifest.kv_cache.max_len).map_err(|problem| {
-                CompiledError::OmMismatch {
-                    om: path.clone(),
-                    problem,
-                }
-            })?;
-            results.push((graph.om.clone(), OmCheck::Matches));
-        }
-        Ok(results)
+        self.manifest
+            .graphs
+            .iter()
+            .map(|graph| {
+                Ok((
+                    graph.om.clone(),
+                    check_om_file(&self.dir, &self.manifest, graph)?,
+                ))
+            })
+            .collect()
     }
 
     pub fn tokenizer_path(&self) -> Option<PathBuf> {

@@ -11,6 +11,7 @@ pub mod generate;
 pub mod interp;
 pub mod ir;
 pub mod manifest;
+pub mod npu;
 pub mod npy;
 pub mod om;
 pub mod run;

@@ -60,6 +60,10 @@ pub struct AclApi {
     pub create_data_buffer: unsafe extern "C" fn(Ptr, usize) -> Ptr,
     pub destroy_data_buffer: unsafe extern "C" fn(*const c_void) -> i32,
     pub execute: unsafe extern "C" fn(u32, *const c_void, Ptr) -> i32,
+    /// `aclrtGetSocName` (e.g. "Ascend310B1"); optional: only for reports.
+    pub get_soc_name: Option<unsafe extern "C" fn() -> *const c_char>,
+    /// `aclrtGetVersion(major, minor, patch)`; optional: only for reports.
+    pub get_version: Option<unsafe extern "C" fn(*mut i32, *mut i32, *mut i32) -> i32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +151,12 @@ impl AclApi {
                 symbol(&libraries, &origin, $name)?
             };
         }
+        // Calls used only to describe the device: missing ones are left out.
+        macro_rules! optional_sym {
+            ($name:literal) => {
+                symbol(&libraries, &origin, $name).ok()
+            };
+        }
         Ok(AclApi {
             init: sym!("aclInit"),
             finalize: sym!("aclFinalize"),
@@ -185,6 +195,8 @@ impl AclApi {
             create_data_buffer: sym!("aclCreateDataBuffer"),
             destroy_data_buffer: sym!("aclDestroyDataBuffer"),
             execute: sym!("aclmdlExecute"),
+            get_soc_name: optional_sym!("aclrtGetSocName"),
+            get_version: optional_sym!("aclrtGetVersion"),
             _libraries: libraries,
             origin,
         })

@@ -17,7 +17,7 @@ mod model;
 
 pub use api::{AclApi, LoadError};
 pub use error::{code_name, AclError};
-pub use model::{IoDesc, Model};
+pub use model::{IoBinding, IoDesc, Model};
 
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, Weak};
@@ -81,6 +81,28 @@ impl Acl {
         })
     }
 
+    /// `aclrtGetSocName`, when the library has it (e.g. "Ascend310B1").
+    pub fn soc_name(&self) -> Option<String> {
+        let get = self.api.get_soc_name?;
+        // SAFETY: returns null or a NUL-terminated string owned by ACL.
+        let p = unsafe { get() };
+        // SAFETY: checked for null; ACL keeps the string alive.
+        (!p.is_null()).then(|| {
+            unsafe { std::ffi::CStr::from_ptr(p) }
+                .to_string_lossy()
+                .into_owned()
+        })
+    }
+
+    /// `aclrtGetVersion` as "major.minor.patch", when the library has it.
+    pub fn version(&self) -> Option<String> {
+        let get = self.api.get_version?;
+        let (mut major, mut minor, mut patch) = (0, 0, 0);
+        // SAFETY: three valid out-pointers.
+        let code = unsafe { get(&mut major, &mut minor, &mut patch) };
+        (code == 0).then(|| format!("{major}.{minor}.{patch}"))
+    }
+
     pub fn device_count(&self) -> Result<u32, AclError> {
         let mut count = 0u32;
         // SAFETY: `count` is a valid out-pointer.
@@ -110,6 +132,7 @@ pub enum AclSetupError {
 pub struct Device {
     acl: Arc<Acl>,
     id: i32,
+    run_mode: RunMode,
     context: *mut c_void,
     stream: *mut c_void,
 }
@@ -121,6 +144,7 @@ unsafe impl Send for Device {}
 impl Device {
     pub fn open(acl: &Arc<Acl>, id: i32) -> Result<Device, AclError> {
         let api = acl.api();
+        let run_mode = acl.run_mode()?;
         // SAFETY: plain calls with valid out-pointers; on failure the partial
         // state is released below in reverse order.
         unsafe {
@@ -140,6 +164,7 @@ impl Device {
             Ok(Device {
                 acl: acl.clone(),
                 id,
+                run_mode,
                 context,
                 stream,
             })
@@ -152,6 +177,11 @@ impl Device {
 
     pub fn acl(&self) -> &Arc<Acl> {
         &self.acl
+    }
+
+    /// Where this process runs relative to the device (read once, at open).
+    pub fn run_mode(&self) -> RunMode {
+        self.run_mode
     }
 
     /// Makes this device's context current on the calling thread.
@@ -184,6 +214,7 @@ impl Device {
             acl: self.acl.clone(),
             ptr,
             size,
+            host_visible: self.run_mode == RunMode::Device,
         })
     }
 }
@@ -206,6 +237,9 @@ pub struct DeviceBuffer {
     acl: Arc<Acl>,
     ptr: *mut c_void,
     size: usize,
+    /// The process runs on the device (ACL_DEVICE): this memory is plain
+    /// DRAM the CPU may read and write directly.
+    host_visible: bool,
 }
 
 // SAFETY: device memory is not tied to a thread.
@@ -216,6 +250,7 @@ unsafe impl Send for DeviceBuffer {}
 enum CopyKind {
     HostToDevice = 1,
     DeviceToHost = 2,
+    DeviceToDevice = 3,
 }
 
 impl DeviceBuffer {
@@ -225,6 +260,60 @@ impl DeviceBuffer {
 
     pub fn as_ptr(&self) -> *mut c_void {
         self.ptr
+    }
+
+    /// The buffer as host memory, when the process runs on the device
+    /// (ACL_DEVICE run mode: host and device share the board's DRAM, see
+    /// `shared/research/acl-and-om.md`, and CANN's own samples read model
+    /// outputs there without a copy). `None` on a host with a PCIe card.
+    pub fn host_bytes(&self) -> Option<&[u8]> {
+        // SAFETY: in device run mode the allocation is CPU-addressable and
+        // `size` bytes long; the borrow of self keeps it alive.
+        self.host_visible
+            .then(|| unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.size) })
+    }
+
+    /// [`DeviceBuffer::host_bytes`], writable.
+    pub fn host_bytes_mut(&mut self) -> Option<&mut [u8]> {
+        // SAFETY: as in host_bytes; &mut self makes this the only view.
+        self.host_visible
+            .then(|| unsafe { std::slice::from_raw_parts_mut(self.ptr.cast::<u8>(), self.size) })
+    }
+
+    /// Copies `len` bytes from `src` at `src_offset` to this buffer at
+    /// `dst_offset`, device to device: the data never visits the host.
+    pub fn copy_from_device(
+        &mut self,
+        dst_offset: usize,
+        src: &DeviceBuffer,
+        src_offset: usize,
+        len: usize,
+    ) -> Result<(), AclError> {
+        let fits =
+            |offset: usize, size: usize| offset.checked_add(len).is_some_and(|end| end <= size);
+        if !fits(dst_offset, self.size) || !fits(src_offset, src.size) {
+            return Err(AclError::local(
+                "aclrtMemcpy",
+                format!(
+                    "copying {len} bytes from {src_offset} of a {}-byte buffer to {dst_offset} of a {}-byte buffer",
+                    src.size, self.size
+                ),
+            ));
+        }
+        // SAFETY: both ranges were checked against their allocations above.
+        let (dst, from) = unsafe {
+            (
+                self.ptr.cast::<u8>().add(dst_offset),
+                src.ptr.cast::<u8>().add(src_offset),
+            )
+        };
+        self.copy(
+            dst.cast(),
+            self.size - dst_offset,
+            from.cast(),
+            len,
+            CopyKind::DeviceToDevice,
+        )
     }
 
     fn copy(

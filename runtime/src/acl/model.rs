@@ -1,6 +1,6 @@
 //! A loaded .om model: its description, and execution on device buffers.
 
-use super::api::{AclApi, IoDims};
+use super::api::IoDims;
 use super::error::AclError;
 use super::{Acl, Device, DeviceBuffer};
 use crate::om::AclDataType;
@@ -30,14 +30,15 @@ pub struct Model {
 unsafe impl Send for Model {}
 
 /// A dataset and its data buffers, destroyed together.
-struct Dataset<'a> {
-    api: &'a AclApi,
+struct Dataset {
+    acl: Arc<Acl>,
     ptr: *mut c_void,
     buffers: Vec<*mut c_void>,
 }
 
-impl<'a> Dataset<'a> {
-    fn new(api: &'a AclApi, buffers: &[(*mut c_void, usize)]) -> Result<Dataset<'a>, AclError> {
+impl Dataset {
+    fn new(acl: &Arc<Acl>, buffers: &[(*mut c_void, usize)]) -> Result<Dataset, AclError> {
+        let api = acl.api();
         // SAFETY: plain constructor.
         let ptr = unsafe { (api.create_dataset)() };
         if ptr.is_null() {
@@ -47,7 +48,7 @@ impl<'a> Dataset<'a> {
             ));
         }
         let mut set = Dataset {
-            api,
+            acl: acl.clone(),
             ptr,
             buffers: Vec::new(),
         };
@@ -70,17 +71,29 @@ impl<'a> Dataset<'a> {
     }
 }
 
-impl Drop for Dataset<'_> {
+impl Drop for Dataset {
     fn drop(&mut self) {
+        let api = self.acl.api();
         // SAFETY: each handle was created above and is destroyed once.
         unsafe {
             for &b in &self.buffers {
-                (self.api.destroy_data_buffer)(b);
+                (api.destroy_data_buffer)(b);
             }
-            (self.api.destroy_dataset)(self.ptr);
+            (api.destroy_dataset)(self.ptr);
         }
     }
 }
+
+/// A model's input and output datasets, built once over device buffers
+/// that stay allocated, so each step only calls `aclmdlExecute`.
+pub struct IoBinding {
+    model_id: u32,
+    inputs: Dataset,
+    outputs: Dataset,
+}
+
+// SAFETY: datasets are plain ACL descriptors, not tied to a thread.
+unsafe impl Send for IoBinding {}
 
 fn c_str(p: *const std::ffi::c_char) -> String {
     if p.is_null() {
@@ -198,7 +211,23 @@ impl Model {
         inputs: &[&DeviceBuffer],
         outputs: &mut [&mut DeviceBuffer],
     ) -> Result<(), AclError> {
-        let api = self.acl.api();
+        let outputs: Vec<&DeviceBuffer> = outputs.iter().map(|b| &**b).collect();
+        // SAFETY: the buffers are borrowed for the whole call.
+        let binding = unsafe { self.bind(inputs, &outputs) }?;
+        self.execute_bound(&binding)
+    }
+
+    /// Builds the datasets for `inputs` and `outputs` once, for
+    /// [`Model::execute_bound`]. Checked like [`Model::execute`].
+    ///
+    /// # Safety
+    /// The buffers must stay allocated while the binding is used: ACL reads
+    /// and writes them by address at every execute.
+    pub unsafe fn bind(
+        &self,
+        inputs: &[&DeviceBuffer],
+        outputs: &[&DeviceBuffer],
+    ) -> Result<IoBinding, AclError> {
         for (what, given, want) in [
             ("inputs", inputs.len(), self.inputs.len()),
             ("outputs", outputs.len(), self.outputs.len()),
@@ -230,12 +259,29 @@ impl Model {
             inputs.iter().map(|b| (b.as_ptr(), b.size())).collect();
         let outs: Vec<(*mut c_void, usize)> =
             outputs.iter().map(|b| (b.as_ptr(), b.size())).collect();
-        let input_set = Dataset::new(api, &ins)?;
-        let output_set = Dataset::new(api, &outs)?;
-        // SAFETY: the model is loaded; both datasets are live and reference
-        // live device buffers of the declared sizes.
+        Ok(IoBinding {
+            model_id: self.id,
+            inputs: Dataset::new(&self.acl, &ins)?,
+            outputs: Dataset::new(&self.acl, &outs)?,
+        })
+    }
+
+    /// Runs the model synchronously on a binding made by [`Model::bind`].
+    pub fn execute_bound(&self, binding: &IoBinding) -> Result<(), AclError> {
+        if binding.model_id != self.id {
+            return Err(AclError::local(
+                "aclmdlExecute",
+                format!(
+                    "the datasets were bound for model {}, not {}",
+                    binding.model_id, self.id
+                ),
+            ));
+        }
+        let api = self.acl.api();
+        // SAFETY: the model is loaded; both datasets are live and, by bind's
+        // contract, reference live device buffers of the declared sizes.
         api.check("aclmdlExecute", unsafe {
-            (api.execute)(self.id, input_set.ptr, output_set.ptr)
+            (api.execute)(self.id, binding.inputs.ptr, binding.outputs.ptr)
         })
     }
 }

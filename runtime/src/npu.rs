@@ -1,0 +1,783 @@
+//! The NPU session: a compiled directory's prefill.om and decode.om run
+//! through ACL, with the KV cache kept in device memory across steps.
+//!
+//! Memory: every input and output buffer is allocated once, when the session
+//! opens, and each graph's datasets are bound over them once. The K and V
+//! caches are one device buffer each, bound as the `k_cache`/`v_cache` input
+//! of both graphs. After a step, the valid rows of `k_new`/`v_new` are copied
+//! into the caches device to device (`aclrtMemcpy` DEVICE_TO_DEVICE): the
+//! cache never crosses to the host.
+//!
+//! Run mode: on the 310B boards (Orange Pi AI Pro) Kiln runs on the board's
+//! own CPU, `aclrtGetRunMode` reports ACL_DEVICE, and host and device memory
+//! are the same DRAM (`shared/research/acl-and-om.md`, "aclrtGetRunMode").
+//! There the step inputs are written straight into their device buffers and
+//! the logits read straight out of theirs, as CANN's samples do in that mode:
+//! no host↔device copies. On a host with a PCIe card (ACL_HOST) they go
+//! through `aclrtMemcpy`.
+
+use crate::acl::{
+    Acl, AclError, AclSetupError, Device, DeviceBuffer, IoBinding, IoDesc, Model, RunMode,
+};
+use crate::compiled::{check_io, check_om_file, CompiledError, OmCheck};
+use crate::ir::{GraphNames, KvCacheLayout};
+use crate::manifest::{GraphInfo, Manifest, TensorInfo};
+use crate::om::{OmModelIo, OmTensor};
+use crate::session::{Engine, SessionError, StepInputs};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NpuError {
+    /// ACL could not be loaded (no CANN) or initialized.
+    #[error(transparent)]
+    Setup(#[from] AclSetupError),
+    #[error(transparent)]
+    Acl(#[from] AclError),
+    /// An .om disagrees with manifest.json (e.g. another KV-cache length).
+    #[error(transparent)]
+    Compiled(#[from] CompiledError),
+    #[error(
+        "{path} not found: run build_om.sh in the compiled directory on a machine with CANN's atc"
+    )]
+    MissingOm { path: PathBuf },
+    #[error("{om}: as ACL loaded it, {problem}")]
+    AclMismatch { om: PathBuf, problem: String },
+    #[error("{dir}/manifest.json: {problem}; recompile the model")]
+    Manifest { dir: PathBuf, problem: String },
+}
+
+impl NpuError {
+    /// True when no ACL library was found (no CANN on this machine).
+    pub fn is_acl_missing(&self) -> bool {
+        matches!(
+            self,
+            NpuError::Setup(AclSetupError::Load(crate::acl::LoadError::NotFound { .. }))
+        )
+    }
+}
+
+/// An element type the session converts to and from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Element {
+    I64,
+    I32,
+    F32,
+    F16,
+}
+
+impl Element {
+    fn parse(dtype: &str) -> Option<Element> {
+        match dtype {
+            "int64" => Some(Element::I64),
+            "int32" => Some(Element::I32),
+            "float32" => Some(Element::F32),
+            "float16" => Some(Element::F16),
+            _ => None,
+        }
+    }
+
+    fn size(self) -> usize {
+        match self {
+            Element::I64 => 8,
+            Element::I32 | Element::F32 => 4,
+            Element::F16 => 2,
+        }
+    }
+
+    fn is_float(self) -> bool {
+        matches!(self, Element::F32 | Element::F16)
+    }
+}
+
+fn encode_ints(values: &[i64], element: Element) -> Vec<u8> {
+    match element {
+        Element::I64 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Element::I32 => values
+            .iter()
+            .flat_map(|&v| (v as i32).to_le_bytes())
+            .collect(),
+        Element::F32 | Element::F16 => unreachable!("checked at open: integer inputs"),
+    }
+}
+
+fn encode_floats(values: &[f32], element: Element) -> Vec<u8> {
+    match element {
+        Element::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        // -inf (the mask's hidden value) is exact in f16.
+        Element::F16 => values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+        Element::I64 | Element::I32 => unreachable!("checked at open: float inputs"),
+    }
+}
+
+fn decode_floats(bytes: &[u8], element: Element) -> Vec<f32> {
+    match element {
+        Element::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Element::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Element::I64 | Element::I32 => unreachable!("checked at open: float outputs"),
+    }
+}
+
+/// One byte range to copy from a step's `k_new`/`v_new` into the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowCopy {
+    pub src: usize,
+    pub dst: usize,
+    pub len: usize,
+}
+
+/// The copies that put a step's `valid` new rows into the cache at slot
+/// `past_len`: per layer and KV head, rows `[0, valid)` of the step's
+/// `[T, head_dim]` block go to rows `[past_len, past_len + valid)` of the
+/// cache's `[max_len, head_dim]` block (the manifest's layout; the same
+/// update as [`crate::session::write_new_rows`], in bytes).
+pub fn cache_row_copies(
+    layout: &KvCacheLayout,
+    graph_tokens: usize,
+    valid: usize,
+    past_len: usize,
+    element_size: usize,
+) -> impl Iterator<Item = RowCopy> {
+    let row = layout.head_dim * element_size;
+    let (max_len, heads) = (layout.max_len, layout.layers * layout.kv_heads);
+    (0..heads).map(move |head| RowCopy {
+        src: head * graph_tokens * row,
+        dst: (head * max_len + past_len) * row,
+        len: valid * row,
+    })
+}
+
+/// A device buffer and the element type of what it holds.
+struct Staged {
+    buffer: DeviceBuffer,
+    element: Element,
+}
+
+impl Staged {
+    /// Puts `bytes` at the start of the buffer: a plain store when the
+    /// process runs on the device, else a host-to-device copy.
+    fn upload(&mut self, bytes: &[u8]) -> Result<(), AclError> {
+        match self.buffer.host_bytes_mut() {
+            Some(memory) => {
+                memory[..bytes.len()].copy_from_slice(bytes);
+                Ok(())
+            }
+            None => self.buffer.write(bytes),
+        }
+    }
+
+    /// The first `count` elements, as f32.
+    fn download_floats(&self, count: usize) -> Result<Vec<f32>, AclError> {
+        let len = count * self.element.size();
+        Ok(match self.buffer.host_bytes() {
+            Some(memory) => decode_floats(&memory[..len], self.element),
+            None => {
+                let mut bytes = vec![0u8; len];
+                self.buffer.read(&mut bytes)?;
+                decode_floats(&bytes, self.element)
+            }
+        })
+    }
+}
+
+/// One loaded graph with its buffers. Field order is drop order: the
+/// datasets go before the model, the model before the buffers.
+struct GraphRun {
+    binding: IoBinding,
+    model: Model,
+    tokens: usize,
+    input_ids: Staged,
+    position_ids: Staged,
+    attention_mask: Staged,
+    logits_index: Staged,
+    logits: Staged,
+    k_new: DeviceBuffer,
+    v_new: DeviceBuffer,
+}
+
+/// What the manifest says about one graph, checked before ACL is touched.
+struct GraphPlan<'a> {
+    info: &'a GraphInfo,
+    om: PathBuf,
+    elements: Vec<Element>,
+    output_elements: Vec<Element>,
+}
+
+impl GraphPlan<'_> {
+    fn input(&self, name: &str) -> usize {
+        self.info
+            .inputs
+            .iter()
+            .position(|t| t.name == name)
+            .expect("checked in GraphPlan::new")
+    }
+}
+
+fn numel(t: &TensorInfo) -> usize {
+    t.shape.iter().product()
+}
+
+/// The position of the manifest's output named `name`.
+fn output_position(info: &GraphInfo, name: &str) -> Option<usize> {
+    info.outputs.iter().position(|t| t.name == name)
+}
+
+/// ACL's description as the .om reader's, so [`check_io`] judges both alike.
+fn as_om_io(model: &Model) -> OmModelIo {
+    let convert = |list: &[IoDesc]| {
+        list.iter()
+            .map(|d| OmTensor {
+                name: d.name.clone(),
+                size_bytes: d.size as u64,
+                format: 2,
+                dtype: d.dtype,
+                dims: d.dims.clone(),
+            })
+            .collect()
+    };
+    OmModelIo {
+        inputs: convert(model.inputs()),
+        outputs: convert(model.outputs()),
+    }
+}
+
+/// Allocates a buffer for `tensor` as ACL sizes it (at least its bytes by
+/// the manifest's shape and dtype).
+fn alloc_for(
+    device: &Device,
+    om: &Path,
+    desc: &IoDesc,
+    tensor: &TensorInfo,
+    element: Element,
+) -> Result<DeviceBuffer, NpuError> {
+    let bytes = numel(tensor) * element.size();
+    if desc.size < bytes {
+        return Err(NpuError::AclMismatch {
+            om: om.to_path_buf(),
+            problem: format!(
+                "`{}` takes {} bytes but its shape {:?} of {} needs {bytes}",
+                tensor.name, desc.size, tensor.shape, tensor.dtype
+            ),
+        });
+    }
+    Ok(device.alloc(desc.size)?)
+}
+
+/// The reference [`crate::session::CpuSession`]'s contract, run on the NPU.
+pub struct NpuSession {
+    // Field order is drop order: graphs (datasets, models, their buffers),
+    // then the caches, then the device (stream, context, reset).
+    prefill: GraphRun,
+    decode: GraphRun,
+    k_cache: DeviceBuffer,
+    v_cache: DeviceBuffer,
+    cache_element: Element,
+    device: Device,
+    layout: KvCacheLayout,
+    vocab: usize,
+    past_len: usize,
+    description: String,
+}
+
+impl NpuSession {
+    /// Opens `dir`'s prefill and decode .om files on ACL device `device_id`,
+    /// after checking them against `manifest` (a KV length that disagrees
+    /// is refused before anything is loaded).
+    pub fn open(dir: &Path, manifest: &Manifest, device_id: i32) -> Result<NpuSession, NpuError> {
+        let kv = &manifest.kv_cache;
+        let layout = KvCacheLayout {
+            layers: kv.layers,
+            kv_heads: kv.kv_heads,
+            max_len: kv.max_len,
+            head_dim: kv.head_dim,
+        };
+        let prefill_plan = Self::plan(dir, manifest, "prefill", &layout)?;
+        let decode_plan = Self::plan(dir, manifest, "decode", &layout)?;
+        let cache_element = prefill_plan.elements[prefill_plan.input(GraphNames::K_CACHE)];
+        for plan in [&prefill_plan, &decode_plan] {
+            for name in [GraphNames::K_CACHE, GraphNames::V_CACHE] {
+                if plan.elements[plan.input(name)] != cache_element {
+                    return Err(NpuError::Manifest {
+                        dir: dir.to_path_buf(),
+                        problem: format!(
+                            "`{name}` of the {} graph has another dtype than the prefill graph's k_cache",
+                            plan.info.name
+                        ),
+                    });
+                }
+            }
+        }
+
+        let acl = Acl::init()?;
+        let device = Device::open(&acl, device_id)?;
+        let prefill_model = Self::load(&device, manifest, &prefill_plan)?;
+        let decode_model = Self::load(&device, manifest, &decode_plan)?;
+
+        // One cache buffer per K and V, as large as either graph wants.
+        let cache_bytes = [&prefill_model, &decode_model]
+            .iter()
+            .zip([&prefill_plan, &decode_plan])
+            .flat_map(|(model, plan)| {
+                [GraphNames::K_CACHE, GraphNames::V_CACHE]
+                    .map(|name| model.inputs()[plan.input(name)].size)
+            })
+            .chain([layout.cache_type().numel() * cache_element.size()])
+            .max()
+            .unwrap_or(0);
+        let mut k_cache = device.alloc(cache_bytes)?;
+        let mut v_cache = device.alloc(cache_bytes)?;
+        // Zeros, not whatever the memory held: a NaN in an unused slot would
+        // survive the additive mask (NaN + -inf is NaN).
+        for cache in [&mut k_cache, &mut v_cache] {
+            match cache.host_bytes_mut() {
+                Some(memory) => memory.fill(0),
+                None => {
+                    const CHUNK: usize = 1 << 20;
+                    let zeros = vec![0u8; CHUNK.min(cache_bytes)];
+                    for offset in (0..cache_bytes).step_by(CHUNK) {
+                        let len = CHUNK.min(cache_bytes - offset);
+                        cache.write_at(offset, &zeros[..len])?;
+                    }
+                }
+            }
+        }
+
+        let prefill = Self::prepare(&device, prefill_model, &prefill_plan, &k_cache, &v_cache)?;
+        let decode = Self::prepare(&device, decode_model, &decode_plan, &k_cache, &v_cache)?;
+        let description = Self::describe(&device, manifest);
+        Ok(NpuSession {
+            prefill,
+            decode,
+            k_cache,
+            v_cache,
+            cache_element,
+            device,
+            layout,
+            vocab: manifest.vocab_size,
+            past_len: 0,
+            description,
+        })
+    }
+
+    /// Checks one graph's manifest entry and .om file without ACL.
+    fn plan<'a>(
+        dir: &Path,
+        manifest: &'a Manifest,
+        name: &str,
+        layout: &KvCacheLayout,
+    ) -> Result<GraphPlan<'a>, NpuError> {
+        let bad = |problem: String| NpuError::Manifest {
+            dir: dir.to_path_buf(),
+            problem,
+        };
+        let info = manifest
+            .graph(name)
+            .ok_or_else(|| bad(format!("there is no `{name}` graph")))?;
+        let t = info.tokens;
+        let cache = vec![
+            layout.layers,
+            1,
+            layout.kv_heads,
+            layout.max_len,
+            layout.head_dim,
+        ];
+        let new_rows = vec![layout.layers, 1, layout.kv_heads, t, layout.head_dim];
+        let want_inputs = [
+            (GraphNames::INPUT_IDS, vec![1, t], false),
+            (GraphNames::POSITION_IDS, vec![1, t], false),
+            (
+                GraphNames::ATTENTION_MASK,
+                vec![1, 1, t, layout.max_len + t],
+                true,
+            ),
+            (GraphNames::LOGITS_INDEX, vec![1, 1], false),
+            (GraphNames::K_CACHE, cache.clone(), true),
+            (GraphNames::V_CACHE, cache, true),
+        ];
+        let want_outputs = [
+            (GraphNames::LOGITS, vec![1, 1, manifest.vocab_size]),
+            (GraphNames::K_NEW, new_rows.clone()),
+            (GraphNames::V_NEW, new_rows),
+        ];
+        if info.inputs.len() != want_inputs.len() || info.outputs.len() != want_outputs.len() {
+            return Err(bad(format!(
+                "the {name} graph has {} inputs and {} outputs; a Kiln graph has {} and {}",
+                info.inputs.len(),
+                info.outputs.len(),
+                want_inputs.len(),
+                want_outputs.len()
+            )));
+        }
+        let element = |t: &TensorInfo, float: bool| {
+            Element::parse(&t.dtype)
+                .filter(|e| e.is_float() == float)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "`{}` of the {name} graph is {}, which the NPU session does not handle here",
+                        t.name, t.dtype
+                    ))
+                })
+        };
+        for (input, shape, float) in &want_inputs {
+            let tensor = info
+                .inputs
+                .iter()
+                .find(|x| x.name == *input)
+                .ok_or_else(|| bad(format!("the {name} graph has no input `{input}`")))?;
+            if tensor.shape != *shape {
+                return Err(bad(format!(
+                    "`{input}` of the {name} graph is {:?}, the KV-cache layout makes it {shape:?}",
+                    tensor.shape
+                )));
+            }
+            element(tensor, *float)?;
+        }
+        for (output, shape) in &want_outputs {
+            let at = output_position(info, output)
+                .ok_or_else(|| bad(format!("the {name} graph has no output `{output}`")))?;
+            if info.outputs[at].shape != *shape {
+                return Err(bad(format!(
+                    "`{output}` of the {name} graph is {:?}, expected {shape:?}",
+                    info.outputs[at].shape
+                )));
+            }
+        }
+        let elements = info
+            .inputs
+            .iter()
+            .map(|t| element(t, t.dtype.starts_with("float")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let output_elements = info
+            .outputs
+            .iter()
+            .map(|t| element(t, true))
+            .collect::<Result<Vec<_>, _>>()?;
+        let element_of_input = |name: &str| {
+            info.inputs
+                .iter()
+                .position(|t| t.name == name)
+                .map(|at| elements[at])
+        };
+        let element_of_output =
+            |name: &str| output_position(info, name).map(|at| output_elements[at]);
+        if element_of_output(GraphNames::K_NEW) != element_of_input(GraphNames::K_CACHE)
+            || element_of_output(GraphNames::V_NEW) != element_of_input(GraphNames::V_CACHE)
+        {
+            return Err(bad(format!(
+                "the new K/V rows of the {name} graph differ in dtype from its caches; rows are copied as they are"
+            )));
+        }
+
+        let om = dir.join(&info.om);
+        match check_om_file(dir, manifest, info)? {
+            OmCheck::Missing => return Err(NpuError::MissingOm { path: om }),
+            // ACL describes it once loaded; that is checked then.
+            OmCheck::Matches | OmCheck::Undescribed => {}
+        }
+        Ok(GraphPlan {
+            info,
+            om,
+            elements,
+            output_elements,
+        })
+    }
+
+    /// Loads one .om and checks ACL's description of it against the manifest.
+    fn load(device: &Device, manifest: &Manifest, plan: &GraphPlan) -> Result<Model, NpuError> {
+        let model = Model::load(device, &plan.om)?;
+        check_io(plan.info, &as_om_io(&model), manifest.kv_cache.max_len).map_err(|problem| {
+            NpuError::AclMismatch {
+                om: plan.om.clone(),
+                problem,
+            }
+        })?;
+        Ok(model)
+    }
+
+    /// Allocates a graph's own buffers and binds its datasets over them and
+    /// the shared caches.
+    fn prepare(
+        device: &Device,
+        model: Model,
+        plan: &GraphPlan,
+        k_cache: &DeviceBuffer,
+        v_cache: &DeviceBuffer,
+    ) -> Result<GraphRun, NpuError> {
+        let staged = |name: &str| -> Result<Staged, NpuError> {
+            let at = plan.input(name);
+            Ok(Staged {
+                buffer: alloc_for(
+                    device,
+                    &plan.om,
+                    &model.inputs()[at],
+                    &plan.info.inputs[at],
+                    plan.elements[at],
+                )?,
+                element: plan.elements[at],
+            })
+        };
+        let output = |name: &str| -> Result<Staged, NpuError> {
+            let at = output_position(plan.info, name).expect("checked in plan");
+            Ok(Staged {
+                buffer: alloc_for(
+                    device,
+                    &plan.om,
+                    &model.outputs()[at],
+                    &plan.info.outputs[at],
+                    plan.output_elements[at],
+                )?,
+                element: plan.output_elements[at],
+            })
+        };
+        let input_ids = staged(GraphNames::INPUT_IDS)?;
+        let position_ids = staged(GraphNames::POSITION_IDS)?;
+        let attention_mask = staged(GraphNames::ATTENTION_MASK)?;
+        let logits_index = staged(GraphNames::LOGITS_INDEX)?;
+        let logits = output(GraphNames::LOGITS)?;
+        let k_new = output(GraphNames::K_NEW)?.buffer;
+        let v_new = output(GraphNames::V_NEW)?.buffer;
+
+        let inputs: Vec<&DeviceBuffer> = plan
+            .info
+            .inputs
+            .iter()
+            .map(|t| match t.name.as_str() {
+                GraphNames::INPUT_IDS => &input_ids.buffer,
+                GraphNames::POSITION_IDS => &position_ids.buffer,
+                GraphNames::ATTENTION_MASK => &attention_mask.buffer,
+                GraphNames::LOGITS_INDEX => &logits_index.buffer,
+                GraphNames::K_CACHE => k_cache,
+                GraphNames::V_CACHE => v_cache,
+                other => unreachable!("plan admits only Kiln's inputs, not {other}"),
+            })
+            .collect();
+        let outputs: Vec<&DeviceBuffer> = plan
+            .info
+            .outputs
+            .iter()
+            .map(|t| match t.name.as_str() {
+                GraphNames::LOGITS => &logits.buffer,
+                GraphNames::K_NEW => &k_new,
+                GraphNames::V_NEW => &v_new,
+                other => unreachable!("plan admits only Kiln's outputs, not {other}"),
+            })
+            .collect();
+        // SAFETY: every buffer bound here lives in the NpuSession alongside
+        // the binding, and the session drops the binding first.
+        let binding = unsafe { model.bind(&inputs, &outputs) }?;
+        Ok(GraphRun {
+            binding,
+            model,
+            tokens: plan.info.tokens,
+            input_ids,
+            position_ids,
+            attention_mask,
+            logits_index,
+            logits,
+            k_new,
+            v_new,
+        })
+    }
+
+    fn describe(device: &Device, manifest: &Manifest) -> String {
+        let acl = device.acl();
+        let version = acl.version().map(|v| format!(" {v}")).unwrap_or_default();
+        let soc = match acl.soc_name() {
+            Some(soc) => format!("soc {soc}"),
+            None => format!(
+                "soc not reported; the model was built for {}",
+                manifest.target.soc_version
+            ),
+        };
+        let mode = match device.run_mode() {
+            RunMode::Device => "runs on the device: inputs and logits without host copies",
+            RunMode::Host => "runs on a host: inputs and logits copied over the bus",
+        };
+        format!(
+            "NPU (Ascend via ACL{version}, device {}, {soc}, {mode}; {})",
+            device.id(),
+            acl.library()
+        )
+    }
+
+    /// Where this process runs relative to the NPU.
+    pub fn run_mode(&self) -> RunMode {
+        self.device.run_mode()
+    }
+
+    /// Both caches copied to the host as f32, `[layers, 1, kv_heads,
+    /// max_len, head_dim]` each: for checks and dumps, not for stepping.
+    pub fn read_kv_cache(&self) -> Result<(Vec<f32>, Vec<f32>), NpuError> {
+        let count = self.layout.cache_type().numel();
+        let read = |cache: &DeviceBuffer| -> Result<Vec<f32>, AclError> {
+            let len = count * self.cache_element.size();
+            Ok(match cache.host_bytes() {
+                Some(memory) => decode_floats(&memory[..len], self.cache_element),
+                None => {
+                    let mut bytes = vec![0u8; len];
+                    cache.read(&mut bytes)?;
+                    decode_floats(&bytes, self.cache_element)
+                }
+            })
+        };
+        Ok((read(&self.k_cache)?, read(&self.v_cache)?))
+    }
+
+    /// Runs one graph step over `tokens` (at most the graph's length).
+    fn step(&mut self, use_decode: bool, tokens: &[u32]) -> Result<Vec<f32>, NpuError> {
+        let graph = if use_decode {
+            &mut self.decode
+        } else {
+            &mut self.prefill
+        };
+        let inputs = StepInputs::new(tokens, graph.tokens, self.past_len, self.layout.max_len);
+        graph
+            .input_ids
+            .upload(&encode_ints(&inputs.input_ids, graph.input_ids.element))?;
+        graph.position_ids.upload(&encode_ints(
+            &inputs.position_ids,
+            graph.position_ids.element,
+        ))?;
+        graph.attention_mask.upload(&encode_floats(
+            &inputs.attention_mask,
+            graph.attention_mask.element,
+        ))?;
+        graph.logits_index.upload(&encode_ints(
+            &[inputs.logits_index],
+            graph.logits_index.element,
+        ))?;
+        graph.model.execute_bound(&graph.binding)?;
+        let valid = tokens.len();
+        let element_size = self.cache_element.size();
+        for (cache, new_rows) in [
+            (&mut self.k_cache, &graph.k_new),
+            (&mut self.v_cache, &graph.v_new),
+        ] {
+            for copy in cache_row_copies(
+                &self.layout,
+                graph.tokens,
+                valid,
+                self.past_len,
+                element_size,
+            ) {
+                cache.copy_from_device(copy.dst, new_rows, copy.src, copy.len)?;
+            }
+        }
+        self.past_len += valid;
+        Ok(graph.logits.download_floats(self.vocab)?)
+    }
+
+    fn run(&mut self, tokens: &[u32]) -> Result<Vec<f32>, NpuError> {
+        // ACL contexts are per thread: this may not be the opening thread.
+        self.device.bind()?;
+        if tokens.len() == 1 {
+            return self.step(true, tokens);
+        }
+        let mut logits = Vec::new();
+        for chunk in tokens.chunks(self.prefill.tokens) {
+            logits = self.step(false, chunk)?;
+        }
+        Ok(logits)
+    }
+}
+
+impl Engine for NpuSession {
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SessionError> {
+        if tokens.is_empty() {
+            return Err(SessionError::Empty);
+        }
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= self.vocab) {
+            return Err(SessionError::BadToken {
+                id,
+                vocab: self.vocab,
+            });
+        }
+        let needed = self.past_len + tokens.len();
+        if needed > self.layout.max_len {
+            return Err(SessionError::ContextFull {
+                needed,
+                capacity: self.layout.max_len,
+            });
+        }
+        let start = self.past_len;
+        self.run(tokens).map_err(|e| {
+            // A half-done prefill leaves rows the mask will hide again.
+            self.past_len = start;
+            SessionError::Npu(e)
+        })
+    }
+
+    fn position(&self) -> usize {
+        self.past_len
+    }
+
+    fn capacity(&self) -> usize {
+        self.layout.max_len
+    }
+
+    fn reset(&mut self) {
+        // Stale slots are hidden by the mask; no need to clear them.
+        self.past_len = 0;
+    }
+
+    fn device(&self) -> String {
+        self.description.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::write_new_rows;
+
+    #[test]
+    fn row_copies_match_the_host_cache_update() {
+        let layout = KvCacheLayout {
+            layers: 2,
+            kv_heads: 3,
+            max_len: 7,
+            head_dim: 4,
+        };
+        let graph_tokens = 3;
+        let new_rows: Vec<f32> = (0..2 * 3 * graph_tokens * 4)
+            .map(|i| i as f32 + 1.0)
+            .collect();
+        for (valid, past) in [(3, 0), (2, 3), (1, 6)] {
+            let mut expected = vec![0f32; 2 * 3 * 7 * 4];
+            write_new_rows(&mut expected, &new_rows, &layout, graph_tokens, valid, past);
+            let mut cache = vec![0f32; expected.len()];
+            let copies: Vec<RowCopy> =
+                cache_row_copies(&layout, graph_tokens, valid, past, 4).collect();
+            assert_eq!(copies.len(), 6, "one copy per layer and KV head");
+            for c in copies {
+                let (src, dst, len) = (c.src / 4, c.dst / 4, c.len / 4);
+                cache[dst..dst + len].copy_from_slice(&new_rows[src..src + len]);
+            }
+            assert_eq!(cache, expected, "valid {valid}, past {past}");
+        }
+    }
+
+    #[test]
+    fn floats_round_trip_through_f16_including_the_mask_value() {
+        let values = [0.0, -0.25, 3.5, f32::NEG_INFINITY, 1000.0];
+        let bytes = encode_floats(&values, Element::F16);
+        assert_eq!(bytes.len(), 10);
+        assert_eq!(decode_floats(&bytes, Element::F16), values);
+        assert_eq!(
+            decode_floats(&encode_floats(&values, Element::F32), Element::F32),
+            values
+        );
+        assert_eq!(
+            encode_ints(&[-2, 5], Element::I32),
+            [254, 255, 255, 255, 5, 0, 0, 0]
+        );
+    }
+}

@@ -1,0 +1,38 @@
+//! Builds the ACL TEST DOUBLE (acl_double.c, next to this file) with the
+//! system C compiler and reads the calls it records. Nothing built here is
+//! CANN or touches an NPU.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Compiles the test double into `dir` and returns the library's path.
+pub fn build_double(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/acl_double/acl_double.c");
+    let lib = dir.join("libacl_test_double.so");
+    let out = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .output()
+        .expect("a C compiler (cc) is needed to build the ACL test double");
+    assert!(
+        out.status.success(),
+        "building the ACL test double failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lib
+}
+
+/// The calls the double recorded, one per line.
+pub fn calls(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// How many recorded calls are exactly `call`.
+pub fn count(calls: &[String], call: &str) -> usize {
+    calls.iter().filter(|c| *c == call).count()
+}
