@@ -12,6 +12,8 @@ pub enum DiffBackend {
     /// ONNX Runtime on the ONNX graphs, through the directory's `ort_run.py`
     /// (needs Python with numpy and onnxruntime: `--python` or `$KILN_PYTHON`).
     Onnxruntime,
+    /// The .om files on ACL device 0 ([`crate::npu::NpuSession`]; needs CANN).
+    Npu,
 }
 
 impl DiffBackend {
@@ -19,6 +21,7 @@ impl DiffBackend {
         match self {
             DiffBackend::Cpu => "cpu",
             DiffBackend::Onnxruntime => "onnxruntime",
+            DiffBackend::Npu => "npu",
         }
     }
 }
@@ -78,6 +81,23 @@ fn run_backend(
     python: Option<&Path>,
 ) -> Result<(Vec<u32>, Vec<Vec<f32>>), String> {
     match backend {
+        DiffBackend::Npu => {
+            let mut session = crate::npu::NpuSession::open(&model.dir, &model.manifest, 0)
+                .map_err(|e| e.to_string())?;
+            let mut logits = session.forward(prompt).map_err(|e| e.to_string())?;
+            let (mut tokens, mut rows) = (Vec::new(), Vec::new());
+            for step in 0..steps {
+                let token = follow
+                    .and_then(|f| f.get(step).copied())
+                    .unwrap_or_else(|| crate::generate::argmax(&logits));
+                rows.push(std::mem::take(&mut logits));
+                tokens.push(token);
+                if step + 1 < steps {
+                    logits = session.forward(&[token]).map_err(|e| e.to_string())?;
+                }
+            }
+            Ok((tokens, rows))
+        }
         DiffBackend::Cpu => {
             let mut session =
                 CpuSession::new(&model.ir, &model.weights).map_err(|e| e.to_string())?;
@@ -225,6 +245,8 @@ pub enum DiffBackendArg {
     /// ONNX Runtime on prefill.onnx / decode.onnx, through the directory's
     /// ort_run.py (needs Python with numpy and onnxruntime).
     Onnxruntime,
+    /// prefill.om / decode.om on the NPU through ACL (needs CANN).
+    Npu,
 }
 
 impl From<DiffBackendArg> for DiffBackend {
@@ -232,6 +254,7 @@ impl From<DiffBackendArg> for DiffBackend {
         match b {
             DiffBackendArg::Cpu => DiffBackend::Cpu,
             DiffBackendArg::Onnxruntime => DiffBackend::Onnxruntime,
+            DiffBackendArg::Npu => DiffBackend::Npu,
         }
     }
 }

@@ -4,9 +4,11 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use kiln_runtime::compiled::CompiledModel;
+use kiln_runtime::manifest::Manifest;
+use kiln_runtime::npu::NpuSession;
 use kiln_runtime::om::OmFile;
 use kiln_runtime::run::{self, GenerationArgs};
-use kiln_runtime::session::CpuSession;
+use kiln_runtime::session::{CpuSession, Engine};
 use kiln_runtime::tokenizer::Tokenizer;
 use std::path::PathBuf;
 
@@ -46,6 +48,8 @@ enum Command {
 enum Backend {
     /// The reference interpreter on the compiled IR and weights, in f32.
     Cpu,
+    /// prefill.om and decode.om on an Ascend NPU through ACL (needs CANN).
+    Npu,
 }
 
 #[derive(clap::Args)]
@@ -54,6 +58,9 @@ struct GenerateArgs {
     model: PathBuf,
     #[arg(long, value_enum, default_value = "cpu")]
     backend: Backend,
+    /// The ACL device id for `--backend npu`.
+    #[arg(long, default_value_t = 0)]
+    device: i32,
     #[command(flatten)]
     run: GenerationArgs,
 }
@@ -96,18 +103,36 @@ fn check(dir: &std::path::Path) -> Result<(), String> {
 
 fn generate(args: GenerateArgs) -> Result<(), String> {
     run::init_threads(args.run.threads)?;
-    let model = CompiledModel::open(&args.model).map_err(|e| e.to_string())?;
-    let tokenizer = match (&args.run.prompt.prompt, model.tokenizer_path()) {
-        (Some(_), Some(path)) => Some(Tokenizer::from_file(&path).map_err(|e| e.to_string())?),
+    // The NPU runs the .om files: it needs the manifest, not the IR and
+    // reference weights the CPU backend loads.
+    let (manifest, mut engine): (Manifest, Box<dyn Engine>) = match args.backend {
+        Backend::Cpu => {
+            let model = CompiledModel::open(&args.model).map_err(|e| e.to_string())?;
+            let engine = CpuSession::new(&model.ir, &model.weights).map_err(|e| e.to_string())?;
+            (model.manifest, Box::new(engine))
+        }
+        Backend::Npu => {
+            let manifest = Manifest::load(&args.model).map_err(|e| e.to_string())?;
+            let engine = NpuSession::open(&args.model, &manifest, args.device).map_err(|e| {
+                if e.is_acl_missing() {
+                    format!("{e}\nhint: `--backend cpu` runs the model without CANN")
+                } else {
+                    e.to_string()
+                }
+            })?;
+            (manifest, Box::new(engine))
+        }
+    };
+    let tokenizer = match (&args.run.prompt.prompt, &manifest.tokenizer) {
+        (Some(_), Some(file)) => {
+            Some(Tokenizer::from_file(&args.model.join(file)).map_err(|e| e.to_string())?)
+        }
         _ => None,
     };
-    let Backend::Cpu = args.backend;
-    let mut engine = CpuSession::new(&model.ir, &model.weights).map_err(|e| e.to_string())?;
-    let options = args.run.options(
-        &model.manifest.generation.eos_token_ids,
-        model.manifest.vocab_size,
-    );
-    run::run_generation(&mut engine, tokenizer.as_ref(), &options)
+    let options = args
+        .run
+        .options(&manifest.generation.eos_token_ids, manifest.vocab_size);
+    run::run_generation(engine.as_mut(), tokenizer.as_ref(), &options)
         .map(|_| ())
         .map_err(|e| e.to_string())
 }

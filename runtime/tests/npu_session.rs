@@ -1,0 +1,582 @@
+//! NpuSession against the ACL TEST DOUBLE (tests/acl_double/acl_double.c):
+//! a C library that exports ACL's functions, keeps "device memory" on the
+//! heap and plays a fake language model (see the file's header). Nothing
+//! here runs on an NPU. These tests check Kiln's side: what is loaded,
+//! allocated, copied and executed, in which order, and where the KV rows
+//! land; and that every failure is a readable error that leaks nothing.
+//!
+//! The compiled directory is written here: a manifest.json shaped like
+//! `kiln compile`'s and .om files (by the documented layout, with
+//! MODEL_INOUT_INFO) that the double reads to describe the models.
+
+#[path = "acl_double/harness.rs"]
+mod harness;
+
+use harness::{build_double, calls, count};
+use kiln_runtime::acl::{Acl, Device, Model, RunMode};
+use kiln_runtime::manifest::Manifest;
+use kiln_runtime::npu::NpuSession;
+use kiln_runtime::om::writer::{inout_info, om_file, TensorSpec};
+use kiln_runtime::session::{Engine, SessionError};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+const LAYERS: usize = 2;
+const KV_HEADS: usize = 2;
+const MAX_LEN: usize = 8;
+const HEAD_DIM: usize = 4;
+const PREFILL: usize = 4;
+const VOCAB: usize = 32;
+
+/// ACL is per process and the double is steered by environment variables:
+/// the tests that load it in-process take turns.
+fn acl_turn() -> MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The double's k_new value for a position, layer, head and element
+/// (`kiln_pattern` in acl_double.c); v_new holds its negative.
+fn pattern(pos: usize, layer: usize, head: usize, d: usize) -> f32 {
+    (((pos * LAYERS + layer) * KV_HEADS + head) * HEAD_DIM + d + 1) as f32
+}
+
+/// The double's logits after `token` at `position`.
+fn fake_logits(token: u32, position: usize) -> Vec<f32> {
+    let target = (7 * token as usize + 3 * position + 1) % VOCAB;
+    (0..VOCAB)
+        .map(|v| {
+            if v == target {
+                8.0
+            } else {
+                -0.25 * (v % 16) as f32
+            }
+        })
+        .collect()
+}
+
+fn fake_next(token: u32, position: usize) -> u32 {
+    ((7 * token as usize + 3 * position + 1) % VOCAB) as u32
+}
+
+/// A compiled directory as `kiln compile` lays it out (manifest only; no
+/// IR or weights: the NPU path does not read them), with .om files.
+struct CompiledDir {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    lib: PathBuf,
+    log: PathBuf,
+}
+
+fn tensor(name: &str, dtype: &str, shape: &[usize]) -> serde_json::Value {
+    serde_json::json!({ "name": name, "dtype": dtype, "shape": shape })
+}
+
+fn graph(name: &str, tokens: usize, float: &str) -> serde_json::Value {
+    let cache = [LAYERS, 1, KV_HEADS, MAX_LEN, HEAD_DIM];
+    let rows = [LAYERS, 1, KV_HEADS, tokens, HEAD_DIM];
+    serde_json::json!({
+        "name": name,
+        "tokens": tokens,
+        "onnx": format!("{name}.onnx"),
+        "om": format!("{name}.om"),
+        "inputs": [
+            tensor("input_ids", "int64", &[1, tokens]),
+            tensor("position_ids", "int64", &[1, tokens]),
+            tensor("attention_mask", float, &[1, 1, tokens, MAX_LEN + tokens]),
+            tensor("logits_index", "int64", &[1, 1]),
+            tensor("k_cache", float, &cache),
+            tensor("v_cache", float, &cache),
+        ],
+        "outputs": [
+            tensor("logits", float, &[1, 1, VOCAB]),
+            tensor("k_new", float, &rows),
+            tensor("v_new", float, &rows),
+        ],
+    })
+}
+
+/// Writes `graph`'s .om as ATC would describe it, optionally with another
+/// KV-cache length.
+fn write_om(dir: &Path, manifest: &Manifest, graph: &str, kv_len: Option<i64>) {
+    let info = manifest.graph(graph).unwrap();
+    let acl_dtype = |dtype: &str| match dtype {
+        "int64" => 9,
+        "float16" => 1,
+        _ => 0,
+    };
+    let described: Vec<(String, i32, Vec<i64>)> = info
+        .inputs
+        .iter()
+        .map(|t| (t.name.clone(), t))
+        // ATC names outputs after their node and index.
+        .chain(info.outputs.iter().map(|t| (format!("{}:0", t.name), t)))
+        .map(|(name, t)| {
+            let mut dims: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+            if let (Some(len), "k_cache" | "v_cache") = (kv_len, t.name.as_str()) {
+                dims[3] = len;
+            }
+            (name, acl_dtype(&t.dtype), dims)
+        })
+        .collect();
+    let specs: Vec<TensorSpec> = described
+        .iter()
+        .map(|(name, dtype, dims)| TensorSpec {
+            name,
+            dtype: *dtype,
+            dims,
+        })
+        .collect();
+    let (inputs, outputs) = specs.split_at(info.inputs.len());
+    let bytes = om_file(
+        graph,
+        &[(0, vec![0; 8]), (8, inout_info(inputs, outputs))],
+        true,
+    );
+    std::fs::write(dir.join(&info.om), bytes).unwrap();
+}
+
+fn compiled_dir(float: &str) -> CompiledDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    std::fs::create_dir(&dir).unwrap();
+    let manifest = serde_json::json!({
+        "format": 1,
+        "kiln_version": "test",
+        "architecture": "TestForCausalLM",
+        "config_sha256": "",
+        "weights_sha256": "",
+        "target": { "name": "310b", "soc_version": "Ascend310B1" },
+        "dtype": float,
+        "opset": 17,
+        "vocab_size": VOCAB,
+        "prefill_len": PREFILL,
+        "kv_cache": {
+            "layers": LAYERS, "kv_heads": KV_HEADS, "max_len": MAX_LEN, "head_dim": HEAD_DIM,
+            "layout": "", "update": "",
+        },
+        "mask": { "layout": "", "hidden": "-inf" },
+        "graphs": [graph("prefill", PREFILL, float), graph("decode", 1, float)],
+        "ir": "model.kiln.json",
+        "reference_weights": "weights.safetensors",
+        "tokenizer": null,
+        "tokenizer_config": null,
+        "generation": { "bos_token_id": null, "eos_token_ids": [] },
+    });
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    let manifest = Manifest::load(&dir).unwrap();
+    write_om(&dir, &manifest, "prefill", None);
+    write_om(&dir, &manifest, "decode", None);
+    let lib = build_double(tmp.path());
+    let log = tmp.path().join("calls.log");
+    CompiledDir {
+        _tmp: tmp,
+        dir,
+        lib,
+        log,
+    }
+}
+
+/// Points ACL at the double, logging to `log`, in the given run mode.
+fn use_double(lib: &Path, log: &Path, run_mode: &str) {
+    std::env::set_var("KILN_ACL_LIB", lib);
+    std::env::set_var("KILN_ACL_DOUBLE_LOG", log);
+    std::env::set_var("KILN_ACL_DOUBLE_RUN_MODE", run_mode);
+    std::env::remove_var("KILN_ACL_DOUBLE_FAIL_EXECUTE");
+    std::env::remove_var("KILN_ACL_DOUBLE_FAIL_LOAD");
+    std::env::remove_var("ASCEND_HOME_PATH");
+    std::env::remove_var("ASCEND_TOOLKIT_HOME");
+}
+
+/// Cache slot `slot` of layer `layer`, head `head` in a host copy.
+fn slot(cache: &[f32], layer: usize, head: usize, slot: usize) -> &[f32] {
+    let at = ((layer * KV_HEADS + head) * MAX_LEN + slot) * HEAD_DIM;
+    &cache[at..at + HEAD_DIM]
+}
+
+/// Slots `< written` hold the pattern of their position, the rest zeros.
+fn assert_cache(session: &NpuSession, written: usize) {
+    let (k, v) = session.read_kv_cache().unwrap();
+    assert_eq!(k.len(), LAYERS * KV_HEADS * MAX_LEN * HEAD_DIM);
+    for layer in 0..LAYERS {
+        for head in 0..KV_HEADS {
+            for s in 0..MAX_LEN {
+                let want: Vec<f32> = (0..HEAD_DIM)
+                    .map(|d| {
+                        if s < written {
+                            pattern(s, layer, head, d)
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let negated: Vec<f32> = want.iter().map(|x| -x).collect();
+                assert_eq!(
+                    slot(&k, layer, head, s),
+                    want,
+                    "k layer {layer} head {head} slot {s}"
+                );
+                assert_eq!(
+                    slot(&v, layer, head, s),
+                    negated,
+                    "v layer {layer} head {head} slot {s}"
+                );
+            }
+        }
+    }
+}
+
+fn executed(calls: &[String]) -> Vec<&str> {
+    calls
+        .iter()
+        .filter(|c| c.starts_with("executed "))
+        .map(String::as_str)
+        .collect()
+}
+
+#[test]
+fn device_run_mode_session_against_the_test_double() {
+    let _turn = acl_turn();
+    let c = compiled_dir("float32");
+    use_double(&c.lib, &c.log, "device");
+    let manifest = Manifest::load(&c.dir).unwrap();
+    let mut session = NpuSession::open(&c.dir, &manifest, 0).unwrap();
+
+    // Load and describe both models, then allocate: 7 buffers per graph
+    // (4 inputs, 3 outputs) and one K and one V cache shared by both.
+    let opened = calls(&c.log);
+    let loading: Vec<&str> = opened
+        .iter()
+        .map(String::as_str)
+        .filter(|c| c.starts_with("aclmdl"))
+        .collect();
+    assert_eq!(
+        loading,
+        [
+            "aclmdlLoadFromFile prefill.om",
+            "aclmdlGetDesc",
+            "aclmdlLoadFromFile decode.om",
+            "aclmdlGetDesc"
+        ]
+    );
+    assert_eq!(count(&opened, "aclrtMalloc"), 16);
+    // Device run mode: the caches are zeroed in place, not copied to.
+    assert!(!opened.iter().any(|c| c.starts_with("aclrtMemcpy")));
+    assert_eq!(session.run_mode(), RunMode::Device);
+    let device = session.device();
+    assert!(
+        device.starts_with("NPU (Ascend via ACL 0.0.0, device 0, soc none (ACL test double)")
+            && device.contains("runs on the device")
+            && device.contains("libacl_test_double.so"),
+        "{device}"
+    );
+    assert_cache(&session, 0);
+
+    // Six prompt tokens: two prefill steps of four, the second padded.
+    let prompt = [3, 1, 4, 1, 5, 9];
+    let logits = session.forward(&prompt).unwrap();
+    assert_eq!(logits, fake_logits(9, 5));
+    assert_eq!(session.position(), 6);
+    // Rows 0..6 came from k_new/v_new; the padding rows were not written.
+    assert_cache(&session, 6);
+
+    // Decode: one token a step; the double checks each step sees the cache
+    // slots the mask shows filled as the earlier steps left them.
+    let mut token = fake_next(9, 5);
+    for position in 6..8 {
+        let logits = session.forward(&[token]).unwrap();
+        assert_eq!(logits, fake_logits(token, position));
+        token = fake_next(token, position);
+    }
+    assert_cache(&session, 8);
+    let full = session.forward(&[token]).unwrap_err();
+    assert!(
+        matches!(
+            full,
+            SessionError::ContextFull {
+                needed: 9,
+                capacity: 8
+            }
+        ),
+        "{full}"
+    );
+    assert!(matches!(session.forward(&[]), Err(SessionError::Empty)));
+    assert!(matches!(
+        session.forward(&[VOCAB as u32]),
+        Err(SessionError::BadToken { id: 32, .. })
+    ));
+
+    let stepped = calls(&c.log);
+    assert_eq!(
+        executed(&stepped),
+        [
+            "executed prefill.om past=0",
+            "executed prefill.om past=4",
+            "executed decode.om past=6",
+            "executed decode.om past=7",
+        ]
+    );
+    // No buffer was allocated after open; the only copies are the cache
+    // rows, device to device: one per layer and head, for K and for V.
+    assert_eq!(count(&stepped, "aclrtMalloc"), 16);
+    let copies: Vec<&String> = stepped
+        .iter()
+        .filter(|c| c.starts_with("aclrtMemcpy"))
+        .collect();
+    assert_eq!(copies.len(), 4 * 2 * LAYERS * KV_HEADS);
+    assert!(copies.iter().all(|c| *c == "aclrtMemcpy device_to_device"));
+
+    // A new conversation reuses the cache; stale slots are masked.
+    session.reset();
+    assert_eq!(session.position(), 0);
+    assert_eq!(session.forward(&[2, 7]).unwrap(), fake_logits(7, 1));
+    assert_eq!(session.forward(&[11]).unwrap(), fake_logits(11, 2));
+
+    // A failing execute is a readable error; the position stays, and the
+    // next step runs on (the double again checks the cache it sees).
+    std::env::set_var("KILN_ACL_DOUBLE_FAIL_EXECUTE", "1");
+    let err = session.forward(&[5, 6, 7]).unwrap_err().to_string();
+    std::env::remove_var("KILN_ACL_DOUBLE_FAIL_EXECUTE");
+    assert_eq!(
+        err,
+        "aclmdlExecute failed with ACL error 507011 (a runtime (aclrt) error): test double: execute failed as the test asked"
+    );
+    assert_eq!(session.position(), 3);
+    assert_eq!(session.forward(&[5, 6]).unwrap(), fake_logits(6, 4));
+    assert_eq!(session.position(), 5);
+    drop(session);
+
+    // Everything released, in order: each graph's datasets and model, then
+    // its buffers, then the caches, the stream, context and device.
+    let all = calls(&c.log);
+    assert_eq!(count(&all, "aclrtFree"), 16);
+    assert_eq!(all.last().unwrap(), "live objects at finalize: 0");
+    let teardown: Vec<&str> = all
+        .iter()
+        .skip_while(|c| !c.starts_with("aclmdlUnload"))
+        .map(String::as_str)
+        .filter(|c| *c != "aclrtFree")
+        .collect();
+    assert_eq!(
+        teardown,
+        [
+            "aclmdlUnload prefill.om",
+            "aclmdlUnload decode.om",
+            "aclrtDestroyStream",
+            "aclrtDestroyContext",
+            "aclrtResetDevice",
+            "aclFinalize",
+            "live objects at finalize: 0",
+        ]
+    );
+}
+
+#[test]
+fn host_run_mode_copies_inputs_and_logits_in_float16() {
+    let _turn = acl_turn();
+    let c = compiled_dir("float16");
+    use_double(&c.lib, &c.log, "host");
+    let manifest = Manifest::load(&c.dir).unwrap();
+    let mut session = NpuSession::open(&c.dir, &manifest, 0).unwrap();
+    assert_eq!(session.run_mode(), RunMode::Host);
+    assert!(session.device().contains("runs on a host"));
+    let opened = calls(&c.log);
+    // The caches are zeroed from the host: one write each.
+    assert_eq!(count(&opened, "aclrtMemcpy host_to_device"), 2);
+
+    // Three tokens: one prefill step; f16 mask in, f16 logits and rows out.
+    assert_eq!(session.forward(&[4, 8, 15]).unwrap(), fake_logits(15, 2));
+    assert_eq!(session.forward(&[16]).unwrap(), fake_logits(16, 3));
+    assert_cache(&session, 4);
+
+    let stepped: Vec<String> = calls(&c.log).split_off(opened.len());
+    // Per step: four inputs written, the logits read, the cache rows moved
+    // device to device (the cache itself never crosses to the host).
+    assert_eq!(count(&stepped, "aclrtMemcpy host_to_device"), 2 * 4);
+    let cache_reads = 2; // assert_cache reads K and V once
+    assert_eq!(
+        count(&stepped, "aclrtMemcpy device_to_host"),
+        2 + cache_reads
+    );
+    assert_eq!(
+        count(&stepped, "aclrtMemcpy device_to_device"),
+        2 * 2 * LAYERS * KV_HEADS
+    );
+    assert_eq!(count(&stepped, "aclrtMalloc"), 0);
+    drop(session);
+    assert_eq!(calls(&c.log).last().unwrap(), "live objects at finalize: 0");
+}
+
+#[test]
+fn the_double_rejects_a_cache_the_steps_did_not_fill() {
+    // Shows the double's cache check is not vacuous: a prefill.om executed
+    // directly, with a mask showing one past slot that nobody wrote.
+    let _turn = acl_turn();
+    let c = compiled_dir("float32");
+    use_double(&c.lib, &c.log, "device");
+    let acl = Acl::init().unwrap();
+    let device = Device::open(&acl, 0).unwrap();
+    let model = Model::load(&device, &c.dir.join("prefill.om")).unwrap();
+    let mut inputs: Vec<_> = model
+        .inputs()
+        .iter()
+        .map(|d| device.alloc(d.size).unwrap())
+        .collect();
+    let mut outputs: Vec<_> = model
+        .outputs()
+        .iter()
+        .map(|d| device.alloc(d.size).unwrap())
+        .collect();
+    let width = MAX_LEN + PREFILL;
+    let mut mask = vec![f32::NEG_INFINITY; PREFILL * width];
+    mask[0] = 0.0; // slot 0 shown
+    mask[MAX_LEN] = 0.0;
+    let bytes: Vec<u8> = mask.iter().flat_map(|x| x.to_le_bytes()).collect();
+    inputs[2].write(&bytes).unwrap();
+    inputs[1].write(&1i64.to_le_bytes()).unwrap(); // position 1 follows slot 0
+    let ins: Vec<_> = inputs.iter().collect();
+    let mut outs: Vec<_> = outputs.iter_mut().collect();
+    let err = model.execute(&ins, &mut outs).unwrap_err();
+    assert_eq!(
+        err.message,
+        "test double: k_cache layer 0 head 0 slot 0 holds 0, expected 1"
+    );
+}
+
+#[test]
+fn refusals_are_explained_and_leak_nothing() {
+    let _turn = acl_turn();
+    let c = compiled_dir("float32");
+    let manifest = Manifest::load(&c.dir).unwrap();
+
+    // No ACL anywhere: the error says where it looked.
+    use_double(&c.lib, &c.log, "device");
+    std::env::set_var("KILN_ACL_LIB", c.dir.join("missing/libascendcl.so"));
+    let err = NpuSession::open(&c.dir, &manifest, 0).err().unwrap();
+    assert!(err.is_acl_missing());
+    let text = err.to_string();
+    assert!(
+        text.starts_with("ACL not found; looked in: ")
+            && text.contains("missing/libascendcl.so")
+            && text.contains("/usr/local/Ascend"),
+        "{text}"
+    );
+
+    // An .om built for another KV length: refused before ACL loads anything.
+    use_double(&c.lib, &c.log, "device");
+    write_om(&c.dir, &manifest, "decode", Some(16));
+    let err = NpuSession::open(&c.dir, &manifest, 0)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("decode.om")
+            && err.contains("`k_cache` is [2, 1, 2, 16, 4] in the .om but [2, 1, 2, 8, 4]")
+            && err.contains("different KV-cache length than manifest.json's 8"),
+        "{err}"
+    );
+    assert!(calls(&c.log).is_empty(), "{:?}", calls(&c.log));
+    write_om(&c.dir, &manifest, "decode", None);
+
+    // No .om yet.
+    std::fs::rename(c.dir.join("prefill.om"), c.dir.join("prefill.om.bak")).unwrap();
+    let err = NpuSession::open(&c.dir, &manifest, 0)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("prefill.om not found: run build_om.sh"),
+        "{err}"
+    );
+    std::fs::rename(c.dir.join("prefill.om.bak"), c.dir.join("prefill.om")).unwrap();
+
+    // decode.om fails to load: prefill.om, already loaded, is unloaded.
+    std::env::set_var("KILN_ACL_DOUBLE_FAIL_LOAD", "decode.om");
+    let err = NpuSession::open(&c.dir, &manifest, 0)
+        .err()
+        .unwrap()
+        .to_string();
+    std::env::remove_var("KILN_ACL_DOUBLE_FAIL_LOAD");
+    assert!(
+        err.starts_with(
+            "aclmdlLoadFromFile failed with ACL error 100014 (ACL_ERROR_READ_MODEL_FAILURE)"
+        ) && err.contains("loading decode.om failed as the test asked"),
+        "{err}"
+    );
+    let log = calls(&c.log);
+    assert_eq!(count(&log, "aclmdlUnload prefill.om"), 1);
+    assert_eq!(log.last().unwrap(), "live objects at finalize: 0");
+
+    // A device that does not exist.
+    let err = NpuSession::open(&c.dir, &manifest, 1)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("aclrtSetDevice failed with ACL error 107001"),
+        "{err}"
+    );
+    assert_eq!(calls(&c.log).last().unwrap(), "live objects at finalize: 0");
+}
+
+fn kiln_run(c: &CompiledDir, lib: &Path, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kiln-run"))
+        .arg("generate")
+        .arg(&c.dir)
+        .args(extra)
+        .env("KILN_ACL_LIB", lib)
+        .env("KILN_ACL_DOUBLE_LOG", &c.log)
+        .env_remove("KILN_ACL_DOUBLE_RUN_MODE")
+        .env_remove("ASCEND_HOME_PATH")
+        .env_remove("ASCEND_TOOLKIT_HOME")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn kiln_run_generate_with_backend_npu() {
+    let c = compiled_dir("float16");
+    let args = [
+        "--backend",
+        "npu",
+        "--token-ids",
+        "3,1,4,1,5",
+        "--max-new-tokens",
+        "3",
+    ];
+    let out = kiln_run(&c, &c.lib, &args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Greedy through the fake model: each token follows from the last.
+    let first = fake_next(5, 4);
+    let second = fake_next(first, 5);
+    let third = fake_next(second, 6);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{first},{second},{third}")
+    );
+    assert!(
+        stderr.contains("device:  NPU (Ascend via ACL 0.0.0, device 0, soc none (ACL test double)"),
+        "{stderr}"
+    );
+    assert_eq!(
+        executed(&calls(&c.log)),
+        [
+            "executed prefill.om past=0",
+            "executed prefill.om past=4",
+            "executed decode.om past=5",
+            "executed decode.om past=6",
+        ]
+    );
+
+    // Without ACL: where it looked, and the way out.
+    let out = kiln_run(&c, &c.dir.join("no/libascendcl.so"), &args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.starts_with("error: ACL not found; looked in: ")
+            && stderr.contains("no/libascendcl.so")
+            && stderr.contains("--backend cpu"),
+        "{stderr}"
+    );
+}
