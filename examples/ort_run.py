@@ -5,15 +5,22 @@ decode step per token, with the host writing each step's new K/V rows into
 the cache as manifest.json describes.
 
     python examples/ort_run.py COMPILED_DIR --token-ids 3,17,250 --max-new-tokens 8 \\
-        [--save-logits logits.npy] [--ignore-eos]
+        [--save-logits logits.npy] [--ignore-eos] \\
+        [--dump model.layers.0.mlp_residual,logits --dump-dir DIR]
 
 It takes the same options as `kiln generate` and prints the generated ids the
 same way (comma-separated on stdout), so the two can be compared file to file.
-Needs numpy and onnxruntime.
+Needs numpy and onnxruntime (and onnx for --dump).
+
+--dump saves intermediate values, by IR value name (the ONNX graphs keep the
+IR's names), as DIR/step<N>/<name>.npy in f32: each is added as an extra
+graph output when the sessions are created. Step N's values come from the
+graph run that produced step N's logits (a long prompt's last prefill chunk).
 """
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,16 +29,55 @@ import numpy as np
 import onnxruntime as ort
 
 
+def file_stem(name: str) -> str:
+    """The dump file name of a value (as `kiln diff` names them)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def with_outputs(path: Path, names: list, float_type, options: "ort.SessionOptions") -> "ort.InferenceSession":
+    """A session on the model with `names` added as graph outputs: ORT can
+    return any intermediate value once it is listed as one."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    computed = {out for node in graph.node for out in node.output}
+    missing = [n for n in names if n not in computed]
+    if missing:
+        sys.exit(f"{path.name} computes no value named {', '.join(missing)}")
+    outputs = {o.name for o in graph.output}
+    dtype = onnx.TensorProto.FLOAT16 if float_type == np.float16 else onnx.TensorProto.FLOAT
+    for name in names:
+        if name not in outputs:
+            graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, None))
+    # Created from bytes, ORT needs to be told where external weights live.
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent.resolve()))
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception:  # an ORT without that option: load the weights too (< 2 GB)
+        model = onnx.load(str(path))
+        for name in names:
+            if name not in outputs:
+                model.graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, None))
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 class OrtSession:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, dump: "list[str] | None" = None):
         self.manifest = json.loads((directory / "manifest.json").read_text())
         m = self.manifest
         self.float = {"float32": np.float32, "float16": np.float16}[m["dtype"]]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        self.dump = dump or []
+        self.dumped = {}  # the last graph run's values, by name
         self.graphs = {}
         for graph in m["graphs"]:
-            session = ort.InferenceSession(str(directory / graph["onnx"]), options, providers=["CPUExecutionProvider"])
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            path = directory / graph["onnx"]
+            if self.dump:
+                session = with_outputs(path, self.dump, self.float, options)
+            else:
+                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             self.graphs[graph["name"]] = (graph, session)
         kv = m["kv_cache"]
         self.max_len = kv["max_len"]
@@ -62,7 +108,8 @@ class OrtSession:
             "k_cache": self.k_cache,
             "v_cache": self.v_cache,
         }
-        logits, k_new, v_new = session.run(["logits", "k_new", "v_new"], feeds)
+        logits, k_new, v_new, *dumped = session.run(["logits", "k_new", "v_new", *self.dump], feeds)
+        self.dumped = {name: value.astype(np.float32) for name, value in zip(self.dump, dumped)}
         self.k_cache[:, :, :, past : past + valid] = k_new[:, :, :, :valid]
         self.v_cache[:, :, :, past : past + valid] = v_new[:, :, :, :valid]
         self.past += valid
@@ -87,14 +134,28 @@ def main() -> None:
     parser.add_argument("--save-logits", type=Path, help="f32 .npy of shape [new tokens, vocab]")
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--follow-ids", help="feed these generated ids instead of the argmax (for diffs: both sides see the same tokens)")
+    parser.add_argument("--dump", nargs="+", metavar="NAME[,NAME...]", help="save these IR values of every step (needs --dump-dir)")
+    parser.add_argument("--dump-dir", type=Path, help="where --dump writes step<N>/<name>.npy")
     args = parser.parse_args()
+    dump = [n for arg in args.dump or [] for n in arg.split(",") if n]
+    if dump and not args.dump_dir:
+        parser.error("--dump needs --dump-dir")
 
-    session = OrtSession(args.compiled_dir)
+    session = OrtSession(args.compiled_dir, dump)
     prompt = [int(t) for t in args.token_ids.split(",")]
     eos = set() if args.ignore_eos else set(session.manifest["generation"]["eos_token_ids"])
+
+    def save_dumps(step: int) -> None:
+        if dump:
+            step_dir = args.dump_dir / f"step{step}"
+            step_dir.mkdir(parents=True, exist_ok=True)
+            for name, value in session.dumped.items():
+                np.save(step_dir / f"{file_stem(name)}.npy", value)
+
     start = time.perf_counter()
     logits = session.forward(prompt)
     prefill = time.perf_counter() - start
+    save_dumps(0)
     rows, tokens = [], []
     start = time.perf_counter()
     follow = [int(t) for t in args.follow_ids.split(",")] if args.follow_ids else []
@@ -105,6 +166,7 @@ def main() -> None:
         if token in eos or len(tokens) == args.max_new_tokens or session.past >= session.max_len:
             break
         logits = session.forward([token])
+        save_dumps(len(tokens))
     decode = time.perf_counter() - start
     print(",".join(map(str, tokens)))
     if args.save_logits:

@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod compile;
 pub mod frontend;
+pub mod import;
 pub mod output;
 pub mod passes;
 

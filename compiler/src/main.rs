@@ -32,9 +32,51 @@ enum Command {
     /// Compile a model into prefill/decode ONNX graphs for ATC, with a
     /// build_om.sh that turns them into .om models and a manifest.
     Compile(CompileArgs),
+    /// Write a model (a .gguf file, say) as a plain Hugging Face directory:
+    /// config.json, model.safetensors, tokenizer.json, tokenizer_config.json.
+    Import(ImportArgs),
+    /// Print a prompt's token ids (through the chat template with --chat)
+    /// without running the model: for checking tokenization and templates.
+    Tokenize(TokenizeArgs),
     /// Run the same tokens through two backends of a compiled model and
     /// compare their logits step by step; exits 1 past the thresholds.
     Diff(kiln_runtime::diff::DiffArgs),
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// A .gguf file (or a Hugging Face model directory).
+    model: PathBuf,
+    /// The directory to write.
+    output: PathBuf,
+    /// How to store the weights (GGUF blocks are dequantized to f32 first).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: ImportDTypeArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ImportDTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    /// A Hugging Face model directory or a .gguf file.
+    model: PathBuf,
+    /// The text to tokenize.
+    #[arg(long)]
+    prompt: String,
+    /// Render --prompt as a user message through the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// With --chat: a system message first.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// Also print the tokens decoded back to text (special tokens included) on stderr.
+    #[arg(long)]
+    show_text: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -135,6 +177,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect(args),
         Command::Generate(args) => generate_command(args),
+        Command::Tokenize(args) => tokenize_command(args),
+        Command::Import(args) => import_command(args),
         Command::Compile(args) => compile_command(args),
         Command::Diff(args) => kiln_runtime::diff::diff_command(&args).map_err(anyhow::Error::msg),
     }
@@ -269,9 +313,62 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
         Some(_) => Some(model.tokenizer().map_err(anyhow::Error::msg)?),
         None => None,
     };
+    let template = if args.run.prompt.chat {
+        model.chat_template()?
+    } else {
+        None
+    };
     let Backend::Cpu = args.backend;
     let mut engine = CpuSession::new(&ir, &model.weights)?;
-    let options = args.run.options(&model.eos_token_ids, ir.info.vocab_size);
+    let mut options = args.run.options(&model.eos_token_ids, ir.info.vocab_size);
+    options.chat_template = template.as_ref();
     run::run_generation(&mut engine, tokenizer.as_ref(), &options)?;
+    Ok(())
+}
+
+fn tokenize_command(args: TokenizeArgs) -> Result<()> {
+    let model = kiln::frontend::HfModel::open(&args.model)?;
+    let tokenizer = model.tokenizer().map_err(anyhow::Error::msg)?;
+    let template = if args.chat {
+        model.chat_template()?
+    } else {
+        None
+    };
+    let prompt = if args.chat {
+        run::Prompt::Chat {
+            system: args.system.as_deref(),
+            user: &args.prompt,
+        }
+    } else {
+        run::Prompt::Text(&args.prompt)
+    };
+    let ids = prompt.encode(Some(&tokenizer), template.as_ref())?;
+    if args.show_text {
+        eprintln!("{}", tokenizer.decode_all(&ids)?);
+    }
+    let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+    println!("{}", ids.join(","));
+    Ok(())
+}
+
+fn import_command(args: ImportArgs) -> Result<()> {
+    use kiln::import::{import, ImportDType};
+    let model = kiln::frontend::HfModel::open(&args.model)?;
+    let dtype = match args.dtype {
+        ImportDTypeArg::F32 => ImportDType::F32,
+        ImportDTypeArg::F16 => ImportDType::F16,
+        ImportDTypeArg::Bf16 => ImportDType::BF16,
+    };
+    let report = import(&model, &args.output, dtype)?;
+    println!(
+        "wrote {} ({} tensors, {:.1} MB of weights): {}",
+        args.output.display(),
+        report.tensors,
+        report.bytes as f64 / 1e6,
+        report.files.join(", ")
+    );
+    if let Some(why) = &model.no_tokenizer_reason {
+        println!("note: no tokenizer was written: {why}");
+    }
     Ok(())
 }

@@ -286,17 +286,17 @@ pub struct DiffArgs {
 /// Runs the diff and prints its table; `Err` (exit 1) past the thresholds.
 pub fn diff_command(args: &DiffArgs) -> Result<(), String> {
     let model = crate::compiled::CompiledModel::open(&args.model).map_err(|e| e.to_string())?;
-    let prompt: Vec<u32> = match args.prompt.prompt() {
-        crate::run::Prompt::Text(text) => {
-            let path = model
-                .tokenizer_path()
-                .ok_or("the compiled directory has no tokenizer.json; use --token-ids")?;
-            crate::tokenizer::Tokenizer::from_file(&path)
-                .and_then(|t| t.encode(text))
-                .map_err(|e| e.to_string())?
+    let tokenizer = match (&args.prompt.prompt, model.tokenizer_path()) {
+        (Some(_), Some(path)) => {
+            Some(crate::tokenizer::Tokenizer::from_file(&path).map_err(|e| e.to_string())?)
         }
-        crate::run::Prompt::Ids(ids) => ids.to_vec(),
+        _ => None,
     };
+    let template = crate::chat::ChatTemplate::from_dir(&model.dir).map_err(|e| e.to_string())?;
+    let prompt = args
+        .prompt
+        .encode(tokenizer.as_ref(), template.as_ref())
+        .map_err(|e| e.to_string())?;
     let (a, b) = (DiffBackend::from(args.a), DiffBackend::from(args.b));
     let report = diff_backends(&model, a, b, &prompt, args.steps, args.python.as_deref())?;
     let thresholds = Thresholds {

@@ -5,6 +5,7 @@
 //! builds for the aarch64 boards Kiln targets.
 
 pub mod acl;
+pub mod chat;
 pub mod compiled;
 pub mod diff;
 pub mod generate;

@@ -2,6 +2,7 @@
 //! Face directory, `kiln-run generate` on a compiled one): encode the
 //! prompt, run, stream text or ids to stdout, report speed to stderr.
 
+use crate::chat::{ChatMessage, ChatTemplate};
 use crate::generate::{argmax, generate, GenerationOptions, GenerationReport, StopReason};
 use crate::npy::{self, NpyError};
 use crate::sampling::Sampling;
@@ -24,15 +25,37 @@ pub struct PromptArgs {
     /// generated ids are printed instead of text).
     #[arg(long, value_delimiter = ',')]
     pub token_ids: Option<Vec<u32>>,
+    /// Send --prompt as a user message through the model's chat template
+    /// (from tokenizer_config.json, chat_template.jinja or the GGUF), as
+    /// transformers' apply_chat_template does: for instruction-tuned models.
+    #[arg(long, requires = "prompt")]
+    pub chat: bool,
+    /// With --chat: a system message to start the conversation with.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
 }
 
 impl PromptArgs {
     pub fn prompt(&self) -> Prompt<'_> {
         match (&self.prompt, &self.token_ids) {
+            (Some(text), _) if self.chat => Prompt::Chat {
+                system: self.system.as_deref(),
+                user: text,
+            },
             (Some(text), _) => Prompt::Text(text),
             (None, Some(ids)) => Prompt::Ids(ids),
             (None, None) => unreachable!("clap requires --prompt or --token-ids"),
         }
+    }
+
+    /// The prompt's token ids: encoded by `tokenizer`, through `template`
+    /// for --chat.
+    pub fn encode(
+        &self,
+        tokenizer: Option<&Tokenizer>,
+        template: Option<&ChatTemplate>,
+    ) -> Result<Vec<u32>, RunError> {
+        self.prompt().encode(tokenizer, template)
     }
 }
 
@@ -80,6 +103,7 @@ impl GenerationArgs {
     pub fn options(&self, eos: &[u32], vocab_size: usize) -> RunOptions<'_> {
         RunOptions {
             prompt: self.prompt.prompt(),
+            chat_template: None,
             max_new_tokens: self.max_new_tokens,
             eos_token_ids: if self.ignore_eos {
                 Vec::new()
@@ -102,12 +126,57 @@ impl GenerationArgs {
 
 pub enum Prompt<'a> {
     Text(&'a str),
+    /// A user message (after an optional system message) rendered by the
+    /// model's chat template.
+    Chat {
+        system: Option<&'a str>,
+        user: &'a str,
+    },
     /// Token ids: the output is ids too, comma-separated.
     Ids(&'a [u32]),
 }
 
+impl Prompt<'_> {
+    pub fn encode(
+        &self,
+        tokenizer: Option<&Tokenizer>,
+        template: Option<&ChatTemplate>,
+    ) -> Result<Vec<u32>, RunError> {
+        let no_tokenizer = || {
+            RunError::Usage(
+                "the model has no tokenizer.json; pass the prompt as --token-ids instead".into(),
+            )
+        };
+        match self {
+            Prompt::Ids(ids) => Ok(ids.to_vec()),
+            Prompt::Text(text) => Ok(tokenizer.ok_or_else(no_tokenizer)?.encode(text)?),
+            Prompt::Chat { system, user } => {
+                let tokenizer = tokenizer.ok_or_else(no_tokenizer)?;
+                let template = template.ok_or_else(|| {
+                    RunError::Usage(
+                        "the model has no chat template (no chat_template in tokenizer_config.json, \
+                         no chat_template.jinja); drop --chat and write the prompt out in full"
+                            .into(),
+                    )
+                })?;
+                let mut messages = Vec::new();
+                if let Some(system) = system {
+                    messages.push(ChatMessage::new("system", system));
+                }
+                messages.push(ChatMessage::new("user", user));
+                let text = template.render(&messages, true)?;
+                // The template writes every special token itself, as
+                // apply_chat_template's tokenization assumes.
+                Ok(tokenizer.encode_plain(&text)?)
+            }
+        }
+    }
+}
+
 pub struct RunOptions<'a> {
     pub prompt: Prompt<'a>,
+    /// The model's chat template, for [`Prompt::Chat`].
+    pub chat_template: Option<&'a ChatTemplate>,
     pub max_new_tokens: usize,
     pub eos_token_ids: Vec<u32>,
     pub save_logits: Option<&'a Path>,
@@ -125,6 +194,8 @@ pub enum RunError {
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
     Npy(#[from] NpyError),
+    #[error(transparent)]
+    Chat(#[from] crate::chat::ChatError),
     #[error("cannot write to stdout: {0}")]
     Stdout(#[from] std::io::Error),
     #[error("{0}")]
@@ -136,15 +207,7 @@ pub fn run_generation(
     tokenizer: Option<&Tokenizer>,
     options: &RunOptions,
 ) -> Result<GenerationReport, RunError> {
-    let prompt: Vec<u32> = match (&options.prompt, tokenizer) {
-        (Prompt::Text(text), Some(tok)) => tok.encode(text)?,
-        (Prompt::Text(_), None) => {
-            return Err(RunError::Usage(
-                "the model has no tokenizer.json; pass the prompt as --token-ids instead".into(),
-            ))
-        }
-        (Prompt::Ids(ids), _) => ids.to_vec(),
-    };
+    let prompt = options.prompt.encode(tokenizer, options.chat_template)?;
     if prompt.is_empty() {
         return Err(RunError::Usage("the prompt is empty".into()));
     }
@@ -172,7 +235,7 @@ pub fn run_generation(
         record_logits: options.save_logits.is_some(),
         sampling: options.sampling.clone(),
     };
-    let text_output = matches!(options.prompt, Prompt::Text(_));
+    let text_output = !matches!(options.prompt, Prompt::Ids(_));
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut stream = tokenizer.filter(|_| text_output).map(TextStream::new);
@@ -200,6 +263,10 @@ pub fn run_generation(
         let rows = report.logits.len();
         npy::write_f32(path, &[rows, options.vocab_size], &report.logits.concat())?;
     }
+    eprintln!(
+        "first token after {:.1} ms",
+        report.prefill_time.as_secs_f64() * 1e3
+    );
     eprintln!(
         "prefill: {} tokens in {:.1} ms ({:.1} tok/s)",
         report.prompt_tokens,

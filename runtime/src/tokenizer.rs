@@ -45,9 +45,27 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Token ids for `text` alone, adding no special tokens (for text a chat
+    /// template rendered, which writes its own).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         self.inner
             .decode(ids, true)
+            .map_err(|e| TokenizerError::Decode(e.to_string()))
+    }
+
+    /// The text of `ids` with special tokens written out, to show exactly
+    /// what a model sees.
+    pub fn decode_all(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.inner
+            .decode(ids, false)
             .map_err(|e| TokenizerError::Decode(e.to_string()))
     }
 

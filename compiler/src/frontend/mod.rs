@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod rope;
 
 use config::{ConfigError, ModelConfig};
+use kiln_runtime::chat::{ChatError, ChatTemplate};
 use kiln_runtime::ir::model::{ModelInfo, FORMAT_VERSION};
 use kiln_runtime::ir::{IrError, KvCacheLayout, ModelIr};
 use kiln_runtime::tokenizer::Tokenizer;
@@ -101,6 +102,7 @@ pub struct SideFiles {
     pub tokenizer: Option<Vec<u8>>,
     pub tokenizer_config: Option<Vec<u8>>,
     pub generation_config: Option<Vec<u8>>,
+    pub chat_template: Option<Vec<u8>>,
 }
 
 impl SideFiles {
@@ -108,6 +110,7 @@ impl SideFiles {
     pub const TOKENIZER: &'static str = "tokenizer.json";
     pub const TOKENIZER_CONFIG: &'static str = "tokenizer_config.json";
     pub const GENERATION_CONFIG: &'static str = "generation_config.json";
+    pub const CHAT_TEMPLATE: &'static str = kiln_runtime::chat::TEMPLATE_FILE;
 
     fn read_dir(dir: &Path) -> Result<SideFiles, FrontendError> {
         let read = |name: &str| -> Result<Option<Vec<u8>>, FrontendError> {
@@ -124,6 +127,7 @@ impl SideFiles {
             tokenizer: read(Self::TOKENIZER)?,
             tokenizer_config: read(Self::TOKENIZER_CONFIG)?,
             generation_config: read(Self::GENERATION_CONFIG)?,
+            chat_template: read(Self::CHAT_TEMPLATE)?,
         })
     }
 
@@ -134,6 +138,7 @@ impl SideFiles {
             (Self::TOKENIZER, self.tokenizer.as_ref()),
             (Self::TOKENIZER_CONFIG, self.tokenizer_config.as_ref()),
             (Self::GENERATION_CONFIG, self.generation_config.as_ref()),
+            (Self::CHAT_TEMPLATE, self.chat_template.as_ref()),
         ]
         .into_iter()
         .filter_map(|(name, bytes)| Some((name, bytes?.as_slice())))
@@ -158,7 +163,10 @@ pub struct HfModel {
 impl HfModel {
     /// Opens a model directory or a .gguf file.
     pub fn open(path: &Path) -> Result<HfModel, FrontendError> {
-        if path.is_file() && is_gguf(path) {
+        let gguf_name = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        if path.is_file() && (gguf_name || is_gguf(path)) {
             return Self::open_gguf(path);
         }
         if !path.join(SideFiles::CONFIG).is_file() {
@@ -226,6 +234,29 @@ impl HfModel {
             no_tokenizer_reason,
             eos_token_ids,
         })
+    }
+
+    /// The model's chat template, if it has one.
+    pub fn chat_template(&self) -> Result<Option<ChatTemplate>, ChatError> {
+        // A GGUF's files were rebuilt from the GGUF itself: name it in errors.
+        let origin = |name: &str| match self.source.is_dir() {
+            true => self.source.join(name),
+            false => self.source.clone(),
+        };
+        let (config_path, template_path) = (
+            origin(SideFiles::TOKENIZER_CONFIG),
+            origin(SideFiles::CHAT_TEMPLATE),
+        );
+        ChatTemplate::from_files(
+            self.files
+                .tokenizer_config
+                .as_deref()
+                .map(|b| (b, config_path.as_path())),
+            self.files
+                .chat_template
+                .as_deref()
+                .map(|b| (b, template_path.as_path())),
+        )
     }
 
     /// The model's tokenizer; an error that says what to do when it has none.

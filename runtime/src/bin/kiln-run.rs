@@ -3,6 +3,7 @@
 //! reads .om files without ACL.
 
 use clap::{Parser, Subcommand, ValueEnum};
+use kiln_runtime::chat::ChatTemplate;
 use kiln_runtime::compiled::CompiledModel;
 use kiln_runtime::manifest::Manifest;
 use kiln_runtime::npu::NpuSession;
@@ -129,9 +130,15 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         }
         _ => None,
     };
-    let options = args
+    let template = if args.run.prompt.chat {
+        ChatTemplate::from_dir(&args.model).map_err(|e| e.to_string())?
+    } else {
+        None
+    };
+    let mut options = args
         .run
         .options(&manifest.generation.eos_token_ids, manifest.vocab_size);
+    options.chat_template = template.as_ref();
     run::run_generation(engine.as_mut(), tokenizer.as_ref(), &options)
         .map(|_| ())
         .map_err(|e| e.to_string())

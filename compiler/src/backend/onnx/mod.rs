@@ -129,7 +129,9 @@ fn onnx_type(ty: &TensorType, float: FloatType) -> DataType {
     }
 }
 
-/// Lowers one IR graph.
+/// Lowers one IR graph. Each IR value is held by the ONNX value of the same
+/// name (a lowering's temporaries get fresh `<node>/<n>` names), so ONNX
+/// Runtime can output any IR value by name: `kiln diff --dump` relies on it.
 pub fn lower(graph: &Graph, options: &OnnxOptions) -> Result<OnnxGraph, OnnxError> {
     if !(MIN_OPSET..=MAX_OPSET).contains(&options.opset) {
         return Err(OnnxError::Opset(options.opset));
@@ -408,4 +410,42 @@ struct Header {
     raw_len: u64,
     /// Bytes this tensor adds to the external file (0 if inline or already there).
     external_len: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_runtime::ir::ops::{Add, Linear, RmsNorm, Silu};
+    use kiln_runtime::ir::GraphBuilder;
+
+    #[test]
+    fn every_ir_value_keeps_its_name_in_onnx() {
+        let mut b = GraphBuilder::new("g");
+        let x = b.input("x", TensorType::f32([1, 2, 8]));
+        let norm = b.weight("norm.weight", TensorType::f32([8]));
+        let w = b.weight("proj.weight", TensorType::f32([8, 8]));
+        let h = b.node("norm", RmsNorm { eps: 1e-6 }, &[x, norm]).unwrap();
+        let p = b.node("proj", Linear, &[h, w]).unwrap();
+        let a = b.node("act", Silu, &[p]).unwrap();
+        let r = b.node("residual", Add, &[x, a]).unwrap();
+        b.output(r, "out");
+        let graph = b.finish().unwrap();
+        for float in [FloatType::F32, FloatType::F16] {
+            let lowered = lower(&graph, &OnnxOptions { opset: 13, float }).unwrap();
+            let outputs: Vec<&str> = lowered
+                .graph()
+                .node
+                .iter()
+                .flat_map(|n| n.output.iter().map(String::as_str))
+                .collect();
+            for node in &graph.nodes {
+                let name = graph.value(node.output).name.as_str();
+                assert_eq!(
+                    outputs.iter().filter(|&&o| o == name).count(),
+                    1,
+                    "{name} in {outputs:?}"
+                );
+            }
+        }
+    }
 }

