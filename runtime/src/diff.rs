@@ -1,7 +1,12 @@
-//! Comparing two backends' logits step by step: how close, and where they part.
+//! Comparing two backends' logits step by step: how close, and where they
+//! part; optionally intermediate values too ([`dump`]), and a plot ([`plot`]).
+
+pub mod dump;
+pub mod plot;
 
 use crate::compiled::CompiledModel;
 use crate::session::{CpuSession, Engine};
+use dump::{DumpRequest, TensorDiff};
 use std::path::{Path, PathBuf};
 
 /// A backend a compiled model can run on, for diffs.
@@ -24,6 +29,12 @@ impl DiffBackend {
             DiffBackend::Npu => "npu",
         }
     }
+
+    /// Whether the backend can dump intermediate values: not compiled .om
+    /// graphs, whose outputs ATC fixed when it built them.
+    pub fn supports_dumps(self) -> bool {
+        matches!(self, DiffBackend::Cpu | DiffBackend::Onnxruntime)
+    }
 }
 
 /// Both backends' logits compared, step by step.
@@ -31,6 +42,9 @@ pub struct DiffReport {
     /// The tokens both were fed (A's greedy choices).
     pub tokens: Vec<u32>,
     pub steps: Vec<StepDiff>,
+    /// Dumped intermediate values compared, step by step in graph order
+    /// (empty without dumps).
+    pub tensors: Vec<TensorDiff>,
 }
 
 impl DiffReport {
@@ -39,6 +53,14 @@ impl DiffReport {
             .iter()
             .enumerate()
             .find_map(|(i, d)| d.failure(t).map(|why| format!("step {i}: {why}")))
+    }
+
+    /// The first dumped value past the thresholds, in step then graph order:
+    /// where the backends start to part.
+    pub fn first_tensor_failure(&self, t: &Thresholds) -> Option<(&TensorDiff, String)> {
+        self.tensors
+            .iter()
+            .find_map(|d| d.closeness.failure(t).map(|why| (d, why)))
     }
 }
 
@@ -51,8 +73,27 @@ pub fn diff_backends(
     steps: usize,
     python: Option<&Path>,
 ) -> Result<DiffReport, String> {
-    let (tokens, logits_a) = run_backend(a, model, prompt, steps, None, python)?;
-    let (_, logits_b) = run_backend(b, model, prompt, steps, Some(&tokens), python)?;
+    diff_backends_dumping(model, a, b, prompt, steps, python, None)
+}
+
+/// Like [`diff_backends`], and both backends dump the requested values
+/// (see [`dump`] for the layout), which are then compared.
+pub fn diff_backends_dumping(
+    model: &CompiledModel,
+    a: DiffBackend,
+    b: DiffBackend,
+    prompt: &[u32],
+    steps: usize,
+    python: Option<&Path>,
+    dumps: Option<&DumpRequest>,
+) -> Result<DiffReport, String> {
+    if dumps.is_some() {
+        if let Some(backend) = [a, b].into_iter().find(|x| !x.supports_dumps()) {
+            return Err(no_dumps_on(backend));
+        }
+    }
+    let (tokens, logits_a) = run_backend(a, model, prompt, steps, None, python, dumps)?;
+    let (_, logits_b) = run_backend(b, model, prompt, steps, Some(&tokens), python, dumps)?;
     if logits_a.len() != logits_b.len() {
         return Err(format!(
             "{} gave {} steps, {} gave {}",
@@ -67,7 +108,27 @@ pub fn diff_backends(
         .zip(&logits_b)
         .map(|(x, y)| compare(x, y))
         .collect();
-    Ok(DiffReport { tokens, steps })
+    let tensors = match dumps {
+        Some(request) => dump::compare_dumps(request, a.name(), b.name(), logits_a.len())
+            .map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
+    Ok(DiffReport {
+        tokens,
+        steps,
+        tensors,
+    })
+}
+
+fn no_dumps_on(backend: DiffBackend) -> String {
+    format!(
+        "the {} backend cannot dump intermediate values: it runs .om graphs, whose outputs \
+         ATC fixed when it compiled them, so dumping one would mean recompiling the model \
+         with it as an extra output. Compare layer by layer with --a cpu --b onnxruntime, \
+         and compare {} with the others by logits only (without --dump)",
+        backend.name(),
+        backend.name()
+    )
 }
 
 /// Logits of `steps` tokens: `follow` gives the tokens to feed (so both
@@ -79,6 +140,7 @@ fn run_backend(
     steps: usize,
     follow: Option<&[u32]>,
     python: Option<&Path>,
+    dumps: Option<&DumpRequest>,
 ) -> Result<(Vec<u32>, Vec<Vec<f32>>), String> {
     match backend {
         DiffBackend::Npu => {
@@ -101,7 +163,19 @@ fn run_backend(
         DiffBackend::Cpu => {
             let mut session =
                 CpuSession::new(&model.ir, &model.weights).map_err(|e| e.to_string())?;
+            if let Some(request) = dumps {
+                session.capture(request.names.clone());
+            }
+            // Step `step`'s values come from the forward that made its logits.
+            let save = |session: &mut CpuSession, step: usize| match dumps {
+                Some(request) => {
+                    dump::write_taps(&request.dir, backend.name(), step, &session.take_captured())
+                        .map_err(|e| e.to_string())
+                }
+                None => Ok(()),
+            };
             let mut logits = session.forward(prompt).map_err(|e| e.to_string())?;
+            save(&mut session, 0)?;
             let (mut tokens, mut rows) = (Vec::new(), Vec::new());
             for step in 0..steps {
                 let token = follow
@@ -111,6 +185,7 @@ fn run_backend(
                 tokens.push(token);
                 if step + 1 < steps {
                     logits = session.forward(&[token]).map_err(|e| e.to_string())?;
+                    save(&mut session, step + 1)?;
                 }
             }
             Ok((tokens, rows))
@@ -137,6 +212,13 @@ fn run_backend(
                 .arg(&logits_path);
             if let Some(f) = follow {
                 cmd.args(["--follow-ids", &join(f)]);
+            }
+            if let Some(request) = dumps {
+                check_runner_dumps(&runner)?;
+                cmd.arg("--dump")
+                    .arg(request.names.join(","))
+                    .arg("--dump-dir")
+                    .arg(dump::backend_dir(&request.dir, backend.name()));
             }
             let out = cmd.output().map_err(|e| {
                 format!("cannot run {} {}: {e}", python.display(), runner.display())
@@ -170,6 +252,70 @@ fn run_backend(
     }
 }
 
+/// Compiled directories from before `--dump` carry an ort_run.py without it.
+fn check_runner_dumps(runner: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(runner)
+        .map_err(|e| format!("cannot read {}: {e}", runner.display()))?;
+    if text.contains("--dump-dir") {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} predates --dump: recompile the model, or copy examples/ort_run.py over it",
+            runner.display()
+        ))
+    }
+}
+
+/// How close two arrays are: the metrics every compared pair gets.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Closeness {
+    /// Infinite when either side holds a NaN, so a NaN never passes for
+    /// agreement.
+    pub max_abs: f32,
+    pub mean_abs: f32,
+    pub cosine: f64,
+}
+
+impl Closeness {
+    pub fn of(a: &[f32], b: &[f32]) -> Closeness {
+        assert_eq!(a.len(), b.len(), "compared arrays differ in length");
+        let (mut max_abs, mut sum_abs, mut dot, mut na, mut nb) = (0f32, 0f64, 0f64, 0f64, 0f64);
+        for (&x, &y) in a.iter().zip(b) {
+            let d = (x - y).abs();
+            // f32::max ignores NaN: count it as the worst difference instead.
+            let d = if d.is_nan() { f32::INFINITY } else { d };
+            max_abs = max_abs.max(d);
+            sum_abs += d as f64;
+            dot += x as f64 * y as f64;
+            na += x as f64 * x as f64;
+            nb += y as f64 * y as f64;
+        }
+        let cosine = if na == 0.0 && nb == 0.0 {
+            1.0
+        } else if na == 0.0 || nb == 0.0 {
+            0.0
+        } else {
+            dot / (na.sqrt() * nb.sqrt())
+        };
+        Closeness {
+            max_abs,
+            mean_abs: (sum_abs / a.len().max(1) as f64) as f32,
+            cosine,
+        }
+    }
+
+    /// Why this pair fails the thresholds, if it does (NaN fails).
+    pub fn failure(&self, t: &Thresholds) -> Option<String> {
+        if self.cosine.is_nan() || self.cosine < t.min_cosine {
+            Some(format!("cosine {:.6} < {}", self.cosine, t.min_cosine))
+        } else if self.max_abs.is_nan() || self.max_abs > t.max_abs {
+            Some(format!("max abs {:.3e} > {:.1e}", self.max_abs, t.max_abs))
+        } else {
+            None
+        }
+    }
+}
+
 /// How two logit rows compare.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepDiff {
@@ -190,24 +336,15 @@ fn top_k(row: &[f32], k: usize) -> Vec<usize> {
 
 pub fn compare(a: &[f32], b: &[f32]) -> StepDiff {
     assert_eq!(a.len(), b.len(), "logit rows of different vocabularies");
-    let (mut max_abs, mut sum_abs, mut dot, mut na, mut nb) = (0f32, 0f64, 0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        let d = (x - y).abs();
-        max_abs = max_abs.max(d);
-        sum_abs += d as f64;
-        dot += x as f64 * y as f64;
-        na += x as f64 * x as f64;
-        nb += y as f64 * y as f64;
-    }
-    let cosine = if na == 0.0 || nb == 0.0 {
-        0.0
-    } else {
-        dot / (na.sqrt() * nb.sqrt())
-    };
+    let Closeness {
+        max_abs,
+        mean_abs,
+        cosine,
+    } = Closeness::of(a, b);
     let (ta, tb) = (top_k(a, 5), top_k(b, 5));
     StepDiff {
         max_abs,
-        mean_abs: (sum_abs / a.len().max(1) as f64) as f32,
+        mean_abs,
         cosine,
         top1_agrees: ta.first() == tb.first(),
         top5_overlap: tb.iter().filter(|i| ta.contains(i)).count(),
@@ -224,15 +361,14 @@ pub struct Thresholds {
 impl StepDiff {
     /// Why this step fails the thresholds, if it does.
     pub fn failure(&self, t: &Thresholds) -> Option<String> {
-        if self.cosine < t.min_cosine {
-            Some(format!("cosine {:.6} < {}", self.cosine, t.min_cosine))
-        } else if self.max_abs > t.max_abs {
-            Some(format!("max abs {:.3e} > {:.1e}", self.max_abs, t.max_abs))
-        } else if !self.top1_agrees {
-            Some("the top-1 tokens differ".into())
-        } else {
-            None
-        }
+        let closeness = Closeness {
+            max_abs: self.max_abs,
+            mean_abs: self.mean_abs,
+            cosine: self.cosine,
+        };
+        closeness
+            .failure(t)
+            .or_else(|| (!self.top1_agrees).then(|| "the top-1 tokens differ".to_string()))
     }
 }
 
@@ -281,6 +417,54 @@ pub struct DiffArgs {
     /// Python for the onnxruntime backend [default: $KILN_PYTHON, else python3]
     #[arg(long)]
     pub python: Option<PathBuf>,
+    /// Also dump these intermediate values, by IR value name, from both
+    /// backends to .npy and compare them step by step, layer by layer.
+    #[arg(
+        long,
+        value_name = "NAME[,NAME…]",
+        value_delimiter = ',',
+        long_help = "Also dump these intermediate values from both backends to .npy \
+                     (see --dump-dir) and compare them step by step, layer by layer. Names \
+                     are the IR's value names (`kiln inspect <model> --ir`, or \
+                     model.kiln.json), which the ONNX graphs share; `*` matches any run of \
+                     characters and `?` one: `model.layers.*.mlp_residual` is every \
+                     layer's output, `model.layers.*_residual` each half-layer's. \
+                     cpu and onnxruntime only: an .om's outputs are fixed when ATC \
+                     compiles it, so the npu backend cannot dump without recompiling."
+    )]
+    pub dump: Vec<String>,
+    /// Dump each layer's output (`--dump 'model.layers.*.mlp_residual'`).
+    #[arg(long)]
+    pub dump_layers: bool,
+    /// Where dumps go, as <backend>/step<N>/<name>.npy
+    /// [default: <compiled-dir>-diff-dump beside the compiled directory]
+    #[arg(long, value_name = "DIR")]
+    pub dump_dir: Option<PathBuf>,
+    /// Write an SVG plot of the max abs difference: per dumped value and
+    /// step (one line per step, the logits last), or per step without dumps.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+}
+
+impl DiffArgs {
+    /// The `--dump` names and patterns, with `--dump-layers`'s.
+    fn dump_patterns(&self) -> Vec<String> {
+        let mut patterns = self.dump.clone();
+        if self.dump_layers {
+            patterns.push(dump::LAYER_OUTPUTS.to_string());
+        }
+        patterns.retain(|p| !p.trim().is_empty());
+        patterns
+    }
+
+    fn default_dump_dir(&self) -> PathBuf {
+        match self.model.file_name() {
+            Some(name) => self
+                .model
+                .with_file_name(format!("{}-diff-dump", name.to_string_lossy())),
+            None => PathBuf::from("kiln-diff-dump"),
+        }
+    }
 }
 
 /// Runs the diff and prints its table; `Err` (exit 1) past the thresholds.
@@ -298,7 +482,31 @@ pub fn diff_command(args: &DiffArgs) -> Result<(), String> {
         .encode(tokenizer.as_ref(), template.as_ref())
         .map_err(|e| e.to_string())?;
     let (a, b) = (DiffBackend::from(args.a), DiffBackend::from(args.b));
-    let report = diff_backends(&model, a, b, &prompt, args.steps, args.python.as_deref())?;
+    let patterns = args.dump_patterns();
+    let dumps = if patterns.is_empty() {
+        None
+    } else {
+        if let Some(backend) = [a, b].into_iter().find(|x| !x.supports_dumps()) {
+            return Err(no_dumps_on(backend));
+        }
+        let names = dump::expand(&[&model.ir.prefill, &model.ir.decode], &patterns)
+            .map_err(|e| e.to_string())?;
+        let dir = args
+            .dump_dir
+            .clone()
+            .unwrap_or_else(|| args.default_dump_dir());
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Some(DumpRequest { names, dir })
+    };
+    let report = diff_backends_dumping(
+        &model,
+        a,
+        b,
+        &prompt,
+        args.steps,
+        args.python.as_deref(),
+        dumps.as_ref(),
+    )?;
     let thresholds = Thresholds {
         min_cosine: args.min_cosine,
         max_abs: args.max_abs,
@@ -324,6 +532,14 @@ pub fn diff_command(args: &DiffArgs) -> Result<(), String> {
             d.top5_overlap
         );
     }
+    if let Some(request) = &dumps {
+        print_tensor_table(&report, request, a, b, &thresholds);
+    }
+    if let Some(path) = &args.plot {
+        let svg = plot::error_plot(&report, a.name(), b.name(), args.max_abs).to_svg();
+        std::fs::write(path, svg).map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("plot: {}", path.display());
+    }
     match report.first_failure(&thresholds) {
         None => {
             println!(
@@ -333,6 +549,52 @@ pub fn diff_command(args: &DiffArgs) -> Result<(), String> {
             Ok(())
         }
         Some(why) => Err(format!("{} and {} diverge at {why}", a.name(), b.name())),
+    }
+}
+
+fn print_tensor_table(
+    report: &DiffReport,
+    request: &DumpRequest,
+    a: DiffBackend,
+    b: DiffBackend,
+    thresholds: &Thresholds,
+) {
+    let width = request
+        .names
+        .iter()
+        .map(|n| n.len())
+        .max()
+        .unwrap_or(0)
+        .max(5);
+    println!();
+    println!(
+        "dumped values, {} vs {} (.npy in {}):",
+        a.name(),
+        b.name(),
+        request.dir.display()
+    );
+    println!(
+        "{:>4} {:<width$} {:<18} {:>11} {:>11} {:>10}",
+        "step", "value", "shape", "max abs", "mean abs", "cosine"
+    );
+    for d in &report.tensors {
+        let c = &d.closeness;
+        println!(
+            "{:>4} {:<width$} {:<18} {:>11.3e} {:>11.3e} {:>10.7}",
+            d.step,
+            d.name,
+            format!("{:?}", d.shape),
+            c.max_abs,
+            c.mean_abs,
+            c.cosine
+        );
+    }
+    match report.first_tensor_failure(thresholds) {
+        Some((d, why)) => println!(
+            "first dumped value past the thresholds: step {} {} ({why})",
+            d.step, d.name
+        ),
+        None => println!("every dumped value within the thresholds"),
     }
 }
 
@@ -355,5 +617,22 @@ mod tests {
             max_abs: 1e-3,
         };
         assert!(d.failure(&t).unwrap().contains("cosine"));
+    }
+
+    #[test]
+    fn a_nan_never_passes_and_zeros_agree() {
+        let t = Thresholds {
+            min_cosine: 0.99,
+            max_abs: 1.0,
+        };
+        let c = Closeness::of(&[1.0, f32::NAN, 2.0], &[1.0, 0.5, 2.0]);
+        assert_eq!(c.max_abs, f32::INFINITY);
+        assert!(c.failure(&t).is_some());
+        // NaN on both sides is no agreement either.
+        let c = Closeness::of(&[f32::NAN], &[f32::NAN]);
+        assert!(c.failure(&t).is_some());
+        let c = Closeness::of(&[0.0; 4], &[0.0; 4]);
+        assert_eq!((c.max_abs, c.cosine), (0.0, 1.0));
+        assert_eq!(c.failure(&t), None);
     }
 }
