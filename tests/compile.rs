@@ -329,6 +329,107 @@ fn a_compiled_directory_runs_on_the_reference_interpreter_without_the_checkpoint
     );
 }
 
+/// NpuSession on a directory `kiln compile` wrote, against the ACL TEST
+/// DOUBLE (runtime/tests/acl_double: a C library standing in for CANN's;
+/// no NPU runs here). It proves the runtime takes the compiler's real
+/// manifest, that .om files described as ATC would are accepted, and that a
+/// prompt longer than the prefill length runs in chunks: the double's fake
+/// model makes the logits' argmax a known function of the last token and
+/// its position, and fails any step whose visible cache slots do not hold
+/// what the earlier steps returned.
+#[test]
+fn npu_session_runs_a_compiled_directory_on_the_acl_test_double() {
+    use kiln_runtime::manifest::{Manifest, TensorInfo};
+    use kiln_runtime::npu::NpuSession;
+    use kiln_runtime::om::writer::{inout_info, om_file, TensorSpec};
+    use kiln_runtime::session::Engine;
+
+    #[path = "../runtime/tests/acl_double/harness.rs"]
+    mod harness;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("qwen3");
+    compile_fixture("qwen3", &dir, &["--dtype", "fp16"]);
+    let manifest = Manifest::load(&dir).unwrap();
+    assert_eq!(manifest.dtype, "float16");
+    for info in &manifest.graphs {
+        let acl_dtype = |t: &TensorInfo| match t.dtype.as_str() {
+            "int64" => 9,
+            "float16" => 1,
+            other => panic!("unexpected dtype {other}"),
+        };
+        let described: Vec<(String, i32, Vec<i64>)> = info
+            .inputs
+            .iter()
+            .map(|t| (t.name.clone(), t))
+            .chain(info.outputs.iter().map(|t| (format!("{}:0", t.name), t)))
+            .map(|(name, t)| {
+                let dims = t.shape.iter().map(|&d| d as i64).collect();
+                (name, acl_dtype(t), dims)
+            })
+            .collect();
+        let specs: Vec<TensorSpec> = described
+            .iter()
+            .map(|(name, dtype, dims)| TensorSpec {
+                name,
+                dtype: *dtype,
+                dims,
+            })
+            .collect();
+        let (inputs, outputs) = specs.split_at(info.inputs.len());
+        let bytes = om_file(
+            &info.name,
+            &[(0, vec![0; 8]), (8, inout_info(inputs, outputs))],
+            true,
+        );
+        std::fs::write(dir.join(&info.om), bytes).unwrap();
+    }
+    let lib = harness::build_double(tmp.path());
+    let log = tmp.path().join("calls.log");
+    // Only this test in this binary loads ACL.
+    std::env::set_var("KILN_ACL_LIB", &lib);
+    std::env::set_var("KILN_ACL_DOUBLE_LOG", &log);
+
+    let vocab = manifest.vocab_size;
+    let next = |token: u32, position: usize| (7 * token as usize + 3 * position + 1) % vocab;
+    let mut session = NpuSession::open(&dir, &manifest, 0).unwrap();
+    assert_eq!(session.capacity(), manifest.kv_cache.max_len);
+    let prompt: Vec<u32> = (0..manifest.prefill_len as u32 + 5)
+        .map(|i| (i * 13 + 2) % vocab as u32)
+        .collect();
+    let logits = session.forward(&prompt).unwrap();
+    let last = prompt.len() - 1;
+    let mut token = kiln_runtime::generate::argmax(&logits);
+    assert_eq!(token as usize, next(prompt[last], last));
+    for position in prompt.len()..prompt.len() + 3 {
+        let logits = session.forward(&[token]).unwrap();
+        assert_eq!(
+            kiln_runtime::generate::argmax(&logits) as usize,
+            next(token, position)
+        );
+        token = kiln_runtime::generate::argmax(&logits);
+    }
+    drop(session);
+    let calls = harness::calls(&log);
+    let executed: Vec<&str> = calls
+        .iter()
+        .filter(|c| c.starts_with("executed "))
+        .map(String::as_str)
+        .collect();
+    let p = manifest.prefill_len;
+    assert_eq!(
+        executed,
+        [
+            "executed prefill.om past=0".to_string(),
+            format!("executed prefill.om past={p}"),
+            format!("executed decode.om past={}", p + 5),
+            format!("executed decode.om past={}", p + 6),
+            format!("executed decode.om past={}", p + 7),
+        ]
+    );
+    assert_eq!(calls.last().unwrap(), "live objects at finalize: 0");
+}
+
 #[test]
 fn om_files_are_checked_against_the_manifest() {
     use kiln_runtime::compiled::{CompiledModel, OmCheck};
@@ -404,12 +505,35 @@ fn om_files_are_checked_against_the_manifest() {
     );
 }
 
+/// Changes element 0 of one f32 tensor of a compiled directory's reference
+/// weights (the CPU side of a diff; the ONNX graphs keep their own copy).
+fn perturb_reference_weight(dir: &Path, name: &str, change: impl Fn(f32) -> f32) {
+    use safetensors::tensor::TensorView;
+    use safetensors::SafeTensors;
+
+    let path = dir.join("weights.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<u8>, safetensors::Dtype, Vec<usize>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec(), v.dtype(), v.shape().to_vec()))
+        .collect();
+    let target = tensors.iter_mut().find(|t| t.0 == name).unwrap();
+    assert_eq!(target.2, safetensors::Dtype::F32, "{name}");
+    let v = f32::from_le_bytes(target.1[..4].try_into().unwrap());
+    target.1[..4].copy_from_slice(&change(v).to_le_bytes());
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, d, dt, s)| (n.clone(), TensorView::new(*dt, s.clone(), d).unwrap()))
+        .collect();
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
 #[test]
 fn diff_cpu_against_onnxruntime_and_a_perturbed_weight() {
     use kiln_runtime::compiled::CompiledModel;
     use kiln_runtime::diff::{diff_backends, DiffBackend, Thresholds};
-    use safetensors::tensor::TensorView;
-    use safetensors::SafeTensors;
 
     let python = python();
     let tmp = tempfile::tempdir().unwrap();
@@ -463,25 +587,7 @@ fn diff_cpu_against_onnxruntime_and_a_perturbed_weight() {
     );
 
     // Perturb one weight of the CPU side (the final norm, one element).
-    let path = dir.join("weights.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<(String, Vec<u8>, safetensors::Dtype, Vec<usize>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.data().to_vec(), v.dtype(), v.shape().to_vec()))
-        .collect();
-    let norm = tensors
-        .iter_mut()
-        .find(|t| t.0 == "model.norm.weight")
-        .unwrap();
-    let v = f32::from_le_bytes(norm.1[..4].try_into().unwrap());
-    norm.1[..4].copy_from_slice(&(v * 4.0 + 1.0).to_le_bytes());
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(n, d, dt, s)| (n.clone(), TensorView::new(*dt, s.clone(), d).unwrap()))
-        .collect();
-    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    perturb_reference_weight(&dir, "model.norm.weight", |v| v * 4.0 + 1.0);
     let model = CompiledModel::open(&dir).unwrap();
     let report = diff_backends(
         &model,
@@ -496,4 +602,215 @@ fn diff_cpu_against_onnxruntime_and_a_perturbed_weight() {
         .first_failure(&strict)
         .expect("a perturbed weight must be reported");
     assert!(failure.starts_with("step 0:"), "{failure}");
+}
+
+/// Reads a dumped value: shape and f32 data.
+fn read_dump(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    match kiln_runtime::npy::read(path).unwrap_or_else(|e| panic!("{e}")) {
+        kiln_runtime::npy::NpyArray::F32 { shape, data } => (shape, data),
+        other => panic!("{}: not f32: {other:?}", path.display()),
+    }
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn diff_dumps_every_layer_and_finds_the_perturbed_one() {
+    use kiln_runtime::compiled::CompiledModel;
+    use kiln_runtime::session::{CpuSession, Engine};
+
+    let python = python();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("llama-gqa");
+    compile_fixture("llama-gqa", &dir, &["--dtype", "fp32"]);
+    let g = golden("llama-gqa");
+    let model = CompiledModel::open(&dir).unwrap();
+    let (layers, steps) = (model.ir.info.num_layers, 4);
+    assert!(
+        layers >= 2,
+        "the perturbation below needs a layer before it"
+    );
+
+    // The session's capture of the logits is the logits it returns.
+    let mut session = CpuSession::new(&model.ir, &model.weights).unwrap();
+    session.capture(vec!["logits".into(), "model.layers.0.mlp_residual".into()]);
+    let logits = session.forward(&g.prompt_ids).unwrap();
+    let captured = session.take_captured();
+    assert_eq!(captured[0].0, "model.layers.0.mlp_residual");
+    assert_eq!(captured[1].0, "logits");
+    assert_eq!(captured[1].1.f32s(), logits.as_slice());
+
+    let dumps = tmp.path().join("dumps");
+    let plot = tmp.path().join("diff.svg");
+    let diff = || {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("diff")
+            .arg(&dir)
+            .args([
+                "--steps",
+                &steps.to_string(),
+                "--token-ids",
+                &join_ids(&g.prompt_ids),
+            ])
+            // Each layer's output, each attention half's, and the logits.
+            .args([
+                "--dump-layers",
+                "--dump",
+                "model.layers.*.attn_residual,logits",
+            ])
+            .arg("--dump-dir")
+            .arg(&dumps)
+            .arg("--plot")
+            .arg(&plot)
+            .env("KILN_PYTHON", &python)
+            .output()
+            .unwrap()
+    };
+    let dumped = |backend: &str, step: usize, name: &str| {
+        read_dump(
+            &dumps
+                .join(backend)
+                .join(format!("step{step}"))
+                .join(format!("{name}.npy")),
+        )
+    };
+    let out = diff();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{}\n{text}", stderr(&out));
+    assert!(
+        text.contains("every dumped value within the thresholds"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(".npy in {}", dumps.display())),
+        "{text}"
+    );
+
+    let mut names = Vec::new();
+    for layer in 0..layers {
+        names.push(format!("model.layers.{layer}.attn_residual"));
+        names.push(format!("model.layers.{layer}.mlp_residual"));
+    }
+    for step in 0..steps {
+        // Step 0 is the prefill graph's run, the rest the decode graph's.
+        let graph = if step == 0 {
+            &model.ir.prefill
+        } else {
+            &model.ir.decode
+        };
+        for name in &names {
+            let ty = &graph.values.iter().find(|v| &v.name == name).unwrap().ty;
+            let (shape_cpu, cpu) = dumped("cpu", step, name);
+            let (shape_ort, ort) = dumped("onnxruntime", step, name);
+            assert_eq!(shape_cpu, ty.shape, "{name} at step {step}");
+            assert_eq!(shape_ort, ty.shape, "{name} at step {step}");
+            let err = max_abs(&cpu, &ort);
+            assert!(
+                err <= 1e-4,
+                "{name} at step {step}: cpu vs onnxruntime {err:.3e}"
+            );
+            assert!(
+                cpu.iter().any(|&v| v != 0.0),
+                "{name} at step {step} is all zeros"
+            );
+        }
+        // Both sides' dumped logits are transformers' logits.
+        for backend in ["cpu", "onnxruntime"] {
+            let (shape, logits) = dumped(backend, step, "logits");
+            assert_eq!(shape, [1, 1, g.logits[step].len()]);
+            let err = max_abs(&logits, &g.logits[step]);
+            assert!(err <= 1e-4, "{backend} logits at step {step}: {err:.3e}");
+        }
+    }
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains("model.layers.") && l.contains(" [1, "))
+            .count(),
+        steps * names.len(),
+        "one table row per dumped value and step:\n{text}"
+    );
+
+    // The plot is well-formed XML with one line per step (read by Python's
+    // own parser, not by Kiln's code).
+    let script = "import sys, xml.etree.ElementTree as ET\n\
+                  root = ET.parse(sys.argv[1]).getroot()\n\
+                  lines = [p for p in root.iter('{http://www.w3.org/2000/svg}polyline') if p.get('class') == 'series']\n\
+                  print(len(lines), ' '.join(str(len(p.get('points').split())) for p in lines))\n";
+    let out = Command::new(&python)
+        .args(["-c", script])
+        .arg(&plot)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Per step: every residual, then the logits (dumped by name, so not added twice).
+    let points = vec![(names.len() + 1).to_string(); steps].join(" ");
+    assert_eq!(stdout(&out).trim(), format!("{steps} {points}"));
+
+    // Perturb the last layer's MLP norm on the CPU side: its attention half
+    // and every earlier layer still agree; its output is the first to part.
+    let last = layers - 1;
+    perturb_reference_weight(
+        &dir,
+        &format!("model.layers.{last}.post_attention_layernorm.weight"),
+        |v| v * 4.0 + 1.0,
+    );
+    let out = diff();
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let first =
+        format!("first dumped value past the thresholds: step 0 model.layers.{last}.mlp_residual");
+    assert!(text.contains(&first), "{text}");
+    for step in 0..steps {
+        let errors: Vec<f32> = names
+            .iter()
+            .map(|name| {
+                max_abs(
+                    &dumped("cpu", step, name).1,
+                    &dumped("onnxruntime", step, name).1,
+                )
+            })
+            .collect();
+        let jump = errors.iter().position(|&e| e > 1e-2);
+        assert_eq!(
+            jump,
+            Some(names.len() - 1),
+            "step {step}: the first jump is not model.layers.{last}.mlp_residual: {errors:?}"
+        );
+        assert!(
+            errors[..names.len() - 1].iter().all(|&e| e <= 1e-4),
+            "step {step}: {errors:?}"
+        );
+    }
+}
+
+#[test]
+fn diff_refuses_unknown_dump_names_and_dumps_on_npu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("qwen3");
+    compile_fixture("qwen3", &dir, &["--dtype", "fp32"]);
+    let diff = |extra: &[&str]| {
+        let mut args = vec!["diff", dir.to_str().unwrap(), "--token-ids", "1,2,3"];
+        args.extend_from_slice(extra);
+        kiln(&args)
+    };
+    let o = diff(&["--dump", "layers.*.mlp_out"]);
+    assert_fails_with(
+        &o,
+        &[
+            "no value of the IR matches `layers.*.mlp_out`",
+            "model.layers.0.",
+        ],
+    );
+    let o = diff(&["--dump", "model.layers.0.mlp.down_proj.weight"]);
+    assert_fails_with(&o, &["is a weight", "only node outputs can be dumped"]);
+    let o = diff(&["--b", "npu", "--dump-layers"]);
+    assert_fails_with(&o, &["the npu backend cannot dump", "recompiling"]);
+    // Nothing ran, so nothing was written.
+    assert!(!tmp.path().join("qwen3-diff-dump").exists());
 }
