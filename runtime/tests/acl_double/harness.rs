@@ -1,13 +1,20 @@
 //! Builds the ACL TEST DOUBLE (acl_double.c, next to this file) with the
 //! system C compiler and reads the calls it records. Nothing built here is
-//! CANN or touches an NPU.
+//! CANN or touches an NPU. Shared by the runtime's tests and the
+//! workspace's (tests/compile.rs), which each use part of it.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The double's source, found next to this file whichever crate's test
+/// includes it.
+const SOURCE: &str = include_str!("acl_double.c");
+
 /// Compiles the test double into `dir` and returns the library's path.
 pub fn build_double(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/acl_double/acl_double.c");
+    let src = dir.join("acl_double.c");
+    std::fs::write(&src, SOURCE).unwrap();
     let lib = dir.join("libacl_test_double.so");
     let out = Command::new("cc")
         .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"])
