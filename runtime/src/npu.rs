@@ -217,7 +217,7 @@ impl GraphPlan<'_> {
             .inputs
             .iter()
             .position(|t| t.name == name)
-            .expect("checked in GraphPlan::new")
+            .expect("checked in NpuSession::plan")
     }
 }
 
@@ -237,6 +237,7 @@ fn as_om_io(model: &Model) -> OmModelIo {
             .map(|d| OmTensor {
                 name: d.name.clone(),
                 size_bytes: d.size as u64,
+                // ND; check_io compares names, dims and dtypes only.
                 format: 2,
                 dtype: d.dtype,
                 dims: d.dims.clone(),
