@@ -141,7 +141,7 @@ fn config_json(file: &GgufFile, arch: &str, class: &str) -> Result<Value, String
     // Heads can be narrower than hidden / heads (Qwen3): key_length says so.
     let head_dim = key("attention.key_length")
         .and_then(MetaValue::as_u64)
-        .unwrap_or(if heads > 0 { hidden / heads } else { 0 });
+        .unwrap_or(hidden.checked_div(heads).unwrap_or(0));
     if let Some(rot) = key("rope.dimension_count").and_then(MetaValue::as_u64) {
         if rot != head_dim {
             return Err(format!(
@@ -227,7 +227,7 @@ fn hf_name(gguf: &str) -> Option<String> {
 /// adjacent pairs; transformers rotates halves, so the rows go back.
 fn unpermute_rows(info: &TensorInfo, data: Vec<f32>, heads: usize) -> Result<Vec<f32>, String> {
     let rows = info.shape[0];
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(format!(
             "tensor `{}` has {rows} rows, not a whole number of {heads} heads",
             info.name

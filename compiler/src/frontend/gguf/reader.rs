@@ -337,7 +337,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed, ParseError> {
             return Err(corrupt(format!("has an empty shape {:?}", info.dims)));
         }
         let block = info.ggml_type.block_len() as u128;
-        if info.dims[0] as u128 % block != 0 {
+        if !(info.dims[0] as u128).is_multiple_of(block) {
             return Err(corrupt(format!(
                 "its rows of {} elements are not whole {} blocks of {block}",
                 info.dims[0],

