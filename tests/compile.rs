@@ -811,6 +811,8 @@ fn diff_refuses_unknown_dump_names_and_dumps_on_npu() {
     assert_fails_with(&o, &["is a weight", "only node outputs can be dumped"]);
     let o = diff(&["--b", "npu", "--dump-layers"]);
     assert_fails_with(&o, &["the npu backend cannot dump", "recompiling"]);
+    let o = diff(&["--b", "cpu", "--dump-layers"]);
+    assert_fails_with(&o, &["--a and --b are both cpu"]);
     // Nothing ran, so nothing was written.
     assert!(!tmp.path().join("qwen3-diff-dump").exists());
 }

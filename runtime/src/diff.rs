@@ -88,9 +88,7 @@ pub fn diff_backends_dumping(
     dumps: Option<&DumpRequest>,
 ) -> Result<DiffReport, String> {
     if dumps.is_some() {
-        if let Some(backend) = [a, b].into_iter().find(|x| !x.supports_dumps()) {
-            return Err(no_dumps_on(backend));
-        }
+        check_dump_backends(a, b)?;
     }
     let (tokens, logits_a) = run_backend(a, model, prompt, steps, None, python, dumps)?;
     let (_, logits_b) = run_backend(b, model, prompt, steps, Some(&tokens), python, dumps)?;
@@ -118,6 +116,21 @@ pub fn diff_backends_dumping(
         steps,
         tensors,
     })
+}
+
+/// Whether `a` and `b` can dump values for a comparison.
+fn check_dump_backends(a: DiffBackend, b: DiffBackend) -> Result<(), String> {
+    if let Some(backend) = [a, b].into_iter().find(|x| !x.supports_dumps()) {
+        return Err(no_dumps_on(backend));
+    }
+    if a == b {
+        // Each backend's dumps go to a directory named after it.
+        return Err(format!(
+            "dumps compare two backends; --a and --b are both {}",
+            a.name()
+        ));
+    }
+    Ok(())
 }
 
 fn no_dumps_on(backend: DiffBackend) -> String {
@@ -486,9 +499,7 @@ pub fn diff_command(args: &DiffArgs) -> Result<(), String> {
     let dumps = if patterns.is_empty() {
         None
     } else {
-        if let Some(backend) = [a, b].into_iter().find(|x| !x.supports_dumps()) {
-            return Err(no_dumps_on(backend));
-        }
+        check_dump_backends(a, b)?;
         let names = dump::expand(&[&model.ir.prefill, &model.ir.decode], &patterns)
             .map_err(|e| e.to_string())?;
         let dir = args
