@@ -5,15 +5,16 @@
 //! opens, and each graph's datasets are bound over them once. The K and V
 //! caches are one device buffer each, bound as the `k_cache`/`v_cache` input
 //! of both graphs. After a step, the valid rows of `k_new`/`v_new` are copied
-//! into the caches device to device (`aclrtMemcpy` DEVICE_TO_DEVICE): the
-//! cache never crosses to the host.
+//! into the caches: device to device (`aclrtMemcpy` DEVICE_TO_DEVICE) on a
+//! host with a card, plain stores in ACL_DEVICE run mode (below). The cache
+//! never crosses a bus.
 //!
 //! Run mode: on the 310B boards (Orange Pi AI Pro) Kiln runs on the board's
 //! own CPU, `aclrtGetRunMode` reports ACL_DEVICE, and host and device memory
 //! are the same DRAM (`shared/research/acl-and-om.md`, "aclrtGetRunMode").
-//! There the step inputs are written straight into their device buffers and
-//! the logits read straight out of theirs, as CANN's samples do in that mode:
-//! no host↔device copies. On a host with a PCIe card (ACL_HOST) they go
+//! There the step inputs are written straight into their device buffers, the
+//! logits read straight out of theirs (as CANN's samples do in that mode) and
+//! the new cache rows moved by the CPU: no ACL copy at all. On a host with a PCIe card (ACL_HOST) they go
 //! through `aclrtMemcpy`.
 
 use crate::acl::{
@@ -662,14 +663,28 @@ impl NpuSession {
             (&mut self.k_cache, &graph.k_new),
             (&mut self.v_cache, &graph.v_new),
         ] {
-            for copy in cache_row_copies(
+            let copies = cache_row_copies(
                 &self.layout,
                 graph.tokens,
                 valid,
                 self.past_len,
                 element_size,
-            ) {
-                cache.copy_from_device(copy.dst, new_rows, copy.src, copy.len)?;
+            );
+            match (new_rows.host_bytes(), cache.host_bytes_mut()) {
+                // On the board (ACL_DEVICE) both are the process's own
+                // memory: plain copies, not 2 × layers × KV heads ACL calls
+                // per step (aclrtMemcpy2d, which could batch them, is not
+                // available in the 310B's RC form).
+                (Some(src), Some(dst)) => {
+                    for c in copies {
+                        dst[c.dst..c.dst + c.len].copy_from_slice(&src[c.src..c.src + c.len]);
+                    }
+                }
+                _ => {
+                    for c in copies {
+                        cache.copy_from_device(c.dst, new_rows, c.src, c.len)?;
+                    }
+                }
             }
         }
         self.past_len += valid;

@@ -316,15 +316,12 @@ fn device_run_mode_session_against_the_test_double() {
             "executed decode.om past=7",
         ]
     );
-    // No buffer was allocated after open; the only copies are the cache
-    // rows, device to device: one per layer and head, for K and for V.
+    // No buffer was allocated after open, and in device run mode nothing
+    // is copied through ACL: inputs, logits and the cache rows are plain
+    // stores into the shared memory (the fake model checked the cache).
     assert_eq!(count(&stepped, "aclrtMalloc"), 16);
-    let copies: Vec<&String> = stepped
-        .iter()
-        .filter(|c| c.starts_with("aclrtMemcpy"))
-        .collect();
-    assert_eq!(copies.len(), 4 * 2 * LAYERS * KV_HEADS);
-    assert!(copies.iter().all(|c| *c == "aclrtMemcpy device_to_device"));
+    let copies = stepped.iter().filter(|c| c.starts_with("aclrtMemcpy"));
+    assert_eq!(copies.count(), 0);
 
     // A new conversation reuses the cache; stale slots are masked.
     session.reset();
