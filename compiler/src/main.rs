@@ -13,9 +13,11 @@ use std::path::PathBuf;
     version,
     about = "Compile Hugging Face language models for Ascend NPUs, and run them",
     long_about = "Kiln lowers a Hugging Face decoder-only model (config.json + safetensors + \
-                  tokenizer.json; Llama, Qwen2/2.5, Qwen3, Mistral) into a static-shape IR with \
-                  a prefill graph and a decode graph over a fixed-length KV cache, and runs it on \
-                  the reference CPU interpreter."
+                  tokenizer.json, or a llama.cpp .gguf file; Llama, Qwen2/2.5, Qwen3, Mistral) \
+                  into a static-shape IR with a prefill graph and a decode graph over a \
+                  fixed-length KV cache, compiles it to ONNX for Huawei's ATC, and runs it on the \
+                  reference CPU interpreter.\n\nStart with: kiln generate MODEL --chat --prompt \"…\"; \
+                  then kiln compile MODEL -o DIR, and kiln-run on the board."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -89,7 +91,7 @@ enum DTypeArg {
 
 #[derive(Args)]
 struct CompileArgs {
-    /// A Hugging Face model directory.
+    /// A Hugging Face model directory or a .gguf file.
     model: PathBuf,
     /// Where to write the compiled model [default: <model directory name>.kiln]
     #[arg(short, long)]
@@ -135,7 +137,7 @@ impl ShapeArgs {
 
 #[derive(Args)]
 struct InspectArgs {
-    /// A Hugging Face model directory, or an .om file.
+    /// A Hugging Face model directory, a .gguf file, or an .om file.
     model: PathBuf,
     /// Print the prefill and decode graphs.
     #[arg(long)]
@@ -155,7 +157,7 @@ enum Backend {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// A Hugging Face model directory.
+    /// A Hugging Face model directory or a .gguf file.
     model: PathBuf,
     /// Where to run the model.
     #[arg(long, value_enum, default_value = "cpu")]
@@ -252,7 +254,7 @@ fn compile_command(args: CompileArgs) -> Result<()> {
 }
 
 fn inspect(args: InspectArgs) -> Result<()> {
-    if args.model.is_file() {
+    if args.model.is_file() && !kiln::frontend::is_gguf(&args.model) {
         let om = kiln_runtime::om::OmFile::open(&args.model)?;
         print!("{om}");
         return Ok(());
@@ -271,11 +273,13 @@ fn inspect(args: InspectArgs) -> Result<()> {
         c.intermediate_size,
         c.vocab_size
     );
-    println!(
-        "weights    {} ({} files)",
-        ir.info.weight_dtype,
-        model.weights.files().count()
-    );
+    match model.weights.files().count() {
+        0 => println!(
+            "weights    {} (dequantized from the GGUF file)",
+            ir.info.weight_dtype
+        ),
+        n => println!("weights    {} ({n} files)", ir.info.weight_dtype),
+    }
     println!("rope       theta {} {:?}", c.rope.theta, c.rope.scaling);
     println!(
         "graphs     prefill {} tokens/step, decode 1 token/step, KV cache {} positions",

@@ -323,9 +323,19 @@ impl HfModel {
     }
 }
 
-/// A GGUF file by its magic, whatever its name.
-fn is_gguf(path: &Path) -> bool {
+/// A file to read as GGUF: named .gguf (so a corrupt one gets the GGUF
+/// reader's error), or starting with GGUF's magic whatever its name.
+pub fn is_gguf(path: &Path) -> bool {
     use std::io::Read;
+    if !path.is_file() {
+        return false;
+    }
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        return true;
+    }
     let mut magic = [0u8; 4];
     std::fs::File::open(path)
         .and_then(|mut f| f.read_exact(&mut magic))
