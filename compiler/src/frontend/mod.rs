@@ -17,9 +17,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrontendError {
-    #[error(
-        "{0} is neither a Hugging Face model directory (it has no config.json) nor a .gguf file"
-    )]
+    #[error("{0} is not a Hugging Face model directory (it has no config.json), nor a .gguf file")]
     NotAModel(PathBuf),
     #[error(transparent)]
     Gguf(#[from] gguf::GgufModelError),
