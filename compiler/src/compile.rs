@@ -7,7 +7,7 @@
 use crate::backend::atc::{self, AtcJob, Target};
 use crate::backend::onnx::allow_list::{self, AVOID};
 use crate::backend::onnx::builder::FloatType;
-use crate::backend::onnx::{self, ExternalData, OnnxGraph, OnnxOptions, WeightPlacement};
+use crate::backend::onnx::{self, OnnxGraph, OnnxOptions, WeightPlacement};
 use crate::frontend::{FrontendError, ShapeRequest, SideFiles};
 use crate::output::StagedDir;
 use kiln_runtime::ir::{DType, ModelIr};
@@ -131,42 +131,61 @@ pub fn compile(
         .sum::<Result<u64, _>>()
         .map_err(FrontendError::from)?;
     let external = options.external_data || weight_bytes > INLINE_LIMIT;
-    let mut external_data = ExternalData::new(tmp.path.join(EXTERNAL_DATA_FILE));
-    let mut weights_sha256 = String::new();
-    for (name, onnx_graph) in &lowered {
-        let file = format!("{name}.onnx");
-        let path = tmp.path.join(&file);
-        let placement = if external {
-            WeightPlacement::External(&mut external_data)
-        } else {
-            WeightPlacement::Inline
-        };
-        // Report the start, and every tenth of the tensors for large models.
-        let mut last_tenth = 0;
-        let report = |done: usize, total: usize| {
-            let tenth = (done * 10).checked_div(total).unwrap_or(10);
-            if done == 0 {
-                progress(&format!(
-                    "writing {file} ({total} weight tensors, {:.1} MB)",
-                    weight_bytes as f64 / 1e6
-                ));
-            } else if weight_bytes > 100 << 20 && tenth != last_tenth {
-                last_tenth = tenth;
-                progress(&format!("writing {file}: {}%", tenth * 10));
-            }
-        };
-        let written = onnx::write(
-            &path,
-            onnx_graph,
-            &model.weights,
-            options.float,
-            placement,
-            report,
-        )?;
-        if weights_sha256.is_empty() {
-            weights_sha256 = written.weights_sha256;
+    let external_path = tmp.path.join(EXTERNAL_DATA_FILE);
+    let placement = if external {
+        WeightPlacement::External(&external_path)
+    } else {
+        WeightPlacement::Inline
+    };
+    let names: Vec<String> = lowered.iter().map(|(n, _)| format!("{n}.onnx")).collect();
+    let paths: Vec<PathBuf> = names.iter().map(|name| tmp.path.join(name)).collect();
+    let graphs: Vec<(&Path, &OnnxGraph)> = paths
+        .iter()
+        .zip(&lowered)
+        .map(|(path, (_, graph))| (path.as_path(), graph))
+        .collect();
+    // Report the start, and every tenth of the tensors for large models.
+    let mut last_tenth = 0;
+    let report = |done: usize, total: usize| {
+        let tenth = (done * 10).checked_div(total).unwrap_or(10);
+        if done == 0 {
+            let mb = weight_bytes as f64 / 1e6;
+            progress(&if external {
+                format!(
+                    "writing {}, {EXTERNAL_DATA_FILE} ({total} weight tensors, {mb:.1} MB) and {REFERENCE_WEIGHTS}",
+                    names.join(", ")
+                )
+            } else {
+                format!(
+                    "writing {} ({total} weight tensors, {mb:.1} MB each) and {REFERENCE_WEIGHTS}",
+                    names.join(", ")
+                )
+            });
+        } else if weight_bytes > 100 << 20 && tenth != last_tenth {
+            last_tenth = tenth;
+            progress(&format!("writing the weights: {}%", tenth * 10));
         }
-    }
+    };
+    // The reference weights are copied from the checkpoint meanwhile.
+    let reference_path = tmp.path.join(REFERENCE_WEIGHTS);
+    let mut reference_names: Vec<&str> = ir
+        .graphs()
+        .iter()
+        .flat_map(|g| g.weights().map(|(_, t)| t))
+        .collect();
+    reference_names.sort();
+    reference_names.dedup();
+    let (written, reference) = std::thread::scope(|s| {
+        let reference =
+            s.spawn(|| write_reference_weights(&reference_names, &model.weights, &reference_path));
+        let written = onnx::write(&graphs, &model.weights, options.float, placement, report);
+        let reference = reference
+            .join()
+            .expect("the reference weights writer panicked");
+        (written, reference)
+    });
+    let weights_sha256 = written?.weights_sha256;
+    reference?;
 
     progress("writing the manifest, IR, tokenizer and build_om.sh");
     let ir_path = tmp.path.join(IR_FILE);
@@ -188,8 +207,6 @@ pub fn compile(
     // The ONNX Runtime runner travels with the model, for `kiln-run diff`.
     let runner = tmp.path.join("ort_run.py");
     std::fs::write(&runner, include_str!("../../examples/ort_run.py")).map_err(io_err(&runner))?;
-    progress("writing the reference weights");
-    write_reference_weights(&ir, &model.weights, &tmp.path.join(REFERENCE_WEIGHTS))?;
 
     let config_bytes = &model.files.config;
     let manifest = manifest(
@@ -348,24 +365,24 @@ fn manifest(
 }
 
 /// Every tensor the graphs read, as stored (so the reference interpreter
-/// upcasts exactly what it would have upcast from the checkpoint), written
-/// straight from the memory-mapped files.
+/// upcasts exactly what it would have upcast from the checkpoint), laid out
+/// as `safetensors::serialize` would. Tensors read from a checkpoint are
+/// copied from its file inside the kernel (`copy_file_range`: the bytes never
+/// pass through this process); tensors Kiln computed are written from memory.
 fn write_reference_weights(
-    ir: &ModelIr,
+    names: &[&str],
     store: &WeightStore,
     path: &Path,
 ) -> Result<(), CompileError> {
-    use safetensors::tensor::TensorView;
+    use safetensors::tensor::{Metadata, TensorInfo};
     use safetensors::Dtype;
-    let mut names: Vec<&str> = ir
-        .graphs()
-        .iter()
-        .flat_map(|g| g.weights().map(|(_, t)| t))
-        .collect();
-    names.sort();
-    names.dedup();
-    let mut views = Vec::with_capacity(names.len());
-    for name in names {
+    use std::io::{Read, Seek, Write};
+    let io = |source| CompileError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut tensors = Vec::with_capacity(names.len());
+    for &name in names {
         let ty = store.tensor_type(name).map_err(FrontendError::from)?;
         let dtype = match ty.dtype {
             DType::F32 => Dtype::F32,
@@ -373,16 +390,167 @@ fn write_reference_weights(
             DType::BF16 => Dtype::BF16,
             DType::I64 => Dtype::I64,
         };
-        let bytes = store.bytes(name).map_err(FrontendError::from)?;
-        let view =
-            TensorView::new(dtype, ty.shape.clone(), bytes).map_err(|e| CompileError::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::other(format!("tensor `{name}`: {e}")),
-            })?;
-        views.push((name.to_string(), view));
+        let len = store.bytes(name).map_err(FrontendError::from)?.len();
+        if len != ty.numel() * dtype.bitsize() / 8 {
+            return Err(io(std::io::Error::other(format!(
+                "tensor `{name}`: {len} bytes for shape {:?} of {dtype:?}",
+                ty.shape
+            ))));
+        }
+        tensors.push((name, dtype, ty.shape, len));
     }
-    safetensors::serialize_to_file(views, None, path).map_err(|e| CompileError::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
-    })
+    // safetensors' order: by descending dtype alignment, then by name.
+    tensors.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let mut infos = Vec::with_capacity(tensors.len());
+    let mut offset = 0;
+    for &(name, dtype, ref shape, len) in &tensors {
+        let info = TensorInfo {
+            dtype,
+            shape: shape.clone(),
+            data_offsets: (offset, offset + len),
+        };
+        infos.push((name.to_string(), info));
+        offset += len;
+    }
+    let metadata = Metadata::new(None, infos).map_err(|e| io(std::io::Error::other(e)))?;
+    let mut header = serde_json::to_vec(&metadata).map_err(|e| io(e.into()))?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+
+    let sources = checkpoint_offsets(store, tensors.iter().map(|t| t.0));
+    let file = std::fs::File::create(path).map_err(io_err(path))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    out.write_all(&(header.len() as u64).to_le_bytes())
+        .and_then(|()| out.write_all(&header))
+        .map_err(io_err(path))?;
+    for &(name, _, _, len) in &tensors {
+        match sources.get(name) {
+            Some(&(ref source, start)) => {
+                out.flush().map_err(io_err(path))?;
+                let mut source: &std::fs::File = source;
+                source
+                    .seek(std::io::SeekFrom::Start(start))
+                    .map_err(io_err(&store.origin(name)))?;
+                let copied = std::io::copy(&mut source.take(len as u64), out.get_mut())
+                    .map_err(io_err(path))?;
+                if copied != len as u64 {
+                    return Err(io(std::io::Error::other(format!(
+                        "{}: tensor `{name}` ends early",
+                        store.origin(name).display()
+                    ))));
+                }
+            }
+            None => out
+                .write_all(store.bytes(name).map_err(FrontendError::from)?)
+                .map_err(io_err(path))?,
+        }
+    }
+    out.flush().map_err(io_err(path))
+}
+
+/// For each named tensor the store maps from a safetensors file: that file,
+/// open, and where the tensor's bytes start in it (read from the file's own
+/// header). Tensors this cannot place are left out, and written from memory.
+fn checkpoint_offsets<'a>(
+    store: &WeightStore,
+    names: impl Iterator<Item = &'a str>,
+) -> std::collections::HashMap<&'a str, (std::sync::Arc<std::fs::File>, u64)> {
+    use std::io::Read;
+    let mut headers: std::collections::HashMap<PathBuf, Option<_>> = Default::default();
+    let mut placed = std::collections::HashMap::new();
+    let files: Vec<&Path> = store.files().collect();
+    for name in names {
+        let origin = store.origin(name);
+        if !files.contains(&origin.as_path()) {
+            continue; // computed by Kiln
+        }
+        let header = headers.entry(origin.clone()).or_insert_with(|| {
+            let mut file = std::fs::File::open(&origin).ok()?;
+            let mut n = [0; 8];
+            file.read_exact(&mut n).ok()?;
+            let n = usize::try_from(u64::from_le_bytes(n)).ok()?;
+            let mut json = vec![0; n];
+            file.read_exact(&mut json).ok()?;
+            let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&json).ok()?;
+            Some((std::sync::Arc::new(file), 8 + n as u64, metadata))
+        });
+        let Some((file, data_start, metadata)) = header else {
+            continue;
+        };
+        let Some(info) = metadata.info(name) else {
+            continue;
+        };
+        let (start, end) = info.data_offsets;
+        let len = store.bytes(name).map(<[u8]>::len).ok();
+        if len == Some(end - start) {
+            placed.insert(name, (file.clone(), *data_start + start as u64));
+        }
+    }
+    placed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+    use safetensors::Dtype;
+
+    /// The reference weights are what `safetensors::serialize` makes of the
+    /// tensors as stored: copied from two checkpoint files (f32, bf16, f16,
+    /// sizes that leave odd offsets), or computed (added, or replacing a
+    /// stored one).
+    #[test]
+    fn reference_weights_are_safetensors_own_serialization() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f32s = |n: usize, k: f32| -> Vec<u8> {
+            (0..n).flat_map(|i| (i as f32 * k).to_le_bytes()).collect()
+        };
+        let halves: Vec<u8> = (0..7u16).flat_map(|i| (i * 999).to_le_bytes()).collect();
+        let (a, b, c, d) = (f32s(5, 0.5), f32s(12, -1.5), f32s(3, 2.0), halves.clone());
+        let shard1 = [
+            ("a", TensorView::new(Dtype::F32, vec![5], &a).unwrap()),
+            ("h", TensorView::new(Dtype::F16, vec![7], &d).unwrap()),
+            (
+                "replaced",
+                TensorView::new(Dtype::F32, vec![3], &c).unwrap(),
+            ),
+            ("unused", TensorView::new(Dtype::F32, vec![3], &c).unwrap()),
+        ];
+        let shard2 = [
+            ("b", TensorView::new(Dtype::F32, vec![3, 4], &b).unwrap()),
+            (
+                "bf",
+                TensorView::new(Dtype::BF16, vec![7], &halves).unwrap(),
+            ),
+        ];
+        let paths = [
+            tmp.path().join("1.safetensors"),
+            tmp.path().join("2.safetensors"),
+        ];
+        std::fs::write(&paths[0], safetensors::serialize(shard1, None).unwrap()).unwrap();
+        std::fs::write(&paths[1], safetensors::serialize(shard2, None).unwrap()).unwrap();
+        let mut store = WeightStore::open_files(&paths).unwrap();
+        store.insert_f32("computed", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]);
+        store.insert_f32("replaced", vec![3], vec![7.0, 8.0, 9.0]);
+
+        let names = ["a", "b", "bf", "computed", "h", "replaced"];
+        let path = tmp.path().join("weights.safetensors");
+        write_reference_weights(&names, &store, &path).unwrap();
+        let views: Vec<(&str, TensorView)> = names
+            .iter()
+            .map(|&name| {
+                let ty = store.tensor_type(name).unwrap();
+                let dtype = match ty.dtype {
+                    DType::F32 => Dtype::F32,
+                    DType::F16 => Dtype::F16,
+                    DType::BF16 => Dtype::BF16,
+                    DType::I64 => Dtype::I64,
+                };
+                let view = TensorView::new(dtype, ty.shape, store.bytes(name).unwrap());
+                (name, view.unwrap())
+            })
+            .collect();
+        let expected = safetensors::serialize(views, None).unwrap();
+        assert!(std::fs::read(&path).unwrap() == expected);
+        assert!(checkpoint_offsets(&store, names.into_iter()).len() == 4);
+    }
 }

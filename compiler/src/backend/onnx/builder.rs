@@ -38,20 +38,31 @@ impl FloatType {
         }
     }
 
-    /// Little-endian bytes of `values` in this type.
+    /// Little-endian bytes of `values` in this type (to f16: rounded to
+    /// nearest even, with F16C when the CPU has it).
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
+        let mut out = vec![0; values.len() * self.size_bytes()];
         match self {
-            FloatType::F32 => bytemuck_f32(values),
-            FloatType::F16 => values
-                .iter()
-                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-                .collect(),
+            FloatType::F32 => {
+                for (v, d) in values.iter().zip(out.chunks_exact_mut(4)) {
+                    d.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            FloatType::F16 => {
+                use half::slice::HalfFloatSliceExt;
+                const BLOCK: usize = 1024;
+                let mut halves = [half::f16::ZERO; BLOCK];
+                for (src, dst) in values.chunks(BLOCK).zip(out.chunks_mut(2 * BLOCK)) {
+                    let halves = &mut halves[..src.len()];
+                    halves.convert_from_f32_slice(src);
+                    for (h, d) in halves.iter().zip(dst.chunks_exact_mut(2)) {
+                        d.copy_from_slice(&h.to_le_bytes());
+                    }
+                }
+            }
         }
+        out
     }
-}
-
-fn bytemuck_f32(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 pub fn value_info(name: &str, data_type: DataType, shape: &[usize]) -> ValueInfoProto {

@@ -4,7 +4,7 @@
 //!
 //! Weights are never all in memory at once: the model's small part (nodes,
 //! constants, tensor headers) is encoded with onnx-protobuf, and the weight
-//! bytes are converted and streamed into the file one tensor at a time.
+//! bytes are converted once and streamed into the files one tensor at a time.
 
 pub mod allow_list;
 pub mod builder;
@@ -19,9 +19,11 @@ use onnx_protobuf::{
 };
 use protobuf::Enum;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub const MIN_OPSET: i64 = 13;
 pub const MAX_OPSET: i64 = 18;
@@ -180,59 +182,113 @@ pub fn lower(graph: &Graph, options: &OnnxOptions) -> Result<OnnxGraph, OnnxErro
 }
 
 /// Where weight bytes go.
+#[derive(Clone, Copy, Debug)]
 pub enum WeightPlacement<'a> {
-    /// Inside the .onnx file (must stay under protobuf's 2 GiB limit).
+    /// Inside each .onnx file (must stay under protobuf's 2 GiB limit).
     Inline,
-    /// In a shared external data file, at the offsets recorded by the first
-    /// graph written (the second graph reuses them).
-    External(&'a mut ExternalData),
+    /// In one external data file at this path, which every graph references
+    /// by its file name: each tensor is written there once.
+    External(&'a Path),
 }
 
-/// One external data file shared by every graph of a compiled model.
-pub struct ExternalData {
-    pub path: PathBuf,
-    /// File name as written into the models (relative to them).
-    pub location: String,
-    offsets: BTreeMap<String, (u64, u64)>,
-    written: u64,
+/// What writing the graphs produced.
+pub struct Written {
+    /// Bytes of converted weights, each tensor counted once.
+    pub weight_bytes: u64,
+    /// SHA-256 of the converted weight bytes in the order written: the first
+    /// graph's weights, then those only later graphs read.
+    pub weights_sha256: String,
 }
 
-impl ExternalData {
-    pub fn new(path: PathBuf) -> ExternalData {
-        let location = path
-            .file_name()
-            .expect("a file path")
-            .to_string_lossy()
-            .into_owned();
-        ExternalData {
-            path,
-            location,
-            offsets: BTreeMap::new(),
-            written: 0,
+/// One weight converted to the model's float type (borrowed from the store
+/// when it already is), on its way to the sinks.
+struct Chunk<'s> {
+    name: &'s str,
+    bytes: Cow<'s, [u8]>,
+    store: &'s WeightStore,
+}
+
+impl<'s> Chunk<'s> {
+    fn convert(store: &'s WeightStore, name: &'s str, float: FloatType) -> Result<Self, OnnxError> {
+        let ty = store.tensor_type(name)?;
+        let bytes = match (ty.dtype, float) {
+            (DType::F32, FloatType::F32) | (DType::F16, FloatType::F16) => {
+                Cow::Borrowed(store.bytes(name)?)
+            }
+            _ => {
+                let converted = float.encode(store.to_f32_tensor(name)?.f32s());
+                store.release(name);
+                Cow::Owned(converted)
+            }
+        };
+        Ok(Chunk { name, bytes, store })
+    }
+}
+
+impl Drop for Chunk<'_> {
+    /// The last sink is done with a borrowed tensor: its pages may go.
+    fn drop(&mut self) {
+        if matches!(self.bytes, Cow::Borrowed(_)) {
+            self.store.release(self.name);
         }
     }
 }
 
-/// What writing a graph produced.
-pub struct Written {
-    pub onnx_bytes: u64,
-    pub weight_bytes: u64,
-    /// SHA-256 of the converted weight bytes, in the graph's weight order.
-    pub weights_sha256: String,
+/// A consumer of the weight stream, on its own thread.
+enum Sink<'a> {
+    Hash(Sha256),
+    /// An .onnx file's initializers: for each weight the graph reads, the
+    /// entry's header (ending in the raw-data field's header), then the bytes.
+    Inline {
+        out: std::io::BufWriter<std::fs::File>,
+        path: &'a Path,
+        entries: HashMap<&'a str, Vec<u8>>,
+    },
+    /// The external data file: every weight's bytes, in order.
+    External {
+        out: std::io::BufWriter<std::fs::File>,
+        path: &'a Path,
+    },
 }
 
-/// Converts one weight to the model's float type, as little-endian bytes.
-fn weight_bytes(
-    store: &WeightStore,
-    name: &str,
-    float: FloatType,
-) -> Result<(TensorType, Vec<u8>), OnnxError> {
-    let ty = store.tensor_type(name)?;
-    let bytes = match (ty.dtype, float) {
-        (DType::F32, FloatType::F32) | (DType::F16, FloatType::F16) => store.bytes(name)?.to_vec(),
-        _ => float.encode(store.to_f32_tensor(name)?.f32s()),
-    };
-    Ok((ty, bytes))
+impl Sink<'_> {
+    fn take(&mut self, chunk: &Chunk) -> Result<(), OnnxError> {
+        match self {
+            Sink::Hash(hasher) => hasher.update(&chunk.bytes),
+            Sink::Inline { out, path, entries } => {
+                if let Some(entry) = entries.get(chunk.name) {
+                    out.write_all(entry)
+                        .and_then(|()| out.write_all(&chunk.bytes))
+                        .map_err(io_err(path))?;
+                }
+            }
+            Sink::External { out, path } => out.write_all(&chunk.bytes).map_err(io_err(path))?,
+        }
+        Ok(())
+    }
+
+    /// Flushes a file; the hash for the hasher.
+    fn finish(self) -> Result<Option<String>, OnnxError> {
+        match self {
+            Sink::Hash(hasher) => Ok(Some(format!("{:x}", hasher.finalize()))),
+            Sink::Inline { mut out, path, .. } | Sink::External { mut out, path } => {
+                out.flush().map_err(io_err(path))?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OnnxError + '_ {
+    move |source| OnnxError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn create(path: &Path) -> Result<std::io::BufWriter<std::fs::File>, OnnxError> {
+    let file = std::fs::File::create(path).map_err(io_err(path))?;
+    Ok(std::io::BufWriter::with_capacity(1 << 20, file))
 }
 
 fn varint(mut v: u64, out: &mut Vec<u8>) {
@@ -243,173 +299,212 @@ fn varint(mut v: u64, out: &mut Vec<u8>) {
     out.push(v as u8);
 }
 
-/// `tag + length` of a length-delimited protobuf field.
-fn field_header(field: u32, len: u64) -> Vec<u8> {
-    let mut out = Vec::new();
-    varint(((field as u64) << 3) | 2, &mut out);
-    varint(len, &mut out);
-    out
+/// Appends `tag + length` of a length-delimited protobuf field.
+fn field_header(field: u32, len: u64, out: &mut Vec<u8>) {
+    varint(((field as u64) << 3) | 2, out);
+    varint(len, out);
 }
 
 const MODEL_GRAPH_FIELD: u32 = 7;
 const GRAPH_INITIALIZER_FIELD: u32 = 5;
 const TENSOR_RAW_DATA_FIELD: u32 = 9;
 
-/// Writes a lowered graph to `path` with its weights, streaming them.
+/// The external data file's name and each weight's offset in it.
+struct ExternalLayout<'a> {
+    location: String,
+    offsets: HashMap<&'a str, u64>,
+}
+
+/// A graph's file without the weight bytes.
+struct FileLayout<'a> {
+    /// The bytes before the first initializer.
+    prefix: Vec<u8>,
+    /// Each weight's initializer entry but for the raw data (which, inline,
+    /// follows the entry).
+    entries: HashMap<&'a str, Vec<u8>>,
+}
+
+/// Lays out a graph's file.
 ///
 /// The protobuf encoding of a message is the concatenation of its fields in
 /// any order, so the file is: the model's other fields, then the graph field
 /// whose content is the small graph followed by one initializer entry per
-/// weight — each a tensor header followed by its raw bytes. Lengths are known
-/// up front from the shapes, so nothing needs buffering.
-pub fn write(
-    path: &Path,
-    lowered: &OnnxGraph,
-    store: &WeightStore,
+/// weight, in any order. Lengths are known up front from the shapes, so
+/// nothing needs buffering.
+fn layout<'a>(
+    lowered: &'a OnnxGraph,
+    shapes: &HashMap<&str, (Vec<i64>, u64)>,
     float: FloatType,
-    mut placement: WeightPlacement,
-    mut progress: impl FnMut(usize, usize),
-) -> Result<Written, OnnxError> {
-    let io = |source| OnnxError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    external: Option<&ExternalLayout>,
+) -> Result<FileLayout<'a>, OnnxError> {
     let mut model = lowered.model.clone();
     let graph = model.graph.take().expect("lowered models have a graph");
-    let model_rest = model.write_to_bytes()?;
+    let mut prefix = model.write_to_bytes()?;
     let graph_rest = graph.write_to_bytes()?;
 
-    // Tensor headers (everything but raw bytes) and sizes, without data.
-    let mut headers = Vec::with_capacity(lowered.weights.len());
+    let mut entries = HashMap::with_capacity(lowered.weights.len());
+    let mut graph_len = graph_rest.len() as u64;
     for name in &lowered.weights {
-        let ty = store.tensor_type(name)?;
-        let len = (ty.numel() * float.size_bytes()) as u64;
+        let (dims, len) = &shapes[name.as_str()];
         let mut tensor = TensorProto {
             name: name.clone(),
             data_type: float.data_type() as i32,
-            dims: ty.shape.iter().map(|&d| d as i64).collect(),
+            dims: dims.clone(),
             ..Default::default()
         };
-        if let WeightPlacement::External(external) = &placement {
-            let offset = external.offsets.get(name).map(|&(o, _)| o);
-            let offset = offset.unwrap_or(
-                external.written + headers.iter().map(|h: &Header| h.external_len).sum::<u64>(),
-            );
-            tensor.data_location = DataLocation::EXTERNAL.into();
-            for (key, value) in [
-                ("location", external.location.clone()),
-                ("offset", offset.to_string()),
-                ("length", len.to_string()),
-            ] {
-                tensor.external_data.push(StringStringEntryProto {
-                    key: key.into(),
-                    value,
-                    ..Default::default()
-                });
+        // Inline, the raw-data field follows the header; external, none does.
+        let raw_len = match external {
+            None => *len,
+            Some(external) => {
+                tensor.data_location = DataLocation::EXTERNAL.into();
+                for (key, value) in [
+                    ("location", external.location.clone()),
+                    ("offset", external.offsets[name.as_str()].to_string()),
+                    ("length", len.to_string()),
+                ] {
+                    tensor.external_data.push(StringStringEntryProto {
+                        key: key.into(),
+                        value,
+                        ..Default::default()
+                    });
+                }
+                0
             }
-            let new = !external.offsets.contains_key(name);
-            headers.push(Header {
-                bytes: tensor.write_to_bytes()?,
-                raw_len: 0,
-                external_len: if new { len } else { 0 },
-            });
-        } else {
-            headers.push(Header {
-                bytes: tensor.write_to_bytes()?,
-                raw_len: len,
-                external_len: 0,
-            });
-        }
-    }
-    let entry_len = |h: &Header| {
-        let raw_field = if h.raw_len > 0 {
-            field_header(TENSOR_RAW_DATA_FIELD, h.raw_len).len() as u64 + h.raw_len
-        } else {
-            0
         };
-        h.bytes.len() as u64 + raw_field
-    };
-    let graph_len = graph_rest.len() as u64
-        + headers
-            .iter()
-            .map(|h| {
-                let len = entry_len(h);
-                field_header(GRAPH_INITIALIZER_FIELD, len).len() as u64 + len
-            })
-            .sum::<u64>();
-
-    let file = std::fs::File::create(path).map_err(io)?;
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-    out.write_all(&model_rest).map_err(io)?;
-    out.write_all(&field_header(MODEL_GRAPH_FIELD, graph_len))
-        .map_err(io)?;
-    out.write_all(&graph_rest).map_err(io)?;
-
-    let mut external_file = match &mut placement {
-        WeightPlacement::External(external) if headers.iter().any(|h| h.external_len > 0) => {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&external.path)
-                .map_err(|source| OnnxError::Io {
-                    path: external.path.clone(),
-                    source,
-                })?;
-            Some(std::io::BufWriter::with_capacity(1 << 20, f))
+        let header = tensor.write_to_bytes()?;
+        let mut raw_field = Vec::new();
+        if raw_len > 0 {
+            field_header(TENSOR_RAW_DATA_FIELD, raw_len, &mut raw_field);
         }
-        _ => None,
-    };
-    let mut hasher = Sha256::new();
-    let mut weight_total = 0u64;
-    let count = lowered.weights.len();
-    for (i, (name, header)) in lowered.weights.iter().zip(&headers).enumerate() {
-        progress(i, count);
-        let len = entry_len(header);
-        out.write_all(&field_header(GRAPH_INITIALIZER_FIELD, len))
-            .map_err(io)?;
-        out.write_all(&header.bytes).map_err(io)?;
-        let (_, bytes) = weight_bytes(store, name, float)?;
-        store.release(name);
-        hasher.update(&bytes);
-        weight_total += bytes.len() as u64;
-        if header.raw_len > 0 {
-            out.write_all(&field_header(TENSOR_RAW_DATA_FIELD, header.raw_len))
-                .map_err(io)?;
-            out.write_all(&bytes).map_err(io)?;
-        } else if header.external_len > 0 {
-            let WeightPlacement::External(external) = &mut placement else {
-                unreachable!()
-            };
-            let file = external_file.as_mut().expect("opened above");
-            file.write_all(&bytes).map_err(|source| OnnxError::Io {
-                path: external.path.clone(),
-                source,
-            })?;
-            external
-                .offsets
-                .insert(name.clone(), (external.written, bytes.len() as u64));
-            external.written += bytes.len() as u64;
-        }
+        let tensor_len = header.len() as u64 + raw_field.len() as u64 + raw_len;
+        let mut entry = Vec::with_capacity(header.len() + raw_field.len() + 10);
+        field_header(GRAPH_INITIALIZER_FIELD, tensor_len, &mut entry);
+        graph_len += entry.len() as u64 + tensor_len;
+        entry.extend_from_slice(&header);
+        entry.extend_from_slice(&raw_field);
+        entries.insert(name.as_str(), entry);
     }
-    progress(count, count);
-    if let Some(mut f) = external_file {
-        f.flush().map_err(io)?;
-    }
-    out.flush().map_err(io)?;
-    let onnx_bytes = std::fs::metadata(path).map_err(io)?.len();
-    Ok(Written {
-        onnx_bytes,
-        weight_bytes: weight_total,
-        weights_sha256: format!("{:x}", hasher.finalize()),
-    })
+    field_header(MODEL_GRAPH_FIELD, graph_len, &mut prefix);
+    prefix.extend_from_slice(&graph_rest);
+    Ok(FileLayout { prefix, entries })
 }
 
-struct Header {
-    bytes: Vec<u8>,
-    /// Bytes of inline raw data to follow the header (0 when external).
-    raw_len: u64,
-    /// Bytes this tensor adds to the external file (0 if inline or already there).
-    external_len: u64,
+/// Writes lowered graphs, each to its path, with their weights.
+///
+/// Weights are never all in memory: one pass over them converts each tensor
+/// once and hands it to one thread per file it goes to (every .onnx file when
+/// inline, the external data file otherwise) and one that hashes it; the
+/// channels between hold a few tensors at most.
+pub fn write(
+    graphs: &[(&Path, &OnnxGraph)],
+    store: &WeightStore,
+    float: FloatType,
+    placement: WeightPlacement,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Written, OnnxError> {
+    let mut order: Vec<&str> = Vec::new();
+    let mut seen = HashSet::new();
+    for (_, graph) in graphs {
+        for name in &graph.weights {
+            if seen.insert(name.as_str()) {
+                order.push(name);
+            }
+        }
+    }
+    // Each weight's dims and converted length.
+    let mut shapes = HashMap::with_capacity(order.len());
+    for &name in &order {
+        let ty = store.tensor_type(name)?;
+        let len = (ty.numel() * float.size_bytes()) as u64;
+        let dims = ty.shape.iter().map(|&d| d as i64).collect();
+        shapes.insert(name, (dims, len));
+    }
+    let external = match placement {
+        WeightPlacement::Inline => None,
+        WeightPlacement::External(path) => {
+            let mut offsets = HashMap::with_capacity(order.len());
+            let mut offset = 0;
+            for &name in &order {
+                offsets.insert(name, offset);
+                offset += shapes[name].1;
+            }
+            let location = path
+                .file_name()
+                .expect("a file path")
+                .to_string_lossy()
+                .into_owned();
+            Some(ExternalLayout { location, offsets })
+        }
+    };
+
+    let mut sinks = vec![Sink::Hash(Sha256::new())];
+    for &(path, graph) in graphs {
+        let FileLayout { prefix, entries } = layout(graph, &shapes, float, external.as_ref())?;
+        let mut out = create(path)?;
+        out.write_all(&prefix).map_err(io_err(path))?;
+        match placement {
+            WeightPlacement::Inline => sinks.push(Sink::Inline { out, path, entries }),
+            WeightPlacement::External(_) => {
+                for name in &graph.weights {
+                    out.write_all(&entries[name.as_str()])
+                        .map_err(io_err(path))?;
+                }
+                Sink::Inline { out, path, entries }.finish()?;
+            }
+        }
+    }
+    if let WeightPlacement::External(path) = placement {
+        sinks.push(Sink::External {
+            out: create(path)?,
+            path,
+        });
+    }
+
+    let count = order.len();
+    let weights_sha256 = std::thread::scope(|s| {
+        let mut senders = Vec::with_capacity(sinks.len());
+        let mut threads = Vec::with_capacity(sinks.len());
+        for mut sink in sinks {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Chunk>>(4);
+            senders.push(tx);
+            threads.push(s.spawn(move || {
+                for chunk in rx {
+                    sink.take(&chunk)?;
+                }
+                sink.finish()
+            }));
+        }
+        let mut converted = Ok(());
+        for (i, &name) in order.iter().enumerate() {
+            progress(i, count);
+            match Chunk::convert(store, name, float) {
+                Ok(chunk) => {
+                    let chunk = Arc::new(chunk);
+                    // A sink that hung up failed: its error is returned below.
+                    if senders.iter().any(|tx| tx.send(chunk.clone()).is_err()) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    converted = Err(e);
+                    break;
+                }
+            }
+        }
+        drop(senders);
+        let mut hash = None;
+        for thread in threads {
+            let finished = thread.join().expect("a weight writer panicked")?;
+            hash = hash.or(finished);
+        }
+        converted?;
+        progress(count, count);
+        Ok::<_, OnnxError>(hash.expect("the hasher finishes with a hash"))
+    })?;
+    Ok(Written {
+        weight_bytes: shapes.values().map(|(_, len)| len).sum(),
+        weights_sha256,
+    })
 }
 
 #[cfg(test)]
@@ -445,6 +540,97 @@ mod tests {
                     1,
                     "{name} in {outputs:?}"
                 );
+            }
+        }
+    }
+
+    /// Two graphs, the second reading a weight the first does not: inline,
+    /// each file holds exactly its weights; external, one file holds each
+    /// weight once at the offsets both graphs give. The hash covers every
+    /// weight once, the first graph's first.
+    #[test]
+    fn weights_are_written_once_per_file_that_reads_them() {
+        let graph = |with_proj: bool| {
+            let mut b = GraphBuilder::new(if with_proj { "two" } else { "one" });
+            let x = b.input("x", TensorType::f32([1, 2, 8]));
+            let mut h = x;
+            if with_proj {
+                let w = b.weight("proj.weight", TensorType::f32([8, 8]));
+                h = b.node("proj", Linear, &[h, w]).unwrap();
+            }
+            let norm = b.weight("norm.weight", TensorType::f32([8]));
+            let out = b.node("norm", RmsNorm { eps: 1e-6 }, &[h, norm]).unwrap();
+            b.output(out, "out");
+            b.finish().unwrap()
+        };
+        let mut store = WeightStore::default();
+        let proj: Vec<f32> = (0..64).map(|i| i as f32 / 7.0 - 3.0).collect();
+        let norm: Vec<f32> = (0..8).map(|i| 1.0 + i as f32 / 3.0).collect();
+        store.insert_f32("proj.weight", vec![8, 8], proj.clone());
+        store.insert_f32("norm.weight", vec![8], norm.clone());
+        let tmp = tempfile::tempdir().unwrap();
+        for float in [FloatType::F32, FloatType::F16] {
+            let options = OnnxOptions { opset: 13, float };
+            let lowered = [
+                lower(&graph(false), &options).unwrap(),
+                lower(&graph(true), &options).unwrap(),
+            ];
+            let expected = BTreeMap::from([
+                ("norm.weight".to_string(), float.encode(&norm)),
+                ("proj.weight".to_string(), float.encode(&proj)),
+            ]);
+            let hash = format!(
+                "{:x}",
+                Sha256::new()
+                    .chain_update(&expected["norm.weight"])
+                    .chain_update(&expected["proj.weight"])
+                    .finalize()
+            );
+            let external = tmp.path().join("weights.bin");
+            for placement in [
+                WeightPlacement::Inline,
+                WeightPlacement::External(&external),
+            ] {
+                let paths = [tmp.path().join("one.onnx"), tmp.path().join("two.onnx")];
+                let graphs = [
+                    (paths[0].as_path(), &lowered[0]),
+                    (paths[1].as_path(), &lowered[1]),
+                ];
+                let written = write(&graphs, &store, float, placement, |_, _| {}).unwrap();
+                assert_eq!(written.weights_sha256, hash);
+                assert_eq!(written.weight_bytes, 72 * float.size_bytes() as u64);
+                let data = std::fs::read(&external).unwrap_or_default();
+                for (path, graph) in graphs {
+                    let model =
+                        ModelProto::parse_from_bytes(&std::fs::read(path).unwrap()).unwrap();
+                    let parsed = model.graph.as_ref().unwrap();
+                    assert_eq!(parsed.node, graph.graph().node);
+                    let mut weights = BTreeMap::new();
+                    for t in &parsed.initializer {
+                        if !expected.contains_key(&t.name) {
+                            continue; // a constant of the lowering
+                        }
+                        let bytes = match placement {
+                            WeightPlacement::Inline => t.raw_data.clone(),
+                            WeightPlacement::External(_) => {
+                                let field = |key: &str| -> usize {
+                                    let e = t.external_data.iter().find(|e| e.key == key);
+                                    e.unwrap().value.parse().unwrap()
+                                };
+                                let offset = field("offset");
+                                data[offset..offset + field("length")].to_vec()
+                            }
+                        };
+                        assert_eq!(t.data_type, float.data_type() as i32);
+                        weights.insert(t.name.clone(), bytes);
+                    }
+                    let mut wanted = expected.clone();
+                    wanted.retain(|name, _| graph.weights.contains(name));
+                    assert_eq!(weights, wanted, "{}", path.display());
+                }
+                if let WeightPlacement::External(_) = placement {
+                    assert_eq!(data.len() as u64, written.weight_bytes);
+                }
             }
         }
     }
