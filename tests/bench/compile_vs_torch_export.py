@@ -79,15 +79,18 @@ def main() -> None:
         weights_mb = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20
         os.sync()  # neither side should race the writeback of the model just saved
 
-        # Writing is the bottleneck (inline, each graph carries the weights;
-        # --external-data writes them once for both). The shared disk is noisy:
-        # best of three for kiln; one run for the export, which takes far longer.
+        # Writing is the bottleneck: each run writes about twice the weights
+        # (inline, each graph carries them; --external-data writes them once
+        # for both; weights.safetensors is the f32 reference copy). Each run
+        # starts after a sync, so none is throttled by the writeback of the
+        # one before. The shared machine is noisy: best of three for kiln;
+        # one run for the export, which takes far longer.
         def kiln(extra: list[str], tag: str) -> tuple[float, float]:
-            runs = [
-                measure([str(KILN), "compile", str(model_dir), "-o", str(tmp / f"kiln-{tag}-{i}"),
-                         "--dtype", args.dtype, "--no-atc", *extra])
-                for i in range(3)
-            ]
+            runs = []
+            for i in range(3):
+                os.sync()
+                runs.append(measure([str(KILN), "compile", str(model_dir), "-o", str(tmp / f"kiln-{tag}-{i}"),
+                                     "--dtype", args.dtype, "--no-atc", *extra]))
             return min(r[0] for r in runs), max(r[1] for r in runs)
 
         kiln_time, kiln_rss = kiln([], "inline")
