@@ -450,6 +450,8 @@ fn write_reference_weights(
 /// For each named tensor the store maps from a safetensors file: that file,
 /// open, and where the tensor's bytes start in it (read from the file's own
 /// header). Tensors this cannot place are left out, and written from memory.
+/// Like the store's mapping, this assumes nobody rewrites the checkpoint
+/// while Kiln reads it.
 fn checkpoint_offsets<'a>(
     store: &WeightStore,
     names: impl Iterator<Item = &'a str>,
@@ -467,7 +469,11 @@ fn checkpoint_offsets<'a>(
             let mut file = std::fs::File::open(&origin).ok()?;
             let mut n = [0; 8];
             file.read_exact(&mut n).ok()?;
+            // The store checked this header; a file that changed since may not be.
             let n = usize::try_from(u64::from_le_bytes(n)).ok()?;
+            if n > 100 << 20 {
+                return None;
+            }
             let mut json = vec![0; n];
             file.read_exact(&mut json).ok()?;
             let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&json).ok()?;
