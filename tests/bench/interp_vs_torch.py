@@ -18,6 +18,7 @@ since the machine may be shared.
 """
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[2]
-KILN = ROOT / "target" / "release" / "kiln"
+# KILN_BIN overrides it (a build with another CARGO_TARGET_DIR, say).
+KILN = Path(os.environ.get("KILN_BIN", ROOT / "target" / "release" / "kiln"))
 
 
 def smollm2_135m_shape() -> LlamaConfig:

@@ -41,9 +41,10 @@ trait Lanes: Copy {
     fn sum(self) -> f32;
     /// `acc + a·b` on scalars, matching `mul_add`'s rounding.
     fn scalar_mul_add(a: f32, b: f32, acc: f32) -> f32;
-    /// Rows of x per micro-tile of the packed kernel: as many as the
-    /// registers hold (`rows × NV` accumulators + `NV` panel vectors + 1).
-    const TILE_ROWS: usize = 6;
+    /// Starts fetching the cache line at `p` towards L2 (a hint: nothing
+    /// where the CPU has no such instruction).
+    #[inline(always)]
+    fn prefetch(_p: *const f32) {}
 }
 
 /// Portable fallback: separate multiply and add.
@@ -135,6 +136,11 @@ mod avx2 {
         fn scalar_mul_add(a: f32, b: f32, acc: f32) -> f32 {
             unsafe { _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(acc))) }
         }
+        #[inline(always)]
+        fn prefetch(p: *const f32) {
+            // A prefetch never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
+        }
     }
 
     /// AVX-512F: one 512-bit register of 16 lanes. Only constructed inside
@@ -144,7 +150,6 @@ mod avx2 {
 
     impl Lanes for Avx512 {
         const N: usize = 16;
-        const TILE_ROWS: usize = 12;
         #[inline(always)]
         fn zero() -> Self {
             // SAFETY (all methods): only called from `#[target_feature(enable = "avx512f,avx2,fma")]` code.
@@ -179,6 +184,10 @@ mod avx2 {
         #[inline(always)]
         fn scalar_mul_add(a: f32, b: f32, acc: f32) -> f32 {
             Avx2Fma::scalar_mul_add(a, b, acc)
+        }
+        #[inline(always)]
+        fn prefetch(p: *const f32) {
+            Avx2Fma::prefetch(p)
         }
     }
 }
@@ -441,35 +450,35 @@ pub fn matmul_transposed(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> 
     out
 }
 
-/// Vectors of output columns per panel (AVX2: 6 × 2 accumulators + 2 panel
-/// vectors + 1 broadcast fill its 16 registers).
-const NV: usize = 2;
-/// Panels per parallel task.
-const PANELS_PER_TASK: usize = 1;
+/// Widest panel (`NV · lanes` columns) any kernel uses: AVX-512's 3 × 16.
+const MAX_WIDTH: usize = 48;
 
-/// The vector width the packed kernels use on this CPU.
-fn packed_lanes() -> usize {
+/// Panel width of the packed kernels on this CPU: `NV` vectors of lanes.
+/// AVX-512 takes 3 vectors (8 rows × 3 accumulators + 3 panel vectors + 1
+/// broadcast of its 32 registers, and 8 rows divide prefill lengths); the
+/// 8-lane kernels 2 (6 rows × 2 + 2 + 1 of AVX2's 16 registers).
+fn packed_width() -> usize {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
-            return 16;
+            return 3 * 16;
         }
     }
-    LANES
+    2 * LANES
 }
 
 /// A weight matrix `W [n, k]` rearranged for `x · Wᵀ`: column panels of
-/// `width = NV · lanes` weight rows, each laid out `[k][width]` (rows past
-/// `n` are zero). A micro-kernel then broadcasts one element of x against
-/// a whole panel row, reading the panel as one sequential stream; this is
-/// how BLAS libraries pack their operands, done once when the weights load.
+/// `width` weight rows, each laid out `[k][width]` (rows past `n` are
+/// zero). A micro-kernel then broadcasts one element of x against a whole
+/// panel row, reading the panel as one sequential stream; this is how BLAS
+/// libraries pack their operands, done once when the weights load.
 ///
 /// Every output element is a plain sequential sum over `k`, whatever the
 /// number of rows of x or threads: prefill and decode agree bit for bit.
 pub struct PackedMatrix {
     n: usize,
     k: usize,
-    lanes: usize,
+    width: usize,
     panels: PanelMemory,
 }
 
@@ -508,8 +517,7 @@ impl PanelMemory {
 impl PackedMatrix {
     pub fn new(w: &[f32], n: usize, k: usize) -> PackedMatrix {
         assert_eq!(w.len(), n * k);
-        let lanes = packed_lanes();
-        let width = NV * lanes;
+        let width = packed_width();
         let count = n.div_ceil(width);
         let mut panels = PanelMemory::zeroed(count * k * width);
         panels
@@ -528,7 +536,7 @@ impl PackedMatrix {
         PackedMatrix {
             n,
             k,
-            lanes,
+            width,
             panels,
         }
     }
@@ -540,67 +548,283 @@ impl PackedMatrix {
 
     /// `x [m, k] · Wᵀ → [m, n]`, row-major.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let (n, k) = (self.n, self.k);
-        assert_eq!(x.len(), m * k);
-        let mut out = vec![0f32; m * n];
-        if m == 0 || n == 0 {
-            return out;
-        }
-        let width = NV * self.lanes;
-        let task_columns = PANELS_PER_TASK * width;
-        // Tasks write disjoint column ranges of every row of `out`.
-        struct SharedOut(*mut f32, usize);
-        // SAFETY: see `slice`.
-        unsafe impl Sync for SharedOut {}
-        impl SharedOut {
-            /// SAFETY: concurrent callers must write disjoint elements.
-            #[allow(clippy::mut_from_ref)]
-            unsafe fn slice(&self) -> &mut [f32] {
-                std::slice::from_raw_parts_mut(self.0, self.1)
-            }
-        }
-        let shared = SharedOut(out.as_mut_ptr(), out.len());
-        (0..n.div_ceil(task_columns))
-            .into_par_iter()
-            .for_each(|task| {
-                let j0 = task * task_columns;
-                let j1 = (j0 + task_columns).min(n);
-                let panels = &self.panels.as_slice()[j0 * k..j1.div_ceil(width) * width * k];
-                // SAFETY: this task writes only columns j0..j1 of each row, and
-                // the ranges of different tasks do not overlap; `out` outlives
-                // the parallel loop.
-                let out = unsafe { shared.slice() };
-                self.task(x, m, j0, j1, panels, out);
-            });
-        out
+        let job = LinearJob {
+            weight: self,
+            bias: None,
+            residual: None,
+        };
+        linear_group(x, m, &[job])
+            .pop()
+            .expect("one job, one output")
     }
 
-    fn task(&self, x: &[f32], m: usize, j0: usize, j1: usize, panels: &[f32], out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if self.lanes == 16 {
-                // SAFETY: lanes is 16 only when the CPU has AVX-512F (packed_lanes).
-                return unsafe { panel_task_avx512(x, m, self.n, self.k, j0, j1, panels, out) };
-            }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-                return unsafe { panel_task_avx2(x, m, self.n, self.k, j0, j1, panels, out) };
-            }
-        }
-        #[cfg(target_arch = "aarch64")]
-        {
-            panel_task::<neon::Neon>(x, m, self.n, self.k, j0, j1, panels, out)
-        }
-        #[cfg(not(target_arch = "aarch64"))]
-        panel_task::<Portable>(x, m, self.n, self.k, j0, j1, panels, out)
+    fn panel_count(&self) -> usize {
+        self.n.div_ceil(self.width)
+    }
+
+    /// Panel `p` (`[k][width]`), or an empty slice past the last one.
+    fn panel(&self, p: usize) -> &[f32] {
+        let size = self.k * self.width;
+        self.panels
+            .as_slice()
+            .get(p * size..(p + 1) * size)
+            .unwrap_or(&[])
     }
 }
 
-/// `acc[r][v] = Σ_kk x[r][kk] · panel[kk][v·N..(v+1)·N]`.
+/// One `y = x · Wᵀ (+ bias) (+ residual)` of a group that [`linear_group`]
+/// computes in one parallel pass.
+pub struct LinearJob<'a> {
+    pub weight: &'a PackedMatrix,
+    /// `[n]`, added to every row: `y = x·Wᵀ + bias`, as `Linear` adds it.
+    pub bias: Option<&'a [f32]>,
+    /// `[m, n]`, added last: `residual + y`, as an `Add` after the `Linear`
+    /// computes it (the same value: float addition commutes).
+    pub residual: Option<&'a [f32]>,
+}
+
+/// Several products of the same `x [m, k]` (a layer's q, k and v
+/// projections, say) in one parallel pass over all their panels: one
+/// start and one end of the worker threads instead of one per product, and
+/// better balanced. Each output is exactly what [`PackedMatrix::matmul`]
+/// followed by the bias and residual additions gives.
+pub fn linear_group(x: &[f32], m: usize, jobs: &[LinearJob]) -> Vec<Vec<f32>> {
+    run_group(x, m, jobs, false)
+}
+
+/// `silu(x·Gᵀ + bg) · (x·Uᵀ + bu)`: a gated MLP's gate and up projections
+/// and its activation in one pass, each panel of the activation computed
+/// from the two products' panels while they are in registers and cache.
+/// Equals `SwiGlu(Linear(x, G), Linear(x, U))` bit for bit.
+pub fn linear_swiglu(x: &[f32], m: usize, gate: LinearJob, up: LinearJob) -> Vec<f32> {
+    assert_eq!(gate.weight.shape(), up.weight.shape());
+    assert!(gate.residual.is_none() && up.residual.is_none());
+    run_group(x, m, &[gate, up], true)
+        .pop()
+        .expect("one output")
+}
+
+/// An output buffer that parallel tasks write in disjoint parts.
+struct SharedOut(*mut f32, usize);
+
+// SAFETY: see `slice`.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// SAFETY: concurrent callers must write disjoint elements, and the
+    /// buffer must outlive every use.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0, self.1)
+    }
+}
+
+/// What a parallel pass over panels computes (see [`run_group`]).
+struct Group<'a> {
+    x: &'a [f32],
+    m: usize,
+    k: usize,
+    jobs: &'a [LinearJob<'a>],
+    /// Jobs 0 and 1 are a gate and an up projection, combined into `outs[0]`.
+    swiglu: bool,
+    outs: Vec<SharedOut>,
+}
+
+fn run_group(x: &[f32], m: usize, jobs: &[LinearJob], swiglu: bool) -> Vec<Vec<f32>> {
+    let k = jobs.first().map_or(0, |j| j.weight.k);
+    assert_eq!(x.len(), m * k);
+    for job in jobs {
+        let n = job.weight.n;
+        assert_eq!(job.weight.k, k);
+        assert!(job.bias.is_none_or(|b| b.len() == n));
+        assert!(job.residual.is_none_or(|r| r.len() == m * n));
+    }
+    let count = if swiglu { 1 } else { jobs.len() };
+    let mut outs: Vec<Vec<f32>> = jobs[..count]
+        .iter()
+        .map(|j| vec![0f32; m * j.weight.n])
+        .collect();
+    if m == 0 {
+        return outs;
+    }
+    let group = Group {
+        x,
+        m,
+        k,
+        jobs,
+        swiglu,
+        outs: outs
+            .iter_mut()
+            .map(|o| SharedOut(o.as_mut_ptr(), o.len()))
+            .collect(),
+    };
+    // One task per (output, panel): tasks write disjoint columns.
+    let tasks: Vec<(usize, usize)> = (0..count)
+        .flat_map(|j| (0..jobs[j].weight.panel_count()).map(move |p| (j, p)))
+        .collect();
+    tasks
+        .into_par_iter()
+        .for_each(|(job, panel)| group_task(&group, job, panel));
+    outs
+}
+
+fn group_task(group: &Group, job: usize, panel: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if group.jobs[job].weight.width == 48 {
+            // SAFETY: width 48 only when the CPU has AVX-512F (packed_width).
+            return unsafe { group_task_avx512(group, job, panel) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { group_task_avx2(group, job, panel) };
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        panel_task::<neon::Neon, 2, 6>(group, job, panel)
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    panel_task::<Portable, 2, 6>(group, job, panel)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn group_task_avx512(group: &Group, job: usize, panel: usize) {
+    panel_task::<avx2::Avx512, 3, 8>(group, job, panel)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn group_task_avx2(group: &Group, job: usize, panel: usize) {
+    panel_task::<avx2::Avx2Fma, 2, 6>(group, job, panel)
+}
+
+/// Columns of panel `p` of output `job`, for every row of x.
 #[inline(always)]
-fn micro_tile<V: Lanes, const R: usize>(x: [&[f32]; R], panel: &[f32]) -> [[V; NV]; R] {
+fn panel_task<V: Lanes, const NV: usize, const R: usize>(group: &Group, job: usize, p: usize) {
+    let (x, m, k) = (group.x, group.m, group.k);
+    let first = &group.jobs[job];
+    let second = group.swiglu.then(|| &group.jobs[1]);
+    let width = NV * V::N;
+    debug_assert_eq!(first.weight.width, width);
+    let n = first.weight.n;
+    let p0 = p * width;
+    let cols = width.min(n - p0);
+    // SAFETY: only this task writes columns p0..p0 + cols of this output,
+    // and `run_group` keeps the buffer alive until every task is done.
+    let out = unsafe { group.outs[job].slice() };
+    let (bias_a, bias_b) = (
+        first.bias.map(|b| &b[p0..p0 + cols]),
+        second.and_then(|s| s.bias).map(|b| &b[p0..p0 + cols]),
+    );
+    let residual = first.residual;
+    let mut finish = |i: usize, a: &mut [f32], b: &mut [f32]| {
+        let a = &mut a[..cols];
+        if let Some(bias) = bias_a {
+            for (y, b) in a.iter_mut().zip(bias) {
+                *y += b;
+            }
+        }
+        let dst = &mut out[i * n + p0..][..cols];
+        if second.is_some() {
+            let b = &mut b[..cols];
+            if let Some(bias) = bias_b {
+                for (y, b) in b.iter_mut().zip(bias) {
+                    *y += b;
+                }
+            }
+            for ((d, &g), &u) in dst.iter_mut().zip(&*a).zip(&*b) {
+                *d = crate::interp::math::silu(g) * u;
+            }
+        } else if let Some(residual) = residual {
+            for ((d, &y), &r) in dst.iter_mut().zip(&*a).zip(&residual[i * n + p0..]) {
+                *d = r + y;
+            }
+        } else {
+            dst.copy_from_slice(a);
+        }
+    };
+    let panels = [
+        first.weight.panel(p),
+        second.map_or(&[][..], |s| s.weight.panel(p)),
+    ];
+    // While this panel is computed, the next one of the same matrix is
+    // fetched towards L2, spread over the row tiles: its first use would
+    // otherwise wait on memory (hardware prefetchers do not run far enough
+    // ahead of a compute-bound loop). A decode step (a few rows) streams
+    // the weights, which the prefetchers handle alone.
+    let ahead = match (m >= R, second) {
+        (false, _) => [&[][..], &[][..]],
+        (true, None) => [first.weight.panel(p + 1), &[][..]],
+        (true, Some(s)) => [first.weight.panel(p + 1), s.weight.panel(p + 1)],
+    };
+    let mut i = 0;
+    while i + R <= m {
+        row_tile::<V, NV, R>(x, m, k, i, panels, ahead, &mut finish);
+        i += R;
+    }
+    while i + 4 <= m {
+        row_tile::<V, NV, 4>(x, m, k, i, panels, ahead, &mut finish);
+        i += 4;
+    }
+    while i < m {
+        row_tile::<V, NV, 1>(x, m, k, i, panels, ahead, &mut finish);
+        i += 1;
+    }
+}
+
+/// Rows `i0..i0 + R` of one panel of one product (two with a second
+/// panel), handed to `finish(row, values, second values)`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn row_tile<V: Lanes, const NV: usize, const R: usize>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    i0: usize,
+    panels: [&[f32]; 2],
+    ahead: [&[f32]; 2],
+    finish: &mut impl FnMut(usize, &mut [f32], &mut [f32]),
+) {
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &x[(i0 + r) * k..][..k]);
+    // This tile's share of the next panel's cache lines, by rows.
+    let share = |s: &'_ [f32]| -> std::ops::Range<usize> {
+        let lines = s.len() / 16;
+        (lines * i0 / m) * 16..(lines * (i0 + R) / m) * 16
+    };
+    let mut values = [[[0f32; MAX_WIDTH]; R]; 2];
+    for (which, out) in values.iter_mut().enumerate() {
+        if panels[which].is_empty() {
+            continue;
+        }
+        let acc = micro_tile::<V, NV, R>(rows, panels[which], &ahead[which][share(ahead[which])]);
+        for (row, lanes) in out.iter_mut().zip(&acc) {
+            for (v, lane) in lanes.iter().enumerate() {
+                lane.store(&mut row[v * V::N..]);
+            }
+        }
+    }
+    let [a, b] = &mut values;
+    for r in 0..R {
+        finish(i0 + r, &mut a[r], &mut b[r]);
+    }
+}
+
+/// `acc[r][v] = Σ_kk x[r][kk] · panel[kk][v·N..(v+1)·N]`, in order of kk;
+/// meanwhile prefetches `ahead`, a cache line per step.
+#[inline(always)]
+fn micro_tile<V: Lanes, const NV: usize, const R: usize>(
+    x: [&[f32]; R],
+    panel: &[f32],
+    ahead: &[f32],
+) -> [[V; NV]; R] {
     let mut acc = [[V::zero(); NV]; R];
+    let lines = ahead.len() / 16;
     for (kk, b) in panel.chunks_exact(NV * V::N).enumerate() {
+        if kk < lines {
+            V::prefetch(ahead[kk * 16..].as_ptr());
+        }
         let b: [V; NV] = std::array::from_fn(|v| V::load(&b[v * V::N..]));
         for r in 0..R {
             let a = V::splat(x[r][kk]);
@@ -610,94 +834,6 @@ fn micro_tile<V: Lanes, const R: usize>(x: [&[f32]; R], panel: &[f32]) -> [[V; N
         }
     }
     acc
-}
-
-/// Runs `R`-row micro-tiles over rows `start..` of x while `R` rows remain;
-/// returns the first row not covered.
-#[inline(always)]
-fn tile_rows<'x, V: Lanes, const R: usize>(
-    start: usize,
-    m: usize,
-    row: &impl Fn(usize) -> &'x [f32],
-    panel: &[f32],
-    store: &mut impl FnMut(usize, &[V; NV]),
-) -> usize {
-    let full = start + (m - start) / R * R;
-    for i0 in (start..full).step_by(R) {
-        let acc = micro_tile::<V, R>(std::array::from_fn(|r| row(i0 + r)), panel);
-        for (r, acc_row) in acc.iter().enumerate() {
-            store(i0 + r, acc_row);
-        }
-    }
-    full
-}
-
-/// Columns `j0..j1` of every row of `x [m, k] · Wᵀ`, from their panels.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn panel_task<V: Lanes>(
-    x: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    j0: usize,
-    j1: usize,
-    panels: &[f32],
-    out: &mut [f32],
-) {
-    let width = NV * V::N;
-    let mut lanes_out = vec![0f32; width];
-    let row = |i: usize| &x[i * k..(i + 1) * k];
-    for (p, panel) in panels.chunks_exact(k * width).enumerate() {
-        let p0 = j0 + p * width;
-        let cols = width.min(j1 - p0);
-        let mut store = |i: usize, acc: &[V; NV]| {
-            for (v, lanes) in acc.iter().enumerate() {
-                lanes.store(&mut lanes_out[v * V::N..]);
-            }
-            out[i * n + p0..i * n + p0 + cols].copy_from_slice(&lanes_out[..cols]);
-        };
-        let mut full = match V::TILE_ROWS {
-            12 => tile_rows::<V, 12>(0, m, &row, panel, &mut store),
-            _ => tile_rows::<V, 6>(0, m, &row, panel, &mut store),
-        };
-        full = tile_rows::<V, 4>(full, m, &row, panel, &mut store);
-        for i in full..m {
-            store(i, &micro_tile::<V, 1>([row(i)], panel)[0]);
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn panel_task_avx512(
-    x: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    j0: usize,
-    j1: usize,
-    panels: &[f32],
-    out: &mut [f32],
-) {
-    panel_task::<avx2::Avx512>(x, m, n, k, j0, j1, panels, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn panel_task_avx2(
-    x: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    j0: usize,
-    j1: usize,
-    panels: &[f32],
-    out: &mut [f32],
-) {
-    panel_task::<avx2::Avx2Fma>(x, m, n, k, j0, j1, panels, out)
 }
 
 #[cfg(test)]
@@ -763,6 +899,56 @@ mod tests {
             for (a, b) in all.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4);
             }
+        }
+    }
+
+    #[test]
+    fn fused_products_equal_the_separate_ops() {
+        use crate::interp::math::silu;
+        // Two row counts (tiles of every height, and a decode step), widths
+        // with a partial last panel.
+        for m in [1, 21] {
+            let (k, n) = (40, 70);
+            let x = pseudo_random(m * k, 7);
+            let [g, u, v] = [8, 9, 10].map(|seed| pseudo_random(n * k, seed));
+            let [pg, pu, pv] = [&g, &u, &v].map(|w| PackedMatrix::new(w, n, k));
+            let bias = pseudo_random(n, 11);
+            let residual = pseudo_random(m * n, 12);
+            let plain = |p: &PackedMatrix| p.matmul(&x, m);
+            let job = |w, bias, residual| LinearJob {
+                weight: w,
+                bias,
+                residual,
+            };
+            let outs = linear_group(
+                &x,
+                m,
+                &[
+                    job(&pg, None, None),
+                    job(&pu, Some(&bias), None),
+                    job(&pv, Some(&bias), Some(&residual)),
+                ],
+            );
+            assert_eq!(outs[0], plain(&pg));
+            let biased: Vec<f32> = plain(&pu)
+                .chunks_exact(n)
+                .flat_map(|row| row.iter().zip(&bias).map(|(y, b)| y + b))
+                .collect();
+            assert_eq!(outs[1], biased);
+            let with_residual: Vec<f32> = plain(&pv)
+                .chunks_exact(n)
+                .flat_map(|row| row.iter().zip(&bias).map(|(y, b)| y + b))
+                .zip(&residual)
+                .map(|(y, r)| r + y)
+                .collect();
+            assert_eq!(outs[2], with_residual);
+            let gated = linear_swiglu(&x, m, job(&pg, None, None), job(&pu, Some(&bias), None));
+            let want: Vec<f32> = plain(&pg)
+                .iter()
+                .zip(&biased)
+                .map(|(&g, &u)| silu(g) * u)
+                .collect();
+            assert_eq!(gated, want);
         }
     }
 

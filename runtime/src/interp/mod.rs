@@ -3,12 +3,14 @@
 
 pub mod linalg;
 pub mod math;
+mod plan;
 pub mod profile;
 
 use crate::ir::ops::KernelError;
 use crate::ir::{DType, Graph, IrError, ValueId, ValueSource};
 use crate::tensor::Tensor;
 use crate::weights::{WeightError, WeightStore};
+use plan::{Job, Step};
 use std::collections::HashMap;
 
 #[derive(Debug, thiserror::Error)]
@@ -92,13 +94,37 @@ fn linear_only_weights(graph: &Graph) -> Vec<bool> {
 /// Intermediate values captured during a run, by IR value name.
 pub type Taps = Vec<(String, Tensor)>;
 
+/// The steps that run a graph, and for each value the index of the last
+/// step that reads it (or `usize::MAX` for graph outputs), so that
+/// intermediates are freed early.
+struct Schedule {
+    steps: Vec<Step>,
+    last_use: Vec<usize>,
+}
+
+impl Schedule {
+    fn new(graph: &Graph, steps: Vec<Step>) -> Schedule {
+        let mut last_use = vec![0usize; graph.values.len()];
+        for (i, step) in steps.iter().enumerate() {
+            for input in step.inputs(graph) {
+                last_use[input.index()] = i;
+            }
+        }
+        for &out in &graph.outputs {
+            last_use[out.index()] = usize::MAX;
+        }
+        Schedule { steps, last_use }
+    }
+}
+
 /// One graph, ready to run.
 pub struct Interpreter {
     graph: Graph,
     weights: Vec<(ValueId, Tensor)>,
-    /// For each value, the index of the last node that reads it (or
-    /// `usize::MAX` for graph outputs), so intermediates are freed early.
-    last_use: Vec<usize>,
+    /// With `Linear`s fused where possible (see [`plan`]).
+    fused: Schedule,
+    /// Node by node, for runs that capture intermediate values.
+    plain: Schedule,
 }
 
 impl Interpreter {
@@ -124,19 +150,17 @@ impl Interpreter {
             }
             weights.push((id, cache.get(store, tensor, linear_only[id.index()])?));
         }
-        let mut last_use = vec![0usize; graph.values.len()];
-        for (i, node) in graph.nodes.iter().enumerate() {
-            for &input in &node.inputs {
-                last_use[input.index()] = i;
-            }
+        let mut packed = vec![false; graph.values.len()];
+        for (id, tensor) in &weights {
+            packed[id.index()] = tensor.packed().is_some();
         }
-        for &out in &graph.outputs {
-            last_use[out.index()] = usize::MAX;
-        }
+        let fused = Schedule::new(&graph, plan::plan(&graph, &packed));
+        let plain = Schedule::new(&graph, (0..graph.nodes.len()).map(Step::Node).collect());
         Ok(Interpreter {
             graph,
             weights,
-            last_use,
+            fused,
+            plain,
         })
     }
 
@@ -157,6 +181,13 @@ impl Interpreter {
         inputs: &[(&str, Tensor)],
         taps: &[&str],
     ) -> Result<(Vec<Tensor>, Taps), InterpError> {
+        if rayon::current_thread_index().is_none() {
+            // Run the whole graph on a worker of the pool: each parallel op
+            // then starts and ends on a thread that takes part in it,
+            // instead of waking the workers and putting the caller to sleep
+            // (and waking it again) a few hundred times per step.
+            return rayon::scope(|_| self.run_with_taps(inputs, taps));
+        }
         let graph = &self.graph;
         let mut slots: Vec<Option<Tensor>> = vec![None; graph.values.len()];
         for (id, tensor) in &self.weights {
@@ -201,30 +232,26 @@ impl Interpreter {
                     .map(|i| ValueId(i as u32))
             })
             .collect();
+        // Fused steps compute the same bits, but not the values in between:
+        // a run with taps goes node by node.
+        let schedule = if taps.is_empty() {
+            &self.fused
+        } else {
+            &self.plain
+        };
         let mut tapped = Vec::new();
-        for (index, node) in graph.nodes.iter().enumerate() {
-            let args: Vec<&Tensor> = node
-                .inputs
-                .iter()
-                .map(|id| {
-                    slots[id.index()]
-                        .as_ref()
-                        .expect("validated graphs define values before use")
-                })
-                .collect();
+        for (index, step) in schedule.steps.iter().enumerate() {
             let started = profile::start();
-            let out = node.op.eval(&args).map_err(|source| InterpError::Kernel {
-                node: node.name.clone(),
-                op: node.op.name(),
-                source,
-            })?;
-            profile::record(node.op.name(), started);
-            if tap_ids.contains(&node.output) {
-                tapped.push((graph.value(node.output).name.clone(), out.clone()));
+            let outputs = self.run_step(step, &slots)?;
+            profile::record(step.profile_name(graph), started);
+            for (id, out) in outputs {
+                if tap_ids.contains(&id) {
+                    tapped.push((graph.value(id).name.clone(), out.clone()));
+                }
+                slots[id.index()] = Some(out);
             }
-            slots[node.output.index()] = Some(out);
-            for &input in &node.inputs {
-                if self.last_use[input.index()] == index && !graph.inputs.contains(&input) {
+            for input in step.inputs(graph) {
+                if schedule.last_use[input.index()] == index && !graph.inputs.contains(&input) {
                     slots[input.index()] = None;
                 }
             }
@@ -239,6 +266,64 @@ impl Interpreter {
             })
             .collect();
         Ok((outputs, tapped))
+    }
+}
+
+impl Interpreter {
+    /// Runs one step on the values in `slots`; returns what it computes.
+    fn run_step(
+        &self,
+        step: &Step,
+        slots: &[Option<Tensor>],
+    ) -> Result<Vec<(ValueId, Tensor)>, InterpError> {
+        let graph = &self.graph;
+        let value = |id: ValueId| {
+            slots[id.index()]
+                .as_ref()
+                .expect("validated graphs define values before use")
+        };
+        let job = |j: &Job| linalg::LinearJob {
+            weight: value(j.weight)
+                .packed()
+                .expect("plans fuse packed weights only"),
+            bias: j.bias.map(|b| value(b).f32s()),
+            residual: j.residual.map(|r| value(r).f32s()),
+        };
+        let tensor =
+            |id: ValueId, data: Vec<f32>| (id, Tensor::from_f32(graph.ty(id).shape.clone(), data));
+        let rows = |x: &Tensor, j: &Job| x.numel() / graph.ty(j.weight).shape[1];
+        match step {
+            Step::Node(i) => {
+                let node = &graph.nodes[*i];
+                let args: Vec<&Tensor> = node.inputs.iter().map(|&id| value(id)).collect();
+                let out = node.op.eval(&args).map_err(|source| InterpError::Kernel {
+                    node: node.name.clone(),
+                    op: node.op.name(),
+                    source,
+                })?;
+                Ok(vec![(node.output, out)])
+            }
+            Step::Linears { x, jobs } => {
+                let x = value(*x);
+                let specs: Vec<_> = jobs.iter().map(job).collect();
+                let outs = linalg::linear_group(x.f32s(), rows(x, &jobs[0]), &specs);
+                Ok(jobs
+                    .iter()
+                    .zip(outs)
+                    .map(|(j, out)| tensor(j.output, out))
+                    .collect())
+            }
+            Step::GatedMlp {
+                x,
+                gate,
+                up,
+                output,
+            } => {
+                let x = value(*x);
+                let out = linalg::linear_swiglu(x.f32s(), rows(x, gate), job(gate), job(up));
+                Ok(vec![tensor(*output, out)])
+            }
+        }
     }
 }
 
@@ -266,6 +351,99 @@ mod tests {
         let y = b.node("lm_head", Linear, &[r, head]).unwrap();
         b.output(y, "logits");
         (b.finish().unwrap(), store)
+    }
+
+    /// A layer's shape: q/k/v projections of one input (v with a bias), a
+    /// residual add, a gated MLP and a second residual add.
+    fn layer_and_weights() -> (Graph, WeightStore) {
+        use crate::ir::ops::{Concat, SwiGlu};
+        let (d, f) = (8, 12);
+        let mut store = WeightStore::default();
+        let mut seed = 1u32;
+        let mut random = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+                })
+                .collect()
+        };
+        for (name, shape) in [
+            ("q", vec![d, d]),
+            ("k", vec![4, d]),
+            ("v", vec![4, d]),
+            ("v.bias", vec![4]),
+            ("o", vec![d, d + 8]),
+            ("gate", vec![f, d]),
+            ("up", vec![f, d]),
+            ("down", vec![d, f]),
+        ] {
+            let len = shape.iter().product();
+            store.insert_f32(name, shape, random(len));
+        }
+        let mut b = GraphBuilder::new("layer");
+        let x = b.input("x", TensorType::f32([1, 3, d]));
+        let mut w = |name: &str, shape: Vec<usize>| b.weight(name, TensorType::f32(shape));
+        let (wq, wk, wv, bv) = (
+            w("q", vec![d, d]),
+            w("k", vec![4, d]),
+            w("v", vec![4, d]),
+            w("v.bias", vec![4]),
+        );
+        let (wo, wg, wu, wd) = (
+            w("o", vec![d, d + 8]),
+            w("gate", vec![f, d]),
+            w("up", vec![f, d]),
+            w("down", vec![d, f]),
+        );
+        let q = b.node("q_proj", Linear, &[x, wq]).unwrap();
+        let k = b.node("k_proj", Linear, &[x, wk]).unwrap();
+        let v = b.node("v_proj", Linear, &[x, wv, bv]).unwrap();
+        let qkv = b.node("qkv", Concat { axis: 2 }, &[q, k, v]).unwrap();
+        let o = b.node("o_proj", Linear, &[qkv, wo]).unwrap();
+        let h = b.node("attn_residual", Add, &[x, o]).unwrap();
+        let g = b.node("gate_proj", Linear, &[h, wg]).unwrap();
+        let u = b.node("up_proj", Linear, &[h, wu]).unwrap();
+        let a = b.node("gated", SwiGlu, &[g, u]).unwrap();
+        let dn = b.node("down_proj", Linear, &[a, wd]).unwrap();
+        let y = b.node("mlp_residual", Add, &[dn, h]).unwrap();
+        b.output(y, "y");
+        b.output(k, "k_new");
+        (b.finish().unwrap(), store)
+    }
+
+    #[test]
+    fn fused_steps_compute_what_the_nodes_compute() {
+        let (graph, store) = layer_and_weights();
+        let interp = Interpreter::new(graph, &store, &mut F32Weights::default()).unwrap();
+        let names: Vec<&str> = interp
+            .fused
+            .steps
+            .iter()
+            .map(|s| s.profile_name(&interp.graph))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "Linear",
+                "Concat",
+                "Linear+Add",
+                "Linear+SwiGlu",
+                "Linear+Add"
+            ]
+        );
+        let x = Tensor::from_f32(
+            [1, 3, 8],
+            (0..24).map(|i| (i as f32 * 0.37).sin()).collect(),
+        );
+        let fused = interp.run(&[("x", x.clone())]).unwrap();
+        // A tap makes the run go node by node.
+        let (plain, taps) = interp.run_with_taps(&[("x", x)], &["gated"]).unwrap();
+        assert_eq!(taps.len(), 1);
+        for (a, b) in fused.iter().zip(&plain) {
+            assert_eq!(a.shape(), b.shape());
+            assert_eq!(a.f32s(), b.f32s());
+        }
     }
 
     #[test]

@@ -1,0 +1,202 @@
+//! The order in which the interpreter runs a graph: its nodes one by one,
+//! except that some `Linear`s are fused with their neighbours into one
+//! pass of the packed kernels (see [`linalg::linear_group`]):
+//!
+//! - `Linear`s of the same input (a layer's q, k and v projections) run as
+//!   one group: one parallel pass instead of one per product;
+//! - `SwiGlu(Linear(x, G), Linear(x, U))` runs as one pass that applies
+//!   the activation to each panel as it is computed, so the gate and up
+//!   products are never stored;
+//! - `Add(r, Linear(..))` adds the residual `r` as each value is stored.
+//!
+//! Each fused value is computed exactly as the nodes compute it, so a run
+//! gives the same bits either way (taps run the plain node order).
+//!
+//! [`linalg::linear_group`]: super::linalg::linear_group
+
+use crate::ir::{Graph, Op, ValueId, ValueSource};
+
+/// One `Linear` of a fused step: `output = x · weightᵀ (+ bias) (+ residual)`.
+#[derive(Debug)]
+pub(super) struct Job {
+    pub weight: ValueId,
+    pub bias: Option<ValueId>,
+    pub residual: Option<ValueId>,
+    pub output: ValueId,
+}
+
+#[derive(Debug)]
+pub(super) enum Step {
+    /// One node, run by its op.
+    Node(usize),
+    /// `Linear`s of the same input `x`, in one pass.
+    Linears { x: ValueId, jobs: Vec<Job> },
+    /// `output = SwiGlu(Linear(x, gate), Linear(x, up))`.
+    GatedMlp {
+        x: ValueId,
+        gate: Job,
+        up: Job,
+        output: ValueId,
+    },
+}
+
+impl Step {
+    /// The values the step reads.
+    pub fn inputs<'a>(&'a self, graph: &'a Graph) -> Vec<ValueId> {
+        let job_inputs = |j: &Job| [Some(j.weight), j.bias, j.residual];
+        match self {
+            Step::Node(i) => graph.nodes[*i].inputs.clone(),
+            Step::Linears { x, jobs } => std::iter::once(*x)
+                .chain(jobs.iter().flat_map(job_inputs).flatten())
+                .collect(),
+            Step::GatedMlp { x, gate, up, .. } => std::iter::once(*x)
+                .chain(job_inputs(gate).into_iter().flatten())
+                .chain(job_inputs(up).into_iter().flatten())
+                .collect(),
+        }
+    }
+
+    /// The name the profile lists the step under.
+    pub fn profile_name(&self, graph: &Graph) -> &'static str {
+        match self {
+            Step::Node(i) => graph.nodes[*i].op.name(),
+            Step::Linears { jobs, .. } if jobs.iter().any(|j| j.residual.is_some()) => "Linear+Add",
+            Step::Linears { .. } => "Linear",
+            Step::GatedMlp { .. } => "Linear+SwiGlu",
+        }
+    }
+}
+
+/// The steps that run `graph`. `packed[v]` tells whether weight `v` is
+/// packed for the matmul kernels (only those are fused).
+pub(super) fn plan(graph: &Graph, packed: &[bool]) -> Vec<Step> {
+    let nodes = &graph.nodes;
+    let mut uses = vec![0usize; graph.values.len()];
+    let mut consumer = vec![None; graph.values.len()];
+    for (i, node) in nodes.iter().enumerate() {
+        for &input in &node.inputs {
+            uses[input.index()] += 1;
+            consumer[input.index()] = Some(i);
+        }
+    }
+    for &out in &graph.outputs {
+        uses[out.index()] += 1;
+    }
+    // The node computing each value (`None` for inputs and weights).
+    let mut producer = vec![None; graph.values.len()];
+    for (i, node) in nodes.iter().enumerate() {
+        producer[node.output.index()] = Some(i);
+    }
+    // A Linear on a packed weight, as (x, job computing its own output).
+    let linear = |i: usize| -> Option<(ValueId, Job)> {
+        let node = &nodes[i];
+        if !matches!(node.op, Op::Linear(_)) || !packed[node.inputs[1].index()] {
+            return None;
+        }
+        let job = Job {
+            weight: node.inputs[1],
+            bias: node.inputs.get(2).copied(),
+            residual: None,
+            output: node.output,
+        };
+        Some((node.inputs[0], job))
+    };
+    // The single node reading value `v`, if nothing else does.
+    let sole_consumer = |v: ValueId| {
+        (uses[v.index()] == 1)
+            .then(|| consumer[v.index()])
+            .flatten()
+    };
+
+    // Fused steps that replace a later node (the SwiGlu or the Add): they
+    // run where that node ran, when everything they read exists.
+    let mut replaces: Vec<Option<Step>> = (0..nodes.len()).map(|_| None).collect();
+    let mut absorbed = vec![false; nodes.len()];
+    for i in 0..nodes.len() {
+        let Some((x, job)) = linear(i) else { continue };
+        let Some(c) = sole_consumer(job.output).filter(|&c| !absorbed[c]) else {
+            continue;
+        };
+        let after = &nodes[c];
+        match &after.op {
+            Op::SwiGlu(_) if after.inputs[0] == job.output => {
+                let up = after.inputs[1];
+                let Some(u) = producer[up.index()].filter(|&u| !absorbed[u] && u != i) else {
+                    continue;
+                };
+                let Some((ux, up_job)) = linear(u) else {
+                    continue;
+                };
+                let same_shape = graph.ty(job.weight).shape == graph.ty(up_job.weight).shape;
+                if ux != x || !same_shape || sole_consumer(up) != Some(c) {
+                    continue;
+                }
+                absorbed[i] = true;
+                absorbed[u] = true;
+                replaces[c] = Some(Step::GatedMlp {
+                    x,
+                    gate: job,
+                    up: up_job,
+                    output: after.output,
+                });
+            }
+            Op::Add(_) => {
+                let [a, b] = after.inputs[..] else { continue };
+                let residual = if a == job.output { b } else { a };
+                let ty = graph.ty(job.output);
+                if residual == job.output
+                    || graph.ty(residual) != ty
+                    || graph.ty(after.output) != ty
+                {
+                    continue;
+                }
+                absorbed[i] = true;
+                replaces[c] = Some(Step::Linears {
+                    x,
+                    jobs: vec![Job {
+                        residual: Some(residual),
+                        output: after.output,
+                        ..job
+                    }],
+                });
+            }
+            _ => {}
+        }
+    }
+
+    // Whether value `v` exists before node `i` runs.
+    let ready_before = |v: ValueId, i: usize| match graph.value(v).source {
+        ValueSource::Input | ValueSource::Weight { .. } => true,
+        _ => producer[v.index()].is_some_and(|p| p < i),
+    };
+    let mut steps = Vec::new();
+    for i in 0..nodes.len() {
+        if let Some(step) = replaces[i].take() {
+            steps.push(step);
+            continue;
+        }
+        if absorbed[i] {
+            continue;
+        }
+        let Some((x, job)) = linear(i) else {
+            steps.push(Step::Node(i));
+            continue;
+        };
+        // Later Linears of the same x join this one's pass when their bias
+        // (if any) already exists here.
+        let mut jobs = vec![job];
+        for j in i + 1..nodes.len() {
+            if absorbed[j] || replaces[j].is_some() {
+                continue;
+            }
+            if let Some((xj, other)) = linear(j) {
+                if xj == x && other.bias.is_none_or(|b| ready_before(b, i)) {
+                    absorbed[j] = true;
+                    jobs.push(other);
+                }
+            }
+        }
+        steps.push(Step::Linears { x, jobs });
+    }
+    steps
+}
