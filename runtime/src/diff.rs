@@ -489,7 +489,10 @@ pub fn diff_command(args: &DiffArgs) -> Result<(), String> {
         }
         _ => None,
     };
-    let template = crate::chat::ChatTemplate::from_dir(&model.dir).map_err(|e| e.to_string())?;
+    let template = match args.prompt.chat {
+        true => crate::chat::ChatTemplate::from_dir(&model.dir).map_err(|e| e.to_string())?,
+        false => None,
+    };
     let prompt = args
         .prompt
         .encode(tokenizer.as_ref(), template.as_ref())

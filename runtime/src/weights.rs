@@ -82,6 +82,8 @@ struct MappedFile {
 pub struct WeightStore {
     files: Vec<MappedFile>,
     entries: BTreeMap<String, Entry>,
+    /// The file owned tensors were read from (a GGUF), for messages.
+    owned_from: Option<PathBuf>,
 }
 
 impl WeightStore {
@@ -262,9 +264,18 @@ impl WeightStore {
         })
     }
 
+    /// Names `path` as where the owned tensors came from (a GGUF file the
+    /// frontend dequantized), so errors point at it.
+    pub fn set_owned_origin(&mut self, path: &Path) {
+        self.owned_from = Some(path.to_path_buf());
+    }
+
     fn describe_files(&self) -> String {
         match self.files.len() {
-            0 => "the weight store".to_string(),
+            0 => match &self.owned_from {
+                Some(path) => path.display().to_string(),
+                None => "the weight store".to_string(),
+            },
             1 => self.files[0].path.display().to_string(),
             n => format!(
                 "the {n} weight files in {}",
@@ -281,7 +292,10 @@ impl WeightStore {
     pub fn origin(&self, name: &str) -> PathBuf {
         match self.entries.get(name).map(|e| &e.source) {
             Some(Source::Mapped { file, .. }) => self.files[*file].path.clone(),
-            _ => PathBuf::from("<computed by kiln>"),
+            _ => self
+                .owned_from
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("<computed by kiln>")),
         }
     }
 

@@ -216,7 +216,15 @@ impl ModelConfig {
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32,
+            rms_norm_eps: match f.opt_f64("rms_norm_eps")? {
+                None => 1e-6,
+                Some(eps) if eps.is_finite() && eps > 0.0 => eps as f32,
+                Some(eps) => {
+                    return Err(f.invalid(format!(
+                        "\"rms_norm_eps\" must be a positive number, got {eps}"
+                    )))
+                }
+            },
             rope,
             max_position_embeddings,
             tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
@@ -273,6 +281,11 @@ impl ModelConfig {
             Some(t) => t,
             None => f.opt_f64("rope_theta")?.unwrap_or(10000.0),
         };
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(f.invalid(format!(
+                "\"rope_theta\" must be a positive number, got {theta}"
+            )));
+        }
         let kind = p
             .get("rope_type")
             .or_else(|| p.get("type"))

@@ -189,6 +189,7 @@ impl HfModel {
             serde_json::to_vec_pretty(&model.config_json).expect("a JSON value serializes");
         let config = ModelConfig::from_bytes(path, &config_bytes)?;
         let mut weights = WeightStore::default();
+        weights.set_owned_origin(path);
         for (name, shape, data) in model.tensors {
             weights.insert_f32(&name, shape, data);
         }
@@ -282,6 +283,20 @@ impl HfModel {
             max_len: options.max_seq_len,
             head_dim: c.head_dim,
         };
+        // The weights must bear out the config's sizes before anything is
+        // allocated from them: a config claiming 2^40 layers or a huge head
+        // is refused here, naming the tensor, not by the allocator.
+        let w = &self.weights;
+        w.expect("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        let last = c.num_layers - 1;
+        w.expect(
+            &format!("model.layers.{last}.input_layernorm.weight"),
+            &[c.hidden_size],
+        )?;
+        w.expect(
+            "model.layers.0.self_attn.q_proj.weight",
+            &[c.num_heads * c.head_dim, c.hidden_size],
+        )?;
         let (cos, sin) = rope::tables(&c.rope, c.head_dim, cache.max_len);
         self.weights
             .insert_f32(decoder::ROPE_COS, vec![cache.max_len, c.head_dim], cos);

@@ -72,8 +72,9 @@ impl GgufModel {
         let heads = config_json["num_attention_heads"].as_u64().unwrap_or(1) as usize;
         let kv_heads = config_json["num_key_value_heads"].as_u64().unwrap_or(1) as usize;
 
-        let count = file.tensors.len();
-        let mut tensors = Vec::with_capacity(count);
+        let layers = config_json["num_hidden_layers"].as_u64().unwrap_or(0);
+        let mut names = std::collections::BTreeMap::new();
+        let mut tensors = Vec::with_capacity(file.tensors.len());
         for info in &file.tensors {
             let name = hf_name(&info.name).ok_or_else(|| {
                 unsupported(format!(
@@ -86,6 +87,20 @@ impl GgufModel {
                     }
                 ))
             })?;
+            // Checked before dequantizing: `blk.00` and `blk.0` are one
+            // name, and a layer past block_count is one nobody reads.
+            if let Some(layer) = layer_of(&name).filter(|&l| l >= layers) {
+                return Err(unsupported(format!(
+                    "tensor `{}` is for layer {layer}, but {arch}.block_count is {layers}",
+                    info.name
+                )));
+            }
+            if let Some(first) = names.insert(name.clone(), info.name.clone()) {
+                return Err(unsupported(format!(
+                    "tensors `{first}` and `{}` are both `{name}`",
+                    info.name
+                )));
+            }
             let mut data = vec![0f32; info.numel()];
             quant::dequantize(info.ggml_type, file.tensor_bytes(info), &mut data);
             if permuted {
@@ -122,6 +137,16 @@ fn config_json(file: &GgufFile, arch: &str, class: &str) -> Result<Value, String
             .ok_or_else(|| format!("{arch}.{name} is not a non-negative integer"))
     };
     let has = |name: &str| file.tensors.iter().any(|t| t.name == name);
+    // A number the model divides by or exponentiates: finite and above zero.
+    let positive = |name: &str, default: f64| -> Result<f64, String> {
+        match key(name) {
+            None => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| format!("{arch}.{name} is {v}; it must be a positive number")),
+        }
+    };
     let hidden = uint("embedding_length")?;
     let heads = uint("attention.head_count")?;
     let kv_heads = match key("attention.head_count_kv") {
@@ -160,8 +185,8 @@ fn config_json(file: &GgufFile, arch: &str, class: &str) -> Result<Value, String
         "head_dim": head_dim,
         "vocab_size": vocab,
         "max_position_embeddings": uint("context_length")?,
-        "rms_norm_eps": key("attention.layer_norm_rms_epsilon").and_then(MetaValue::as_f64).unwrap_or(1e-5),
-        "rope_theta": key("rope.freq_base").and_then(MetaValue::as_f64).unwrap_or(10000.0),
+        "rms_norm_eps": positive("attention.layer_norm_rms_epsilon", 1e-5)?,
+        "rope_theta": positive("rope.freq_base", 10000.0)?,
         // llama.cpp writes the output projection only when it is not the embedding.
         "tie_word_embeddings": !has("output.weight"),
         "attention_bias": has("blk.0.attn_q.bias"),
@@ -185,6 +210,16 @@ fn config_json(file: &GgufFile, arch: &str, class: &str) -> Result<Value, String
         }
     }
     Ok(config)
+}
+
+/// The layer a transformers tensor name belongs to.
+fn layer_of(hf_name: &str) -> Option<u64> {
+    hf_name
+        .strip_prefix("model.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// transformers' name for a llama.cpp tensor name, or `None` if unknown.

@@ -51,7 +51,7 @@ pub enum MetaValue {
     F32(f32),
     Bool(bool),
     String(String),
-    Array(Vec<MetaValue>),
+    Array(MetaArray),
     U64(u64),
     I64(i64),
     F64(f64),
@@ -105,7 +105,7 @@ impl MetaValue {
         }
     }
 
-    pub fn as_array(&self) -> Option<&[MetaValue]> {
+    pub fn as_array(&self) -> Option<&MetaArray> {
         match self {
             MetaValue::Array(items) => Some(items),
             _ => None,
@@ -146,6 +146,74 @@ impl fmt::Display for MetaValue {
                 (None, Some(x)) => write!(f, "{x}"),
                 _ => write!(f, "{}", other.type_name()),
             },
+        }
+    }
+}
+
+/// An array, stored by item type so that a million u8 items take a
+/// megabyte in memory, as in the file.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MetaArray {
+    U8(Vec<u8>),
+    I8(Vec<i8>),
+    U16(Vec<u16>),
+    I16(Vec<i16>),
+    U32(Vec<u32>),
+    I32(Vec<i32>),
+    F32(Vec<f32>),
+    Bool(Vec<bool>),
+    String(Vec<String>),
+    Array(Vec<MetaArray>),
+    U64(Vec<u64>),
+    I64(Vec<i64>),
+    F64(Vec<f64>),
+}
+
+impl MetaArray {
+    pub fn len(&self) -> usize {
+        match self {
+            MetaArray::U8(v) => v.len(),
+            MetaArray::I8(v) => v.len(),
+            MetaArray::U16(v) => v.len(),
+            MetaArray::I16(v) => v.len(),
+            MetaArray::U32(v) => v.len(),
+            MetaArray::I32(v) => v.len(),
+            MetaArray::F32(v) => v.len(),
+            MetaArray::Bool(v) => v.len(),
+            MetaArray::String(v) => v.len(),
+            MetaArray::Array(v) => v.len(),
+            MetaArray::U64(v) => v.len(),
+            MetaArray::I64(v) => v.len(),
+            MetaArray::F64(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn strings(&self) -> Option<&[String]> {
+        match self {
+            MetaArray::String(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The items as i64, for any integer item type that fits.
+    pub fn ints(&self) -> Option<Vec<i64>> {
+        fn all<T: Copy>(v: &[T], f: impl Fn(T) -> Option<i64>) -> Option<Vec<i64>> {
+            v.iter().map(|&x| f(x)).collect()
+        }
+        match self {
+            MetaArray::U8(v) => all(v, |x| Some(x.into())),
+            MetaArray::I8(v) => all(v, |x| Some(x.into())),
+            MetaArray::U16(v) => all(v, |x| Some(x.into())),
+            MetaArray::I16(v) => all(v, |x| Some(x.into())),
+            MetaArray::U32(v) => all(v, |x| Some(x.into())),
+            MetaArray::I32(v) => all(v, |x| Some(x.into())),
+            MetaArray::U64(v) => all(v, |x| i64::try_from(x).ok()),
+            MetaArray::I64(v) => Some(v.clone()),
+            _ => None,
         }
     }
 }
@@ -365,7 +433,32 @@ fn parse(bytes: &[u8]) -> Result<Parsed, ParseError> {
             len: len as usize,
         });
     }
+    // Tensors may not share bytes: otherwise a small file could name the
+    // same megabyte a thousand times and dequantize to gigabytes.
+    let mut by_start: Vec<&TensorInfo> = tensors.iter().collect();
+    by_start.sort_by_key(|t| t.start);
+    for pair in by_start.windows(2) {
+        if pair[0].start + pair[0].len > pair[1].start {
+            return Err(ParseError::Corrupt(format!(
+                "tensors `{}` and `{}` overlap in the file",
+                pair[0].name, pair[1].name
+            )));
+        }
+    }
     Ok((version, metadata, tensors))
+}
+
+/// Reads `count` items with `read`, into a vector sized by what the file
+/// holds (the caller checked the count against the bytes left).
+fn items<T>(
+    count: usize,
+    mut read: impl FnMut() -> Result<T, ParseError>,
+) -> Result<Vec<T>, ParseError> {
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        out.push(read()?);
+    }
+    Ok(out)
 }
 
 struct Cursor<'a> {
@@ -424,6 +517,43 @@ impl Cursor<'_> {
             .map_err(|_| ParseError::Corrupt(format!("{what} is not valid UTF-8")))
     }
 
+    fn array_items(
+        &mut self,
+        item_type: u32,
+        count: usize,
+        key: &str,
+        depth: usize,
+    ) -> Result<MetaArray, ParseError> {
+        let what = format!("the items of `{key}`");
+        let w = what.as_str();
+        Ok(match item_type {
+            0 => MetaArray::U8(self.take(count, w)?.to_vec()),
+            1 => MetaArray::I8(self.take(count, w)?.iter().map(|&b| b as i8).collect()),
+            2 => MetaArray::U16(items(count, || Ok(u16::from_le_bytes(self.array(w)?)))?),
+            3 => MetaArray::I16(items(count, || Ok(i16::from_le_bytes(self.array(w)?)))?),
+            4 => MetaArray::U32(items(count, || self.u32(w))?),
+            5 => MetaArray::I32(items(count, || Ok(i32::from_le_bytes(self.array(w)?)))?),
+            6 => MetaArray::F32(items(count, || Ok(f32::from_le_bytes(self.array(w)?)))?),
+            7 => MetaArray::Bool(items(count, || match self.value(7, key, depth + 1)? {
+                MetaValue::Bool(b) => Ok(b),
+                _ => unreachable!("type 7 reads a bool"),
+            })?),
+            8 => MetaArray::String(items(count, || self.string(w))?),
+            9 => MetaArray::Array(items(count, || match self.value(9, key, depth + 1)? {
+                MetaValue::Array(a) => Ok(a),
+                _ => unreachable!("type 9 reads an array"),
+            })?),
+            10 => MetaArray::U64(items(count, || self.u64(w))?),
+            11 => MetaArray::I64(items(count, || Ok(i64::from_le_bytes(self.array(w)?)))?),
+            12 => MetaArray::F64(items(count, || Ok(f64::from_le_bytes(self.array(w)?)))?),
+            t => {
+                return Err(ParseError::Corrupt(format!(
+                    "`{key}` is an array of unknown type {t}"
+                )))
+            }
+        })
+    }
+
     fn value(&mut self, value_type: u32, key: &str, depth: usize) -> Result<MetaValue, ParseError> {
         let what = format!("the value of `{key}`");
         Ok(match value_type {
@@ -465,11 +595,7 @@ impl Cursor<'_> {
                     }
                 };
                 self.check_count(count, min_size, &format!("items in `{key}`"))?;
-                let mut items = Vec::with_capacity(count as usize);
-                for _ in 0..count {
-                    items.push(self.value(item_type, key, depth + 1)?);
-                }
-                MetaValue::Array(items)
+                MetaValue::Array(self.array_items(item_type, count as usize, key, depth)?)
             }
             10 => MetaValue::U64(self.u64(&what)?),
             11 => MetaValue::I64(i64::from_le_bytes(self.array(&what)?)),
@@ -486,7 +612,7 @@ impl Cursor<'_> {
 /// Writes GGUF images, for tests.
 #[cfg(test)]
 pub mod writer {
-    use super::MetaValue;
+    use super::{MetaArray, MetaValue};
     use crate::frontend::gguf::quant::GgmlType;
 
     pub struct TensorSpec {
@@ -565,11 +691,21 @@ pub mod writer {
             MetaValue::Bool(x) => out.push(*x as u8),
             MetaValue::String(s) => string(out, s),
             MetaValue::Array(items) => {
-                let item_type = items.first().map(type_id).unwrap_or(4);
+                let item_type: u32 = match items {
+                    MetaArray::U8(_) => 0,
+                    MetaArray::I32(_) => 5,
+                    MetaArray::String(_) => 8,
+                    _ => unimplemented!("the test writer writes u8, i32 and string arrays"),
+                };
                 out.extend_from_slice(&item_type.to_le_bytes());
                 out.extend_from_slice(&(items.len() as u64).to_le_bytes());
-                for item in items {
-                    write_value(out, item);
+                match items {
+                    MetaArray::U8(v) => out.extend_from_slice(v),
+                    MetaArray::I32(v) => v
+                        .iter()
+                        .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                    MetaArray::String(v) => v.iter().for_each(|x| string(out, x)),
+                    _ => unreachable!(),
                 }
             }
             MetaValue::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
@@ -591,10 +727,7 @@ mod tests {
                 ("llama.block_count", MetaValue::U32(2)),
                 (
                     "tokenizer.ggml.tokens",
-                    MetaValue::Array(vec![
-                        MetaValue::String("a".into()),
-                        MetaValue::String("b".into()),
-                    ]),
+                    MetaValue::Array(MetaArray::String(vec!["a".into(), "b".into()])),
                 ),
             ],
             &[

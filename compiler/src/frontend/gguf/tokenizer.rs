@@ -68,20 +68,20 @@ pub fn build(file: &GgufFile) -> Result<TokenizerFiles, String> {
         ));
     }
     let strings = |key: &str| -> Result<Vec<&str>, String> {
-        meta(key)
+        let array = meta(key)
             .and_then(MetaValue::as_array)
-            .ok_or_else(|| format!("it has no tokenizer.ggml.{key} array"))?
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .ok_or_else(|| format!("tokenizer.ggml.{key} holds a non-string"))
-            })
-            .collect()
+            .ok_or_else(|| format!("it has no tokenizer.ggml.{key} array"))?;
+        let items = array
+            .strings()
+            .ok_or_else(|| format!("tokenizer.ggml.{key} is not an array of strings"))?;
+        Ok(items.iter().map(String::as_str).collect())
     };
     let tokens = strings("tokens")?;
     let merges = strings("merges")?;
     let token_types: Vec<i64> = match meta("token_type").and_then(MetaValue::as_array) {
-        Some(types) => types.iter().map(|t| t.as_i64().unwrap_or(1)).collect(),
+        Some(types) => types
+            .ints()
+            .ok_or("tokenizer.ggml.token_type is not an array of integers")?,
         None => Vec::new(),
     };
 
@@ -140,23 +140,44 @@ pub fn build(file: &GgufFile) -> Result<TokenizerFiles, String> {
         ),
     };
 
+    for key in [
+        "bos_token_id",
+        "eos_token_id",
+        "unknown_token_id",
+        "padding_token_id",
+    ] {
+        if let Some(value) = meta(key) {
+            match value.as_u64() {
+                Some(id) if (id as usize) < tokens.len() => {}
+                _ => {
+                    return Err(format!(
+                        "tokenizer.ggml.{key} is {value}, not one of its {} tokens",
+                        tokens.len()
+                    ))
+                }
+            }
+        }
+    }
     let token_name = |key: &str| -> Option<String> {
         let id = meta(key)?.as_u64()? as usize;
         tokens.get(id).map(|t| t.to_string())
     };
-    let bos = token_name("bos_token_id");
+    let special = |key: &str| -> Option<(u64, String)> {
+        let id = meta(key)?.as_u64()?;
+        Some((id, tokens.get(id as usize)?.to_string()))
+    };
+    let bos = special("bos_token_id");
     let add_bos = meta("add_bos_token")
         .and_then(MetaValue::as_bool)
         .unwrap_or(false);
     let add_eos = meta("add_eos_token")
         .and_then(MetaValue::as_bool)
         .unwrap_or(false);
-    let eos = token_name("eos_token_id");
+    let eos = special("eos_token_id");
     let mut single = Vec::new();
     let mut special_tokens = serde_json::Map::new();
-    let mut mark = |name: &Option<String>, on: bool, single: &mut Vec<Value>| {
-        if let (Some(token), true) = (name, on) {
-            let id = tokens.iter().position(|t| t == token).unwrap_or(0);
+    let mut mark = |name: &Option<(u64, String)>, on: bool, single: &mut Vec<Value>| {
+        if let (Some((id, token)), true) = (name, on) {
             single.push(json!({"SpecialToken": {"id": token, "type_id": 0}}));
             special_tokens.insert(
                 token.clone(),
