@@ -222,7 +222,10 @@ impl Model {
     ///
     /// # Safety
     /// The buffers must stay allocated while the binding is used: ACL reads
-    /// and writes them by address at every execute.
+    /// and writes them by address at every execute. And no slice from
+    /// [`DeviceBuffer::host_bytes`] or `host_bytes_mut` of a bound buffer may
+    /// be alive across [`Model::execute_bound`]: the device writes them then,
+    /// behind any borrow.
     pub unsafe fn bind(
         &self,
         inputs: &[&DeviceBuffer],
