@@ -13,12 +13,14 @@ Each side is timed the same way: prefill = one forward over the prompt,
 computing the last position's logits only (as generate() does); decode =
 (new tokens - 1) single-token steps with the KV cache, each followed by a
 greedy argmax. Model loading is not timed, and each side does one untimed
-warm-up pass first. The best of --repeats runs is reported for each side,
-since the machine may be shared.
+warm-up pass first. The two sides take turns, --repeats runs each, so that
+load from other processes on a shared machine falls on both alike; the
+best run of each side is reported, and the median beside it.
 """
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,7 +89,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     if not KILN.exists():
         sys.exit(f"{KILN} not found: run `cargo build --release` first")
@@ -104,23 +106,25 @@ def main() -> None:
         model.save_pretrained(model_dir)
         print(f"model: random SmolLM2-135M shape, {params / 1e6:.1f}M parameters, f32; "
               f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.threads} threads, "
-              f"best of {args.repeats}")
+              f"{args.repeats} runs each")
         time_torch(model, prompt[:8], 2)  # warm-up
-        torch_runs = [time_torch(model, prompt, args.new_tokens) for _ in range(args.repeats)]
-        kiln_runs = [time_kiln(model_dir, prompt, args.new_tokens, args.threads) for _ in range(args.repeats)]
+        torch_runs, kiln_runs = [], []
+        for _ in range(args.repeats):
+            torch_runs.append(time_torch(model, prompt, args.new_tokens))
+            kiln_runs.append(time_kiln(model_dir, prompt, args.new_tokens, args.threads))
 
     steps = args.new_tokens - 1
     rows = []
     for name, runs in (("transformers (PyTorch eager)", torch_runs), ("kiln interpreter", kiln_runs)):
-        prefill = min(r[0] for r in runs)
-        decode = min(r[1] for r in runs)
-        rows.append((name, args.prompt_len / prefill, steps / decode))
-    print(f"{'':30} {'prefill tok/s':>14} {'decode tok/s':>13}")
-    for name, p, d in rows:
-        print(f"{name:30} {p:14.1f} {d:13.1f}")
-    (_, tp, td), (_, kp, kd) = rows
-    print(f"{'ratio kiln / transformers':30} {kp / tp:14.2f} {kd / td:13.2f}")
-
+        prefill = [args.prompt_len / r[0] for r in runs]
+        decode = [steps / r[1] for r in runs]
+        rows.append((name, max(prefill), statistics.median(prefill), max(decode), statistics.median(decode)))
+    print(f"{'tokens/s, best (median)':30} {'prefill':>16} {'decode':>14}")
+    for name, pb, pm, db, dm in rows:
+        print(f"{name:30} {pb:7.1f} ({pm:6.1f}) {db:6.1f} ({dm:5.1f})")
+    t, k = rows
+    ratio = [k[i] / t[i] for i in range(1, 5)]
+    print(f"{'ratio kiln / transformers':30} {ratio[0]:7.2f} ({ratio[1]:6.2f}) {ratio[2]:6.2f} ({ratio[3]:5.2f})")
 
 if __name__ == "__main__":
     main()

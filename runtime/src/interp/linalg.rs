@@ -714,36 +714,14 @@ fn panel_task<V: Lanes, const NV: usize, const R: usize>(group: &Group, job: usi
     // SAFETY: only this task writes columns p0..p0 + cols of this output,
     // and `run_group` keeps the buffer alive until every task is done.
     let out = unsafe { group.outs[job].slice() };
-    let (bias_a, bias_b) = (
-        first.bias.map(|b| &b[p0..p0 + cols]),
-        second.and_then(|s| s.bias).map(|b| &b[p0..p0 + cols]),
-    );
-    let residual = first.residual;
-    let mut finish = |i: usize, a: &mut [f32], b: &mut [f32]| {
-        let a = &mut a[..cols];
-        if let Some(bias) = bias_a {
-            for (y, b) in a.iter_mut().zip(bias) {
-                *y += b;
-            }
-        }
-        let dst = &mut out[i * n + p0..][..cols];
-        if second.is_some() {
-            let b = &mut b[..cols];
-            if let Some(bias) = bias_b {
-                for (y, b) in b.iter_mut().zip(bias) {
-                    *y += b;
-                }
-            }
-            for ((d, &g), &u) in dst.iter_mut().zip(&*a).zip(&*b) {
-                *d = crate::interp::math::silu(g) * u;
-            }
-        } else if let Some(residual) = residual {
-            for ((d, &y), &r) in dst.iter_mut().zip(&*a).zip(&residual[i * n + p0..]) {
-                *d = r + y;
-            }
-        } else {
-            dst.copy_from_slice(a);
-        }
+    let mut finish = Finish {
+        out: &mut out[p0..],
+        n,
+        cols,
+        bias: first.bias.map(|b| &b[p0..p0 + cols]),
+        second_bias: second.and_then(|s| s.bias).map(|b| &b[p0..p0 + cols]),
+        swiglu: second.is_some(),
+        residual: first.residual.map(|r| &r[p0..]),
     };
     let panels = [
         first.weight.panel(p),
@@ -774,8 +752,57 @@ fn panel_task<V: Lanes, const NV: usize, const R: usize>(group: &Group, job: usi
     }
 }
 
+/// What becomes of the values of one panel's columns (`cols` of them) on
+/// their way to the output: the additions and activation of the ops fused
+/// into the product, in the order those ops apply them. (A method rather
+/// than a closure so that it is compiled for the kernel's SIMD features.)
+struct Finish<'a> {
+    /// The output from the panel's first column on; row `i` at `i · n`.
+    out: &'a mut [f32],
+    n: usize,
+    cols: usize,
+    bias: Option<&'a [f32]>,
+    second_bias: Option<&'a [f32]>,
+    /// `silu(first) · second`, else the first values alone.
+    swiglu: bool,
+    /// Laid out as `out`.
+    residual: Option<&'a [f32]>,
+}
+
+impl Finish<'_> {
+    /// Row `i`'s values of the first product and (with `swiglu`) the second.
+    #[inline(always)]
+    fn row(&mut self, i: usize, a: &mut [f32], b: &mut [f32]) {
+        let (n, cols) = (self.n, self.cols);
+        let a = &mut a[..cols];
+        if let Some(bias) = self.bias {
+            for (y, b) in a.iter_mut().zip(bias) {
+                *y += b;
+            }
+        }
+        let dst = &mut self.out[i * n..][..cols];
+        if self.swiglu {
+            let b = &mut b[..cols];
+            if let Some(bias) = self.second_bias {
+                for (y, b) in b.iter_mut().zip(bias) {
+                    *y += b;
+                }
+            }
+            for ((d, &g), &u) in dst.iter_mut().zip(&*a).zip(&*b) {
+                *d = crate::interp::math::silu(g) * u;
+            }
+        } else if let Some(residual) = self.residual {
+            for ((d, &y), &r) in dst.iter_mut().zip(&*a).zip(&residual[i * n..]) {
+                *d = r + y;
+            }
+        } else {
+            dst.copy_from_slice(a);
+        }
+    }
+}
+
 /// Rows `i0..i0 + R` of one panel of one product (two with a second
-/// panel), handed to `finish(row, values, second values)`.
+/// panel), handed to `finish`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn row_tile<V: Lanes, const NV: usize, const R: usize>(
@@ -785,7 +812,7 @@ fn row_tile<V: Lanes, const NV: usize, const R: usize>(
     i0: usize,
     panels: [&[f32]; 2],
     ahead: [&[f32]; 2],
-    finish: &mut impl FnMut(usize, &mut [f32], &mut [f32]),
+    finish: &mut Finish,
 ) {
     let rows: [&[f32]; R] = std::array::from_fn(|r| &x[(i0 + r) * k..][..k]);
     // This tile's share of the next panel's cache lines, by rows.
@@ -807,7 +834,7 @@ fn row_tile<V: Lanes, const NV: usize, const R: usize>(
     }
     let [a, b] = &mut values;
     for r in 0..R {
-        finish(i0 + r, &mut a[r], &mut b[r]);
+        finish.row(i0 + r, &mut a[r], &mut b[r]);
     }
 }
 

@@ -12,6 +12,7 @@ use crate::tensor::Tensor;
 use crate::weights::{WeightError, WeightStore};
 use plan::{Job, Step};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InterpError {
@@ -182,11 +183,36 @@ impl Interpreter {
         taps: &[&str],
     ) -> Result<(Vec<Tensor>, Taps), InterpError> {
         if rayon::current_thread_index().is_none() {
-            // Run the whole graph on a worker of the pool: each parallel op
-            // then starts and ends on a thread that takes part in it,
-            // instead of waking the workers and putting the caller to sleep
-            // (and waking it again) a few hundred times per step.
-            return rayon::scope(|_| self.run_with_taps(inputs, taps));
+            // Run the whole graph on a worker of the pool, and keep the other
+            // workers looking for work until it is done: each parallel op then
+            // starts on a thread that takes part in it and is picked up by
+            // the others at once. (Idle rayon workers go to sleep after a few
+            // dozen microseconds, about the time between two parallel ops of
+            // a small model, and waking them costs more than the op.)
+            let done = AtomicBool::new(false);
+            return rayon::scope(|scope| {
+                let runner = rayon::current_thread_index();
+                let done = &done;
+                for _ in 1..rayon::current_num_threads() {
+                    scope.spawn(move |_| {
+                        // The runner itself may pick this up while it waits
+                        // inside a parallel op: it must not stay.
+                        if rayon::current_thread_index() == runner {
+                            return;
+                        }
+                        while !done.load(Ordering::Acquire) {
+                            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                                // Let the OS run others here (more threads
+                                // than cores, other processes).
+                                std::thread::yield_now();
+                            }
+                        }
+                    });
+                }
+                let result = self.run_with_taps(inputs, taps);
+                done.store(true, Ordering::Release);
+                result
+            });
         }
         let graph = &self.graph;
         let mut slots: Vec<Option<Tensor>> = vec![None; graph.values.len()];
