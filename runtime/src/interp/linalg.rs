@@ -45,6 +45,9 @@ trait Lanes: Copy {
     /// where the CPU has no such instruction).
     #[inline(always)]
     fn prefetch(_p: *const f32) {}
+    /// The same, towards L1.
+    #[inline(always)]
+    fn prefetch_l1(_p: *const f32) {}
 }
 
 /// Portable fallback: separate multiply and add.
@@ -141,6 +144,10 @@ mod avx2 {
             // A prefetch never faults, whatever the address.
             unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
         }
+        #[inline(always)]
+        fn prefetch_l1(p: *const f32) {
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+        }
     }
 
     /// AVX-512F: one 512-bit register of 16 lanes. Only constructed inside
@@ -188,6 +195,10 @@ mod avx2 {
         #[inline(always)]
         fn prefetch(p: *const f32) {
             Avx2Fma::prefetch(p)
+        }
+        #[inline(always)]
+        fn prefetch_l1(p: *const f32) {
+            Avx2Fma::prefetch_l1(p)
         }
     }
 }
@@ -838,6 +849,9 @@ fn row_tile<V: Lanes, const NV: usize, const R: usize>(
     }
 }
 
+/// Steps of k that a micro-tile asks for its panel ahead of use.
+const L1_AHEAD: usize = 16;
+
 /// `acc[r][v] = Σ_kk x[r][kk] · panel[kk][v·N..(v+1)·N]`, in order of kk;
 /// meanwhile prefetches `ahead`, a cache line per step.
 #[inline(always)]
@@ -850,7 +864,13 @@ fn micro_tile<V: Lanes, const NV: usize, const R: usize>(
     let lines = ahead.len() / 16;
     for (kk, b) in panel.chunks_exact(NV * V::N).enumerate() {
         if kk < lines {
-            V::prefetch(ahead[kk * 16..].as_ptr());
+            V::prefetch(ahead.as_ptr().wrapping_add(kk * 16));
+        }
+        // The panel comes from L2 once per row tile: asking for it a few
+        // steps ahead hides the latency better than the L1 prefetchers do
+        // (5% of a prefill, measured).
+        for line in (0..NV * V::N).step_by(16) {
+            V::prefetch_l1(b.as_ptr().wrapping_add(L1_AHEAD * NV * V::N + line));
         }
         let b: [V; NV] = std::array::from_fn(|v| V::load(&b[v * V::N..]));
         for r in 0..R {
