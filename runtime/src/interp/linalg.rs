@@ -385,17 +385,43 @@ pub fn dot_rows(x: &[f32], rows: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `out[j·m + i] = x[i] · rows[j]` for the `m` rows of `x` (each `k` long)
+/// and consecutive rows of length `k`: several queries' attention scores
+/// against a run of keys, each rounded exactly as [`dot`] rounds it.
+pub fn dot_rows_of_rows(x: &[f32], rows: &[f32], k: usize, out: &mut [f32]) {
+    assert!(k > 0 && x.len().is_multiple_of(k) && rows.len().is_multiple_of(k));
+    assert_eq!(out.len(), x.len() / k * (rows.len() / k));
+    block_dispatch(x, rows, k, out);
+}
+
 /// `out += Σ_j weights[j] · rows[j]` over consecutive rows of `out.len()`
 /// values, in order (attention's weighted sum of values).
 pub fn add_weighted_rows(weights: &[f32], rows: &[f32], out: &mut [f32]) {
     assert_eq!(rows.len(), weights.len() * out.len());
     #[inline(always)]
     fn body(weights: &[f32], rows: &[f32], out: &mut [f32]) {
-        if out.is_empty() {
+        const BLOCK: usize = 64;
+        let d = out.len();
+        if d == 0 {
             return;
         }
-        for (&w, row) in weights.iter().zip(rows.chunks_exact(out.len())) {
-            for (o, &x) in out.iter_mut().zip(row) {
+        // Blocks of 64 columns stay in registers over all the rows (a head
+        // is 64 or 128 wide), instead of a load and a store per row: the
+        // same operations on each element, in the same order.
+        let blocks = d / BLOCK * BLOCK;
+        for start in (0..blocks).step_by(BLOCK) {
+            let out = &mut out[start..start + BLOCK];
+            let mut acc: [f32; BLOCK] = (&*out).try_into().expect("a block");
+            for (&w, row) in weights.iter().zip(rows.chunks_exact(d)) {
+                let row: &[f32; BLOCK] = row[start..start + BLOCK].try_into().expect("a block");
+                for (o, &x) in acc.iter_mut().zip(row) {
+                    *o += w * x;
+                }
+            }
+            out.copy_from_slice(&acc);
+        }
+        for (&w, row) in weights.iter().zip(rows.chunks_exact(d)) {
+            for (o, &x) in out[blocks..].iter_mut().zip(&row[blocks..]) {
                 *o += w * x;
             }
         }

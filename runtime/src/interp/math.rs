@@ -15,7 +15,8 @@ pub fn exp(x: f32) -> f32 {
     // Round to nearest by the 1.5·2²³ trick: plain adds, which vectorize
     // everywhere (f32::round may become a libm call without SSE4.1).
     const ROUNDER: f32 = 12_582_912.0;
-    let n = (x * LOG2_E + ROUNDER) - ROUNDER;
+    let t = x * LOG2_E + ROUNDER;
+    let n = t - ROUNDER;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4_f32;
     let p = p * r + 1.398_199_9e-3;
@@ -25,7 +26,15 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 0.5;
     let y = p * (r * r) + r + 1.0;
     // 2^n through the exponent bits; n is in [-126, 128] after the clamp.
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // t = 1.5·2²³ + n has n in its low bits, so integer operations on them
+    // give 2^n: unlike `n as i32` (a saturating conversion, which LLVM
+    // turns into a scalar instruction per lane), they stay vector code.
+    let scale = f32::from_bits(
+        t.to_bits()
+            .wrapping_sub(ROUNDER.to_bits())
+            .wrapping_add(127)
+            << 23,
+    );
     y * scale
 }
 
@@ -81,6 +90,20 @@ mod tests {
         assert!(worst < 4.0 * f32::EPSILON, "worst relative error {worst:e}");
         assert_eq!(exp(0.0), 1.0);
         assert!(exp(-1000.0) < 1e-37 && exp(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    #[test]
+    fn power_of_two_from_the_rounding_bits_is_the_converted_one() {
+        const ROUNDER: f32 = 12_582_912.0;
+        for n in -126..=128 {
+            let t = n as f32 + ROUNDER;
+            let bits = t
+                .to_bits()
+                .wrapping_sub(ROUNDER.to_bits())
+                .wrapping_add(127)
+                << 23;
+            assert_eq!(bits, ((n + 127) as u32) << 23, "n = {n}");
+        }
     }
 
     #[test]

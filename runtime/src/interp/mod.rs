@@ -1,13 +1,14 @@
 //! The reference CPU interpreter: runs an IR graph in f32, deterministically.
 //! It is the ground truth that every backend's numbers are compared with.
 
+mod attention;
 pub mod linalg;
 pub mod math;
 mod plan;
 pub mod profile;
 
 use crate::ir::ops::KernelError;
-use crate::ir::{DType, Graph, IrError, ValueId, ValueSource};
+use crate::ir::{DType, Graph, IrError, Op, ValueId, ValueSource};
 use crate::tensor::Tensor;
 use crate::weights::{WeightError, WeightStore};
 use plan::{Job, Step};
@@ -117,6 +118,10 @@ impl Schedule {
         Schedule { steps, last_use }
     }
 }
+
+/// The visible columns of the attention masks of one run, by mask value
+/// and cache length (see [`attention::mask_runs`]).
+type MaskRuns = Vec<(ValueId, usize, Vec<Vec<attention::Run>>)>;
 
 /// One graph, ready to run.
 pub struct Interpreter {
@@ -266,9 +271,10 @@ impl Interpreter {
             &self.plain
         };
         let mut tapped = Vec::new();
+        let mut masks = MaskRuns::new();
         for (index, step) in schedule.steps.iter().enumerate() {
             let started = profile::start();
-            let outputs = self.run_step(step, &slots)?;
+            let outputs = self.run_step(step, &slots, &mut masks)?;
             profile::record(step.profile_name(graph), started);
             for (id, out) in outputs {
                 if tap_ids.contains(&id) {
@@ -301,6 +307,7 @@ impl Interpreter {
         &self,
         step: &Step,
         slots: &[Option<Tensor>],
+        masks: &mut MaskRuns,
     ) -> Result<Vec<(ValueId, Tensor)>, InterpError> {
         let graph = &self.graph;
         let value = |id: ValueId| {
@@ -319,10 +326,25 @@ impl Interpreter {
             |id: ValueId, data: Vec<f32>| (id, Tensor::from_f32(graph.ty(id).shape.clone(), data));
         let rows = |x: &Tensor, j: &Job| x.numel() / graph.ty(j.weight).shape[1];
         match step {
-            Step::Node(i) => {
+            Step::Node(i) | Step::Attention(i) => {
                 let node = &graph.nodes[*i];
                 let args: Vec<&Tensor> = node.inputs.iter().map(|&id| value(id)).collect();
-                let out = node.op.eval(&args).map_err(|source| InterpError::Kernel {
+                let out = match (step, &node.op) {
+                    (Step::Attention(_), Op::Attention(op)) => {
+                        let (mask, cache_len) = (node.inputs[5], args[3].shape()[2]);
+                        let runs = match masks.iter().position(|m| m.0 == mask && m.1 == cache_len)
+                        {
+                            Some(at) => Ok(&masks[at].2),
+                            None => attention::mask_runs(args[5], cache_len).map(|runs| {
+                                masks.push((mask, cache_len, runs));
+                                &masks[masks.len() - 1].2
+                            }),
+                        };
+                        runs.map(|runs| attention::attention(op.scale, &args, runs))
+                    }
+                    _ => node.op.eval(&args),
+                };
+                let out = out.map_err(|source| InterpError::Kernel {
                     node: node.name.clone(),
                     op: node.op.name(),
                     source,

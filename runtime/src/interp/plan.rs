@@ -7,7 +7,9 @@
 //! - `SwiGlu(Linear(x, G), Linear(x, U))` runs as one pass that applies
 //!   the activation to each panel as it is computed, so the gate and up
 //!   products are never stored;
-//! - `Add(r, Linear(..))` adds the residual `r` as each value is stored.
+//! - `Add(r, Linear(..))` adds the residual `r` as each value is stored;
+//!
+//! and `Attention` runs on the interpreter's own kernel.
 //!
 //! Each fused value is computed exactly as the nodes compute it, so a run
 //! gives the same bits either way (taps run the plain node order).
@@ -29,6 +31,9 @@ pub(super) struct Job {
 pub(super) enum Step {
     /// One node, run by its op.
     Node(usize),
+    /// An `Attention` node, run by the interpreter's own kernel (the same
+    /// bits as the op's evaluation; see `super::attention`).
+    Attention(usize),
     /// `Linear`s of the same input `x`, in one pass.
     Linears { x: ValueId, jobs: Vec<Job> },
     /// `output = SwiGlu(Linear(x, gate), Linear(x, up))`.
@@ -45,7 +50,7 @@ impl Step {
     pub fn inputs<'a>(&'a self, graph: &'a Graph) -> Vec<ValueId> {
         let job_inputs = |j: &Job| [Some(j.weight), j.bias, j.residual];
         match self {
-            Step::Node(i) => graph.nodes[*i].inputs.clone(),
+            Step::Node(i) | Step::Attention(i) => graph.nodes[*i].inputs.clone(),
             Step::Linears { x, jobs } => std::iter::once(*x)
                 .chain(jobs.iter().flat_map(job_inputs).flatten())
                 .collect(),
@@ -59,7 +64,7 @@ impl Step {
     /// The name the profile lists the step under.
     pub fn profile_name(&self, graph: &Graph) -> &'static str {
         match self {
-            Step::Node(i) => graph.nodes[*i].op.name(),
+            Step::Node(i) | Step::Attention(i) => graph.nodes[*i].op.name(),
             Step::Linears { jobs, .. } if jobs.iter().any(|j| j.residual.is_some()) => "Linear+Add",
             Step::Linears { .. } => "Linear",
             Step::GatedMlp { .. } => "Linear+SwiGlu",
@@ -179,7 +184,10 @@ pub(super) fn plan(graph: &Graph, packed: &[bool]) -> Vec<Step> {
             continue;
         }
         let Some((x, job)) = linear(i) else {
-            steps.push(Step::Node(i));
+            steps.push(match nodes[i].op {
+                Op::Attention(_) => Step::Attention(i),
+                _ => Step::Node(i),
+            });
             continue;
         };
         // Later Linears of the same x join this one's pass when their bias
