@@ -399,8 +399,19 @@ fn parse(bytes: &[u8]) -> Result<Parsed, ParseError> {
             )));
         }
         let corrupt = |m: String| ParseError::Corrupt(format!("tensor `{name}`: {m}"));
-        // Elements and bytes in u128 so no dimension list can overflow.
-        let numel: u128 = info.dims.iter().map(|&d| d as u128).product();
+        // Elements and bytes in u128, checked: four u64 dimensions can
+        // still overflow it, and such a tensor cannot fit any file.
+        let numel = info
+            .dims
+            .iter()
+            .try_fold(1u128, |n, &d| n.checked_mul(d as u128))
+            .filter(|&n| n <= file_len as u128 * 8)
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "its shape {:?} holds more elements than the file could",
+                    info.dims
+                ))
+            })?;
         if numel == 0 {
             return Err(corrupt(format!("has an empty shape {:?}", info.dims)));
         }
@@ -803,6 +814,13 @@ mod tests {
         let err = parse_bytes(&past_end).unwrap_err();
         assert!(err.contains("run past the end"), "{err}");
         assert_eq!(tensors.len(), 2);
+
+        // Four huge dimensions overflow even u128 (found by the fuzzer).
+        let dims_at = v_offset_pos - 4 - 8;
+        let mut huge_dims = bytes.clone();
+        huge_dims[dims_at..dims_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        let err = parse_bytes(&huge_dims).unwrap_err();
+        assert!(err.contains("more elements than the file"), "{err}");
 
         let mut unknown_type = bytes.clone();
         unknown_type[v_offset_pos - 4..v_offset_pos].copy_from_slice(&99u32.to_le_bytes());
