@@ -490,18 +490,62 @@ pub fn matmul_transposed(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> 
 /// Widest panel (`NV · lanes` columns) any kernel uses: AVX-512's 3 × 16.
 const MAX_WIDTH: usize = 48;
 
-/// Panel width of the packed kernels on this CPU: `NV` vectors of lanes.
-/// AVX-512 takes 3 vectors (8 rows × 3 accumulators + 3 panel vectors + 1
+/// The packed kernels: the panel width is `NV` vectors of lanes. AVX-512
+/// takes 3 vectors (8 rows × 3 accumulators + 3 panel vectors + 1
 /// broadcast of its 32 registers, and 8 rows divide prefill lengths); the
 /// 8-lane kernels 2 (6 rows × 2 + 2 + 1 of AVX2's 16 registers).
-fn packed_width() -> usize {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            return 3 * 16;
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+    #[cfg_attr(target_arch = "aarch64", allow(dead_code))]
+    Portable,
+}
+
+impl Kernel {
+    /// The widest this CPU runs.
+    fn detect() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if Kernel::Avx512.supported() {
+                return Kernel::Avx512;
+            }
+            if Kernel::Avx2.supported() {
+                return Kernel::Avx2;
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        return Kernel::Neon;
+        #[cfg(not(target_arch = "aarch64"))]
+        Kernel::Portable
+    }
+
+    fn supported(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => std::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => {
+                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Neon => true,
+            Kernel::Portable => true,
         }
     }
-    2 * LANES
+
+    /// Columns per panel.
+    fn width(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => 3 * 16,
+            _ => 2 * LANES,
+        }
+    }
 }
 
 /// A weight matrix `W [n, k]` rearranged for `x · Wᵀ`: column panels of
@@ -515,6 +559,8 @@ fn packed_width() -> usize {
 pub struct PackedMatrix {
     n: usize,
     k: usize,
+    /// The kernel the panels are laid out for (the CPU supports it).
+    kernel: Kernel,
     width: usize,
     panels: PanelMemory,
 }
@@ -553,8 +599,16 @@ impl PanelMemory {
 
 impl PackedMatrix {
     pub fn new(w: &[f32], n: usize, k: usize) -> PackedMatrix {
+        PackedMatrix::for_kernel(w, n, k, Kernel::detect())
+    }
+
+    fn for_kernel(w: &[f32], n: usize, k: usize, kernel: Kernel) -> PackedMatrix {
         assert_eq!(w.len(), n * k);
-        let width = packed_width();
+        assert!(
+            kernel.supported(),
+            "{kernel:?} needs CPU features this one lacks"
+        );
+        let width = kernel.width();
         let count = n.div_ceil(width);
         let mut panels = PanelMemory::zeroed(count * k * width);
         panels
@@ -573,6 +627,7 @@ impl PackedMatrix {
         PackedMatrix {
             n,
             k,
+            kernel,
             width,
             panels,
         }
@@ -673,6 +728,7 @@ fn run_group(x: &[f32], m: usize, jobs: &[LinearJob], swiglu: bool) -> Vec<Vec<f
     for job in jobs {
         let n = job.weight.n;
         assert_eq!(job.weight.k, k);
+        assert_eq!(job.weight.kernel, jobs[0].weight.kernel);
         assert!(job.bias.is_none_or(|b| b.len() == n));
         assert!(job.residual.is_none_or(|r| r.len() == m * n));
     }
@@ -706,23 +762,17 @@ fn run_group(x: &[f32], m: usize, jobs: &[LinearJob], swiglu: bool) -> Vec<Vec<f
 }
 
 fn group_task(group: &Group, job: usize, panel: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if group.jobs[job].weight.width == 48 {
-            // SAFETY: width 48 only when the CPU has AVX-512F (packed_width).
-            return unsafe { group_task_avx512(group, job, panel) };
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            return unsafe { group_task_avx2(group, job, panel) };
-        }
+    match group.jobs[job].weight.kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: matrices are packed only for kernels the CPU supports.
+        Kernel::Avx512 => unsafe { group_task_avx512(group, job, panel) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx2 => unsafe { group_task_avx2(group, job, panel) },
+        #[cfg(target_arch = "aarch64")]
+        Kernel::Neon => panel_task::<neon::Neon, 2, 6>(group, job, panel),
+        Kernel::Portable => panel_task::<Portable, 2, 6>(group, job, panel),
     }
-    #[cfg(target_arch = "aarch64")]
-    {
-        panel_task::<neon::Neon, 2, 6>(group, job, panel)
-    }
-    #[cfg(not(target_arch = "aarch64"))]
-    panel_task::<Portable, 2, 6>(group, job, panel)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -960,19 +1010,33 @@ mod tests {
         // chunk (many rows, wide tiles) or a decode step (one row).
         let (k, n) = (200, 77);
         let w = pseudo_random(n * k, 5);
-        let packed = PackedMatrix::new(&w, n, k);
-        for m in [1, 4, 5, 13, 29] {
-            let x = pseudo_random(m * k, 6);
-            let all = packed.matmul(&x, m);
-            for i in 0..m {
-                let single = packed.matmul(&x[i * k..(i + 1) * k], 1);
-                assert_eq!(single, &all[i * n..(i + 1) * n], "m={m} row {i}");
-            }
-            let want = naive(&x, &w, m, k, n);
-            for (a, b) in all.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-4);
+        for kernel in kernels() {
+            let packed = PackedMatrix::for_kernel(&w, n, k, kernel);
+            for m in [1, 4, 5, 13, 29] {
+                let x = pseudo_random(m * k, 6);
+                let all = packed.matmul(&x, m);
+                for i in 0..m {
+                    let single = packed.matmul(&x[i * k..(i + 1) * k], 1);
+                    assert_eq!(single, &all[i * n..(i + 1) * n], "{kernel:?} m={m} row {i}");
+                }
+                let want = naive(&x, &w, m, k, n);
+                for (a, b) in all.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-4, "{kernel:?}");
+                }
             }
         }
+    }
+
+    /// Every packed kernel this CPU can run (the tests cover the narrower
+    /// ones too, not only the one `PackedMatrix::new` picks).
+    fn kernels() -> Vec<Kernel> {
+        #[cfg(target_arch = "x86_64")]
+        let all = [Kernel::Avx512, Kernel::Avx2, Kernel::Portable];
+        #[cfg(target_arch = "aarch64")]
+        let all = [Kernel::Neon, Kernel::Portable];
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        let all = [Kernel::Portable];
+        all.into_iter().filter(|k| k.supported()).collect()
     }
 
     #[test]
@@ -980,11 +1044,14 @@ mod tests {
         use crate::interp::math::silu;
         // Two row counts (tiles of every height, and a decode step), widths
         // with a partial last panel.
-        for m in [1, 21] {
+        for (m, kernel) in [1, 21]
+            .into_iter()
+            .flat_map(|m| kernels().into_iter().map(move |k| (m, k)))
+        {
             let (k, n) = (40, 70);
             let x = pseudo_random(m * k, 7);
             let [g, u, v] = [8, 9, 10].map(|seed| pseudo_random(n * k, seed));
-            let [pg, pu, pv] = [&g, &u, &v].map(|w| PackedMatrix::new(w, n, k));
+            let [pg, pu, pv] = [&g, &u, &v].map(|w| PackedMatrix::for_kernel(w, n, k, kernel));
             let bias = pseudo_random(n, 11);
             let residual = pseudo_random(m * n, 12);
             let plain = |p: &PackedMatrix| p.matmul(&x, m);
