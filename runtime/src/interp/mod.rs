@@ -119,6 +119,66 @@ impl Schedule {
     }
 }
 
+thread_local! {
+    /// Whether this thread runs a graph or helps one (see [`help_until`]).
+    static BUSY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the thread [`BUSY`] while it lives.
+struct Busy;
+
+impl Busy {
+    fn enter() -> Busy {
+        BUSY.set(true);
+        Busy
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        BUSY.set(false);
+    }
+}
+
+/// Sets the flag when dropped, panics included.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// A pool worker's part while another runs a graph: it runs the pool's
+/// jobs as they come, until `done`.
+///
+/// A worker may pick this up while it waits inside a parallel op, with a
+/// job below it on its stack that others wait for: then it must not stay.
+/// So it returns at once on the thread running the graph or already
+/// helping, and elsewhere leaves after a millisecond without work (the
+/// time between two parallel ops of a step is well under that).
+fn help_until(done: &AtomicBool) {
+    const IDLE: std::time::Duration = std::time::Duration::from_millis(1);
+    if BUSY.get() {
+        return;
+    }
+    let _busy = Busy::enter();
+    let mut idle_since = None;
+    while !done.load(Ordering::Acquire) {
+        if rayon::yield_now() == Some(rayon::Yield::Executed) {
+            idle_since = None;
+            continue;
+        }
+        let now = std::time::Instant::now();
+        if now.duration_since(*idle_since.get_or_insert(now)) > IDLE {
+            return;
+        }
+        // Let the OS run others here (more threads than cores, other
+        // processes).
+        std::thread::yield_now();
+    }
+}
+
 /// The visible columns of the attention masks of one run, by mask value
 /// and cache length (see [`attention::mask_runs`]).
 type MaskRuns = Vec<(ValueId, usize, Vec<Vec<attention::Run>>)>;
@@ -196,27 +256,13 @@ impl Interpreter {
             // a small model, and waking them costs more than the op.)
             let done = AtomicBool::new(false);
             return rayon::scope(|scope| {
-                let runner = rayon::current_thread_index();
                 let done = &done;
                 for _ in 1..rayon::current_num_threads() {
-                    scope.spawn(move |_| {
-                        // The runner itself may pick this up while it waits
-                        // inside a parallel op: it must not stay.
-                        if rayon::current_thread_index() == runner {
-                            return;
-                        }
-                        while !done.load(Ordering::Acquire) {
-                            if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                                // Let the OS run others here (more threads
-                                // than cores, other processes).
-                                std::thread::yield_now();
-                            }
-                        }
-                    });
+                    scope.spawn(move |_| help_until(done));
                 }
-                let result = self.run_with_taps(inputs, taps);
-                done.store(true, Ordering::Release);
-                result
+                let _busy = Busy::enter();
+                let _done = SetOnDrop(done);
+                self.run_with_taps(inputs, taps)
             });
         }
         let graph = &self.graph;
