@@ -126,5 +126,6 @@ def main() -> None:
     ratio = [k[i] / t[i] for i in range(1, 5)]
     print(f"{'ratio kiln / transformers':30} {ratio[0]:7.2f} ({ratio[1]:6.2f}) {ratio[2]:6.2f} ({ratio[3]:5.2f})")
 
+
 if __name__ == "__main__":
     main()
