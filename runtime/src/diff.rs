@@ -144,6 +144,33 @@ fn no_dumps_on(backend: DiffBackend) -> String {
     )
 }
 
+/// Runs `prompt` and then `steps - 1` single tokens through `session`: the
+/// tokens `follow` gives, or greedy choices without it. `after` sees the
+/// session after the forward that made step `i`'s logits.
+fn drive<E: Engine>(
+    session: &mut E,
+    prompt: &[u32],
+    steps: usize,
+    follow: Option<&[u32]>,
+    mut after: impl FnMut(&mut E, usize) -> Result<(), String>,
+) -> Result<(Vec<u32>, Vec<Vec<f32>>), String> {
+    let mut logits = session.forward(prompt).map_err(|e| e.to_string())?;
+    after(session, 0)?;
+    let (mut tokens, mut rows) = (Vec::new(), Vec::new());
+    for step in 0..steps {
+        let token = follow
+            .and_then(|f| f.get(step).copied())
+            .unwrap_or_else(|| crate::generate::argmax(&logits));
+        rows.push(std::mem::take(&mut logits));
+        tokens.push(token);
+        if step + 1 < steps {
+            logits = session.forward(&[token]).map_err(|e| e.to_string())?;
+            after(session, step + 1)?;
+        }
+    }
+    Ok((tokens, rows))
+}
+
 /// Logits of `steps` tokens: `follow` gives the tokens to feed (so both
 /// sides of a diff see the same context); without it, greedy.
 fn run_backend(
@@ -159,19 +186,7 @@ fn run_backend(
         DiffBackend::Npu => {
             let mut session = crate::npu::NpuSession::open(&model.dir, &model.manifest, 0)
                 .map_err(|e| e.to_string())?;
-            let mut logits = session.forward(prompt).map_err(|e| e.to_string())?;
-            let (mut tokens, mut rows) = (Vec::new(), Vec::new());
-            for step in 0..steps {
-                let token = follow
-                    .and_then(|f| f.get(step).copied())
-                    .unwrap_or_else(|| crate::generate::argmax(&logits));
-                rows.push(std::mem::take(&mut logits));
-                tokens.push(token);
-                if step + 1 < steps {
-                    logits = session.forward(&[token]).map_err(|e| e.to_string())?;
-                }
-            }
-            Ok((tokens, rows))
+            drive(&mut session, prompt, steps, follow, |_, _| Ok(()))
         }
         DiffBackend::Cpu => {
             let mut session =
@@ -187,21 +202,7 @@ fn run_backend(
                 }
                 None => Ok(()),
             };
-            let mut logits = session.forward(prompt).map_err(|e| e.to_string())?;
-            save(&mut session, 0)?;
-            let (mut tokens, mut rows) = (Vec::new(), Vec::new());
-            for step in 0..steps {
-                let token = follow
-                    .and_then(|f| f.get(step).copied())
-                    .unwrap_or_else(|| crate::generate::argmax(&logits));
-                rows.push(std::mem::take(&mut logits));
-                tokens.push(token);
-                if step + 1 < steps {
-                    logits = session.forward(&[token]).map_err(|e| e.to_string())?;
-                    save(&mut session, step + 1)?;
-                }
-            }
-            Ok((tokens, rows))
+            drive(&mut session, prompt, steps, follow, save)
         }
         DiffBackend::Onnxruntime => {
             let python = python

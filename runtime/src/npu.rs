@@ -24,7 +24,7 @@ use crate::compiled::{check_io, check_om_file, CompiledError, OmCheck};
 use crate::ir::{GraphNames, KvCacheLayout};
 use crate::manifest::{GraphInfo, Manifest, TensorInfo};
 use crate::om::{OmModelIo, OmTensor};
-use crate::session::{Engine, SessionError, StepInputs};
+use crate::session::{check_step, Engine, SessionError, StepInputs};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -707,22 +707,7 @@ impl NpuSession {
 
 impl Engine for NpuSession {
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SessionError> {
-        if tokens.is_empty() {
-            return Err(SessionError::Empty);
-        }
-        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= self.vocab) {
-            return Err(SessionError::BadToken {
-                id,
-                vocab: self.vocab,
-            });
-        }
-        let needed = self.past_len + tokens.len();
-        if needed > self.layout.max_len {
-            return Err(SessionError::ContextFull {
-                needed,
-                capacity: self.layout.max_len,
-            });
-        }
+        check_step(tokens, self.vocab, self.past_len, self.layout.max_len)?;
         let start = self.past_len;
         self.run(tokens).map_err(|e| {
             // A half-done prefill leaves rows the mask will hide again.

@@ -247,24 +247,30 @@ impl CpuSession {
     }
 }
 
+/// What every engine refuses before running a step: no tokens, an id
+/// outside the vocabulary, or more positions than the cache holds.
+pub fn check_step(
+    tokens: &[u32],
+    vocab: usize,
+    past_len: usize,
+    capacity: usize,
+) -> Result<(), SessionError> {
+    if tokens.is_empty() {
+        return Err(SessionError::Empty);
+    }
+    if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
+        return Err(SessionError::BadToken { id, vocab });
+    }
+    let needed = past_len + tokens.len();
+    if needed > capacity {
+        return Err(SessionError::ContextFull { needed, capacity });
+    }
+    Ok(())
+}
+
 impl Engine for CpuSession {
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SessionError> {
-        if tokens.is_empty() {
-            return Err(SessionError::Empty);
-        }
-        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= self.vocab) {
-            return Err(SessionError::BadToken {
-                id,
-                vocab: self.vocab,
-            });
-        }
-        let needed = self.past_len + tokens.len();
-        if needed > self.layout.max_len {
-            return Err(SessionError::ContextFull {
-                needed,
-                capacity: self.layout.max_len,
-            });
-        }
+        check_step(tokens, self.vocab, self.past_len, self.layout.max_len)?;
         if tokens.len() == 1 {
             return self.step(true, tokens);
         }
