@@ -11,7 +11,7 @@
 //!
 //! [`Attention::eval`]: crate::ir::ops::Attention
 
-use super::linalg::{add_weighted_rows, dot_rows_of_rows};
+use super::linalg::{add_weighted_rows, dot_rows_of_rows, SharedOut};
 use super::math::exp;
 use crate::ir::ops::KernelError;
 use crate::tensor::Tensor;
@@ -251,21 +251,6 @@ fn softmax<const L: usize>(logits: &mut [[f32; L]], keep: &[[f32; L]]) {
         }
     }
     body(logits, keep)
-}
-
-/// The output, written by tasks in disjoint rows.
-struct SharedOut(*mut f32, usize);
-
-// SAFETY: see `slice`.
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// SAFETY: concurrent callers must write disjoint elements, and the
-    /// buffer must outlive every use.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self) -> &mut [f32] {
-        std::slice::from_raw_parts_mut(self.0, self.1)
-    }
 }
 
 #[cfg(test)]

@@ -697,7 +697,7 @@ pub fn linear_swiglu(x: &[f32], m: usize, gate: LinearJob, up: LinearJob) -> Vec
 }
 
 /// An output buffer that parallel tasks write in disjoint parts.
-struct SharedOut(*mut f32, usize);
+pub(crate) struct SharedOut(pub(crate) *mut f32, pub(crate) usize);
 
 // SAFETY: see `slice`.
 unsafe impl Sync for SharedOut {}
@@ -706,7 +706,7 @@ impl SharedOut {
     /// SAFETY: concurrent callers must write disjoint elements, and the
     /// buffer must outlive every use.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self) -> &mut [f32] {
+    pub(crate) unsafe fn slice(&self) -> &mut [f32] {
         std::slice::from_raw_parts_mut(self.0, self.1)
     }
 }
