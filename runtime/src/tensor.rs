@@ -21,6 +21,15 @@ pub enum Buffer {
     /// Only `Linear` reads it; the interpreter packs only weights that are
     /// used for nothing else.
     Packed(PackedMatrix),
+    /// Quantized weights (`i8` or `u4`, see [`crate::ir::quant`]) as stored:
+    /// `numel` elements in `len` bytes at `byte_offset` of `owner`.
+    Quantized {
+        dtype: DType,
+        numel: usize,
+        owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+        byte_offset: usize,
+        len: usize,
+    },
 }
 
 impl Buffer {
@@ -46,6 +55,7 @@ impl Buffer {
         match self {
             Buffer::F32(_) | Buffer::MappedF32 { .. } | Buffer::Packed(_) => DType::F32,
             Buffer::I64(_) => DType::I64,
+            Buffer::Quantized { dtype, .. } => *dtype,
         }
     }
 
@@ -55,6 +65,7 @@ impl Buffer {
             Buffer::I64(v) => v.len(),
             Buffer::MappedF32 { len, .. } => *len,
             Buffer::Packed(p) => p.shape().0 * p.shape().1,
+            Buffer::Quantized { numel, .. } => *numel,
         }
     }
 
@@ -69,7 +80,7 @@ impl Buffer {
                 let bytes = &(**owner).as_ref()[*byte_offset..*byte_offset + len * 4];
                 Some(bytemuck::cast_slice(bytes))
             }
-            Buffer::I64(_) | Buffer::Packed(_) => None,
+            Buffer::I64(_) | Buffer::Packed(_) | Buffer::Quantized { .. } => None,
         }
     }
 }
@@ -138,6 +149,44 @@ impl Tensor {
         match &*self.buffer {
             Buffer::Packed(p) => Some(p),
             _ => None,
+        }
+    }
+
+    /// A quantized tensor built from its stored bytes (`i8` or `u4`).
+    pub fn quantized(
+        dtype: DType,
+        shape: Vec<usize>,
+        owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+        byte_offset: usize,
+        len: usize,
+    ) -> Tensor {
+        assert!(matches!(dtype, DType::I8 | DType::U4));
+        let numel = shape.iter().product::<usize>();
+        assert_eq!((numel * dtype.bits()).div_ceil(8), len);
+        assert!((*owner).as_ref().len() >= byte_offset + len);
+        Self::from_buffer(
+            shape,
+            Arc::new(Buffer::Quantized {
+                dtype,
+                numel,
+                owner,
+                byte_offset,
+                len,
+            }),
+        )
+    }
+
+    /// The stored bytes of a whole quantized tensor. Like [`Self::f32s`],
+    /// calling it on another kind of tensor is a bug in a kernel.
+    pub fn quantized_bytes(&self) -> &[u8] {
+        match &*self.buffer {
+            Buffer::Quantized {
+                owner,
+                byte_offset,
+                len,
+                ..
+            } if self.offset == 0 => &(**owner).as_ref()[*byte_offset..*byte_offset + *len],
+            _ => panic!("kernel read a non-quantized tensor (or a slice of one) as quantized"),
         }
     }
 

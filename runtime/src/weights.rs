@@ -13,6 +13,9 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 pub const SINGLE_FILE: &str = "model.safetensors";
+/// safetensors has no 4-bit type: a `u4 [.., K]` tensor is stored as `U8
+/// [.., K / 2]` and listed (a JSON array of names) under this metadata key.
+pub const U4_METADATA_KEY: &str = "kiln.u4";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 #[derive(Debug, thiserror::Error)]
@@ -37,11 +40,17 @@ pub enum WeightError {
         first: PathBuf,
         second: PathBuf,
     },
-    #[error("{path}: tensor `{tensor}` has dtype {dtype}; Kiln reads F32, F16 and BF16")]
+    #[error("{path}: tensor `{tensor}` has dtype {dtype}; Kiln reads F32, F16 and BF16 (and I8, or U8 listed as 4-bit, for quantized weights)")]
     UnsupportedDtype {
         path: PathBuf,
         tensor: String,
         dtype: String,
+    },
+    #[error("{path}: tensor `{tensor}` is {dtype}, not a float tensor (a quantized weight read as plain weights)")]
+    NotFloat {
+        path: PathBuf,
+        tensor: String,
+        dtype: DType,
     },
     #[error("{path}: tensor `{tensor}` has shape {actual:?}, expected {expected:?}")]
     WrongShape {
@@ -62,6 +71,9 @@ enum Source {
     },
     /// Computed when the graph was built.
     Owned(Arc<Vec<f32>>),
+    /// Quantized or f16 data made by Kiln (a quantizer, a GGUF's blocks),
+    /// as stored: the entry's dtype says how to read it.
+    OwnedBytes(Arc<Vec<u8>>),
 }
 
 #[derive(Clone)]
@@ -200,11 +212,35 @@ impl WeightStore {
             })?;
         let data_start = 8 + header_len;
         let file_index = self.files.len();
+        let u4_names: Vec<String> = metadata
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(U4_METADATA_KEY))
+            .map(|list| {
+                serde_json::from_str(list).map_err(|e| WeightError::BadFile {
+                    path: path.to_path_buf(),
+                    message: format!("metadata `{U4_METADATA_KEY}` is not a list of names: {e}"),
+                })
+            })
+            .transpose()?
+            .unwrap_or_default();
         for (name, info) in metadata.tensors() {
             let (start, end) = info.data_offsets;
+            let mut shape = info.shape.clone();
+            let mut dtype = convert_dtype(info.dtype);
+            if u4_names.contains(&name) {
+                if info.dtype != StDtype::U8 || shape.is_empty() {
+                    return Err(WeightError::BadFile {
+                        path: path.to_path_buf(),
+                        message: format!("`{name}` is listed as 4-bit but is not a U8 tensor"),
+                    });
+                }
+                *shape.last_mut().unwrap() *= 2;
+                dtype = Ok(DType::U4);
+            }
             let entry = Entry {
-                dtype: convert_dtype(info.dtype),
-                shape: info.shape.clone(),
+                dtype,
+                shape,
                 source: Source::Mapped {
                     file: file_index,
                     start: data_start + start,
@@ -242,6 +278,32 @@ impl WeightStore {
                 source: Source::Owned(Arc::new(data)),
             },
         );
+    }
+
+    /// Adds a tensor of stored bytes made at build time (quantized weights,
+    /// f16 scales), replacing one of the same name.
+    pub fn insert_bytes(&mut self, name: &str, dtype: DType, shape: Vec<usize>, bytes: Vec<u8>) {
+        let ty = TensorType::new(dtype, shape);
+        assert_eq!(
+            ty.size_bytes(),
+            bytes.len(),
+            "`{name}`: {ty} in {} bytes",
+            bytes.len()
+        );
+        self.entries.insert(
+            name.to_string(),
+            Entry {
+                dtype: Ok(dtype),
+                shape: ty.shape,
+                source: Source::OwnedBytes(Arc::new(bytes)),
+            },
+        );
+    }
+
+    /// Removes a tensor (one a pass replaced by others). Mapped bytes stay
+    /// mapped; owned ones are freed.
+    pub fn remove(&mut self, name: &str) {
+        self.entries.remove(name);
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -332,7 +394,33 @@ impl WeightStore {
         Ok(match &self.entry(name)?.source {
             Source::Mapped { file, start, len } => &self.files[*file].map[*start..*start + *len],
             Source::Owned(data) => bytemuck::cast_slice(data.as_slice()),
+            Source::OwnedBytes(data) => data.as_slice(),
         })
+    }
+
+    /// The tensor as the interpreter reads it: floats as f32 (see
+    /// [`Self::to_f32_tensor`]), quantized tensors as their stored bytes,
+    /// borrowed from the file or the store without a copy.
+    pub fn to_tensor(&self, name: &str) -> Result<Tensor, WeightError> {
+        let ty = self.tensor_type(name)?;
+        if ty.dtype.is_float() {
+            return self.to_f32_tensor(name);
+        }
+        let entry = self.entry(name)?;
+        let (owner, start, len): (Arc<dyn AsRef<[u8]> + Send + Sync>, usize, usize) = match &entry
+            .source
+        {
+            Source::Mapped { file, start, len } => (self.files[*file].map.clone(), *start, *len),
+            Source::OwnedBytes(data) => (data.clone(), 0, data.len()),
+            Source::Owned(_) => unreachable!("owned f32 tensors are float"),
+        };
+        if ty.size_bytes() != len || !matches!(ty.dtype, DType::I8 | DType::U4) {
+            return Err(WeightError::BadFile {
+                path: self.origin(name),
+                message: format!("tensor `{name}`: {len} bytes do not hold {ty}"),
+            });
+        }
+        Ok(Tensor::quantized(ty.dtype, ty.shape, owner, start, len))
     }
 
     /// Tells the kernel this process is done with a tensor's pages for now,
@@ -372,6 +460,19 @@ impl WeightStore {
         let ty = self.tensor_type(name)?;
         let entry = self.entry(name)?;
         let numel = ty.numel();
+        if !ty.dtype.is_float() {
+            return Err(WeightError::NotFloat {
+                path: self.origin(name),
+                tensor: name.to_string(),
+                dtype: ty.dtype,
+            });
+        }
+        if ty.size_bytes() != self.bytes(name)?.len() {
+            return Err(WeightError::BadFile {
+                path: self.origin(name),
+                message: format!("tensor `{name}`: its bytes do not hold {ty}"),
+            });
+        }
         if let Source::Owned(data) = &entry.source {
             return Ok(Tensor::from_f32(ty.shape, data.as_ref().clone()));
         }
@@ -395,7 +496,7 @@ impl WeightStore {
                 .chunks_exact(2)
                 .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
-            DType::I64 => unreachable!("convert_dtype never yields I64"),
+            DType::I64 | DType::I8 | DType::U4 => unreachable!("checked above"),
         };
         Ok(Tensor::from_f32(ty.shape, data))
     }
@@ -418,6 +519,7 @@ fn convert_dtype(dtype: StDtype) -> Result<DType, String> {
         StDtype::F32 => Ok(DType::F32),
         StDtype::F16 => Ok(DType::F16),
         StDtype::BF16 => Ok(DType::BF16),
+        StDtype::I8 => Ok(DType::I8),
         other => Err(format!("{other:?}")),
     }
 }

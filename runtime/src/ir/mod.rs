@@ -12,6 +12,7 @@
 mod dump;
 pub mod model;
 pub mod ops;
+pub mod quant;
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -28,6 +29,10 @@ pub enum DType {
     F16,
     BF16,
     I64,
+    /// Quantized weights (see [`quant`]).
+    I8,
+    /// Unsigned 4-bit quantized weights, two per byte, low nibble first.
+    U4,
 }
 
 impl DType {
@@ -35,11 +40,13 @@ impl DType {
         matches!(self, DType::F32 | DType::F16 | DType::BF16)
     }
 
-    pub fn size_bytes(self) -> usize {
+    pub fn bits(self) -> usize {
         match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
-            DType::I64 => 8,
+            DType::F32 => 32,
+            DType::F16 | DType::BF16 => 16,
+            DType::I64 => 64,
+            DType::I8 => 8,
+            DType::U4 => 4,
         }
     }
 }
@@ -51,6 +58,8 @@ impl fmt::Display for DType {
             DType::F16 => "f16",
             DType::BF16 => "bf16",
             DType::I64 => "i64",
+            DType::I8 => "i8",
+            DType::U4 => "u4",
         };
         f.write_str(name)
     }
@@ -83,8 +92,9 @@ impl TensorType {
         self.shape.len()
     }
 
+    /// Bytes in memory (sub-byte types packed, the last byte padded).
     pub fn size_bytes(&self) -> usize {
-        self.numel() * self.dtype.size_bytes()
+        (self.numel() * self.dtype.bits()).div_ceil(8)
     }
 }
 

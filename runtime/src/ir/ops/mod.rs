@@ -10,6 +10,8 @@ mod binary;
 mod concat;
 mod gather;
 mod linear;
+mod quant_gather;
+mod quant_linear;
 mod reshape;
 mod rms_norm;
 mod rope;
@@ -23,6 +25,8 @@ pub use binary::{Add, Mul};
 pub use concat::Concat;
 pub use gather::Gather;
 pub use linear::Linear;
+pub use quant_gather::QuantGather;
+pub use quant_linear::{QuantLinear, QuantLinearInputs};
 pub use reshape::Reshape;
 pub use rms_norm::RmsNorm;
 pub use rope::Rope;
@@ -91,7 +95,20 @@ macro_rules! op_set {
 }
 
 op_set!(
-    Gather, Linear, Add, Mul, RmsNorm, Rope, Attention, Silu, SwiGlu, Reshape, Transpose, Concat,
+    Gather,
+    Linear,
+    QuantGather,
+    QuantLinear,
+    Add,
+    Mul,
+    RmsNorm,
+    Rope,
+    Attention,
+    Silu,
+    SwiGlu,
+    Reshape,
+    Transpose,
+    Concat,
     Slice
 );
 
