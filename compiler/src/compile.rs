@@ -389,6 +389,8 @@ fn write_reference_weights(
             DType::F16 => Dtype::F16,
             DType::BF16 => Dtype::BF16,
             DType::I64 => Dtype::I64,
+            DType::I8 => Dtype::I8,
+            DType::U4 => todo!(),
         };
         let len = store.bytes(name).map_err(FrontendError::from)?.len();
         if len != ty.numel() * dtype.bitsize() / 8 {

@@ -10,14 +10,75 @@ pub mod passes;
 
 use frontend::{FrontendError, GraphOptions, HfModel, ShapeRequest};
 use kiln_runtime::ir::ModelIr;
+use passes::quantize::{QuantError, QuantOptions, QuantSummary};
 use std::path::Path;
 
-/// Opens a model directory and lowers it to optimized IR, with the static
-/// sizes `shape` asks for (the model's defaults for the rest).
+/// What becomes of the weights' precision.
+#[derive(Clone, Debug, Default)]
+pub enum QuantMode {
+    /// As stored: a GGUF's Q8_0/Q4_0/Q4_1 blocks stay quantized, float
+    /// checkpoints stay float.
+    #[default]
+    Keep,
+    /// Everything in float (a GGUF's blocks are dequantized).
+    None,
+    /// Linear weights quantized by Kiln (from float; a GGUF is dequantized first).
+    Quantize(QuantOptions),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LowerError {
+    #[error(transparent)]
+    Frontend(#[from] FrontendError),
+    #[error(transparent)]
+    Quant(#[from] QuantError),
+}
+
+/// A model lowered to optimized IR.
+pub struct Lowered {
+    pub model: HfModel,
+    pub ir: ModelIr,
+    /// What quantization did, when Kiln quantized.
+    pub quant: Option<QuantSummary>,
+}
+
+/// Opens a model directory or GGUF file and lowers it to optimized IR, with
+/// the static sizes `shape` asks for (the model's defaults for the rest)
+/// and the weights as stored (see [`QuantMode::Keep`]).
 pub fn lower(dir: &Path, shape: &ShapeRequest) -> Result<(HfModel, ModelIr), FrontendError> {
-    let mut model = HfModel::open(dir)?;
+    let mut model = HfModel::open_keeping_blocks(dir, true)?;
     let options = GraphOptions::resolve(&model.config, shape);
     let mut ir = model.build_ir(&options)?;
     passes::optimize(&mut ir)?;
     Ok((model, ir))
+}
+
+/// [`lower`], with the weights' precision as `quant` says.
+pub fn lower_with(
+    dir: &Path,
+    shape: &ShapeRequest,
+    quant: &QuantMode,
+) -> Result<Lowered, LowerError> {
+    if let QuantMode::Quantize(options) = quant {
+        // Bad options fail before a large model is read.
+        options.check()?;
+    }
+    let keep_blocks = matches!(quant, QuantMode::Keep);
+    let mut model = HfModel::open_keeping_blocks(dir, keep_blocks)?;
+    let options = GraphOptions::resolve(&model.config, shape);
+    let mut ir = model.build_ir(&options)?;
+    passes::optimize(&mut ir).map_err(FrontendError::from)?;
+    let summary = match quant {
+        QuantMode::Quantize(options) => Some(passes::quantize::quantize_model(
+            &mut ir,
+            &mut model.weights,
+            options,
+        )?),
+        _ => None,
+    };
+    Ok(Lowered {
+        model,
+        ir,
+        quant: summary,
+    })
 }

@@ -115,6 +115,80 @@ struct CompileArgs {
     shape: ShapeArgs,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum QuantArg {
+    /// Weights as stored: a GGUF's Q8_0/Q4_0/Q4_1 blocks stay quantized, float checkpoints stay float.
+    Keep,
+    /// Every weight in float (a GGUF's blocks are dequantized).
+    None,
+    /// int8 weights, one scale per output channel; float activations.
+    W8a16,
+    /// int4 weights in groups of --group-size along the input; float activations.
+    W4a16,
+    /// int8 per-channel weights and int8 activations quantized per token, integer products.
+    W8a8,
+}
+
+#[derive(Args)]
+struct QuantArgs {
+    /// Weight precision: keep (as stored), none, or quantize the Linear
+    /// layers' weights by round-to-nearest as w8a16, w4a16 or w8a8 (from
+    /// float; a quantized GGUF is dequantized first).
+    #[arg(long, value_enum, default_value = "keep")]
+    quant: QuantArg,
+    /// w4a16: weights per scale along the input (32, 64 or 128).
+    #[arg(long, default_value_t = 128)]
+    group_size: usize,
+    /// w4a16: a min per group as well as a scale (w = q·scale + min), instead of symmetric around 0.
+    #[arg(long)]
+    asymmetric: bool,
+    /// Layers to keep in float, by name with * and ? (e.g. 'model.layers.*.mlp.down_proj');
+    /// repeatable [default: lm_head]
+    #[arg(long = "quant-skip", value_name = "PATTERN")]
+    quant_skip: Vec<String>,
+}
+
+impl QuantArgs {
+    fn mode(&self) -> kiln::QuantMode {
+        use kiln::passes::quantize::{QuantOptions, Scheme, DEFAULT_SKIP};
+        let scheme = match self.quant {
+            QuantArg::Keep => return kiln::QuantMode::Keep,
+            QuantArg::None => return kiln::QuantMode::None,
+            QuantArg::W8a16 => Scheme::W8A16,
+            QuantArg::W8a8 => Scheme::W8A8,
+            QuantArg::W4a16 => Scheme::W4A16 {
+                group_size: self.group_size,
+                asymmetric: self.asymmetric,
+            },
+        };
+        let skip = match self.quant_skip.is_empty() {
+            true => vec![DEFAULT_SKIP.to_string()],
+            false => self.quant_skip.clone(),
+        };
+        kiln::QuantMode::Quantize(QuantOptions { scheme, skip })
+    }
+}
+
+/// One line on what quantization did, for stderr.
+fn report_quant(summary: &kiln::passes::quantize::QuantSummary) {
+    let layers: Vec<String> = summary
+        .layers
+        .iter()
+        .map(|(format, n)| format!("{n} layers {format}"))
+        .collect();
+    eprintln!(
+        "kiln: quantized {} ({:.1} MB → {:.1} MB); kept in float: {}",
+        layers.join(", "),
+        summary.float_bytes as f64 / 1e6,
+        summary.quantized_bytes as f64 / 1e6,
+        if summary.skipped.is_empty() {
+            "nothing".to_string()
+        } else {
+            summary.skipped.join(", ")
+        }
+    );
+}
+
 #[derive(Args)]
 struct ShapeArgs {
     /// Tokens per prefill step (the prefill graph's static length) [default: 64]
@@ -166,6 +240,8 @@ struct GenerateArgs {
     run: run::GenerationArgs,
     #[command(flatten)]
     shape: ShapeArgs,
+    #[command(flatten)]
+    quant: QuantArgs,
 }
 
 fn main() {
@@ -312,7 +388,11 @@ fn inspect(args: InspectArgs) -> Result<()> {
 
 fn generate_command(args: GenerateArgs) -> Result<()> {
     run::init_threads(args.run.threads).map_err(anyhow::Error::msg)?;
-    let (model, ir) = kiln::lower(&args.model, &args.shape.request())?;
+    let lowered = kiln::lower_with(&args.model, &args.shape.request(), &args.quant.mode())?;
+    if let Some(summary) = &lowered.quant {
+        report_quant(summary);
+    }
+    let (model, ir) = (lowered.model, lowered.ir);
     let tokenizer = match &args.run.prompt.prompt {
         Some(_) => Some(model.tokenizer().map_err(anyhow::Error::msg)?),
         None => None,

@@ -2,7 +2,6 @@
 //! immutable buffer. Reshapes and outer-axis slices share the buffer, so
 //! selecting one layer's slice of the KV cache copies nothing.
 
-use crate::interp::linalg::PackedMatrix;
 use crate::ir::DType;
 use std::sync::Arc;
 
@@ -17,10 +16,6 @@ pub enum Buffer {
         byte_offset: usize,
         len: usize,
     },
-    /// A `[n, k]` weight matrix rearranged for `Linear` (see [`PackedMatrix`]).
-    /// Only `Linear` reads it; the interpreter packs only weights that are
-    /// used for nothing else.
-    Packed(PackedMatrix),
     /// Quantized weights (`i8` or `u4`, see [`crate::ir::quant`]) as stored:
     /// `numel` elements in `len` bytes at `byte_offset` of `owner`.
     Quantized {
@@ -53,7 +48,7 @@ impl Buffer {
 
     fn dtype(&self) -> DType {
         match self {
-            Buffer::F32(_) | Buffer::MappedF32 { .. } | Buffer::Packed(_) => DType::F32,
+            Buffer::F32(_) | Buffer::MappedF32 { .. } => DType::F32,
             Buffer::I64(_) => DType::I64,
             Buffer::Quantized { dtype, .. } => *dtype,
         }
@@ -64,7 +59,6 @@ impl Buffer {
             Buffer::F32(v) => v.len(),
             Buffer::I64(v) => v.len(),
             Buffer::MappedF32 { len, .. } => *len,
-            Buffer::Packed(p) => p.shape().0 * p.shape().1,
             Buffer::Quantized { numel, .. } => *numel,
         }
     }
@@ -80,7 +74,7 @@ impl Buffer {
                 let bytes = &(**owner).as_ref()[*byte_offset..*byte_offset + len * 4];
                 Some(bytemuck::cast_slice(bytes))
             }
-            Buffer::I64(_) | Buffer::Packed(_) | Buffer::Quantized { .. } => None,
+            Buffer::I64(_) | Buffer::Quantized { .. } => None,
         }
     }
 }
@@ -133,23 +127,14 @@ impl Tensor {
         self.buffer.dtype()
     }
 
-    /// The f32 elements. Calling this on an i64 or packed tensor is a bug in
-    /// a kernel (graph validation guarantees the dtypes; only `Linear` is
-    /// given packed weights), hence the panic.
+    /// The f32 elements. Calling this on an i64 or quantized tensor is a bug
+    /// in a kernel (graph validation guarantees the dtypes), hence the panic.
     pub fn f32s(&self) -> &[f32] {
         let all = self
             .buffer
             .f32s()
-            .expect("kernel read an i64 or packed tensor as plain f32");
+            .expect("kernel read an i64 or quantized tensor as plain f32");
         &all[self.offset..self.offset + self.numel()]
-    }
-
-    /// The packed form of a weight matrix, if this tensor holds one.
-    pub fn packed(&self) -> Option<&PackedMatrix> {
-        match &*self.buffer {
-            Buffer::Packed(p) => Some(p),
-            _ => None,
-        }
     }
 
     /// A quantized tensor built from its stored bytes (`i8` or `u4`).

@@ -3,6 +3,7 @@
 //! tables). The IR names tensors here; nothing is copied until a consumer
 //! asks for f32 data, and f32 data in the files is not copied at all.
 
+use crate::ir::quant::{QuantizedMatrix, WeightQuant};
 use crate::ir::{DType, TensorType};
 use crate::tensor::{Buffer, Tensor};
 use memmap2::Mmap;
@@ -59,6 +60,15 @@ pub enum WeightError {
         actual: Vec<usize>,
         expected: Vec<usize>,
     },
+}
+
+/// Where the tensors of one quantized matrix are in a store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantTensors {
+    pub scheme: WeightQuant,
+    pub q: String,
+    pub scale: String,
+    pub min: Option<String>,
 }
 
 #[derive(Clone)]
@@ -298,6 +308,27 @@ impl WeightStore {
                 source: Source::OwnedBytes(Arc::new(bytes)),
             },
         );
+    }
+
+    /// Adds a quantized matrix as its tensors `<prefix>.qweight` (i8 or u4),
+    /// `<prefix>.scales` and, with an offset, `<prefix>.mins` (f16).
+    pub fn insert_quantized(&mut self, prefix: &str, m: QuantizedMatrix) -> QuantTensors {
+        let s = m.scheme;
+        let names = QuantTensors {
+            scheme: s,
+            q: format!("{prefix}.qweight"),
+            scale: format!("{prefix}.scales"),
+            min: s.offset.then(|| format!("{prefix}.mins")),
+        };
+        let q_dtype = if s.bits == 8 { DType::I8 } else { DType::U4 };
+        let groups = vec![m.n, s.groups(m.k)];
+        let halves = |v: &[half::f16]| -> Vec<u8> { bytemuck::cast_slice(v).to_vec() };
+        self.insert_bytes(&names.q, q_dtype, vec![m.n, m.k], m.q);
+        self.insert_bytes(&names.scale, DType::F16, groups.clone(), halves(&m.scale));
+        if let Some(min) = &names.min {
+            self.insert_bytes(min, DType::F16, groups, halves(&m.min));
+        }
+        names
     }
 
     /// Removes a tensor (one a pass replaced by others). Mapped bytes stay

@@ -9,12 +9,16 @@
 use super::config::ModelConfig;
 use super::FrontendError;
 use kiln_runtime::ir::ops::{
-    Add, Attention, Concat, Gather, Linear, Mul, Reshape, RmsNorm, Rope, Silu, Slice, Transpose,
+    Add, Attention, Concat, Gather, Linear, Mul, QuantGather, QuantLinear, Reshape, RmsNorm, Rope,
+    Silu, Slice, Transpose,
 };
+use kiln_runtime::ir::quant::ActivationQuant;
 use kiln_runtime::ir::{
     DType, Graph, GraphBuilder, GraphNames, KvCacheLayout, TensorType, ValueId,
 };
+use kiln_runtime::weights::QuantTensors;
 use kiln_runtime::weights::WeightStore;
+use std::collections::BTreeMap;
 
 /// How an architecture's layers differ from the plain Llama layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,16 +37,80 @@ pub struct DecoderSpec {
 pub const ROPE_COS: &str = "kiln.rope.cos";
 pub const ROPE_SIN: &str = "kiln.rope.sin";
 
+/// The weights a graph is built over: the store, and which of its
+/// matrices are stored quantized (by the float weight's name).
+#[derive(Clone, Copy)]
+pub struct Weights<'a> {
+    pub store: &'a WeightStore,
+    pub quantized: &'a BTreeMap<String, QuantTensors>,
+}
+
 /// Builds a graph over the weight store, checking every weight's shape.
 struct DecoderBuilder<'a> {
     b: GraphBuilder,
     store: &'a WeightStore,
+    quantized: &'a BTreeMap<String, QuantTensors>,
 }
 
 impl DecoderBuilder<'_> {
     fn weight(&mut self, name: &str, shape: &[usize]) -> Result<ValueId, FrontendError> {
         let ty = self.store.expect(name, shape)?;
         Ok(self.b.weight(name, ty))
+    }
+
+    /// A quantized matrix's tensors as weight values `[q, scale, (min)]`,
+    /// checking `q` against the float weight's shape `[n, k]`.
+    fn quantized_weight(
+        &mut self,
+        q: &QuantTensors,
+        shape: [usize; 2],
+    ) -> Result<Vec<ValueId>, FrontendError> {
+        let groups = q.scheme.groups(shape[1]);
+        let mut values = vec![
+            self.weight(&q.q, &shape)?,
+            self.weight(&q.scale, &[shape[0], groups])?,
+        ];
+        if let Some(min) = &q.min {
+            values.push(self.weight(min, &[shape[0], groups])?);
+        }
+        Ok(values)
+    }
+
+    /// `x · Wᵀ` for weight `name [out, in]`: a `Linear`, or a
+    /// `QuantLinear` when the weight is stored quantized.
+    fn product(
+        &mut self,
+        node: &str,
+        x: ValueId,
+        name: &str,
+        out: usize,
+        bias: Option<ValueId>,
+    ) -> Result<ValueId, FrontendError> {
+        let features = *self
+            .b
+            .ty(x)
+            .shape
+            .last()
+            .expect("activations have rank ≥ 1");
+        match self.quantized.get(name).cloned() {
+            Some(q) => {
+                let mut inputs = vec![x];
+                inputs.extend(self.quantized_weight(&q, [out, features])?);
+                inputs.extend(bias);
+                let op = QuantLinear {
+                    weights: q.scheme,
+                    activations: ActivationQuant::None,
+                    input_scale: false,
+                    bias: bias.is_some(),
+                };
+                self.node(node, op, &inputs)
+            }
+            None => {
+                let mut inputs = vec![x, self.weight(name, &[out, features])?];
+                inputs.extend(bias);
+                self.node(node, Linear, &inputs)
+            }
+        }
     }
 
     fn node(
@@ -62,20 +130,11 @@ impl DecoderBuilder<'_> {
         out: usize,
         bias: bool,
     ) -> Result<ValueId, FrontendError> {
-        let features = *self
-            .b
-            .ty(x)
-            .shape
-            .last()
-            .expect("activations have rank ≥ 1");
-        let mut inputs = vec![
-            x,
-            self.weight(&format!("{prefix}.weight"), &[out, features])?,
-        ];
-        if bias {
-            inputs.push(self.weight(&format!("{prefix}.bias"), &[out])?);
-        }
-        self.node(prefix, Linear, &inputs)
+        let bias = match bias {
+            true => Some(self.weight(&format!("{prefix}.bias"), &[out])?),
+            false => None,
+        };
+        self.product(prefix, x, &format!("{prefix}.weight"), out, bias)
     }
 
     fn rms_norm(&mut self, x: ValueId, weight: &str, eps: f32) -> Result<ValueId, FrontendError> {
@@ -95,7 +154,7 @@ pub fn build_graph(
     name: &str,
     config: &ModelConfig,
     spec: DecoderSpec,
-    store: &WeightStore,
+    weights: Weights,
     tokens: usize,
     cache: &KvCacheLayout,
 ) -> Result<Graph, FrontendError> {
@@ -104,7 +163,8 @@ pub fn build_graph(
         (c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size);
     let mut d = DecoderBuilder {
         b: GraphBuilder::new(name),
-        store,
+        store: weights.store,
+        quantized: weights.quantized,
     };
 
     let ids = d.b.input(
@@ -126,8 +186,18 @@ pub fn build_graph(
     let k_cache = d.b.input(GraphNames::K_CACHE, cache.cache_type());
     let v_cache = d.b.input(GraphNames::V_CACHE, cache.cache_type());
 
-    let embed = d.weight("model.embed_tokens.weight", &[c.vocab_size, hidden])?;
-    let mut x = d.node("embed", Gather, &[embed, ids])?;
+    let embed_name = "model.embed_tokens.weight";
+    let mut x = match weights.quantized.get(embed_name) {
+        Some(q) => {
+            let mut inputs = d.quantized_weight(q, [c.vocab_size, hidden])?;
+            inputs.push(ids);
+            d.node("embed", QuantGather { weights: q.scheme }, &inputs)?
+        }
+        None => {
+            let embed = d.weight(embed_name, &[c.vocab_size, hidden])?;
+            d.node("embed", Gather, &[embed, ids])?
+        }
+    };
 
     let cos_table = d.weight(ROPE_COS, &[cache.max_len, head_dim])?;
     let sin_table = d.weight(ROPE_SIN, &[cache.max_len, head_dim])?;
@@ -275,8 +345,7 @@ pub fn build_graph(
     } else {
         "lm_head.weight"
     };
-    let w = d.weight(lm_head, &[c.vocab_size, hidden])?;
-    let logits = d.node("lm_head", Linear, &[x, w])?;
+    let logits = d.product("lm_head", x, lm_head, c.vocab_size, None)?;
     let k_new = d.node("k_new.all", Concat { axis: 0 }, &new_keys)?;
     let v_new = d.node("v_new.all", Concat { axis: 0 }, &new_values)?;
     d.b.output(logits, GraphNames::LOGITS);

@@ -12,7 +12,8 @@ use kiln_runtime::chat::{ChatError, ChatTemplate};
 use kiln_runtime::ir::model::{ModelInfo, FORMAT_VERSION};
 use kiln_runtime::ir::{IrError, KvCacheLayout, ModelIr};
 use kiln_runtime::tokenizer::Tokenizer;
-use kiln_runtime::weights::{WeightError, WeightStore};
+use kiln_runtime::weights::{QuantTensors, WeightError, WeightStore};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -156,16 +157,26 @@ pub struct HfModel {
     pub no_tokenizer_reason: Option<String>,
     /// From `generation_config.json` when present, else from `config.json`.
     pub eos_token_ids: Vec<u32>,
+    /// Weights stored quantized (a GGUF's blocks), by the float weight's
+    /// name: where their tensors are in `weights`. The decoder reads these
+    /// through `QuantLinear` / `QuantGather`.
+    pub quantized: BTreeMap<String, QuantTensors>,
 }
 
 impl HfModel {
-    /// Opens a model directory or a .gguf file.
+    /// Opens a model directory or a .gguf file, with every weight in float.
     pub fn open(path: &Path) -> Result<HfModel, FrontendError> {
+        Self::open_keeping_blocks(path, false)
+    }
+
+    /// Opens a model directory or a .gguf file; with `keep_blocks`, a GGUF's
+    /// Q8_0, Q4_0 and Q4_1 matrices stay quantized (see [`Self::quantized`]).
+    pub fn open_keeping_blocks(path: &Path, keep_blocks: bool) -> Result<HfModel, FrontendError> {
         let gguf_name = path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
         if path.is_file() && (gguf_name || is_gguf(path)) {
-            return Self::open_gguf(path);
+            return Self::open_gguf(path, keep_blocks);
         }
         if !path.join(SideFiles::CONFIG).is_file() {
             return Err(FrontendError::NotAModel(path.to_path_buf()));
@@ -183,15 +194,28 @@ impl HfModel {
         Self::assemble(path, config, weights, files, no_tokenizer_reason)
     }
 
-    fn open_gguf(path: &Path) -> Result<HfModel, FrontendError> {
-        let model = gguf::GgufModel::open(path)?;
+    /// Whether the model came from a GGUF file.
+    pub fn is_gguf(&self) -> bool {
+        self.source.is_file()
+    }
+
+    fn open_gguf(path: &Path, keep_blocks: bool) -> Result<HfModel, FrontendError> {
+        let model = gguf::GgufModel::open(path, keep_blocks)?;
         let config_bytes =
             serde_json::to_vec_pretty(&model.config_json).expect("a JSON value serializes");
         let config = ModelConfig::from_bytes(path, &config_bytes)?;
         let mut weights = WeightStore::default();
         weights.set_owned_origin(path);
+        let mut quantized = BTreeMap::new();
         for (name, shape, data) in model.tensors {
-            weights.insert_f32(&name, shape, data);
+            match data {
+                gguf::GgufTensor::Float(data) => weights.insert_f32(&name, shape, data),
+                gguf::GgufTensor::Quantized(matrix) => {
+                    let prefix = name.strip_suffix(".weight").unwrap_or(&name);
+                    let tensors = weights.insert_quantized(prefix, matrix);
+                    quantized.insert(name, tensors);
+                }
+            }
         }
         let mut files = SideFiles {
             config: config_bytes,
@@ -208,7 +232,9 @@ impl HfModel {
                 path.display()
             )),
         };
-        Self::assemble(path, config, weights, files, no_tokenizer_reason)
+        let mut model = Self::assemble(path, config, weights, files, no_tokenizer_reason)?;
+        model.quantized = quantized;
+        Ok(model)
     }
 
     fn assemble(
@@ -232,6 +258,7 @@ impl HfModel {
             files,
             no_tokenizer_reason,
             eos_token_ids,
+            quantized: BTreeMap::new(),
         })
     }
 
@@ -287,13 +314,17 @@ impl HfModel {
         // allocated from them: a config claiming 2^40 layers or a huge head
         // is refused here, naming the tensor, not by the allocator.
         let w = &self.weights;
-        w.expect("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        let expect = |name: &str, shape: &[usize]| match self.quantized.get(name) {
+            Some(q) => w.expect(&q.q, shape),
+            None => w.expect(name, shape),
+        };
+        expect("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
         let last = c.num_layers - 1;
-        w.expect(
+        expect(
             &format!("model.layers.{last}.input_layernorm.weight"),
             &[c.hidden_size],
         )?;
-        w.expect(
+        expect(
             "model.layers.0.self_attn.q_proj.weight",
             &[c.num_heads * c.head_dim, c.hidden_size],
         )?;
@@ -304,16 +335,18 @@ impl HfModel {
             .insert_f32(decoder::ROPE_SIN, vec![cache.max_len, c.head_dim], sin);
 
         let spec = c.architecture.decoder_spec(c);
-        let prefill = decoder::build_graph(
-            "prefill",
-            c,
-            spec,
-            &self.weights,
-            options.prefill_len,
-            &cache,
-        )?;
-        let decode = decoder::build_graph("decode", c, spec, &self.weights, 1, &cache)?;
-        let weight_dtype = self.weights.tensor_type("model.embed_tokens.weight")?.dtype;
+        let weights = decoder::Weights {
+            store: &self.weights,
+            quantized: &self.quantized,
+        };
+        let prefill =
+            decoder::build_graph("prefill", c, spec, weights, options.prefill_len, &cache)?;
+        let decode = decoder::build_graph("decode", c, spec, weights, 1, &cache)?;
+        let embed = "model.embed_tokens.weight";
+        let weight_dtype = match self.quantized.get(embed) {
+            Some(q) => self.weights.tensor_type(&q.q)?.dtype,
+            None => self.weights.tensor_type(embed)?.dtype,
+        };
         Ok(ModelIr {
             format_version: FORMAT_VERSION,
             info: ModelInfo {

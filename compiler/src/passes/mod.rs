@@ -4,6 +4,7 @@
 pub mod dead_code;
 pub mod fusions;
 pub mod pattern;
+pub mod quantize;
 
 use kiln_runtime::ir::{Graph, IrError, ModelIr};
 

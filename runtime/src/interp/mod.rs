@@ -14,6 +14,7 @@ use crate::weights::{WeightError, WeightStore};
 use plan::{Job, Step};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InterpError {
@@ -41,56 +42,98 @@ pub enum InterpError {
     },
 }
 
-/// Weights converted to f32 (and packed, for `Linear`) once and shared by
-/// every graph that uses them (a model's prefill and decode graphs use the
-/// same tensors).
+/// Weights as the interpreter reads them, made once and shared by every
+/// graph that uses them (a model's prefill and decode graphs use the same
+/// tensors): plain tensors (floats as f32, quantized ones as stored), and
+/// the packed matrices of `Linear` and `QuantLinear` nodes.
 #[derive(Default)]
 pub struct F32Weights {
-    tensors: HashMap<(String, bool), Tensor>,
+    tensors: HashMap<String, Tensor>,
+    /// By the names of the tensors packed: weight (or q, scale, min).
+    matrices: HashMap<Vec<String>, Arc<linalg::PackedMatrix>>,
 }
 
 impl F32Weights {
-    fn get(
-        &mut self,
-        store: &WeightStore,
-        name: &str,
-        packed: bool,
-    ) -> Result<Tensor, WeightError> {
-        let key = (name.to_string(), packed);
-        if let Some(t) = self.tensors.get(&key) {
+    fn tensor(&mut self, store: &WeightStore, name: &str) -> Result<Tensor, WeightError> {
+        if let Some(t) = self.tensors.get(name) {
             return Ok(t.clone());
         }
-        let plain = store.to_f32_tensor(name)?;
-        let t = if packed {
-            let (n, k) = (plain.shape()[0], plain.shape()[1]);
-            let matrix = linalg::PackedMatrix::new(plain.f32s(), n, k);
-            Tensor::from_buffer(
-                plain.shape().to_vec(),
-                std::sync::Arc::new(crate::tensor::Buffer::Packed(matrix)),
-            )
-        } else {
-            plain
-        };
-        self.tensors.insert(key, t.clone());
+        let t = store.to_tensor(name)?;
+        self.tensors.insert(name.to_string(), t.clone());
         Ok(t)
+    }
+
+    /// The packed matrix of a `Linear` or weight-only `QuantLinear` node.
+    fn matrix(
+        &mut self,
+        store: &WeightStore,
+        graph: &Graph,
+        node: &crate::ir::Node,
+    ) -> Result<Arc<linalg::PackedMatrix>, WeightError> {
+        let name = |slot: usize| match &graph.value(node.inputs[slot]).source {
+            ValueSource::Weight { tensor } => tensor.clone(),
+            _ => unreachable!("plan::packable checked the weights"),
+        };
+        let (key, quant) = match &node.op {
+            Op::QuantLinear(op) => {
+                let at = op.slots();
+                let mut key = vec![name(at.q), name(at.scale)];
+                key.extend(at.min.map(name));
+                (key, Some(op.weights))
+            }
+            _ => (vec![name(1)], None),
+        };
+        if let Some(m) = self.matrices.get(&key) {
+            return Ok(m.clone());
+        }
+        // Read straight from the store: the plain tensors are not kept.
+        let matrix = match quant {
+            None => {
+                let w = store.to_f32_tensor(&key[0])?;
+                let (n, k) = (w.shape()[0], w.shape()[1]);
+                linalg::PackedMatrix::new(w.f32s(), n, k)
+            }
+            Some(scheme) => {
+                let q = store.to_tensor(&key[0])?;
+                let scale = store.to_f32_tensor(&key[1])?;
+                let min = key.get(2).map(|m| store.to_f32_tensor(m)).transpose()?;
+                let (n, k) = (q.shape()[0], q.shape()[1]);
+                let source = linalg::QuantSource {
+                    scheme,
+                    q: q.quantized_bytes(),
+                    scale: scale.f32s(),
+                    min: min.as_ref().map(Tensor::f32s),
+                };
+                linalg::PackedMatrix::quantized(&source, n, k)
+            }
+        };
+        let matrix = Arc::new(matrix);
+        self.matrices.insert(key, matrix.clone());
+        Ok(matrix)
     }
 }
 
-/// Weights that only ever serve as a `Linear` weight (input 1) in `graph`:
-/// these are packed for the matmul kernels.
-fn linear_only_weights(graph: &Graph) -> Vec<bool> {
-    let mut linear_only = vec![true; graph.values.len()];
-    for node in &graph.nodes {
+/// Weight values that something other than a packed matrix reads: these
+/// are loaded as plain tensors.
+fn plainly_read_weights(graph: &Graph, has_matrix: &[bool]) -> Vec<bool> {
+    let mut plain = vec![false; graph.values.len()];
+    for (i, node) in graph.nodes.iter().enumerate() {
+        let packed_slots: &[usize] = match (&node.op, has_matrix[i]) {
+            (Op::Linear(_), true) => &[1],
+            (Op::QuantLinear(op), true) if op.weights.offset => &[1, 2, 3],
+            (Op::QuantLinear(_), true) => &[1, 2],
+            _ => &[],
+        };
         for (slot, &input) in node.inputs.iter().enumerate() {
-            if !(matches!(node.op, crate::ir::Op::Linear(_)) && slot == 1) {
-                linear_only[input.index()] = false;
+            if !packed_slots.contains(&slot) {
+                plain[input.index()] = true;
             }
         }
     }
     for &out in &graph.outputs {
-        linear_only[out.index()] = false;
+        plain[out.index()] = true;
     }
-    linear_only
+    plain
 }
 
 /// Intermediate values captured during a run, by IR value name.
@@ -187,6 +230,8 @@ type MaskRuns = Vec<(ValueId, usize, Vec<Vec<attention::Run>>)>;
 pub struct Interpreter {
     graph: Graph,
     weights: Vec<(ValueId, Tensor)>,
+    /// The packed matrix of each `Linear` node that has one.
+    matrices: Vec<Option<Arc<linalg::PackedMatrix>>>,
     /// With `Linear`s fused where possible (see [`plan`]).
     fused: Schedule,
     /// Node by node, for runs that capture intermediate values.
@@ -200,7 +245,10 @@ impl Interpreter {
         cache: &mut F32Weights,
     ) -> Result<Interpreter, InterpError> {
         graph.validate()?;
-        let linear_only = linear_only_weights(&graph);
+        let has_matrix: Vec<bool> = (0..graph.nodes.len())
+            .map(|i| plan::packable(&graph, i))
+            .collect();
+        let plain = plainly_read_weights(&graph, &has_matrix);
         let mut weights = Vec::new();
         for (id, tensor) in graph.weights() {
             let declared = graph.ty(id);
@@ -214,17 +262,22 @@ impl Interpreter {
                     ),
                 }));
             }
-            weights.push((id, cache.get(store, tensor, linear_only[id.index()])?));
+            if plain[id.index()] {
+                weights.push((id, cache.tensor(store, tensor)?));
+            }
         }
-        let mut packed = vec![false; graph.values.len()];
-        for (id, tensor) in &weights {
-            packed[id.index()] = tensor.packed().is_some();
-        }
-        let fused = Schedule::new(&graph, plan::plan(&graph, &packed));
-        let plain = Schedule::new(&graph, (0..graph.nodes.len()).map(Step::Node).collect());
+        let matrices = graph
+            .nodes
+            .iter()
+            .zip(&has_matrix)
+            .map(|(node, &has)| has.then(|| cache.matrix(store, &graph, node)).transpose())
+            .collect::<Result<_, _>>()?;
+        let fused = Schedule::new(&graph, plan::plan(&graph, &has_matrix));
+        let plain = Schedule::new(&graph, plan::unfused(&graph, &has_matrix));
         Ok(Interpreter {
             graph,
             weights,
+            matrices,
             fused,
             plain,
         })
@@ -362,15 +415,30 @@ impl Interpreter {
                 .expect("validated graphs define values before use")
         };
         let job = |j: &Job| linalg::LinearJob {
-            weight: value(j.weight)
-                .packed()
-                .expect("plans fuse packed weights only"),
+            weight: self.matrices[j.node]
+                .as_deref()
+                .expect("plans fuse packed Linears only"),
             bias: j.bias.map(|b| value(b).f32s()),
             residual: j.residual.map(|r| value(r).f32s()),
         };
         let tensor =
             |id: ValueId, data: Vec<f32>| (id, Tensor::from_f32(graph.ty(id).shape.clone(), data));
-        let rows = |x: &Tensor, j: &Job| x.numel() / graph.ty(j.weight).shape[1];
+        // A product's input, scaled by its input scale first if it has one.
+        let input = |x: &plan::ProductInput| -> std::borrow::Cow<'_, [f32]> {
+            let data = value(x.x).f32s();
+            match x.input_scale {
+                None => std::borrow::Cow::Borrowed(data),
+                Some(s) => {
+                    let factors = value(s).f32s();
+                    let scaled = data
+                        .chunks_exact(factors.len())
+                        .flat_map(|row| row.iter().zip(factors).map(|(v, f)| v * f))
+                        .collect();
+                    std::borrow::Cow::Owned(scaled)
+                }
+            }
+        };
+        let rows = |x: &[f32], j: &Job| x.len() / self.matrices[j.node].as_ref().unwrap().shape().1;
         match step {
             Step::Node(i) | Step::Attention(i) => {
                 let node = &graph.nodes[*i];
@@ -398,9 +466,9 @@ impl Interpreter {
                 Ok(vec![(node.output, out)])
             }
             Step::Linears { x, jobs } => {
-                let x = value(*x);
+                let x = input(x);
                 let specs: Vec<_> = jobs.iter().map(job).collect();
-                let outs = linalg::linear_group(x.f32s(), rows(x, &jobs[0]), &specs);
+                let outs = linalg::linear_group(&x, rows(&x, &jobs[0]), &specs);
                 Ok(jobs
                     .iter()
                     .zip(outs)
@@ -413,8 +481,8 @@ impl Interpreter {
                 up,
                 output,
             } => {
-                let x = value(*x);
-                let out = linalg::linear_swiglu(x.f32s(), rows(x, gate), job(gate), job(up));
+                let x = input(x);
+                let out = linalg::linear_swiglu(&x, rows(&x, gate), job(gate), job(up));
                 Ok(vec![tensor(*output, out)])
             }
         }

@@ -1,6 +1,7 @@
 //! The order in which the interpreter runs a graph: its nodes one by one,
-//! except that some `Linear`s are fused with their neighbours into one
-//! pass of the packed kernels (see [`linalg::linear_group`]):
+//! except that every `Linear` (and weight-only `QuantLinear`) runs on its
+//! packed matrix, and some are fused with their neighbours into one pass of
+//! the packed kernels (see [`linalg::linear_group`]):
 //!
 //! - `Linear`s of the same input (a layer's q, k and v projections) run as
 //!   one group: one parallel pass instead of one per product;
@@ -16,15 +17,80 @@
 //!
 //! [`linalg::linear_group`]: super::linalg::linear_group
 
+use crate::ir::quant::ActivationQuant;
 use crate::ir::{Graph, Op, ValueId, ValueSource};
 
-/// One `Linear` of a fused step: `output = x · weightᵀ (+ bias) (+ residual)`.
+/// One `Linear` of a fused step: `output = x · Wᵀ (+ bias) (+ residual)`,
+/// with `W` the packed matrix of node `node`.
 #[derive(Debug)]
 pub(super) struct Job {
-    pub weight: ValueId,
+    pub node: usize,
     pub bias: Option<ValueId>,
     pub residual: Option<ValueId>,
     pub output: ValueId,
+}
+
+/// What a packed product reads: `x`, scaled channel by channel by
+/// `input_scale` first when a `QuantLinear` has one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct ProductInput {
+    pub x: ValueId,
+    pub input_scale: Option<ValueId>,
+}
+
+/// A `Linear` or `QuantLinear` node that runs on a packed matrix
+/// (`has_matrix[node]`), as `(its input, a job computing its own output)`.
+pub(super) fn packed_linear(
+    graph: &Graph,
+    has_matrix: &[bool],
+    i: usize,
+) -> Option<(ProductInput, Job)> {
+    let node = &graph.nodes[i];
+    if !has_matrix[i] {
+        return None;
+    }
+    let (input_scale, bias) = match &node.op {
+        Op::Linear(_) => (None, node.inputs.get(2).copied()),
+        Op::QuantLinear(op) => {
+            let at = op.slots();
+            (
+                at.input_scale.map(|s| node.inputs[s]),
+                at.bias.map(|b| node.inputs[b]),
+            )
+        }
+        _ => return None,
+    };
+    let job = Job {
+        node: i,
+        bias,
+        residual: None,
+        output: node.output,
+    };
+    Some((
+        ProductInput {
+            x: node.inputs[0],
+            input_scale,
+        },
+        job,
+    ))
+}
+
+/// Whether node `i` can run on a packed matrix: a `Linear` or a weight-only
+/// `QuantLinear` whose weight tensors are graph weights.
+pub(super) fn packable(graph: &Graph, i: usize) -> bool {
+    let node = &graph.nodes[i];
+    let is_weight = |v: ValueId| matches!(graph.value(v).source, ValueSource::Weight { .. });
+    match &node.op {
+        Op::Linear(_) => is_weight(node.inputs[1]),
+        Op::QuantLinear(op) if op.activations == ActivationQuant::None => {
+            let at = op.slots();
+            [Some(at.q), Some(at.scale), at.min]
+                .into_iter()
+                .flatten()
+                .all(|slot| is_weight(node.inputs[slot]))
+        }
+        _ => false,
+    }
 }
 
 #[derive(Debug)]
@@ -35,10 +101,10 @@ pub(super) enum Step {
     /// bits as the op's evaluation; see `super::attention`).
     Attention(usize),
     /// `Linear`s of the same input `x`, in one pass.
-    Linears { x: ValueId, jobs: Vec<Job> },
+    Linears { x: ProductInput, jobs: Vec<Job> },
     /// `output = SwiGlu(Linear(x, gate), Linear(x, up))`.
     GatedMlp {
-        x: ValueId,
+        x: ProductInput,
         gate: Job,
         up: Job,
         output: ValueId,
@@ -48,15 +114,20 @@ pub(super) enum Step {
 impl Step {
     /// The values the step reads.
     pub fn inputs<'a>(&'a self, graph: &'a Graph) -> Vec<ValueId> {
-        let job_inputs = |j: &Job| [Some(j.weight), j.bias, j.residual];
+        let job_inputs = |j: &Job| [j.bias, j.residual];
+        let x_inputs = |x: &ProductInput| [Some(x.x), x.input_scale];
         match self {
             Step::Node(i) | Step::Attention(i) => graph.nodes[*i].inputs.clone(),
-            Step::Linears { x, jobs } => std::iter::once(*x)
-                .chain(jobs.iter().flat_map(job_inputs).flatten())
+            Step::Linears { x, jobs } => x_inputs(x)
+                .into_iter()
+                .chain(jobs.iter().flat_map(job_inputs))
+                .flatten()
                 .collect(),
-            Step::GatedMlp { x, gate, up, .. } => std::iter::once(*x)
-                .chain(job_inputs(gate).into_iter().flatten())
-                .chain(job_inputs(up).into_iter().flatten())
+            Step::GatedMlp { x, gate, up, .. } => x_inputs(x)
+                .into_iter()
+                .chain(job_inputs(gate))
+                .chain(job_inputs(up))
+                .flatten()
                 .collect(),
         }
     }
@@ -72,9 +143,23 @@ impl Step {
     }
 }
 
-/// The steps that run `graph`. `packed[v]` tells whether weight `v` is
-/// packed for the matmul kernels (only those are fused).
-pub(super) fn plan(graph: &Graph, packed: &[bool]) -> Vec<Step> {
+/// The steps that run `graph` node by node, each packed `Linear` a step
+/// of its own (for runs that capture the values between nodes).
+pub(super) fn unfused(graph: &Graph, has_matrix: &[bool]) -> Vec<Step> {
+    (0..graph.nodes.len())
+        .map(|i| match packed_linear(graph, has_matrix, i) {
+            Some((x, job)) => Step::Linears { x, jobs: vec![job] },
+            None => match graph.nodes[i].op {
+                Op::Attention(_) => Step::Attention(i),
+                _ => Step::Node(i),
+            },
+        })
+        .collect()
+}
+
+/// The steps that run `graph`. `has_matrix[node]` tells whether a `Linear`
+/// node runs on a packed matrix (only those are fused).
+pub(super) fn plan(graph: &Graph, has_matrix: &[bool]) -> Vec<Step> {
     let nodes = &graph.nodes;
     let mut uses = vec![0usize; graph.values.len()];
     let mut consumer = vec![None; graph.values.len()];
@@ -93,19 +178,9 @@ pub(super) fn plan(graph: &Graph, packed: &[bool]) -> Vec<Step> {
         producer[node.output.index()] = Some(i);
     }
     // A Linear on a packed weight, as (x, job computing its own output).
-    let linear = |i: usize| -> Option<(ValueId, Job)> {
-        let node = &nodes[i];
-        if !matches!(node.op, Op::Linear(_)) || !packed[node.inputs[1].index()] {
-            return None;
-        }
-        let job = Job {
-            weight: node.inputs[1],
-            bias: node.inputs.get(2).copied(),
-            residual: None,
-            output: node.output,
-        };
-        Some((node.inputs[0], job))
-    };
+    let linear = |i: usize| packed_linear(graph, has_matrix, i);
+    // The weight shape of a packed Linear: `[n, k]`.
+    let weight_shape = |job: &Job| &graph.ty(nodes[job.node].inputs[1]).shape;
     // The single node reading value `v`, if nothing else does.
     let sole_consumer = |v: ValueId| {
         (uses[v.index()] == 1)
@@ -132,7 +207,7 @@ pub(super) fn plan(graph: &Graph, packed: &[bool]) -> Vec<Step> {
                 let Some((ux, up_job)) = linear(u) else {
                     continue;
                 };
-                let same_shape = graph.ty(job.weight).shape == graph.ty(up_job.weight).shape;
+                let same_shape = weight_shape(&job) == weight_shape(&up_job);
                 if ux != x || !same_shape || sole_consumer(up) != Some(c) {
                     continue;
                 }

@@ -213,6 +213,22 @@ impl Graph {
             })
     }
 
+    /// The value of weight `tensor`, added if the graph has none (for passes
+    /// that give nodes new weights).
+    pub fn add_weight(&mut self, tensor: &str, ty: TensorType) -> ValueId {
+        if let Some((id, _)) = self.weights().find(|&(_, t)| t == tensor) {
+            return id;
+        }
+        self.values.push(Value {
+            name: tensor.to_string(),
+            ty,
+            source: ValueSource::Weight {
+                tensor: tensor.to_string(),
+            },
+        });
+        ValueId(self.values.len() as u32 - 1)
+    }
+
     /// Number of nodes of each op kind, sorted by op name.
     pub fn op_counts(&self) -> Vec<(&'static str, usize)> {
         let mut counts: HashMap<&'static str, usize> = HashMap::new();

@@ -11,6 +11,7 @@ pub mod quant;
 pub mod reader;
 pub mod tokenizer;
 
+use kiln_runtime::ir::quant::QuantizedMatrix;
 use reader::{GgufError, GgufFile, MetaValue, TensorInfo};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -34,20 +35,29 @@ const ARCHITECTURES: [(&str, &str, bool); 4] = [
     ("qwen3", "Qwen3ForCausalLM", false),
 ];
 
+/// A weight of a GGUF file: dequantized, or kept in its blocks.
+pub enum GgufTensor {
+    Float(Vec<f32>),
+    /// A Q8_0, Q4_0 or Q4_1 matrix in Kiln's quantized form (same weights).
+    Quantized(QuantizedMatrix),
+}
+
 /// A GGUF file in Hugging Face form.
 pub struct GgufModel {
     /// config.json as transformers would write it for this model.
     pub config_json: Value,
-    /// Dequantized weights under transformers' names (Q/K rows restored).
-    pub tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    /// Weights under transformers' names (Q/K rows restored).
+    pub tensors: Vec<(String, Vec<usize>, GgufTensor)>,
     pub tokenizer: Result<TokenizerFiles, String>,
     /// The file's metadata for `kiln inspect`: (key, short value).
     pub summary: Vec<(String, String)>,
 }
 
 impl GgufModel {
-    /// Reads and dequantizes `path`.
-    pub fn open(path: &Path) -> Result<GgufModel, GgufModelError> {
+    /// Reads `path`. With `keep_blocks`, Q8_0, Q4_0 and Q4_1 matrices stay
+    /// quantized (see [`quant::to_quantized`]); every other tensor, and all
+    /// of them without it, is dequantized to f32.
+    pub fn open(path: &Path, keep_blocks: bool) -> Result<GgufModel, GgufModelError> {
         let file = GgufFile::open(path)?;
         let unsupported = |message: String| GgufModelError::Unsupported {
             path: path.display().to_string(),
@@ -101,16 +111,47 @@ impl GgufModel {
                     info.name
                 )));
             }
-            let mut data = vec![0f32; info.numel()];
-            quant::dequantize(info.ggml_type, file.tensor_bytes(info), &mut data);
-            if permuted {
-                if name.ends_with("self_attn.q_proj.weight") || name.ends_with("q_proj.bias") {
-                    data = unpermute_rows(info, data, heads).map_err(unsupported)?;
-                } else if name.ends_with("self_attn.k_proj.weight") || name.ends_with("k_proj.bias")
+            let permuted_heads = match permuted {
+                true if name.ends_with("self_attn.q_proj.weight")
+                    || name.ends_with("q_proj.bias") =>
                 {
-                    data = unpermute_rows(info, data, kv_heads).map_err(unsupported)?;
+                    Some(heads)
                 }
-            }
+                true if name.ends_with("self_attn.k_proj.weight")
+                    || name.ends_with("k_proj.bias") =>
+                {
+                    Some(kv_heads)
+                }
+                _ => None,
+            };
+            let kept = match (keep_blocks, &info.shape[..]) {
+                (true, &[n, k]) => {
+                    quant::to_quantized(info.ggml_type, file.tensor_bytes(info), n, k)
+                }
+                _ => None,
+            };
+            let data = match kept {
+                Some(mut q) => {
+                    if let Some(heads) = permuted_heads {
+                        let groups = q.scheme.groups(q.k);
+                        q.q = unpermute_rows(info, &q.q, heads).map_err(unsupported)?;
+                        q.scale = unpermute_rows(info, &q.scale, heads).map_err(unsupported)?;
+                        if q.scheme.offset {
+                            q.min = unpermute_rows(info, &q.min, heads).map_err(unsupported)?;
+                        }
+                        debug_assert_eq!(q.scale.len(), q.n * groups);
+                    }
+                    GgufTensor::Quantized(q)
+                }
+                None => {
+                    let mut data = vec![0f32; info.numel()];
+                    quant::dequantize(info.ggml_type, file.tensor_bytes(info), &mut data);
+                    if let Some(heads) = permuted_heads {
+                        data = unpermute_rows(info, &data, heads).map_err(unsupported)?;
+                    }
+                    GgufTensor::Float(data)
+                }
+            };
             tensors.push((name, info.shape.clone(), data));
         }
         let summary = file
@@ -259,8 +300,14 @@ fn hf_name(gguf: &str) -> Option<String> {
 
 /// Undoes llama.cpp's Q/K row permutation. Its converter reorders each
 /// head's rows from (half, i) to (i, half) so that its RoPE can rotate
-/// adjacent pairs; transformers rotates halves, so the rows go back.
-fn unpermute_rows(info: &TensorInfo, data: Vec<f32>, heads: usize) -> Result<Vec<f32>, String> {
+/// adjacent pairs; transformers rotates halves, so the rows go back. `data`
+/// holds `info.shape[0]` equal rows of anything (weights, quantized bytes,
+/// block scales).
+fn unpermute_rows<T: Copy + Default>(
+    info: &TensorInfo,
+    data: &[T],
+    heads: usize,
+) -> Result<Vec<T>, String> {
     let rows = info.shape[0];
     if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(format!(
@@ -271,7 +318,7 @@ fn unpermute_rows(info: &TensorInfo, data: Vec<f32>, heads: usize) -> Result<Vec
     let row_len = data.len() / rows;
     let head_dim = rows / heads;
     let half = head_dim / 2;
-    let mut out = vec![0f32; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..heads {
         for i in 0..half {
             for side in 0..2 {
@@ -335,6 +382,6 @@ mod tests {
             start: 0,
             len: 0,
         };
-        assert_eq!(unpermute_rows(&info, permuted, heads).unwrap(), hf);
+        assert_eq!(unpermute_rows(&info, &permuted, heads).unwrap(), hf);
     }
 }

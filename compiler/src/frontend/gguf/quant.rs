@@ -6,6 +6,7 @@
 //! GGUF loader produce.
 
 use half::{bf16, f16};
+use kiln_runtime::ir::quant::{QuantizedMatrix, WeightQuant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GgmlType {
@@ -143,6 +144,61 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
+/// A `[n, k]` matrix of Q8_0, Q4_0 or Q4_1 blocks in Kiln's quantized form
+/// (see `kiln_runtime::ir::quant`), without dequantizing: Q8_0 is int8 in
+/// groups of 32, Q4_0 4-bit around 8 and Q4_1 4-bit with a min, each block's
+/// f16 scale (and min) kept as it is. `None` for the other types, which
+/// are dequantized instead. The weights it stands for are exactly the ones
+/// [`dequantize`] computes.
+pub fn to_quantized(ty: GgmlType, bytes: &[u8], n: usize, k: usize) -> Option<QuantizedMatrix> {
+    let offset = match ty {
+        GgmlType::Q8_0 | GgmlType::Q4_0 => false,
+        GgmlType::Q4_1 => true,
+        _ => return None,
+    };
+    let bits = if ty == GgmlType::Q8_0 { 8 } else { 4 };
+    let scheme = WeightQuant {
+        bits,
+        group_size: 32,
+        offset,
+    };
+    if k % 32 != 0 || bytes.len() != n * k / 32 * ty.block_bytes() {
+        return None;
+    }
+    let blocks = n * k / 32;
+    let mut q = Vec::with_capacity(n * k * bits as usize / 8);
+    let mut scale = Vec::with_capacity(blocks);
+    let mut min = Vec::with_capacity(if offset { blocks } else { 0 });
+    let f16_of = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]);
+    for b in bytes.chunks_exact(ty.block_bytes()) {
+        scale.push(f16_of(b, 0));
+        match ty {
+            GgmlType::Q8_0 => q.extend_from_slice(&b[2..34]),
+            _ => {
+                if offset {
+                    min.push(f16_of(b, 2));
+                }
+                let qs = &b[if offset { 4 } else { 2 }..][..16];
+                // ggml: byte j holds weights j (low) and j + 16 (high);
+                // Kiln: byte i holds weights 2i (low) and 2i + 1 (high).
+                let nibble = |e: usize| match e < 16 {
+                    true => qs[e] & 0x0f,
+                    false => qs[e - 16] >> 4,
+                };
+                q.extend((0..16).map(|i| nibble(2 * i) | (nibble(2 * i + 1) << 4)));
+            }
+        }
+    }
+    Some(QuantizedMatrix {
+        scheme,
+        n,
+        k,
+        q,
+        scale,
+        min,
+    })
+}
+
 /// The j-th 6-bit (scale, min) pair of a Q4_K block's 12 packed bytes.
 fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
@@ -227,6 +283,33 @@ mod tests {
             assert_eq!(out[i], 2.0 * i as f32 - 1.0);
             assert_eq!(out[i + 16], 2.0 * (15 - i) as f32 - 1.0);
         }
+    }
+
+    #[test]
+    fn kept_blocks_stand_for_the_dequantized_weights() {
+        let (n, k) = (3, 64);
+        let mut seed = 7u32;
+        let mut byte = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 24) as u8
+        };
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+            let mut bytes = Vec::new();
+            for _ in 0..n * k / 32 {
+                // Small f16 scales and mins (exponent bits kept low), random q.
+                let mut block: Vec<u8> = (0..ty.block_bytes()).map(|_| byte()).collect();
+                block[1] = 0x2c;
+                if ty == GgmlType::Q4_1 {
+                    block[3] = 0xac;
+                }
+                bytes.extend(block);
+            }
+            let mut want = vec![0f32; n * k];
+            dequantize(ty, &bytes, &mut want);
+            let kept = to_quantized(ty, &bytes, n, k).unwrap();
+            assert_eq!(kept.dequantize(), want, "{ty:?}");
+        }
+        assert!(to_quantized(GgmlType::Q6K, &[], 0, 256).is_none());
     }
 
     #[test]

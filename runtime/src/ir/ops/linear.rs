@@ -42,10 +42,7 @@ impl OpSpec for Linear {
         let (x, w) = (inputs[0], inputs[1]);
         let (n, k) = (w.shape()[0], w.shape()[1]);
         let m = x.numel() / k;
-        let mut out = match w.packed() {
-            Some(packed) => packed.matmul(x.f32s(), m),
-            None => linalg::matmul_transposed(x.f32s(), w.f32s(), m, k, n),
-        };
+        let mut out = linalg::matmul_transposed(x.f32s(), w.f32s(), m, k, n);
         if let Some(bias) = inputs.get(2) {
             let bias = bias.f32s();
             for row in out.chunks_exact_mut(n) {

@@ -55,6 +55,12 @@ pub fn lower_node(cx: &mut Cx, graph: &Graph, node: &Node) -> Result<(), OnnxErr
         Op::Transpose(op) => shape::transpose(cx, &io, &op.perm),
         Op::Concat(op) => shape::concat(cx, &io, op.axis),
         Op::Slice(op) => shape::slice(cx, &io, op.axis, op.start, op.end),
+        Op::QuantLinear(_) | Op::QuantGather(_) => {
+            return Err(OnnxError::NotAllowed(format!(
+                "{}: quantized weights cannot be lowered to ONNX yet",
+                node.name
+            )))
+        }
     }
     Ok(())
 }

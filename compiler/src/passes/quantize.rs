@@ -1,0 +1,341 @@
+//! Weight quantization: every `Linear` whose weight is a float tensor of
+//! the store becomes a `QuantLinear` over quantized tensors the pass adds to
+//! the store (`<layer>.qweight`, `<layer>.scales`, `<layer>.mins`), by
+//! round-to-nearest (see [`kiln_runtime::ir::quant::quantize`]). Both graphs
+//! of a model read the same tensors, so each weight is quantized once.
+//!
+//! Layers whose name matches a `skip` pattern keep their float weights; the
+//! LM head is skipped by default (it reads the tied embedding in small
+//! models, and it is the layer whose error every token sees).
+
+use kiln_runtime::diff::dump::glob_matches;
+use kiln_runtime::ir::ops::QuantLinear;
+use kiln_runtime::ir::quant::{quantize, ActivationQuant, WeightQuant};
+use kiln_runtime::ir::{Graph, ModelIr, Op, ValueSource};
+use kiln_runtime::weights::{QuantTensors, WeightError, WeightStore};
+use std::collections::BTreeMap;
+
+/// A quantization scheme as the command line names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    /// int8 weights, one scale per output channel; f32 activations.
+    W8A16,
+    /// int4 weights in groups along K; f32 activations.
+    W4A16 { group_size: usize, asymmetric: bool },
+    /// int8 per-channel weights and dynamic per-token int8 activations.
+    W8A8,
+}
+
+impl Scheme {
+    /// The weight format for a layer with `k` input features.
+    fn weights(self, k: usize) -> WeightQuant {
+        match self {
+            Scheme::W8A16 | Scheme::W8A8 => WeightQuant {
+                bits: 8,
+                group_size: k,
+                offset: false,
+            },
+            Scheme::W4A16 {
+                group_size,
+                asymmetric,
+            } => WeightQuant {
+                bits: 4,
+                group_size: group_size.min(k),
+                offset: asymmetric,
+            },
+        }
+    }
+
+    fn activations(self) -> ActivationQuant {
+        match self {
+            Scheme::W8A8 => ActivationQuant::DynamicInt8PerToken,
+            _ => ActivationQuant::None,
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            Scheme::W8A16 => "w8a16".into(),
+            Scheme::W8A8 => "w8a8".into(),
+            Scheme::W4A16 {
+                group_size,
+                asymmetric,
+            } => format!(
+                "w4a16 g{group_size}{}",
+                if asymmetric { " asym" } else { "" }
+            ),
+        }
+    }
+}
+
+/// Group sizes `w4a16` takes: multiples of the 32-weight blocks that GGUF,
+/// ONNX Runtime's and Ascend's int4 kernels work in.
+pub const GROUP_SIZES: [usize; 3] = [32, 64, 128];
+
+/// The LM head keeps its float weights unless asked otherwise.
+pub const DEFAULT_SKIP: &str = "lm_head";
+
+#[derive(Clone, Debug)]
+pub struct QuantOptions {
+    pub scheme: Scheme,
+    /// Glob patterns (`*`, `?`) over layer names, e.g. `model.layers.*.mlp.down_proj`.
+    pub skip: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuantError {
+    #[error("--group-size {0}: w4a16 groups must be 32, 64 or 128 weights")]
+    GroupSize(usize),
+    #[error("{layer} cannot be quantized as {scheme}: {why}")]
+    Layer {
+        layer: String,
+        scheme: String,
+        why: String,
+    },
+    #[error("--quant-skip `{0}` matches no layer of the model (the layers are named like `model.layers.0.mlp.down_proj`; `kiln inspect MODEL --ir` lists them)")]
+    SkipMatchesNothing(String),
+    #[error(transparent)]
+    Weights(#[from] WeightError),
+}
+
+/// What the pass did, for the compile summary and reports.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct QuantSummary {
+    /// Layers quantized, by the format of their weights.
+    pub layers: BTreeMap<String, usize>,
+    /// Layers kept in float, by name.
+    pub skipped: Vec<String>,
+    /// Weight bytes of the quantized layers before and after.
+    pub float_bytes: u64,
+    pub quantized_bytes: u64,
+}
+
+impl QuantOptions {
+    pub fn check(&self) -> Result<(), QuantError> {
+        if let Scheme::W4A16 { group_size, .. } = self.scheme {
+            if !GROUP_SIZES.contains(&group_size) {
+                return Err(QuantError::GroupSize(group_size));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Quantizes the `Linear`s of both graphs; returns what it did.
+pub fn quantize_model(
+    ir: &mut ModelIr,
+    store: &mut WeightStore,
+    options: &QuantOptions,
+) -> Result<QuantSummary, QuantError> {
+    options.check()?;
+    let mut summary = QuantSummary::default();
+    let mut done: BTreeMap<String, QuantTensors> = BTreeMap::new();
+    let mut skip_used = vec![false; options.skip.len()];
+    for graph in [&mut ir.prefill, &mut ir.decode] {
+        let first = graph.name == "prefill";
+        for index in 0..graph.nodes.len() {
+            let node = &graph.nodes[index];
+            if !matches!(node.op, Op::Linear(_)) {
+                continue;
+            }
+            let weight_id = node.inputs[1];
+            let ValueSource::Weight { tensor } = &graph.value(weight_id).source else {
+                continue;
+            };
+            let (tensor, layer) = (tensor.clone(), node.name.clone());
+            let skipped: Vec<usize> = (0..options.skip.len())
+                .filter(|&i| glob_matches(&options.skip[i], &layer))
+                .collect();
+            if !skipped.is_empty() {
+                for i in skipped {
+                    skip_used[i] = true;
+                }
+                if first {
+                    summary.skipped.push(layer);
+                }
+                continue;
+            }
+            let ty = graph.ty(weight_id).clone();
+            let (n, k) = (ty.shape[0], ty.shape[1]);
+            let scheme = options.scheme.weights(k);
+            let fail = |why: String| QuantError::Layer {
+                layer: layer.clone(),
+                scheme: options.scheme.name(),
+                why,
+            };
+            if scheme.bits == 4 && k % 2 != 0 {
+                return Err(fail(format!(
+                    "it has {k} input features; 4-bit weights pack two per byte and need an even number"
+                )));
+            }
+            if !done.contains_key(&tensor) {
+                let w = store.to_f32_tensor(&tensor)?;
+                let q = quantize(w.f32s(), n, k, scheme)
+                    .map_err(|why| fail(format!("weight `{tensor}`: {why}")))?;
+                summary.float_bytes += ty.size_bytes() as u64;
+                summary.quantized_bytes += (q.q.len() + 2 * (q.scale.len() + q.min.len())) as u64;
+                let names = store.insert_quantized(&layer, q);
+                *summary.layers.entry(scheme.describe(k)).or_default() += 1;
+                done.insert(tensor.clone(), names);
+            }
+            rewrite(
+                graph,
+                index,
+                &done[&tensor],
+                options.scheme.activations(),
+                store,
+            )?;
+        }
+        crate::passes::dead_code::remove(graph);
+        graph.validate().map_err(|e| QuantError::Layer {
+            layer: graph.name.clone(),
+            scheme: options.scheme.name(),
+            why: e.to_string(),
+        })?;
+    }
+    if let Some(unused) = skip_used.iter().position(|&used| !used) {
+        return Err(QuantError::SkipMatchesNothing(options.skip[unused].clone()));
+    }
+    // Float weights no graph reads any more are dropped (GGUF weights and
+    // converted checkpoints are held in memory; mapped files cost nothing).
+    for name in done.keys() {
+        let still_read = ir
+            .graphs()
+            .iter()
+            .any(|g| g.weights().any(|(_, t)| t == name));
+        if !still_read {
+            store.remove(name);
+        }
+    }
+    Ok(summary)
+}
+
+/// Turns `Linear(x, W[, b])` at `index` into `QuantLinear(x, q, scale[, min][, b])`.
+pub fn rewrite(
+    graph: &mut Graph,
+    index: usize,
+    tensors: &QuantTensors,
+    activations: ActivationQuant,
+    store: &WeightStore,
+) -> Result<(), QuantError> {
+    let mut add = |name: &str| -> Result<_, QuantError> {
+        let ty = store.tensor_type(name)?;
+        Ok(graph.add_weight(name, ty))
+    };
+    let q = add(&tensors.q)?;
+    let scale = add(&tensors.scale)?;
+    let min = tensors.min.as_deref().map(&mut add).transpose()?;
+    let node = &mut graph.nodes[index];
+    let bias = node.inputs.get(2).copied();
+    let mut inputs = vec![node.inputs[0], q, scale];
+    inputs.extend(min);
+    inputs.extend(bias);
+    node.op = Op::QuantLinear(QuantLinear {
+        weights: tensors.scheme,
+        activations,
+        input_scale: false,
+        bias: bias.is_some(),
+    });
+    node.inputs = inputs;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_runtime::ir::ops::Linear;
+    use kiln_runtime::ir::{DType, GraphBuilder, KvCacheLayout, TensorType};
+
+    fn model() -> (ModelIr, WeightStore) {
+        let mut store = WeightStore::default();
+        let w: Vec<f32> = (0..8 * 64)
+            .map(|i| ((i * 37) % 23) as f32 / 11.0 - 1.0)
+            .collect();
+        store.insert_f32("a.weight", vec![8, 64], w.clone());
+        store.insert_f32("lm_head.weight", vec![8, 64], w);
+        let graph = |name: &str| {
+            let mut b = GraphBuilder::new(name);
+            let x = b.input("x", TensorType::f32([1, 64]));
+            let wa = b.weight("a.weight", TensorType::f32([8, 64]));
+            let wh = b.weight("lm_head.weight", TensorType::f32([8, 64]));
+            let a = b.node("a", Linear, &[x, wa]).unwrap();
+            let h = b.node("lm_head", Linear, &[x, wh]).unwrap();
+            b.output(a, "a");
+            b.output(h, "h");
+            b.finish().unwrap()
+        };
+        let ir = ModelIr {
+            format_version: kiln_runtime::ir::model::FORMAT_VERSION,
+            info: kiln_runtime::ir::model::ModelInfo {
+                architecture: "LlamaForCausalLM".into(),
+                vocab_size: 8,
+                hidden_size: 64,
+                num_layers: 1,
+                num_heads: 1,
+                num_kv_heads: 1,
+                head_dim: 64,
+                weight_dtype: DType::F32,
+                bos_token_id: None,
+                eos_token_ids: vec![],
+            },
+            kv_cache: KvCacheLayout {
+                layers: 1,
+                kv_heads: 1,
+                max_len: 4,
+                head_dim: 64,
+            },
+            prefill_len: 1,
+            prefill: graph("prefill"),
+            decode: graph("decode"),
+        };
+        (ir, store)
+    }
+
+    #[test]
+    fn rewrites_linears_once_for_both_graphs_and_skips_the_head() {
+        let (mut ir, mut store) = model();
+        let options = QuantOptions {
+            scheme: Scheme::W4A16 {
+                group_size: 32,
+                asymmetric: true,
+            },
+            skip: vec![DEFAULT_SKIP.into()],
+        };
+        let summary = quantize_model(&mut ir, &mut store, &options).unwrap();
+        assert_eq!(summary.skipped, ["lm_head"]);
+        assert_eq!(summary.layers.get("int4 g32 asym"), Some(&1));
+        for graph in ir.graphs() {
+            let ops: Vec<&str> = graph.nodes.iter().map(|n| n.op.name()).collect();
+            assert_eq!(ops, ["QuantLinear", "Linear"]);
+        }
+        assert!(!store.contains("a.weight"), "the float weight is dropped");
+        assert_eq!(
+            store.tensor_type("a.qweight").unwrap(),
+            TensorType::new(DType::U4, [8, 64])
+        );
+        assert_eq!(
+            store.tensor_type("a.mins").unwrap(),
+            TensorType::new(DType::F16, [8, 2])
+        );
+    }
+
+    #[test]
+    fn bad_options_are_named() {
+        let (mut ir, mut store) = model();
+        let bad_group = QuantOptions {
+            scheme: Scheme::W4A16 {
+                group_size: 48,
+                asymmetric: false,
+            },
+            skip: vec![],
+        };
+        let err = quantize_model(&mut ir, &mut store, &bad_group).unwrap_err();
+        assert!(err.to_string().contains("--group-size 48"), "{err}");
+        let bad_skip = QuantOptions {
+            scheme: Scheme::W8A16,
+            skip: vec!["model.layers.*.nothing".into()],
+        };
+        let err = quantize_model(&mut ir, &mut store, &bad_skip).unwrap_err();
+        assert!(err.to_string().contains("matches no layer"), "{err}");
+    }
+}
