@@ -73,7 +73,9 @@ class OrtSession:
         for graph in m["graphs"]:
             options = ort.SessionOptions()
             options.log_severity_level = 3
-            path = directory / graph["onnx"]
+            # A quantized model's graphs for ONNX Runtime keep the quantized
+            # weights (graph["onnx"] is ATC's, with them dequantized).
+            path = directory / (graph.get("ort_onnx") or graph["onnx"])
             if self.dump:
                 session = with_outputs(path, self.dump, self.float, options)
             else:

@@ -612,14 +612,6 @@ fn read_dump(path: &Path) -> (Vec<usize>, Vec<f32>) {
     }
 }
 
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 #[test]
 fn diff_dumps_every_layer_and_finds_the_perturbed_one() {
     use kiln_runtime::compiled::CompiledModel;

@@ -10,6 +10,7 @@ use crate::backend::onnx::builder::FloatType;
 use crate::backend::onnx::{self, OnnxGraph, OnnxOptions, WeightPlacement};
 use crate::frontend::{FrontendError, ShapeRequest, SideFiles};
 use crate::output::StagedDir;
+use crate::passes::quantize;
 use kiln_runtime::ir::{DType, ModelIr};
 use kiln_runtime::manifest::{
     GenerationInfo, GraphInfo, KvCacheInfo, Manifest, MaskInfo, TargetInfo, TensorInfo,
@@ -24,6 +25,8 @@ pub const IR_FILE: &str = "model.kiln.json";
 pub const EXTERNAL_DATA_FILE: &str = "weights.bin";
 pub const BUILD_SCRIPT: &str = "build_om.sh";
 pub const REFERENCE_WEIGHTS: &str = "weights.safetensors";
+/// The external data of the ONNX Runtime graphs of a quantized model.
+pub const ORT_EXTERNAL_DATA_FILE: &str = "weights.ort.bin";
 
 /// Above this many weight bytes the ONNX files keep their weights in an
 /// external data file (protobuf messages are limited to 2 GiB).
@@ -45,6 +48,10 @@ pub enum CompileError {
     },
     #[error("{0} exists and is not a Kiln output directory (it has no {MANIFEST_FILE}); choose another --output")]
     OutputExists(PathBuf),
+    #[error(transparent)]
+    Lower(#[from] crate::LowerError),
+    #[error("{0}")]
+    QuantForAtc(String),
     #[error("the {graph} graph contains {op}, which {why}")]
     Avoided {
         graph: String,
@@ -69,6 +76,11 @@ pub struct CompileOptions {
     pub external_data: bool,
     /// Do not run ATC even when it is installed.
     pub skip_atc: bool,
+    /// The weights' precision.
+    pub quant: crate::QuantMode,
+    /// Let the ATC graphs hold the dequantized (fp16) weights of a
+    /// quantized model, which no stock ATC op keeps low-bit on the 310B.
+    pub dequantize_for_atc: bool,
 }
 
 /// What a compile produced, for the closing summary.
@@ -81,6 +93,10 @@ pub struct CompileReport {
     pub decode_bytes_per_token: u64,
     /// `Some(path)` when ATC was found and run.
     pub atc: Option<PathBuf>,
+    /// What quantization did, when Kiln quantized.
+    pub quant: Option<crate::passes::quantize::QuantSummary>,
+    /// Notes for the summary (e.g. that the .om files hold fp16 weights).
+    pub notes: Vec<String>,
 }
 
 pub fn compile(
@@ -93,14 +109,56 @@ pub fn compile(
         return Err(CompileError::OutputExists(out.to_path_buf()));
     }
     progress("reading the model");
-    let (model, ir) = crate::lower(model_dir, &options.shape)?;
+    let crate::Lowered {
+        mut model,
+        ir,
+        quant,
+    } = crate::lower_with(model_dir, &options.shape, &options.quant)?;
+    let mut notes = Vec::new();
+    // ATC's graphs: the IR itself, or (quantized) the same over dequantized weights.
+    let quantized = ir.graphs().iter().any(|g| quantize::is_quantized(g));
+    let atc_graphs: Vec<kiln_runtime::ir::Graph> = if quantized {
+        let refuse = |what: &str| {
+            Err(CompileError::QuantForAtc(format!(
+                "{what}: no stock ATC operator keeps these low-bit weights in device memory on the                  Ascend 310B, and Kiln does not generate Ascend C kernels for them yet. Use                  --quant w8a16/w4a16 with --dequantize-for-atc (the .om files then hold fp16                  weights; the reference and ONNX Runtime graphs stay quantized), or --quant none"
+            )))
+        };
+        let int8_activations = ir
+            .graphs()
+            .iter()
+            .any(|g| quantize::has_int8_activations(g));
+        match (&options.quant, options.dequantize_for_atc) {
+            (_, true) => {}
+            (crate::QuantMode::Quantize(_), false) if int8_activations => {
+                return refuse("--quant w8a8 is not lowered to AscendQuant/AscendDequant yet");
+            }
+            (crate::QuantMode::Quantize(q), false) => {
+                return refuse(&format!("--quant {}", q.scheme.name()))
+            }
+            _ => {}
+        }
+        notes.push(
+            "the ATC graphs (prefill.onnx, decode.onnx) hold the dequantized weights in the graph's \
+             float type: the .om files will not keep them low-bit; the reference weights and the \
+             .ort.onnx graphs keep them quantized"
+                .to_string(),
+        );
+        let mut names = Default::default();
+        ir.graphs()
+            .iter()
+            .map(|g| quantize::dequantized(g, &mut model.weights, &mut names))
+            .collect::<Result<_, _>>()
+            .map_err(crate::LowerError::from)?
+    } else {
+        ir.graphs().iter().map(|&g| g.clone()).collect()
+    };
     let onnx_options = OnnxOptions {
         opset: options.opset,
         float: options.float,
     };
     progress("lowering to ONNX");
     let mut lowered = Vec::new();
-    for graph in ir.graphs() {
+    for graph in &atc_graphs {
         let onnx = onnx::lower(graph, &onnx_options)?;
         allow_list::atc().check(&onnx.model, &graph.name)?;
         for node in &onnx.model.graph.node {
@@ -187,6 +245,48 @@ pub fn compile(
     let weights_sha256 = written?.weights_sha256;
     reference?;
 
+    // ONNX Runtime's graphs over the quantized weights, beside ATC's.
+    let mut ort_names = Vec::new();
+    if quantized {
+        progress("writing the quantized graphs for ONNX Runtime");
+        let ort: Vec<(String, OnnxGraph)> = ir
+            .graphs()
+            .iter()
+            .map(|g| {
+                Ok((
+                    format!("{}.ort.onnx", g.name),
+                    onnx::lower(g, &onnx_options)?,
+                ))
+            })
+            .collect::<Result<_, CompileError>>()?;
+        let ort_bytes: u64 = ort[0]
+            .1
+            .weights
+            .iter()
+            .map(|name| {
+                model
+                    .weights
+                    .tensor_type(name)
+                    .map(|t| onnx::initializer_type(&t, options.float).1)
+            })
+            .sum::<Result<u64, _>>()
+            .map_err(FrontendError::from)?;
+        let ort_external = tmp.path.join(ORT_EXTERNAL_DATA_FILE);
+        let placement = if external || ort_bytes > INLINE_LIMIT {
+            WeightPlacement::External(&ort_external)
+        } else {
+            WeightPlacement::Inline
+        };
+        let paths: Vec<PathBuf> = ort.iter().map(|(n, _)| tmp.path.join(n)).collect();
+        let graphs: Vec<(&Path, &OnnxGraph)> = paths
+            .iter()
+            .zip(&ort)
+            .map(|(p, (_, g))| (p.as_path(), g))
+            .collect();
+        onnx::write(&graphs, &model.weights, options.float, placement, |_, _| {})?;
+        ort_names = ort.into_iter().map(|(n, _)| n).collect();
+    }
+
     progress("writing the manifest, IR, tokenizer and build_om.sh");
     let ir_path = tmp.path.join(IR_FILE);
     ir.save_json(&ir_path).map_err(|e| CompileError::Io {
@@ -209,7 +309,7 @@ pub fn compile(
     std::fs::write(&runner, include_str!("../../examples/ort_run.py")).map_err(io_err(&runner))?;
 
     let config_bytes = &model.files.config;
-    let manifest = manifest(
+    let mut manifest = manifest(
         &ir,
         &lowered,
         options,
@@ -218,6 +318,15 @@ pub fn compile(
         tokenizer,
         tokenizer_config,
     );
+    for (graph, ort) in manifest.graphs.iter_mut().zip(&ort_names) {
+        graph.ort_onnx = Some(ort.clone());
+    }
+    if quantized {
+        manifest.quantization = Some(match &quant {
+            Some(summary) => summary.describe(),
+            None => "as stored in the GGUF file (Q8_0/Q4_0/Q4_1 blocks)".to_string(),
+        });
+    }
     let manifest_path = tmp.path.join(MANIFEST_FILE);
     std::fs::write(&manifest_path, manifest.to_json()).map_err(io_err(&manifest_path))?;
 
@@ -289,6 +398,8 @@ pub fn compile(
         decode_bytes_per_token: weight_bytes + kv_bytes as u64,
         manifest,
         atc: atc_path,
+        quant,
+        notes,
     })
 }
 
@@ -348,6 +459,7 @@ fn manifest(
                 name: name.clone(),
                 tokens: graph.ty(graph.inputs[0]).shape[1],
                 onnx: format!("{name}.onnx"),
+                ort_onnx: None,
                 om: format!("{name}.om"),
                 inputs: tensors(onnx.signature(false)),
                 outputs: tensors(onnx.signature(true)),
@@ -361,6 +473,7 @@ fn manifest(
             bos_token_id: ir.info.bos_token_id,
             eos_token_ids: ir.info.eos_token_ids.clone(),
         },
+        quantization: None,
     }
 }
 
@@ -382,6 +495,7 @@ fn write_reference_weights(
         source,
     };
     let mut tensors = Vec::with_capacity(names.len());
+    let mut u4_names = Vec::new();
     for &name in names {
         let ty = store.tensor_type(name).map_err(FrontendError::from)?;
         let dtype = match ty.dtype {
@@ -390,16 +504,24 @@ fn write_reference_weights(
             DType::BF16 => Dtype::BF16,
             DType::I64 => Dtype::I64,
             DType::I8 => Dtype::I8,
-            DType::U4 => todo!(),
+            // safetensors has no 4-bit type: two per byte, listed in the metadata.
+            DType::U4 => Dtype::U8,
         };
         let len = store.bytes(name).map_err(FrontendError::from)?.len();
-        if len != ty.numel() * dtype.bitsize() / 8 {
+        let mut shape = ty.shape.clone();
+        if ty.dtype == DType::U4 {
+            u4_names.push(name.to_string());
+            if let Some(last) = shape.last_mut() {
+                *last /= 2;
+            }
+        }
+        if len != shape.iter().product::<usize>() * dtype.bitsize() / 8 {
             return Err(io(std::io::Error::other(format!(
                 "tensor `{name}`: {len} bytes for shape {:?} of {dtype:?}",
                 ty.shape
             ))));
         }
-        tensors.push((name, dtype, ty.shape, len));
+        tensors.push((name, dtype, shape, len));
     }
     // safetensors' order: by descending dtype alignment, then by name.
     tensors.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
@@ -414,7 +536,14 @@ fn write_reference_weights(
         infos.push((name.to_string(), info));
         offset += len;
     }
-    let metadata = Metadata::new(None, infos).map_err(|e| io(std::io::Error::other(e)))?;
+    let extra = (!u4_names.is_empty()).then(|| {
+        let list = serde_json::to_string(&u4_names).expect("names serialize");
+        std::collections::HashMap::from([(
+            kiln_runtime::weights::U4_METADATA_KEY.to_string(),
+            list,
+        )])
+    });
+    let metadata = Metadata::new(extra, infos).map_err(|e| io(std::io::Error::other(e)))?;
     let mut header = serde_json::to_vec(&metadata).map_err(|e| io(e.into()))?;
     header.resize(header.len().next_multiple_of(8), b' ');
 

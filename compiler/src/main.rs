@@ -113,6 +113,14 @@ struct CompileArgs {
     no_atc: bool,
     #[command(flatten)]
     shape: ShapeArgs,
+    #[command(flatten)]
+    quant: QuantArgs,
+    /// With --quant w8a16/w4a16/w8a8: let the ATC graphs hold the weights
+    /// dequantized to --dtype (no stock ATC operator keeps them low-bit on
+    /// the 310B); the reference weights and the .ort.onnx graphs for ONNX
+    /// Runtime stay quantized. Implied for a GGUF's own blocks (--quant keep).
+    #[arg(long)]
+    dequantize_for_atc: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -275,6 +283,8 @@ fn compile_command(args: CompileArgs) -> Result<()> {
         opset: args.opset,
         external_data: args.external_data,
         skip_atc: args.no_atc,
+        quant: args.quant.mode(),
+        dequantize_for_atc: args.dequantize_for_atc,
     };
     let out = match args.output {
         Some(out) => out,
@@ -292,6 +302,9 @@ fn compile_command(args: CompileArgs) -> Result<()> {
     let report = kiln::compile::compile(&args.model, &out, &options, |step| {
         eprintln!("kiln: {step}")
     })?;
+    if let Some(summary) = &report.quant {
+        report_quant(summary);
+    }
     let m = &report.manifest;
     println!(
         "compiled {} ({}) for {} in {:.1} s",
@@ -317,6 +330,12 @@ fn compile_command(args: CompileArgs) -> Result<()> {
         low * 1e9 / bytes,
         high * 1e9 / bytes
     );
+    if let Some(q) = &m.quantization {
+        println!("  weights    quantized: {q}");
+    }
+    for note in &report.notes {
+        println!("  note       {note}");
+    }
     match &report.atc {
         Some(atc) => println!("  atc        ran {}; the .om models are in {}", atc.display(), report.out.display()),
         None if args.no_atc => println!("  atc        skipped (--no-atc); run {}/build_om.sh on a machine with CANN", report.out.display()),

@@ -35,6 +35,11 @@ pub struct Manifest {
     pub tokenizer: Option<String>,
     pub tokenizer_config: Option<String>,
     pub generation: GenerationInfo,
+    /// How the reference IR's weights are quantized (`w4a16 g128`, `GGUF
+    /// blocks`, …), when they are; the `.onnx` files for ATC then hold the
+    /// dequantized weights and the `.ort.onnx` files the quantized ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -75,6 +80,12 @@ pub struct GraphInfo {
     /// Tokens per step.
     pub tokens: usize,
     pub onnx: String,
+    /// The same graph for ONNX Runtime when it reads quantized weights
+    /// (`<name>.ort.onnx`, standard ops): what `ort_run.py` and `diff --b
+    /// onnxruntime` run, so the quantized numbers are checked, while
+    /// `onnx` is what ATC converts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ort_onnx: Option<String>,
     /// The .om file ATC writes (present once build_om.sh has run).
     pub om: String,
     pub inputs: Vec<TensorInfo>,

@@ -84,6 +84,9 @@ enum Source {
     /// Quantized or f16 data made by Kiln (a quantizer, a GGUF's blocks),
     /// as stored: the entry's dtype says how to read it.
     OwnedBytes(Arc<Vec<u8>>),
+    /// The f32 weights a quantized matrix stands for, computed when read
+    /// (for a backend that cannot take the quantized form).
+    Dequantized(QuantTensors),
 }
 
 #[derive(Clone)]
@@ -331,6 +334,25 @@ impl WeightStore {
         names
     }
 
+    /// Adds `name`, an f32 tensor holding the weights the quantized matrix
+    /// `tensors` stands for, computed whenever it is read (nothing is held).
+    pub fn insert_dequantized(
+        &mut self,
+        name: &str,
+        tensors: &QuantTensors,
+    ) -> Result<(), WeightError> {
+        let shape = self.tensor_type(&tensors.q)?.shape;
+        self.entries.insert(
+            name.to_string(),
+            Entry {
+                dtype: Ok(DType::F32),
+                shape,
+                source: Source::Dequantized(tensors.clone()),
+            },
+        );
+        Ok(())
+    }
+
     /// Removes a tensor (one a pass replaced by others). Mapped bytes stay
     /// mapped; owned ones are freed.
     pub fn remove(&mut self, name: &str) {
@@ -426,6 +448,14 @@ impl WeightStore {
             Source::Mapped { file, start, len } => &self.files[*file].map[*start..*start + *len],
             Source::Owned(data) => bytemuck::cast_slice(data.as_slice()),
             Source::OwnedBytes(data) => data.as_slice(),
+            Source::Dequantized(_) => {
+                return Err(WeightError::BadFile {
+                    path: self.origin(name),
+                    message: format!(
+                        "tensor `{name}` is computed when read and has no stored bytes"
+                    ),
+                })
+            }
         })
     }
 
@@ -443,7 +473,7 @@ impl WeightStore {
         {
             Source::Mapped { file, start, len } => (self.files[*file].map.clone(), *start, *len),
             Source::OwnedBytes(data) => (data.clone(), 0, data.len()),
-            Source::Owned(_) => unreachable!("owned f32 tensors are float"),
+            Source::Owned(_) | Source::Dequantized(_) => unreachable!("these are f32"),
         };
         if ty.size_bytes() != len || !matches!(ty.dtype, DType::I8 | DType::U4) {
             return Err(WeightError::BadFile {
@@ -497,6 +527,25 @@ impl WeightStore {
                 tensor: name.to_string(),
                 dtype: ty.dtype,
             });
+        }
+        if let Source::Dequantized(t) = &entry.source {
+            let q = self.to_tensor(&t.q)?;
+            let scale = self.to_f32_tensor(&t.scale)?;
+            let min = t
+                .min
+                .as_deref()
+                .map(|m| self.to_f32_tensor(m))
+                .transpose()?;
+            let (n, k) = (ty.shape[0], ty.shape[1]);
+            let w = crate::ir::quant::dequantize(
+                t.scheme,
+                q.quantized_bytes(),
+                scale.f32s(),
+                min.as_ref().map(Tensor::f32s),
+                n,
+                k,
+            );
+            return Ok(Tensor::from_f32(ty.shape, w));
         }
         if ty.size_bytes() != self.bytes(name)?.len() {
             return Err(WeightError::BadFile {

@@ -103,15 +103,52 @@ pub fn join_ids(ids: &[u32]) -> String {
     ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
+/// The largest |a − b| over all rows; NaN if any difference is NaN, so that
+/// every `err <= tolerance` check fails on NaN.
 pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     assert_eq!(a.len(), b.len(), "row counts differ");
     a.iter()
         .zip(b)
-        .flat_map(|(x, y)| {
+        .map(|(x, y)| {
             assert_eq!(x.len(), y.len(), "row lengths differ");
-            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+            max_abs(x, y)
         })
-        .fold(0.0, f32::max)
+        .fold(0.0, nan_max)
+}
+
+/// The largest |a − b|; NaN if any difference is NaN.
+pub fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0, nan_max)
+}
+
+/// `max` that propagates NaN (`f32::max` drops it).
+pub fn nan_max(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else {
+        a.max(b)
+    }
+}
+
+/// Cosine similarity of two vectors (NaN in, NaN out).
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let na: f64 = a.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+#[test]
+fn nan_fails_every_tolerance_helper() {
+    let rows = |v: f32| vec![vec![0.0, v]];
+    assert!(!(max_abs_diff(&rows(f32::NAN), &rows(0.0)) <= 1.0));
+    assert!(!(max_abs(&[f32::NAN], &[0.0]) <= 1.0));
+    assert!(!(cosine(&[f32::NAN, 1.0], &[1.0, 1.0]) >= 0.5));
+    assert_eq!(max_abs_diff(&rows(1.0), &rows(0.5)), 0.5);
 }
 
 /// The Python that has onnx, onnxruntime and numpy: `$KILN_PYTHON`, else the

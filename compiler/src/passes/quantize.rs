@@ -110,6 +110,22 @@ pub struct QuantSummary {
     pub quantized_bytes: u64,
 }
 
+impl QuantSummary {
+    /// One line: `int4 g128: 210 layers; kept in float: lm_head`.
+    pub fn describe(&self) -> String {
+        let layers: Vec<String> = self
+            .layers
+            .iter()
+            .map(|(format, n)| format!("{format}: {n} layers"))
+            .collect();
+        let kept = match self.skipped.is_empty() {
+            true => "nothing".to_string(),
+            false => self.skipped.join(", "),
+        };
+        format!("{}; kept in float: {kept}", layers.join(", "))
+    }
+}
+
 impl QuantOptions {
     pub fn check(&self) -> Result<(), QuantError> {
         if let Scheme::W4A16 { group_size, .. } = self.scheme {
@@ -208,6 +224,111 @@ pub fn quantize_model(
         }
     }
     Ok(summary)
+}
+
+/// Whether a graph reads quantized weights.
+pub fn is_quantized(graph: &Graph) -> bool {
+    graph
+        .nodes
+        .iter()
+        .any(|n| matches!(n.op, Op::QuantLinear(_) | Op::QuantGather(_)))
+}
+
+/// Whether a graph quantizes activations (`w8a8`).
+pub fn has_int8_activations(graph: &Graph) -> bool {
+    graph.nodes.iter().any(|n| {
+        matches!(&n.op, Op::QuantLinear(op) if op.activations == ActivationQuant::DynamicInt8PerToken)
+    })
+}
+
+/// A copy of `graph` with every `QuantLinear` a `Linear` and every
+/// `QuantGather` a `Gather` over the f32 weights the quantized ones stand
+/// for, which the store computes when they are read (nothing is held): for
+/// backends that cannot keep low-bit weights. Activation quantization is
+/// dropped with it. A dequantized weight takes the float weight's name
+/// (`<layer>.weight` for `<layer>.qweight`) when the store has no such
+/// tensor. `names` remembers the names given, across a model's graphs.
+pub fn dequantized(
+    graph: &Graph,
+    store: &mut WeightStore,
+    names: &mut BTreeMap<String, String>,
+) -> Result<Graph, QuantError> {
+    use kiln_runtime::ir::ops::{Gather, Linear};
+    let mut out = graph.clone();
+    for index in 0..out.nodes.len() {
+        let node = out.nodes[index].clone();
+        let (scheme, q_slot, min_slot, rest): (WeightQuant, usize, Option<usize>, Vec<_>) =
+            match &node.op {
+                Op::QuantLinear(op) => {
+                    let at = op.slots();
+                    if at.input_scale.is_some() {
+                        return Err(QuantError::Layer {
+                            layer: node.name.clone(),
+                            scheme: "dequantized for ATC".into(),
+                            why: "its input scale cannot be folded yet".into(),
+                        });
+                    }
+                    (
+                        op.weights,
+                        at.q,
+                        at.min,
+                        at.bias.map(|b| node.inputs[b]).into_iter().collect(),
+                    )
+                }
+                Op::QuantGather(op) => {
+                    let ids = node.inputs[node.inputs.len() - 1];
+                    (op.weights, 0, op.weights.offset.then_some(2), vec![ids])
+                }
+                _ => continue,
+            };
+        let tensor = |slot: usize| match &out.value(node.inputs[slot]).source {
+            ValueSource::Weight { tensor } => Ok(tensor.clone()),
+            _ => Err(QuantError::Layer {
+                layer: node.name.clone(),
+                scheme: "dequantized for ATC".into(),
+                why: "its quantized weights are not constants".into(),
+            }),
+        };
+        let tensors = QuantTensors {
+            scheme,
+            q: tensor(q_slot)?,
+            scale: tensor(q_slot + 1)?,
+            min: min_slot.map(tensor).transpose()?,
+        };
+        let name = match names.get(&tensors.q) {
+            Some(name) => name.clone(),
+            None => {
+                let name = match tensors.q.strip_suffix(".qweight") {
+                    Some(prefix) if !store.contains(&format!("{prefix}.weight")) => {
+                        format!("{prefix}.weight")
+                    }
+                    _ => format!("{}.dequantized", tensors.q),
+                };
+                store.insert_dequantized(&name, &tensors)?;
+                names.insert(tensors.q.clone(), name.clone());
+                name
+            }
+        };
+        let w = out.add_weight(&name, store.tensor_type(&name)?);
+        let node = &mut out.nodes[index];
+        match node.op {
+            Op::QuantLinear(_) => {
+                node.op = Op::Linear(Linear);
+                node.inputs = [node.inputs[0], w].into_iter().chain(rest).collect();
+            }
+            _ => {
+                node.op = Op::Gather(Gather);
+                node.inputs = [w].into_iter().chain(rest).collect();
+            }
+        }
+    }
+    crate::passes::dead_code::remove(&mut out);
+    out.validate().map_err(|e| QuantError::Layer {
+        layer: out.name.clone(),
+        scheme: "dequantized for ATC".into(),
+        why: e.to_string(),
+    })?;
+    Ok(out)
 }
 
 /// Turns `Linear(x, W[, b])` at `index` into `QuantLinear(x, q, scale[, min][, b])`.

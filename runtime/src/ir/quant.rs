@@ -161,28 +161,40 @@ pub struct QuantizedMatrix {
 }
 
 impl QuantizedMatrix {
-    /// Row `row` dequantized: `w = q·scale + min`, as the ops define it.
-    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
-        let s = &self.scheme;
-        let groups = s.groups(self.k);
-        for (k, w) in out.iter_mut().enumerate().take(self.k) {
-            let g = row * groups + k / s.group_size;
-            let scale = self.scale[g].to_f32();
-            let min = match s.offset {
-                true => self.min[g].to_f32(),
-                false => s.implied_min(scale),
-            };
-            *w = (q_at(s.bits, &self.q, self.k, row, k) as f32).mul_add(scale, min);
-        }
-    }
-
     pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.n * self.k];
-        for (row, chunk) in out.chunks_exact_mut(self.k.max(1)).enumerate() {
-            self.dequantize_row(row, chunk);
-        }
-        out
+        let f32s = |v: &[f16]| v.iter().map(|h| h.to_f32()).collect::<Vec<f32>>();
+        let min = f32s(&self.min);
+        dequantize(
+            self.scheme,
+            &self.q,
+            &f32s(&self.scale),
+            self.scheme.offset.then_some(&min[..]),
+            self.n,
+            self.k,
+        )
     }
+}
+
+/// `W [n, k]` in f32 from its stored form: `w = fma(q, scale, min)`, the
+/// one definition every op and backend follows.
+pub fn dequantize(
+    scheme: WeightQuant,
+    q: &[u8],
+    scale: &[f32],
+    min: Option<&[f32]>,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
+    let groups = scheme.groups(k);
+    let mut out = Vec::with_capacity(n * k);
+    for row in 0..n {
+        out.extend((0..k).map(|kk| {
+            let g = row * groups + kk / scheme.group_size;
+            let m = min.map_or(scheme.implied_min(scale[g]), |m| m[g]);
+            (q_at(scheme.bits, q, k, row, kk) as f32).mul_add(scale[g], m)
+        }));
+    }
+    out
 }
 
 /// Round-to-nearest quantization of `w [n, k]` (row-major f32) under

@@ -212,7 +212,12 @@ impl<'s> Chunk<'s> {
     fn convert(store: &'s WeightStore, name: &'s str, float: FloatType) -> Result<Self, OnnxError> {
         let ty = store.tensor_type(name)?;
         let bytes = match (ty.dtype, float) {
-            (DType::F32, FloatType::F32) | (DType::F16, FloatType::F16) => {
+            // Quantized weights go as stored; so do floats already in the
+            // graph's type (unless computed when read, as dequantized ones are).
+            (DType::I8 | DType::U4, _) => Cow::Borrowed(store.bytes(name)?),
+            (DType::F32, FloatType::F32) | (DType::F16, FloatType::F16)
+                if store.bytes(name).is_ok() =>
+            {
                 Cow::Borrowed(store.bytes(name)?)
             }
             _ => {
@@ -333,8 +338,7 @@ struct FileLayout<'a> {
 /// nothing needs buffering.
 fn layout<'a>(
     lowered: &'a OnnxGraph,
-    shapes: &HashMap<&str, (Vec<i64>, u64)>,
-    float: FloatType,
+    shapes: &HashMap<&str, (Vec<i64>, u64, DataType)>,
     external: Option<&ExternalLayout>,
 ) -> Result<FileLayout<'a>, OnnxError> {
     let mut model = lowered.model.clone();
@@ -345,10 +349,10 @@ fn layout<'a>(
     let mut entries = HashMap::with_capacity(lowered.weights.len());
     let mut graph_len = graph_rest.len() as u64;
     for name in &lowered.weights {
-        let (dims, len) = &shapes[name.as_str()];
+        let (dims, len, data_type) = &shapes[name.as_str()];
         let mut tensor = TensorProto {
             name: name.clone(),
-            data_type: float.data_type() as i32,
+            data_type: *data_type as i32,
             dims: dims.clone(),
             ..Default::default()
         };
@@ -389,6 +393,27 @@ fn layout<'a>(
     Ok(FileLayout { prefix, entries })
 }
 
+/// How a weight is stored as an initializer: dims, bytes, type. Floats take
+/// the graph's type; i8 is INT8; u4 is UINT8 with two values per byte along
+/// the last axis (ONNX's own UINT4 needs opset 21, which ATC does not read).
+pub fn initializer_type(ty: &TensorType, float: FloatType) -> (Vec<i64>, u64, DataType) {
+    let mut dims: Vec<i64> = ty.shape.iter().map(|&d| d as i64).collect();
+    match ty.dtype {
+        DType::I8 => (dims, ty.size_bytes() as u64, DataType::INT8),
+        DType::U4 => {
+            if let Some(last) = dims.last_mut() {
+                *last /= 2;
+            }
+            (dims, ty.size_bytes() as u64, DataType::UINT8)
+        }
+        _ => (
+            dims,
+            (ty.numel() * float.size_bytes()) as u64,
+            float.data_type(),
+        ),
+    }
+}
+
 /// Writes lowered graphs, each to its path, with their weights.
 ///
 /// Weights are never all in memory: one pass over them converts each tensor
@@ -411,13 +436,10 @@ pub fn write(
             }
         }
     }
-    // Each weight's dims and converted length.
+    // Each weight's dims, converted length and ONNX type.
     let mut shapes = HashMap::with_capacity(order.len());
     for &name in &order {
-        let ty = store.tensor_type(name)?;
-        let len = (ty.numel() * float.size_bytes()) as u64;
-        let dims = ty.shape.iter().map(|&d| d as i64).collect();
-        shapes.insert(name, (dims, len));
+        shapes.insert(name, initializer_type(&store.tensor_type(name)?, float));
     }
     let external = match placement {
         WeightPlacement::Inline => None,
@@ -439,7 +461,7 @@ pub fn write(
 
     let mut sinks = vec![Sink::Hash(Sha256::new())];
     for &(path, graph) in graphs {
-        let FileLayout { prefix, entries } = layout(graph, &shapes, float, external.as_ref())?;
+        let FileLayout { prefix, entries } = layout(graph, &shapes, external.as_ref())?;
         let mut out = create(path)?;
         out.write_all(&prefix).map_err(io_err(path))?;
         match placement {
@@ -502,7 +524,7 @@ pub fn write(
         Ok::<_, OnnxError>(hash.expect("the hasher finishes with a hash"))
     })?;
     Ok(Written {
-        weight_bytes: shapes.values().map(|(_, len)| len).sum(),
+        weight_bytes: shapes.values().map(|(_, len, _)| len).sum(),
         weights_sha256,
     })
 }

@@ -5,6 +5,7 @@ mod attention;
 mod elementwise;
 mod gather;
 mod linear;
+mod quant;
 mod rms_norm;
 mod rope;
 mod shape;
@@ -55,12 +56,8 @@ pub fn lower_node(cx: &mut Cx, graph: &Graph, node: &Node) -> Result<(), OnnxErr
         Op::Transpose(op) => shape::transpose(cx, &io, &op.perm),
         Op::Concat(op) => shape::concat(cx, &io, op.axis),
         Op::Slice(op) => shape::slice(cx, &io, op.axis, op.start, op.end),
-        Op::QuantLinear(_) | Op::QuantGather(_) => {
-            return Err(OnnxError::NotAllowed(format!(
-                "{}: quantized weights cannot be lowered to ONNX yet",
-                node.name
-            )))
-        }
+        Op::QuantLinear(op) => quant::linear(cx, &io, op),
+        Op::QuantGather(op) => quant::gather(cx, &io, op),
     }
     Ok(())
 }
