@@ -1,0 +1,250 @@
+//! Quantized models end to end: `kiln compile --quant …` writes ATC graphs
+//! over dequantized weights and `*.ort.onnx` graphs that keep them
+//! quantized; ONNX Runtime (a system Kiln did not write) running the latter
+//! must agree with the reference interpreter running the quantized IR.
+
+mod common;
+use common::*;
+use kiln_runtime::compiled::CompiledModel;
+use kiln_runtime::diff::{diff_backends, DiffBackend};
+use std::path::Path;
+use std::process::Command;
+
+const SCHEMES: [(&str, &[&str]); 4] = [
+    ("w8a16", &["--quant", "w8a16"]),
+    ("w4a16-g32", &["--quant", "w4a16", "--group-size", "32"]),
+    (
+        "w4a16-g32-asym",
+        &["--quant", "w4a16", "--group-size", "32", "--asymmetric"],
+    ),
+    ("w8a8", &["--quant", "w8a8"]),
+];
+
+fn check_onnx(python: &Path, paths: &[std::path::PathBuf]) {
+    let script = "import onnx, sys\n\
+                  for path in sys.argv[1:]:\n\
+                  \x20   onnx.checker.check_model(path, full_check=True)\n";
+    let out = Command::new(python)
+        .args(["-c", script])
+        .args(paths)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "onnx.checker: {}", stderr(&out));
+}
+
+#[test]
+fn onnx_runtime_agrees_with_the_interpreter_on_every_fixture_and_scheme() {
+    let python = python();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut worst = 1f64;
+    for name in FIXTURES {
+        for (scheme, args) in SCHEMES {
+            let dir = tmp.path().join(format!("{name}-{scheme}"));
+            let mut extra = vec!["--dtype", "fp32", "--dequantize-for-atc"];
+            extra.extend_from_slice(args);
+            compile_fixture(name, &dir, &extra);
+            let manifest: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+            assert!(manifest["quantization"].is_string(), "{name} {scheme}");
+            let paths: Vec<_> = ["prefill.ort.onnx", "decode.ort.onnx", "prefill.onnx"]
+                .iter()
+                .map(|f| dir.join(f))
+                .collect();
+            check_onnx(&python, &paths);
+            let g = golden(name);
+            let model = CompiledModel::open(&dir).unwrap();
+            let report = diff_backends(
+                &model,
+                DiffBackend::Cpu,
+                DiffBackend::Onnxruntime,
+                &g.prompt_ids,
+                8,
+                Some(&python),
+            )
+            .unwrap_or_else(|e| panic!("{name} {scheme}: {e}"));
+            for (step, d) in report.steps.iter().enumerate() {
+                assert!(
+                    d.cosine >= 0.99999 && d.top1_agrees,
+                    "{name} {scheme} step {step}: cosine {} top-1 {}",
+                    d.cosine,
+                    d.top1_agrees
+                );
+                worst = worst.min(d.cosine);
+            }
+        }
+    }
+    eprintln!("quantized ONNX Runtime vs interpreter: worst cosine {worst:.8}");
+}
+
+#[test]
+fn quantized_weights_are_int8_initializers_and_the_reference_weights_stay_small() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = tmp.path().join("plain");
+    let w8 = tmp.path().join("w8");
+    let w4 = tmp.path().join("w4");
+    compile_fixture("llama-gqa", &plain, &["--dtype", "fp32"]);
+    compile_fixture(
+        "llama-gqa",
+        &w8,
+        &[
+            "--dtype",
+            "fp32",
+            "--quant",
+            "w8a16",
+            "--dequantize-for-atc",
+        ],
+    );
+    compile_fixture(
+        "llama-gqa",
+        &w4,
+        &[
+            "--dtype",
+            "fp32",
+            "--quant",
+            "w4a16",
+            "--group-size",
+            "32",
+            "--dequantize-for-atc",
+        ],
+    );
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len() as f64;
+    let float = size(&plain.join("weights.safetensors"));
+    let (q8, q4) = (
+        size(&w8.join("weights.safetensors")),
+        size(&w4.join("weights.safetensors")),
+    );
+    eprintln!("reference weights: f32 {float} B, w8a16 {q8} B, w4a16 {q4} B");
+    // The embedding and LM head stay f32; every other matrix shrinks 4× or 8×.
+    assert!(q8 < float * 0.75 && q4 < q8, "{float} {q8} {q4}");
+    let script = "import onnx, sys\n\
+                  m = onnx.load(sys.argv[1])\n\
+                  kinds = {i.name.rsplit('.', 1)[-1]: onnx.TensorProto.DataType.Name(i.data_type) for i in m.graph.initializer}\n\
+                  print(kinds.get('qweight'), kinds.get('scales'))\n";
+    let python = python();
+    for (dir, want) in [(&w8, "INT8 FLOAT"), (&w4, "UINT8 FLOAT")] {
+        let out = Command::new(&python)
+            .args(["-c", script])
+            .arg(dir.join("decode.ort.onnx"))
+            .output()
+            .unwrap();
+        assert_eq!(stdout(&out).trim(), want, "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn quantized_generation_tracks_the_float_model() {
+    // Round-to-nearest int8 barely moves a model: same greedy ids as
+    // transformers on the fixture, and logits close to the goldens.
+    let g = golden("llama-gqa");
+    let out = kiln(&[
+        "generate",
+        model_dir("llama-gqa").to_str().unwrap(),
+        "--token-ids",
+        &join_ids(&g.prompt_ids),
+        "--max-new-tokens",
+        &g.generated_ids.len().to_string(),
+        "--ignore-eos",
+        "--quant",
+        "w8a16",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("quantized"), "{}", stderr(&out));
+    let ids: Vec<u32> = stdout(&out)
+        .trim()
+        .split(',')
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(ids, g.generated_ids);
+}
+
+#[test]
+fn quantization_mistakes_get_clear_errors() {
+    let model = model_dir("llama-gqa");
+    let model = model.to_str().unwrap();
+    let ids = ["--token-ids", "1,2,3"];
+    let bad_group = kiln(
+        &[
+            &["generate", model, "--quant", "w4a16", "--group-size", "48"][..],
+            &ids,
+        ]
+        .concat(),
+    );
+    assert_fails_with(&bad_group, &["--group-size 48", "32, 64 or 128"]);
+    let bad_skip = kiln(
+        &[
+            &[
+                "generate",
+                model,
+                "--quant",
+                "w8a16",
+                "--quant-skip",
+                "nothing.*",
+            ][..],
+            &ids,
+        ]
+        .concat(),
+    );
+    assert_fails_with(&bad_skip, &["nothing.*", "matches no layer"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let for_atc = kiln(&[
+        "compile",
+        model,
+        "-o",
+        out.to_str().unwrap(),
+        "--no-atc",
+        "--quant",
+        "w4a16",
+    ]);
+    assert_fails_with(&for_atc, &["--quant w4a16", "--dequantize-for-atc", "310B"]);
+    assert!(!out.exists(), "a refused compile writes nothing");
+}
+
+#[test]
+fn a_corrupt_quantized_tensor_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("w4");
+    compile_fixture(
+        "llama-gqa",
+        &dir,
+        &[
+            "--dtype",
+            "fp32",
+            "--quant",
+            "w4a16",
+            "--group-size",
+            "32",
+            "--dequantize-for-atc",
+        ],
+    );
+    // Claim an f32 tensor is 4-bit: the reader must refuse it, naming it.
+    let path = dir.join("weights.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+    let victim = "model.norm.weight";
+    let patched = header.replacen(
+        "\"kiln.u4\":\"[",
+        &format!("\"kiln.u4\":\"[\\\"{victim}\\\","),
+        1,
+    );
+    assert_ne!(patched, header, "the header lists 4-bit tensors");
+    let mut out = (patched.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(patched.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(&path, out).unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "diff",
+            dir.to_str().unwrap(),
+            "--a",
+            "cpu",
+            "--b",
+            "cpu",
+            "--token-ids",
+            "1,2",
+        ])
+        .output()
+        .unwrap();
+    assert_fails_with(&run, &[victim, "4-bit"]);
+}
