@@ -43,6 +43,59 @@ enum Command {
     /// Run the same tokens through two backends of a compiled model and
     /// compare their logits step by step; exits 1 past the thresholds.
     Diff(kiln_runtime::diff::DiffArgs),
+    /// Perplexity of a text over strided windows on the reference
+    /// interpreter; with --quant, also how closely the quantized model's
+    /// logits follow the model's own.
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A Hugging Face model directory or a .gguf file.
+    model: PathBuf,
+    /// The text to score (UTF-8). It is tokenized as transformers'
+    /// `tokenizer(text)` does: with the special tokens the tokenizer's
+    /// post-processor adds by default (a BOS for Llama-style tokenizers,
+    /// none for GPT-2- and Qwen-style ones) and no others.
+    #[arg(long, value_name = "FILE")]
+    text: PathBuf,
+    /// Tokens per window (at most the model's max_position_embeddings).
+    #[arg(long, value_name = "N", default_value_t = kiln::eval::EvalOptions::DEFAULT_CTX)]
+    ctx: usize,
+    /// How far each window advances; only the tokens the previous window did
+    /// not score are scored, so every token after the first counts once.
+    /// From 1 to --ctx - 1 [default: ctx/2]
+    #[arg(long, value_name = "S")]
+    stride: Option<usize>,
+    /// Score only the text's first M tokens.
+    #[arg(long, value_name = "M")]
+    max_tokens: Option<usize>,
+    /// Evaluate the model quantized this way against the model as stored,
+    /// adding the reference's perplexity, the ratio of the two, the cosine
+    /// similarity of their logits (mean and minimum) and top-1 agreement.
+    #[arg(long, value_enum)]
+    quant: Option<QuantArg>,
+    /// Also write the figures as JSON to this file.
+    #[arg(long, value_name = "OUT")]
+    json: Option<PathBuf>,
+    /// Worker threads for the interpreter [default: all cores]
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum QuantArg {
+    /// The weights as stored: the candidate is the reference itself, so the
+    /// agreement is exact (a check of the comparison, until quantization lands).
+    None,
+}
+
+impl QuantArg {
+    fn name(self) -> &'static str {
+        match self {
+            QuantArg::None => "none",
+        }
+    }
 }
 
 #[derive(Args)]
@@ -183,7 +236,97 @@ fn run(cli: Cli) -> Result<()> {
         Command::Import(args) => import_command(args),
         Command::Compile(args) => compile_command(args),
         Command::Diff(args) => kiln_runtime::diff::diff_command(&args).map_err(anyhow::Error::msg),
+        Command::Eval(args) => eval_command(args),
     }
+}
+
+fn eval_command(args: EvalArgs) -> Result<()> {
+    use anyhow::Context;
+    use kiln::eval::{evaluate, table, EvalModel, EvalOptions, Progress};
+    run::init_threads(args.threads).map_err(anyhow::Error::msg)?;
+    let options = EvalOptions::new(args.ctx, args.stride)?;
+    let text = std::fs::read_to_string(&args.text)
+        .with_context(|| format!("cannot read the text {}", args.text.display()))?;
+    let mut model = kiln::frontend::HfModel::open(&args.model)?;
+    let tokenizer = model.tokenizer().map_err(|why| {
+        anyhow::anyhow!(
+            "kiln eval tokenizes --text with the model's tokenizer, and there is none: {why}"
+        )
+    })?;
+    let mut tokens = tokenizer
+        .encode(&text)
+        .with_context(|| format!("tokenizing {}", args.text.display()))?;
+    let whole = tokens.len();
+    if let Some(max) = args.max_tokens {
+        tokens.truncate(max);
+    }
+    let graph = kiln::eval::eval_graph(&mut model, options.ctx)?;
+    let reference = match args.quant {
+        // Quantization is to come: the candidate is the model as stored too.
+        Some(QuantArg::None) => Some(EvalModel::new(graph.clone(), &model.weights)?),
+        None => None,
+    };
+    let candidate = EvalModel::new(graph, &model.weights)?;
+    let started = std::time::Instant::now();
+    let mut last_report = None::<std::time::Instant>;
+    let report = evaluate(
+        &candidate,
+        &tokens,
+        &options,
+        reference.as_ref(),
+        |Progress { window, windows }| {
+            // At most one line a second, so that long runs show they move.
+            let now = std::time::Instant::now();
+            let due = match last_report {
+                None => true,
+                Some(then) => now - then >= std::time::Duration::from_secs(1),
+            };
+            if due || window == windows {
+                eprintln!(
+                    "kiln: window {window} of {windows} ({:.1} s)",
+                    started.elapsed().as_secs_f64()
+                );
+                last_report = Some(now);
+            }
+        },
+    )
+    .with_context(|| match args.max_tokens {
+        Some(max) if max < whole => format!(
+            "{} ({whole} tokens, cut to --max-tokens {max})",
+            args.text.display()
+        ),
+        _ => args.text.display().to_string(),
+    })?;
+    eprintln!(
+        "kiln: {} windows in {:.1} s",
+        report.windows,
+        started.elapsed().as_secs_f64()
+    );
+    let quant = args.quant.map(QuantArg::name);
+    print!(
+        "{}",
+        table(&args.model.display().to_string(), quant, &report)
+    );
+    if let Some(out) = &args.json {
+        #[derive(serde::Serialize)]
+        struct EvalJson<'a> {
+            model: String,
+            text: String,
+            quant: Option<&'a str>,
+            #[serde(flatten)]
+            report: &'a kiln::eval::EvalReport,
+        }
+        let json = EvalJson {
+            model: args.model.display().to_string(),
+            text: args.text.display().to_string(),
+            quant,
+            report: &report,
+        };
+        let bytes = serde_json::to_vec_pretty(&json).expect("the report serializes");
+        kiln::output::write_file_atomically(out, &bytes)
+            .with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    Ok(())
 }
 
 fn compile_command(args: CompileArgs) -> Result<()> {
