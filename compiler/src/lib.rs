@@ -1,8 +1,10 @@
 //! Kiln's compiler: the Hugging Face frontend, the IR passes and the
-//! backends (ONNX, ATC). The `kiln` binary in `main.rs` is a thin layer over this.
+//! backends (ONNX, ATC), and text evaluation (`eval`). The `kiln` binary in
+//! `main.rs` is a thin layer over this.
 
 pub mod backend;
 pub mod compile;
+pub mod eval;
 pub mod frontend;
 pub mod import;
 pub mod output;

@@ -43,6 +43,46 @@ enum Command {
     /// Run the same tokens through two backends of a compiled model and
     /// compare their logits step by step; exits 1 past the thresholds.
     Diff(kiln_runtime::diff::DiffArgs),
+    /// Perplexity of a text over strided windows on the reference
+    /// interpreter; with --quant, also how closely the quantized model's
+    /// logits follow the model's own.
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A Hugging Face model directory or a .gguf file.
+    model: PathBuf,
+    /// The text to score (UTF-8). It is tokenized as transformers'
+    /// `tokenizer(text)` does: with the special tokens the tokenizer's
+    /// post-processor adds by default (a BOS for Llama-style tokenizers,
+    /// none for GPT-2- and Qwen-style ones) and no others.
+    #[arg(long, value_name = "FILE")]
+    text: PathBuf,
+    /// Tokens per window (at most the model's max_position_embeddings).
+    #[arg(long, value_name = "N", default_value_t = kiln::eval::EvalOptions::DEFAULT_CTX)]
+    ctx: usize,
+    /// How far each window advances; only the tokens the previous window did
+    /// not score are scored, so every token after the first counts once.
+    /// From 1 to --ctx - 1 [default: ctx/2]
+    #[arg(long, value_name = "S")]
+    stride: Option<usize>,
+    /// Score only the text's first M tokens.
+    #[arg(long, value_name = "M")]
+    max_tokens: Option<usize>,
+    /// With --quant: evaluate the model with its weights so (keep: a GGUF's
+    /// blocks as stored; w8a16, w4a16, w8a8: quantized by Kiln) against the
+    /// same model in float, adding the reference's perplexity, the ratio of
+    /// the two, the cosine similarity of their logits (mean and minimum) and
+    /// top-1 agreement. Without it, the model as stored, alone.
+    #[command(flatten)]
+    quant: QuantArgs,
+    /// Also write the figures as JSON to this file.
+    #[arg(long, value_name = "OUT")]
+    json: Option<PathBuf>,
+    /// Worker threads for the interpreter [default: all cores]
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -141,9 +181,9 @@ enum QuantArg {
 struct QuantArgs {
     /// Weight precision: keep (as stored), none, or quantize the Linear
     /// layers' weights by round-to-nearest as w8a16, w4a16 or w8a8 (from
-    /// float; a quantized GGUF is dequantized first).
-    #[arg(long, value_enum, default_value = "keep")]
-    quant: QuantArg,
+    /// float; a quantized GGUF is dequantized first) [default: keep]
+    #[arg(long, value_enum)]
+    quant: Option<QuantArg>,
     /// w4a16: weights per scale along the input (32, 64 or 128).
     #[arg(long, default_value_t = 128)]
     group_size: usize,
@@ -157,9 +197,18 @@ struct QuantArgs {
 }
 
 impl QuantArgs {
+    /// A name for reports: `keep`, `none`, `w4a16 g128`, …
+    fn name(&self) -> String {
+        match self.mode() {
+            kiln::QuantMode::Keep => "keep".into(),
+            kiln::QuantMode::None => "none".into(),
+            kiln::QuantMode::Quantize(q) => q.scheme.name(),
+        }
+    }
+
     fn mode(&self) -> kiln::QuantMode {
         use kiln::passes::quantize::{QuantOptions, Scheme, DEFAULT_SKIP};
-        let scheme = match self.quant {
+        let scheme = match self.quant.unwrap_or(QuantArg::Keep) {
             QuantArg::Keep => return kiln::QuantMode::Keep,
             QuantArg::None => return kiln::QuantMode::None,
             QuantArg::W8a16 => Scheme::W8A16,
@@ -267,7 +316,116 @@ fn run(cli: Cli) -> Result<()> {
         Command::Import(args) => import_command(args),
         Command::Compile(args) => compile_command(args),
         Command::Diff(args) => kiln_runtime::diff::diff_command(&args).map_err(anyhow::Error::msg),
+        Command::Eval(args) => eval_command(args),
     }
+}
+
+fn eval_command(args: EvalArgs) -> Result<()> {
+    use anyhow::Context;
+    use kiln::eval::{evaluate, table, EvalModel, EvalOptions, Progress};
+    run::init_threads(args.threads).map_err(anyhow::Error::msg)?;
+    let options = EvalOptions::new(args.ctx, args.stride)?;
+    let text = std::fs::read_to_string(&args.text)
+        .with_context(|| format!("cannot read the text {}", args.text.display()))?;
+    // The model as --quant asks (as stored without it), and with --quant
+    // the same model in float as the reference.
+    let mode = args.quant.mode();
+    let mut model = kiln::frontend::HfModel::open_keeping_blocks(
+        &args.model,
+        matches!(mode, kiln::QuantMode::Keep),
+    )?;
+    let tokenizer = model.tokenizer().map_err(|why| {
+        anyhow::anyhow!(
+            "kiln eval tokenizes --text with the model's tokenizer, and there is none: {why}"
+        )
+    })?;
+    let mut tokens = tokenizer
+        .encode(&text)
+        .with_context(|| format!("tokenizing {}", args.text.display()))?;
+    let whole = tokens.len();
+    if let Some(max) = args.max_tokens {
+        tokens.truncate(max);
+    }
+    let mut graph = kiln::eval::eval_graph(&mut model, options.ctx)?;
+    if let kiln::QuantMode::Quantize(q) = &mode {
+        let summary =
+            kiln::passes::quantize::quantize_graphs(&mut [&mut graph], &mut model.weights, q)?;
+        report_quant(&summary);
+    }
+    let reference_model = match args.quant.quant {
+        Some(_) => {
+            let mut float = kiln::frontend::HfModel::open(&args.model)?;
+            let graph = kiln::eval::eval_graph(&mut float, options.ctx)?;
+            Some((float, graph))
+        }
+        None => None,
+    };
+    let reference = match &reference_model {
+        Some((float, graph)) => Some(EvalModel::new(graph.clone(), &float.weights)?),
+        None => None,
+    };
+    let candidate = EvalModel::new(graph, &model.weights)?;
+    let started = std::time::Instant::now();
+    let mut last_report = None::<std::time::Instant>;
+    let report = evaluate(
+        &candidate,
+        &tokens,
+        &options,
+        reference.as_ref(),
+        |Progress { window, windows }| {
+            // At most one line a second, so that long runs show they move.
+            let now = std::time::Instant::now();
+            let due = match last_report {
+                None => true,
+                Some(then) => now - then >= std::time::Duration::from_secs(1),
+            };
+            if due || window == windows {
+                eprintln!(
+                    "kiln: window {window} of {windows} ({:.1} s)",
+                    started.elapsed().as_secs_f64()
+                );
+                last_report = Some(now);
+            }
+        },
+    )
+    .with_context(|| match args.max_tokens {
+        Some(max) if max < whole => format!(
+            "{} ({whole} tokens, cut to --max-tokens {max})",
+            args.text.display()
+        ),
+        _ => args.text.display().to_string(),
+    })?;
+    eprintln!(
+        "kiln: {} windows in {:.1} s",
+        report.windows,
+        started.elapsed().as_secs_f64()
+    );
+    let quant_name = args.quant.quant.map(|_| args.quant.name());
+    let quant = quant_name.as_deref();
+    print!(
+        "{}",
+        table(&args.model.display().to_string(), quant, &report)
+    );
+    if let Some(out) = &args.json {
+        #[derive(serde::Serialize)]
+        struct EvalJson<'a> {
+            model: String,
+            text: String,
+            quant: Option<&'a str>,
+            #[serde(flatten)]
+            report: &'a kiln::eval::EvalReport,
+        }
+        let json = EvalJson {
+            model: args.model.display().to_string(),
+            text: args.text.display().to_string(),
+            quant,
+            report: &report,
+        };
+        let bytes = serde_json::to_vec_pretty(&json).expect("the report serializes");
+        kiln::output::write_file_atomically(out, &bytes)
+            .with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    Ok(())
 }
 
 fn compile_command(args: CompileArgs) -> Result<()> {

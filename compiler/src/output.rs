@@ -1,6 +1,6 @@
-//! Output directories that appear whole or not at all: everything is written
-//! into a temporary directory beside the target, which replaces the target
-//! in one rename when the work is done and is removed if it is not.
+//! Outputs that appear whole or not at all: everything is written into a
+//! temporary directory (or file) beside the target, which replaces the
+//! target in one rename when the work is done and is removed if it is not.
 
 use std::path::{Path, PathBuf};
 
@@ -55,6 +55,24 @@ impl Drop for StagedDir {
     }
 }
 
+/// Writes `bytes` to a temporary file beside `target` (whose parent is
+/// created), then renames it over `target`: readers never see half a file.
+pub fn write_file_atomically(target: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let parent = parent_of(target);
+    std::fs::create_dir_all(parent)?;
+    let leaf = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let temporary = parent.join(format!(".{leaf}.kiln-tmp-{}", std::process::id()));
+    let written =
+        std::fs::write(&temporary, bytes).and_then(|()| std::fs::rename(&temporary, target));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written
+}
+
 fn parent_of(path: &Path) -> &Path {
     path.parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -102,5 +120,24 @@ mod tests {
         assert!(target.join("new").is_file());
         assert!(!target.join("old").exists());
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_file_written_atomically_replaces_the_target_and_leaves_nothing_else() {
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("sub/report.json");
+        write_file_atomically(&target, b"old").unwrap();
+        write_file_atomically(&target, b"new").unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
+        assert_eq!(
+            std::fs::read_dir(target.parent().unwrap()).unwrap().count(),
+            1
+        );
+        // A target that cannot be replaced (a directory) fails and leaves no temporary file.
+        let dir = root.path().join("dir");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("inside"), "x").unwrap();
+        assert!(write_file_atomically(&dir, b"x").is_err());
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 2);
     }
 }

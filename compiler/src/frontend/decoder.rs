@@ -33,6 +33,18 @@ pub struct DecoderSpec {
     pub qk_norm: bool,
 }
 
+/// Which positions' logits a graph outputs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogitsOutput {
+    /// `[1, 1, vocab]` at the position the `logits_index` input names: all
+    /// that generation needs, and the default.
+    #[default]
+    Selected,
+    /// `[1, T, vocab]` for every position, with no `logits_index` input:
+    /// for scoring a whole text (`kiln eval`).
+    AllPositions,
+}
+
 /// Names of the RoPE tables the frontend adds to the weight store.
 pub const ROPE_COS: &str = "kiln.rope.cos";
 pub const ROPE_SIN: &str = "kiln.rope.sin";
@@ -157,6 +169,7 @@ pub fn build_graph(
     weights: Weights,
     tokens: usize,
     cache: &KvCacheLayout,
+    logits_output: LogitsOutput,
 ) -> Result<Graph, FrontendError> {
     let c = config;
     let (heads, kv_heads, head_dim, hidden) =
@@ -179,10 +192,12 @@ pub fn build_graph(
         GraphNames::ATTENTION_MASK,
         TensorType::f32([1, 1, tokens, cache.max_len + tokens]),
     );
-    let logits_index = d.b.input(
-        GraphNames::LOGITS_INDEX,
-        TensorType::new(DType::I64, [1, 1]),
-    );
+    let logits_index = (logits_output == LogitsOutput::Selected).then(|| {
+        d.b.input(
+            GraphNames::LOGITS_INDEX,
+            TensorType::new(DType::I64, [1, 1]),
+        )
+    });
     let k_cache = d.b.input(GraphNames::K_CACHE, cache.cache_type());
     let v_cache = d.b.input(GraphNames::V_CACHE, cache.cache_type());
 
@@ -329,17 +344,19 @@ pub fn build_graph(
         new_values.push(d.node(format!("{p}.v_new"), Reshape { shape: rows }, &[v])?);
     }
 
-    let x = d.rms_norm(x, "model.norm.weight", c.rms_norm_eps)?;
-    // Only one position's logits are needed per step: pick its hidden state
-    // before the (large) vocabulary projection.
-    let x = d.node(
-        "final_hidden",
-        Reshape {
-            shape: vec![tokens, hidden],
-        },
-        &[x],
-    )?;
-    let x = d.node("final_hidden.picked", Gather, &[x, logits_index])?;
+    let mut x = d.rms_norm(x, "model.norm.weight", c.rms_norm_eps)?;
+    if let Some(logits_index) = logits_index {
+        // Only one position's logits are needed per step: pick its hidden
+        // state before the (large) vocabulary projection.
+        x = d.node(
+            "final_hidden",
+            Reshape {
+                shape: vec![tokens, hidden],
+            },
+            &[x],
+        )?;
+        x = d.node("final_hidden.picked", Gather, &[x, logits_index])?;
+    }
     let lm_head = if c.tie_word_embeddings {
         "model.embed_tokens.weight"
     } else {

@@ -39,13 +39,16 @@ pub struct ShapeRequest {
     pub max_seq_len: Option<usize>,
 }
 
-/// Static sizes of the graphs.
+/// Static sizes of the graphs, and which logits they output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GraphOptions {
     /// Tokens per prefill step; longer prompts run in several steps.
     pub prefill_len: usize,
     /// KV-cache slots: the most positions a conversation can use.
     pub max_seq_len: usize,
+    /// One position's logits (what sessions and the backends expect), or
+    /// every position's.
+    pub logits: decoder::LogitsOutput,
 }
 
 impl GraphOptions {
@@ -63,6 +66,7 @@ impl GraphOptions {
                 .prefill_len
                 .unwrap_or(Self::DEFAULT_PREFILL_LEN.min(max_seq_len)),
             max_seq_len,
+            logits: decoder::LogitsOutput::Selected,
         }
     }
 
@@ -300,7 +304,9 @@ impl HfModel {
     }
 
     /// Lowers the model into its prefill and decode graphs. Adds the RoPE
-    /// tables to the weight store.
+    /// tables to the weight store. With [`decoder::LogitsOutput::AllPositions`]
+    /// both graphs output every position's logits and take no `logits_index`:
+    /// such a model is for scoring text, not for sessions or compiling.
     pub fn build_ir(&mut self, options: &GraphOptions) -> Result<ModelIr, FrontendError> {
         let c = &self.config;
         options.check(c)?;
@@ -339,9 +345,16 @@ impl HfModel {
             store: &self.weights,
             quantized: &self.quantized,
         };
-        let prefill =
-            decoder::build_graph("prefill", c, spec, weights, options.prefill_len, &cache)?;
-        let decode = decoder::build_graph("decode", c, spec, weights, 1, &cache)?;
+        let prefill = decoder::build_graph(
+            "prefill",
+            c,
+            spec,
+            weights,
+            options.prefill_len,
+            &cache,
+            options.logits,
+        )?;
+        let decode = decoder::build_graph("decode", c, spec, weights, 1, &cache, options.logits)?;
         let embed = "model.embed_tokens.weight";
         let weight_dtype = match self.quantized.get(embed) {
             Some(q) => self.weights.tensor_type(&q.q)?.dtype,

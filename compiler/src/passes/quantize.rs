@@ -143,12 +143,23 @@ pub fn quantize_model(
     store: &mut WeightStore,
     options: &QuantOptions,
 ) -> Result<QuantSummary, QuantError> {
+    quantize_graphs(&mut [&mut ir.prefill, &mut ir.decode], store, options)
+}
+
+/// Quantizes the `Linear`s of graphs over one store (a weight read by several
+/// is quantized once); returns what it did, counting the first graph's layers.
+pub fn quantize_graphs(
+    graphs: &mut [&mut Graph],
+    store: &mut WeightStore,
+    options: &QuantOptions,
+) -> Result<QuantSummary, QuantError> {
     options.check()?;
     let mut summary = QuantSummary::default();
     let mut done: BTreeMap<String, QuantTensors> = BTreeMap::new();
     let mut skip_used = vec![false; options.skip.len()];
-    for graph in [&mut ir.prefill, &mut ir.decode] {
-        let first = graph.name == "prefill";
+    for (number, graph) in graphs.iter_mut().enumerate() {
+        let graph: &mut Graph = graph;
+        let first = number == 0;
         for index in 0..graph.nodes.len() {
             let node = &graph.nodes[index];
             if !matches!(node.op, Op::Linear(_)) {
@@ -215,10 +226,7 @@ pub fn quantize_model(
     // Float weights no graph reads any more are dropped (GGUF weights and
     // converted checkpoints are held in memory; mapped files cost nothing).
     for name in done.keys() {
-        let still_read = ir
-            .graphs()
-            .iter()
-            .any(|g| g.weights().any(|(_, t)| t == name));
+        let still_read = graphs.iter().any(|g| g.weights().any(|(_, t)| t == name));
         if !still_read {
             store.remove(name);
         }
