@@ -936,6 +936,97 @@ pub fn linear_swiglu(x: &[f32], m: usize, gate: LinearJob, up: LinearJob) -> Vec
         .expect("one output")
 }
 
+/// Int8 weights for products with int8 activations (`w8a8`): `q [n, k]`
+/// row-major with one f32 scale per row. Sums are exact in i32, so any
+/// order gives the bits `QuantLinear`'s reference gives.
+pub struct Int8Matrix {
+    n: usize,
+    k: usize,
+    q: Vec<i8>,
+    scale: Vec<f32>,
+}
+
+impl Int8Matrix {
+    pub fn new(q: &[u8], scale: &[f32], n: usize, k: usize) -> Int8Matrix {
+        assert_eq!(q.len(), n * k);
+        assert_eq!(scale.len(), n);
+        Int8Matrix {
+            n,
+            k,
+            q: bytemuck::cast_slice(q).to_vec(),
+            scale: scale.to_vec(),
+        }
+    }
+
+    pub fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// `y = (f32(Σ x_q·q) · scale) · s_x` for each of the `m` rows of `x`,
+    /// each row quantized per token as [`crate::ir::quant`] defines it.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        assert_eq!(x.len(), m * k);
+        let mut xq = vec![0i8; m * k];
+        let sx: Vec<f32> = x
+            .chunks_exact(k.max(1))
+            .zip(xq.chunks_exact_mut(k.max(1)))
+            .map(|(row, q)| crate::ir::quant::quantize_activation_row(row, q))
+            .collect();
+        let mut out_t = vec![0f32; n * m];
+        out_t
+            .par_chunks_mut(ROWS_PER_TASK * m.max(1))
+            .enumerate()
+            .for_each(|(task, out)| {
+                for (local, column) in out.chunks_exact_mut(m.max(1)).enumerate() {
+                    let j = task * ROWS_PER_TASK + local;
+                    let w = &self.q[j * k..(j + 1) * k];
+                    for (i, y) in column.iter_mut().enumerate() {
+                        let acc = dot_i8(&xq[i * k..(i + 1) * k], w);
+                        *y = (acc as f32 * self.scale[j]) * sx[i];
+                    }
+                }
+            });
+        let mut out = vec![0f32; m * n];
+        for (j, column) in out_t.chunks_exact(m.max(1)).enumerate() {
+            for (i, &v) in column.iter().enumerate() {
+                out[i * n + j] = v;
+            }
+        }
+        out
+    }
+}
+
+/// `Σ a·b` over i8 vectors, in i32 (exact: |a·b| ≤ 2^14, so K < 2^17 cannot
+/// overflow). Written so that the compiler vectorizes it (pmaddwd, sdot).
+fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
+    #[inline(always)]
+    fn body(a: &[i8], b: &[i8]) -> i32 {
+        let mut lanes = [0i32; 16];
+        let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (x, y) in ca.zip(cb) {
+            for l in 0..16 {
+                lanes[l] += x[l] as i16 as i32 * y[l] as i16 as i32;
+            }
+        }
+        let tail: i32 = ra.iter().zip(rb).map(|(&x, &y)| x as i32 * y as i32).sum();
+        lanes.iter().sum::<i32>() + tail
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(a: &[i8], b: &[i8]) -> i32 {
+            body(a, b)
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { avx2(a, b) };
+        }
+    }
+    body(a, b)
+}
+
 /// An output buffer that parallel tasks write in disjoint parts.
 pub(crate) struct SharedOut(pub(crate) *mut f32, pub(crate) usize);
 
@@ -1540,6 +1631,47 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn int8_products_equal_the_scalar_reference_bit_for_bit() {
+        use crate::ir::ops::{OpSpec, QuantLinear};
+        use crate::ir::quant::{quantize, ActivationQuant, WeightQuant};
+        use crate::ir::DType;
+        use crate::tensor::Tensor;
+        for &(m, k, n) in &[(1, 70, 17), (9, 96, 130), (3, 1, 2)] {
+            let scheme = WeightQuant {
+                bits: 8,
+                group_size: k,
+                offset: false,
+            };
+            let q = quantize(&pseudo_random(n * k, 31), n, k, scheme).unwrap();
+            let mut x = pseudo_random(m * k, 32);
+            x[..k].iter_mut().for_each(|v| *v = 0.0); // a row of zeros
+            let scale: Vec<f32> = q.scale.iter().map(|h| h.to_f32()).collect();
+            let got = Int8Matrix::new(&q.q, &scale, n, k).matmul(&x, m);
+            let op = QuantLinear {
+                weights: scheme,
+                activations: ActivationQuant::DynamicInt8PerToken,
+                input_scale: false,
+                bias: false,
+            };
+            let qt = Tensor::quantized(
+                DType::I8,
+                vec![n, k],
+                std::sync::Arc::new(q.q.clone()),
+                0,
+                q.q.len(),
+            );
+            let want = op
+                .eval(&[
+                    &Tensor::from_f32([m, k], x.clone()),
+                    &qt,
+                    &Tensor::from_f32([n, 1], scale.clone()),
+                ])
+                .unwrap();
+            assert_eq!(got, want.f32s(), "m={m} k={k} n={n}");
         }
     }
 

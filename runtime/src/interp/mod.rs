@@ -51,6 +51,7 @@ pub struct F32Weights {
     tensors: HashMap<String, Tensor>,
     /// By the names of the tensors packed: weight (or q, scale, min).
     matrices: HashMap<Vec<String>, Arc<linalg::PackedMatrix>>,
+    int8: HashMap<Vec<String>, Arc<linalg::Int8Matrix>>,
 }
 
 impl F32Weights {
@@ -61,6 +62,34 @@ impl F32Weights {
         let t = store.to_tensor(name)?;
         self.tensors.insert(name.to_string(), t.clone());
         Ok(t)
+    }
+
+    /// The int8 matrix of a `QuantLinear` node with int8 activations.
+    fn int8(
+        &mut self,
+        store: &WeightStore,
+        graph: &Graph,
+        node: &crate::ir::Node,
+    ) -> Result<Arc<linalg::Int8Matrix>, WeightError> {
+        let name = |slot: usize| match &graph.value(node.inputs[slot]).source {
+            ValueSource::Weight { tensor } => tensor.clone(),
+            _ => unreachable!("plan::int8_packable checked the weights"),
+        };
+        let key = vec![name(1), name(2), "int8".to_string()];
+        if let Some(m) = self.int8.get(&key) {
+            return Ok(m.clone());
+        }
+        let q = store.to_tensor(&key[0])?;
+        let scale = store.to_f32_tensor(&key[1])?;
+        let (n, k) = (q.shape()[0], q.shape()[1]);
+        let matrix = Arc::new(linalg::Int8Matrix::new(
+            q.quantized_bytes(),
+            scale.f32s(),
+            n,
+            k,
+        ));
+        self.int8.insert(key, matrix.clone());
+        Ok(matrix)
     }
 
     /// The packed matrix of a `Linear` or weight-only `QuantLinear` node.
@@ -122,6 +151,7 @@ fn plainly_read_weights(graph: &Graph, has_matrix: &[bool]) -> Vec<bool> {
             (Op::Linear(_), true) => &[1],
             (Op::QuantLinear(op), true) if op.weights.offset => &[1, 2, 3],
             (Op::QuantLinear(_), true) => &[1, 2],
+            (Op::QuantLinear(_), false) if plan::int8_packable(graph, i) => &[1, 2],
             _ => &[],
         };
         for (slot, &input) in node.inputs.iter().enumerate() {
@@ -232,6 +262,8 @@ pub struct Interpreter {
     weights: Vec<(ValueId, Tensor)>,
     /// The packed matrix of each `Linear` node that has one.
     matrices: Vec<Option<Arc<linalg::PackedMatrix>>>,
+    /// The int8 matrix of each `QuantLinear` with int8 activations.
+    int8: Vec<Option<Arc<linalg::Int8Matrix>>>,
     /// With `Linear`s fused where possible (see [`plan`]).
     fused: Schedule,
     /// Node by node, for runs that capture intermediate values.
@@ -272,12 +304,20 @@ impl Interpreter {
             .zip(&has_matrix)
             .map(|(node, &has)| has.then(|| cache.matrix(store, &graph, node)).transpose())
             .collect::<Result<_, _>>()?;
+        let int8 = (0..graph.nodes.len())
+            .map(|i| {
+                plan::int8_packable(&graph, i)
+                    .then(|| cache.int8(store, &graph, &graph.nodes[i]))
+                    .transpose()
+            })
+            .collect::<Result<_, _>>()?;
         let fused = Schedule::new(&graph, plan::plan(&graph, &has_matrix));
         let plain = Schedule::new(&graph, plan::unfused(&graph, &has_matrix));
         Ok(Interpreter {
             graph,
             weights,
             matrices,
+            int8,
             fused,
             plain,
         })
@@ -464,6 +504,28 @@ impl Interpreter {
                     source,
                 })?;
                 Ok(vec![(node.output, out)])
+            }
+            Step::Int8Linear(i) => {
+                let node = &graph.nodes[*i];
+                let Op::QuantLinear(op) = &node.op else {
+                    unreachable!("only QuantLinear runs on an int8 matrix")
+                };
+                let at = op.slots();
+                let x = input(&plan::ProductInput {
+                    x: node.inputs[at.x],
+                    input_scale: at.input_scale.map(|s| node.inputs[s]),
+                });
+                let matrix = self.int8[*i].as_deref().expect("planned with its matrix");
+                let mut out = matrix.matmul(&x, x.len() / matrix.shape().1);
+                if let Some(b) = at.bias {
+                    let bias = value(node.inputs[b]).f32s();
+                    for row in out.chunks_exact_mut(bias.len()) {
+                        for (y, b) in row.iter_mut().zip(bias) {
+                            *y += b;
+                        }
+                    }
+                }
+                Ok(vec![tensor(node.output, out)])
             }
             Step::Linears { x, jobs } => {
                 let x = input(x);

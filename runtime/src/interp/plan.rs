@@ -77,6 +77,13 @@ pub(super) fn packed_linear(
 
 /// Whether node `i` can run on a packed matrix: a `Linear` or a weight-only
 /// `QuantLinear` whose weight tensors are graph weights.
+pub(super) fn int8_packable(graph: &Graph, i: usize) -> bool {
+    let node = &graph.nodes[i];
+    matches!(&node.op, Op::QuantLinear(op)
+        if op.activations == ActivationQuant::DynamicInt8PerToken
+            && [1, 2].iter().all(|&s| matches!(graph.value(node.inputs[s]).source, ValueSource::Weight { .. })))
+}
+
 pub(super) fn packable(graph: &Graph, i: usize) -> bool {
     let node = &graph.nodes[i];
     let is_weight = |v: ValueId| matches!(graph.value(v).source, ValueSource::Weight { .. });
@@ -100,6 +107,8 @@ pub(super) enum Step {
     /// An `Attention` node, run by the interpreter's own kernel (the same
     /// bits as the op's evaluation; see `super::attention`).
     Attention(usize),
+    /// A `QuantLinear` with int8 activations, on its [`linalg::Int8Matrix`].
+    Int8Linear(usize),
     /// `Linear`s of the same input `x`, in one pass.
     Linears { x: ProductInput, jobs: Vec<Job> },
     /// `output = SwiGlu(Linear(x, gate), Linear(x, up))`.
@@ -117,7 +126,9 @@ impl Step {
         let job_inputs = |j: &Job| [j.bias, j.residual];
         let x_inputs = |x: &ProductInput| [Some(x.x), x.input_scale];
         match self {
-            Step::Node(i) | Step::Attention(i) => graph.nodes[*i].inputs.clone(),
+            Step::Node(i) | Step::Attention(i) | Step::Int8Linear(i) => {
+                graph.nodes[*i].inputs.clone()
+            }
             Step::Linears { x, jobs } => x_inputs(x)
                 .into_iter()
                 .chain(jobs.iter().flat_map(job_inputs))
@@ -136,10 +147,20 @@ impl Step {
     pub fn profile_name(&self, graph: &Graph) -> &'static str {
         match self {
             Step::Node(i) | Step::Attention(i) => graph.nodes[*i].op.name(),
+            Step::Int8Linear(_) => "QuantLinear(int8)",
             Step::Linears { jobs, .. } if jobs.iter().any(|j| j.residual.is_some()) => "Linear+Add",
             Step::Linears { .. } => "Linear",
             Step::GatedMlp { .. } => "Linear+SwiGlu",
         }
+    }
+}
+
+/// The step for node `i` when no fusion takes it.
+fn node_step(graph: &Graph, i: usize) -> Step {
+    match graph.nodes[i].op {
+        Op::Attention(_) => Step::Attention(i),
+        _ if int8_packable(graph, i) => Step::Int8Linear(i),
+        _ => Step::Node(i),
     }
 }
 
@@ -149,10 +170,7 @@ pub(super) fn unfused(graph: &Graph, has_matrix: &[bool]) -> Vec<Step> {
     (0..graph.nodes.len())
         .map(|i| match packed_linear(graph, has_matrix, i) {
             Some((x, job)) => Step::Linears { x, jobs: vec![job] },
-            None => match graph.nodes[i].op {
-                Op::Attention(_) => Step::Attention(i),
-                _ => Step::Node(i),
-            },
+            None => node_step(graph, i),
         })
         .collect()
 }
@@ -259,10 +277,7 @@ pub(super) fn plan(graph: &Graph, has_matrix: &[bool]) -> Vec<Step> {
             continue;
         }
         let Some((x, job)) = linear(i) else {
-            steps.push(match nodes[i].op {
-                Op::Attention(_) => Step::Attention(i),
-                _ => Step::Node(i),
-            });
+            steps.push(node_step(graph, i));
             continue;
         };
         // Later Linears of the same x join this one's pass when their bias
