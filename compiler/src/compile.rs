@@ -681,6 +681,7 @@ mod tests {
                     DType::F16 => Dtype::F16,
                     DType::BF16 => Dtype::BF16,
                     DType::I64 => Dtype::I64,
+                    DType::I8 | DType::U4 => unreachable!("only floats above"),
                 };
                 let view = TensorView::new(dtype, ty.shape, store.bytes(name).unwrap());
                 (name, view.unwrap())
@@ -689,5 +690,20 @@ mod tests {
         let expected = safetensors::serialize(views, None).unwrap();
         assert!(std::fs::read(&path).unwrap() == expected);
         assert!(checkpoint_offsets(&store, names.into_iter()).len() == 4);
+
+        // Quantized tensors come back as they went: i8, and u4 (stored as
+        // U8 with half the last axis, listed in the metadata).
+        store.insert_bytes("q8", DType::I8, vec![2, 3], vec![1, 255, 3, 4, 5, 128]);
+        store.insert_bytes("q4", DType::U4, vec![2, 4], vec![0x21, 0x43, 0x65, 0x87]);
+        let quantized = tmp.path().join("quantized.safetensors");
+        write_reference_weights(&["a", "q4", "q8"], &store, &quantized).unwrap();
+        let back = WeightStore::open_files(&[quantized]).unwrap();
+        for name in ["a", "q4", "q8"] {
+            assert_eq!(
+                back.tensor_type(name).unwrap(),
+                store.tensor_type(name).unwrap()
+            );
+            assert_eq!(back.bytes(name).unwrap(), store.bytes(name).unwrap());
+        }
     }
 }

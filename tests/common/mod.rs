@@ -145,9 +145,12 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 #[test]
 fn nan_fails_every_tolerance_helper() {
     let rows = |v: f32| vec![vec![0.0, v]];
-    assert!(!(max_abs_diff(&rows(f32::NAN), &rows(0.0)) <= 1.0));
-    assert!(!(max_abs(&[f32::NAN], &[0.0]) <= 1.0));
-    assert!(!(cosine(&[f32::NAN, 1.0], &[1.0, 1.0]) >= 0.5));
+    // The checks are written `err <= tolerance` / `cos >= min`: NaN fails both.
+    let within = |err: f32| err <= 1.0;
+    assert!(!within(max_abs_diff(&rows(f32::NAN), &rows(0.0))));
+    assert!(!within(max_abs(&[f32::NAN], &[0.0])));
+    let close = |cos: f64| cos >= 0.5;
+    assert!(!close(cosine(&[f32::NAN, 1.0], &[1.0, 1.0])));
     assert_eq!(max_abs_diff(&rows(1.0), &rows(0.5)), 0.5);
 }
 

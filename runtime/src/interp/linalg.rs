@@ -793,7 +793,7 @@ impl PackedMatrix {
         let groups = scheme.groups(k);
         assert!(kernel.supported());
         assert!(matches!(scheme.bits, 4 | 8));
-        assert!(scheme.bits == 8 || (k % 2 == 0 && scheme.group_size % 2 == 0));
+        assert!(scheme.bits == 8 || (k.is_multiple_of(2) && scheme.group_size.is_multiple_of(2)));
         assert_eq!(source.q.len(), (n * k * scheme.bits as usize).div_ceil(8));
         assert_eq!(source.scale.len(), n * groups);
         assert_eq!(

@@ -108,9 +108,10 @@ impl WeightQuant {
             return Err("8-bit weights are symmetric: no min".into());
         }
         let (n, k) = (q.shape[0], q.shape[1]);
-        if want == DType::U4 && k % 2 != 0 {
+        if want == DType::U4 && !(k.is_multiple_of(2) && self.group_size.is_multiple_of(2)) {
             return Err(format!(
-                "4-bit weights pack two per byte: K must be even, got {k}"
+                "4-bit weights pack two per byte: K and the group size must be even, got {k} and {}",
+                self.group_size
             ));
         }
         let expected = [n, self.groups(k)];
@@ -131,7 +132,7 @@ impl WeightQuant {
 #[inline]
 pub fn u4_at(bytes: &[u8], k_len: usize, row: usize, k: usize) -> u8 {
     let byte = bytes[(row * k_len + k) / 2];
-    if k % 2 == 0 {
+    if k.is_multiple_of(2) {
         byte & 0x0f
     } else {
         byte >> 4

@@ -162,7 +162,7 @@ pub fn to_quantized(ty: GgmlType, bytes: &[u8], n: usize, k: usize) -> Option<Qu
         group_size: 32,
         offset,
     };
-    if k % 32 != 0 || bytes.len() != n * k / 32 * ty.block_bytes() {
+    if !k.is_multiple_of(32) || bytes.len() != n * k / 32 * ty.block_bytes() {
         return None;
     }
     let blocks = n * k / 32;
