@@ -301,16 +301,7 @@ pub fn quantize_activation_row(x: &[f32], out: &mut [i8]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn random(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
+    use crate::test_util::pseudo_random as random;
 
     #[test]
     fn round_trips_within_half_a_step() {

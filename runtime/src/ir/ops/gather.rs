@@ -35,12 +35,7 @@ impl OpSpec for Gather {
         let data = table.f32s();
         let mut out = Vec::with_capacity(indices.numel() * row_len);
         for &index in indices.i64s() {
-            let row = usize::try_from(index)
-                .ok()
-                .filter(|&r| r < rows)
-                .ok_or_else(|| {
-                    KernelError(format!("index {index} is outside the table's {rows} rows"))
-                })?;
+            let row = super::table_row(index, rows)?;
             out.extend_from_slice(&data[row * row_len..(row + 1) * row_len]);
         }
         let mut shape = indices.shape().to_vec();

@@ -112,6 +112,14 @@ op_set!(
     Slice
 );
 
+/// The row an index picks from a table of `rows` rows, or why it cannot.
+pub(crate) fn table_row(index: i64, rows: usize) -> Result<usize, KernelError> {
+    usize::try_from(index)
+        .ok()
+        .filter(|&r| r < rows)
+        .ok_or_else(|| KernelError(format!("index {index} is outside the table's {rows} rows")))
+}
+
 /// Checks the input count, for `infer` implementations.
 pub(crate) fn expect_inputs(
     inputs: &[&TensorType],

@@ -43,12 +43,7 @@ impl OpSpec for QuantGather {
         let groups = s.groups(d);
         let mut out = Vec::with_capacity(indices.numel() * d);
         for &index in indices.i64s() {
-            let row = usize::try_from(index)
-                .ok()
-                .filter(|&r| r < rows)
-                .ok_or_else(|| {
-                    KernelError(format!("index {index} is outside the table's {rows} rows"))
-                })?;
+            let row = super::table_row(index, rows)?;
             out.extend((0..d).map(|k| {
                 let g = row * groups + k / s.group_size;
                 let mn = min.map_or(s.implied_min(scale[g]), |m| m[g]);
