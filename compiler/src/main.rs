@@ -494,6 +494,9 @@ fn compile_command(args: CompileArgs) -> Result<()> {
     for note in &report.notes {
         println!("  note       {note}");
     }
+    if let Some(peak) = run::peak_rss_bytes() {
+        println!("  memory     peak RSS {:.1} MB", peak as f64 / 1e6);
+    }
     match &report.atc {
         Some(atc) => println!("  atc        ran {}; the .om models are in {}", atc.display(), report.out.display()),
         None if args.no_atc => println!("  atc        skipped (--no-atc); run {}/build_om.sh on a machine with CANN", report.out.display()),

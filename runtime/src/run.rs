@@ -303,3 +303,12 @@ pub fn init_threads(threads: Option<usize>) -> Result<(), String> {
         .build_global()
         .map_err(|e| format!("cannot start the worker threads: {e}"))
 }
+
+/// This process's peak resident memory (Linux's `VmHWM`), for summaries;
+/// `None` where the kernel does not say.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
