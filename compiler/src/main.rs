@@ -44,8 +44,9 @@ enum Command {
     /// compare their logits step by step; exits 1 past the thresholds.
     Diff(kiln_runtime::diff::DiffArgs),
     /// Perplexity of a text over strided windows on the reference
-    /// interpreter; with --quant, also how closely the quantized model's
-    /// logits follow the model's own.
+    /// interpreter, with the weights as stored; with --quant, of the model
+    /// with its weights so (keep: a GGUF's blocks; w8a16, w4a16, w8a8), and
+    /// how closely its logits follow the same model in float.
     Eval(EvalArgs),
 }
 
@@ -70,11 +71,8 @@ struct EvalArgs {
     /// Score only the text's first M tokens.
     #[arg(long, value_name = "M")]
     max_tokens: Option<usize>,
-    /// With --quant: evaluate the model with its weights so (keep: a GGUF's
-    /// blocks as stored; w8a16, w4a16, w8a8: quantized by Kiln) against the
-    /// same model in float, adding the reference's perplexity, the ratio of
-    /// the two, the cosine similarity of their logits (mean and minimum) and
-    /// top-1 agreement. Without it, the model as stored, alone.
+    // With --quant: the model with its weights so, against the same model in
+    // float (reference perplexity, ratio, logits cosine, top-1 agreement).
     #[command(flatten)]
     quant: QuantArgs,
     /// Also write the figures as JSON to this file.
