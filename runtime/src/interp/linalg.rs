@@ -636,6 +636,13 @@ impl Kernel {
     }
 }
 
+/// Whether this CPU's packed kernels round each product-sum once (fused
+/// multiply-add), as the quantized ops' scalar references do; only the
+/// portable fallback does not.
+pub fn kernels_fuse_multiply_add() -> bool {
+    Kernel::detect() != Kernel::Portable
+}
+
 /// A weight matrix `W [n, k]` rearranged for `x · Wᵀ`: column panels of
 /// `width` weight rows, each laid out `[k][width]` (rows past `n` are
 /// zero). A micro-kernel then broadcasts one element of x against a whole

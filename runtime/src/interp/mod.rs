@@ -636,6 +636,128 @@ mod tests {
         (b.finish().unwrap(), store)
     }
 
+    /// The graph evaluated node by node with each op's own `eval` (the
+    /// reference semantics), weights read plainly from the store.
+    fn reference_run(graph: &Graph, store: &WeightStore, inputs: &[(&str, Tensor)]) -> Vec<Tensor> {
+        let mut slots: Vec<Option<Tensor>> = vec![None; graph.values.len()];
+        for (id, name) in graph.weights() {
+            slots[id.index()] = Some(store.to_tensor(name).unwrap());
+        }
+        for (name, t) in inputs {
+            slots[graph.input(name).unwrap().index()] = Some(t.clone());
+        }
+        for node in &graph.nodes {
+            let args: Vec<&Tensor> = node
+                .inputs
+                .iter()
+                .map(|i| slots[i.index()].as_ref().unwrap())
+                .collect();
+            slots[node.output.index()] = Some(node.op.eval(&args).unwrap());
+        }
+        graph
+            .outputs
+            .iter()
+            .map(|o| slots[o.index()].clone().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn quantized_layers_run_fused_with_the_reference_bits() {
+        use crate::ir::ops::QuantLinear;
+        use crate::ir::quant::{quantize, ActivationQuant, WeightQuant};
+        let (mut graph, mut store) = layer_and_weights();
+        // Every Linear quantized: int4 with mins (k = 8 is one partial group
+        // of 32), int8 per channel for the MLP's down projection, and w8a8
+        // for the output projection.
+        for index in 0..graph.nodes.len() {
+            let node = graph.nodes[index].clone();
+            if !matches!(node.op, Op::Linear(_)) {
+                continue;
+            }
+            let w = graph.value(node.inputs[1]).name.clone();
+            let t = store.to_f32_tensor(&w).unwrap();
+            let (n, k) = (t.shape()[0], t.shape()[1]);
+            let (scheme, activations) = match node.name.as_str() {
+                "down_proj" => (
+                    WeightQuant {
+                        bits: 8,
+                        group_size: k,
+                        offset: false,
+                    },
+                    ActivationQuant::None,
+                ),
+                "o_proj" => (
+                    WeightQuant {
+                        bits: 8,
+                        group_size: k,
+                        offset: false,
+                    },
+                    ActivationQuant::DynamicInt8PerToken,
+                ),
+                _ => (
+                    WeightQuant {
+                        bits: 4,
+                        group_size: 32,
+                        offset: true,
+                    },
+                    ActivationQuant::None,
+                ),
+            };
+            let q = quantize(t.f32s(), n, k, scheme).unwrap();
+            let names = store.insert_quantized(&node.name, q);
+            let mut inputs = vec![node.inputs[0]];
+            for name in [Some(&names.q), Some(&names.scale), names.min.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                let ty = store.tensor_type(name).unwrap();
+                inputs.push(graph.add_weight(name, ty));
+            }
+            inputs.extend(node.inputs.get(2));
+            let node = &mut graph.nodes[index];
+            node.op = Op::QuantLinear(QuantLinear {
+                weights: scheme,
+                activations,
+                input_scale: false,
+                bias: node.inputs.len() == 3,
+            });
+            node.inputs = inputs;
+        }
+        graph.validate().unwrap();
+        let interp = Interpreter::new(graph.clone(), &store, &mut F32Weights::default()).unwrap();
+        let names: Vec<&str> = interp
+            .fused
+            .steps
+            .iter()
+            .map(|s| s.profile_name(&interp.graph))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "Linear",
+                "Concat",
+                "QuantLinear(int8)",
+                "Add",
+                "Linear+SwiGlu",
+                "Linear+Add"
+            ]
+        );
+        let x = Tensor::from_f32(
+            [1, 3, 8],
+            (0..24).map(|i| (i as f32 * 0.37).sin()).collect(),
+        );
+        let fused = interp.run(&[("x", x.clone())]).unwrap();
+        let reference = reference_run(&graph, &store, &[("x", x)]);
+        for (a, b) in fused.iter().zip(&reference) {
+            assert_eq!(a.shape(), b.shape());
+            assert_eq!(
+                a.f32s(),
+                b.f32s(),
+                "fused kernels and op references disagree"
+            );
+        }
+    }
+
     #[test]
     fn fused_steps_compute_what_the_nodes_compute() {
         let (graph, store) = layer_and_weights();
