@@ -176,18 +176,7 @@ pub fn compile(
     // A temporary directory beside the target, renamed into place at the end.
     let tmp = StagedDir::beside(out).map_err(io_err(out))?;
 
-    let weight_bytes: u64 = lowered[0]
-        .1
-        .weights
-        .iter()
-        .map(|name| {
-            model
-                .weights
-                .tensor_type(name)
-                .map(|t| (t.numel() * options.float.size_bytes()) as u64)
-        })
-        .sum::<Result<u64, _>>()
-        .map_err(FrontendError::from)?;
+    let weight_bytes = initializer_bytes(&lowered[0].1, &model.weights, options.float)?;
     let external = options.external_data || weight_bytes > INLINE_LIMIT;
     let external_path = tmp.path.join(EXTERNAL_DATA_FILE);
     let placement = if external {
@@ -259,18 +248,7 @@ pub fn compile(
                 ))
             })
             .collect::<Result<_, CompileError>>()?;
-        let ort_bytes: u64 = ort[0]
-            .1
-            .weights
-            .iter()
-            .map(|name| {
-                model
-                    .weights
-                    .tensor_type(name)
-                    .map(|t| onnx::initializer_type(&t, options.float).1)
-            })
-            .sum::<Result<u64, _>>()
-            .map_err(FrontendError::from)?;
+        let ort_bytes = initializer_bytes(&ort[0].1, &model.weights, options.float)?;
         let ort_external = tmp.path.join(ORT_EXTERNAL_DATA_FILE);
         let placement = if external || ort_bytes > INLINE_LIMIT {
             WeightPlacement::External(&ort_external)
@@ -401,6 +379,20 @@ pub fn compile(
         quant,
         notes,
     })
+}
+
+/// The bytes of a lowered graph's weight initializers.
+fn initializer_bytes(
+    graph: &OnnxGraph,
+    store: &WeightStore,
+    float: FloatType,
+) -> Result<u64, CompileError> {
+    let mut bytes = 0;
+    for name in &graph.weights {
+        let ty = store.tensor_type(name).map_err(FrontendError::from)?;
+        bytes += onnx::initializer_type(&ty, float).1;
+    }
+    Ok(bytes)
 }
 
 fn manifest(

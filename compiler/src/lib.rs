@@ -47,12 +47,9 @@ pub struct Lowered {
 /// Opens a model directory or GGUF file and lowers it to optimized IR, with
 /// the static sizes `shape` asks for (the model's defaults for the rest)
 /// and the weights as stored (see [`QuantMode::Keep`]).
-pub fn lower(dir: &Path, shape: &ShapeRequest) -> Result<(HfModel, ModelIr), FrontendError> {
-    let mut model = HfModel::open_keeping_blocks(dir, true)?;
-    let options = GraphOptions::resolve(&model.config, shape);
-    let mut ir = model.build_ir(&options)?;
-    passes::optimize(&mut ir)?;
-    Ok((model, ir))
+pub fn lower(dir: &Path, shape: &ShapeRequest) -> Result<(HfModel, ModelIr), LowerError> {
+    let lowered = lower_with(dir, shape, &QuantMode::Keep)?;
+    Ok((lowered.model, lowered.ir))
 }
 
 /// [`lower`], with the weights' precision as `quant` says.

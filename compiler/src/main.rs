@@ -226,21 +226,11 @@ impl QuantArgs {
 
 /// One line on what quantization did, for stderr.
 fn report_quant(summary: &kiln::passes::quantize::QuantSummary) {
-    let layers: Vec<String> = summary
-        .layers
-        .iter()
-        .map(|(format, n)| format!("{n} layers {format}"))
-        .collect();
     eprintln!(
-        "kiln: quantized {} ({:.1} MB → {:.1} MB); kept in float: {}",
-        layers.join(", "),
+        "kiln: quantized {} ({:.1} MB → {:.1} MB)",
+        summary.describe(),
         summary.float_bytes as f64 / 1e6,
-        summary.quantized_bytes as f64 / 1e6,
-        if summary.skipped.is_empty() {
-            "nothing".to_string()
-        } else {
-            summary.skipped.join(", ")
-        }
+        summary.quantized_bytes as f64 / 1e6
     );
 }
 
@@ -458,9 +448,6 @@ fn compile_command(args: CompileArgs) -> Result<()> {
     let report = kiln::compile::compile(&args.model, &out, &options, |step| {
         eprintln!("kiln: {step}")
     })?;
-    if let Some(summary) = &report.quant {
-        report_quant(summary);
-    }
     let m = &report.manifest;
     println!(
         "compiled {} ({}) for {} in {:.1} s",
@@ -487,7 +474,14 @@ fn compile_command(args: CompileArgs) -> Result<()> {
         high * 1e9 / bytes
     );
     if let Some(q) = &m.quantization {
-        println!("  weights    quantized: {q}");
+        let sizes = report.quant.as_ref().map_or(String::new(), |s| {
+            format!(
+                " ({:.1} MB → {:.1} MB)",
+                s.float_bytes as f64 / 1e6,
+                s.quantized_bytes as f64 / 1e6
+            )
+        });
+        println!("  weights    quantized: {q}{sizes}");
     }
     for note in &report.notes {
         println!("  note       {note}");

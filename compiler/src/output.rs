@@ -14,13 +14,7 @@ pub struct StagedDir {
 impl StagedDir {
     /// A fresh temporary directory beside `target` (whose parent is created).
     pub fn beside(target: &Path) -> std::io::Result<StagedDir> {
-        let parent = parent_of(target);
-        std::fs::create_dir_all(parent)?;
-        let leaf = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "out".into());
-        let path = parent.join(format!(".{leaf}.kiln-tmp-{}", std::process::id()));
+        let path = temporary_beside(target)?;
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir(&path)?;
         Ok(StagedDir {
@@ -55,16 +49,21 @@ impl Drop for StagedDir {
     }
 }
 
-/// Writes `bytes` to a temporary file beside `target` (whose parent is
-/// created), then renames it over `target`: readers never see half a file.
-pub fn write_file_atomically(target: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// `.<name>.kiln-tmp-<pid>` beside `target`, its parent created.
+fn temporary_beside(target: &Path) -> std::io::Result<PathBuf> {
     let parent = parent_of(target);
     std::fs::create_dir_all(parent)?;
     let leaf = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".into());
-    let temporary = parent.join(format!(".{leaf}.kiln-tmp-{}", std::process::id()));
+    Ok(parent.join(format!(".{leaf}.kiln-tmp-{}", std::process::id())))
+}
+
+/// Writes `bytes` to a temporary file beside `target` (whose parent is
+/// created), then renames it over `target`: readers never see half a file.
+pub fn write_file_atomically(target: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let temporary = temporary_beside(target)?;
     let written =
         std::fs::write(&temporary, bytes).and_then(|()| std::fs::rename(&temporary, target));
     if written.is_err() {

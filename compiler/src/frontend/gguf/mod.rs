@@ -133,13 +133,11 @@ impl GgufModel {
             let data = match kept {
                 Some(mut q) => {
                     if let Some(heads) = permuted_heads {
-                        let groups = q.scheme.groups(q.k);
                         q.q = unpermute_rows(info, &q.q, heads).map_err(unsupported)?;
                         q.scale = unpermute_rows(info, &q.scale, heads).map_err(unsupported)?;
                         if q.scheme.offset {
                             q.min = unpermute_rows(info, &q.min, heads).map_err(unsupported)?;
                         }
-                        debug_assert_eq!(q.scale.len(), q.n * groups);
                     }
                     GgufTensor::Quantized(q)
                 }
