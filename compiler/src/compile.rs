@@ -113,7 +113,7 @@ pub fn compile(
         mut model,
         ir,
         quant,
-    } = crate::lower_with(model_dir, &options.shape, &options.quant)?;
+    } = crate::lower_with(model_dir, &options.shape, &options.quant, &mut progress)?;
     let mut notes = Vec::new();
     // ATC's graphs: the IR itself, or (quantized) the same over dequantized weights.
     let quantized = ir.graphs().iter().any(|g| quantize::is_quantized(g));

@@ -3,6 +3,7 @@
 //! `main.rs` is a thin layer over this.
 
 pub mod backend;
+pub mod calibrate;
 pub mod compile;
 pub mod eval;
 pub mod frontend;
@@ -34,6 +35,8 @@ pub enum LowerError {
     Frontend(#[from] FrontendError),
     #[error(transparent)]
     Quant(#[from] QuantError),
+    #[error(transparent)]
+    Calibration(#[from] calibrate::CalibError),
 }
 
 /// A model lowered to optimized IR.
@@ -48,15 +51,17 @@ pub struct Lowered {
 /// the static sizes `shape` asks for (the model's defaults for the rest)
 /// and the weights as stored (see [`QuantMode::Keep`]).
 pub fn lower(dir: &Path, shape: &ShapeRequest) -> Result<(HfModel, ModelIr), LowerError> {
-    let lowered = lower_with(dir, shape, &QuantMode::Keep)?;
+    let lowered = lower_with(dir, shape, &QuantMode::Keep, |_| {})?;
     Ok((lowered.model, lowered.ir))
 }
 
-/// [`lower`], with the weights' precision as `quant` says.
+/// [`lower`], with the weights' precision as `quant` says; `progress`
+/// hears of long steps (calibration).
 pub fn lower_with(
     dir: &Path,
     shape: &ShapeRequest,
     quant: &QuantMode,
+    progress: impl FnMut(&str),
 ) -> Result<Lowered, LowerError> {
     if let QuantMode::Quantize(options) = quant {
         // Bad options fail before a large model is read.
@@ -68,10 +73,11 @@ pub fn lower_with(
     let mut ir = model.build_ir(&options)?;
     passes::optimize(&mut ir).map_err(FrontendError::from)?;
     let summary = match quant {
-        QuantMode::Quantize(options) => Some(passes::quantize::quantize_model(
-            &mut ir,
-            &mut model.weights,
+        QuantMode::Quantize(options) => Some(quantize(
+            &mut model,
+            &mut [&mut ir.prefill, &mut ir.decode],
             options,
+            progress,
         )?),
         _ => None,
     };
@@ -80,4 +86,25 @@ pub fn lower_with(
         ir,
         quant: summary,
     })
+}
+
+/// Quantizes the Linears of `graphs` (built from `model`), first adjusting
+/// the float weights from calibration text when `options` asks.
+pub fn quantize(
+    model: &mut HfModel,
+    graphs: &mut [&mut kiln_runtime::ir::Graph],
+    options: &QuantOptions,
+    progress: impl FnMut(&str),
+) -> Result<QuantSummary, LowerError> {
+    options.check()?;
+    let calibration = match &options.calibration {
+        Some(c) => Some(calibrate::adjust_weights(model, options, c, progress)?),
+        None => None,
+    };
+    for graph in graphs.iter_mut() {
+        passes::smooth::sync_weight_types(graph, &model.weights).map_err(QuantError::from)?;
+    }
+    let mut summary = passes::quantize::quantize_graphs(graphs, &mut model.weights, options)?;
+    summary.calibration = calibration;
+    Ok(summary)
 }

@@ -192,23 +192,55 @@ struct QuantArgs {
     /// repeatable [default: lm_head]
     #[arg(long = "quant-skip", value_name = "PATTERN")]
     quant_skip: Vec<String>,
+    /// Text to calibrate on (a few thousand tokens of what the model will
+    /// see): runs the float model over it and measures every Linear's input
+    /// channels, for --awq and w8a8's SmoothQuant.
+    #[arg(long, value_name = "FILE")]
+    calib_text: Option<PathBuf>,
+    /// w8a8 with --calib-text: SmoothQuant's migration strength α, moving
+    /// activation outliers into the weights (0 = none) [default: 0.5]
+    #[arg(long, value_name = "A")]
+    smooth_alpha: Option<f32>,
+    /// w8a16/w4a16 with --calib-text: search per-channel input scales and
+    /// per-group clipping that minimize each layer's output error (AWQ),
+    /// instead of plain round-to-nearest.
+    #[arg(long)]
+    awq: bool,
 }
 
 impl QuantArgs {
-    /// A name for reports: `keep`, `none`, `w4a16 g128`, …
+    /// A name for reports: `keep`, `none`, `w4a16 g128`, `w4a16 g128 awq`, …
     fn name(&self) -> String {
         match self.mode() {
-            kiln::QuantMode::Keep => "keep".into(),
-            kiln::QuantMode::None => "none".into(),
-            kiln::QuantMode::Quantize(q) => q.scheme.name(),
+            Ok(kiln::QuantMode::Keep) => "keep".into(),
+            Ok(kiln::QuantMode::None) => "none".into(),
+            Ok(kiln::QuantMode::Quantize(q)) => match &q.calibration {
+                Some(c) if c.awq => format!("{} awq", q.scheme.name()),
+                Some(c) if c.smooth_alpha.is_some_and(|a| a > 0.0) => {
+                    format!(
+                        "{} smoothquant α={}",
+                        q.scheme.name(),
+                        c.smooth_alpha.unwrap()
+                    )
+                }
+                _ => q.scheme.name(),
+            },
+            Err(_) => "invalid".into(),
         }
     }
 
-    fn mode(&self) -> kiln::QuantMode {
-        use kiln::passes::quantize::{QuantOptions, Scheme, DEFAULT_SKIP};
+    fn mode(&self) -> Result<kiln::QuantMode> {
+        use kiln::passes::quantize::{
+            CalibrationOptions, QuantOptions, Scheme, DEFAULT_SKIP, DEFAULT_SMOOTH_ALPHA,
+        };
+        let uses_calibration = self.awq || self.smooth_alpha.is_some() || self.calib_text.is_some();
         let scheme = match self.quant.unwrap_or(QuantArg::Keep) {
-            QuantArg::Keep => return kiln::QuantMode::Keep,
-            QuantArg::None => return kiln::QuantMode::None,
+            QuantArg::Keep | QuantArg::None if uses_calibration => anyhow::bail!(
+                "--calib-text, --awq and --smooth-alpha adjust weights that Kiln quantizes: \
+                 add --quant w8a8 (with SmoothQuant) or --quant w4a16/w8a16 --awq"
+            ),
+            QuantArg::Keep => return Ok(kiln::QuantMode::Keep),
+            QuantArg::None => return Ok(kiln::QuantMode::None),
             QuantArg::W8a16 => Scheme::W8A16,
             QuantArg::W8a8 => Scheme::W8A8,
             QuantArg::W4a16 => Scheme::W4A16 {
@@ -220,7 +252,42 @@ impl QuantArgs {
             true => vec![DEFAULT_SKIP.to_string()],
             false => self.quant_skip.clone(),
         };
-        kiln::QuantMode::Quantize(QuantOptions { scheme, skip })
+        let calibration = match &self.calib_text {
+            Some(text) => Some(CalibrationOptions {
+                text: text.clone(),
+                smooth_alpha: match (scheme, self.smooth_alpha) {
+                    (Scheme::W8A8, None) => Some(DEFAULT_SMOOTH_ALPHA),
+                    (_, alpha) => alpha,
+                },
+                awq: self.awq,
+            }),
+            None if self.awq || self.smooth_alpha.is_some() => anyhow::bail!(
+                "--{} needs calibration text: add --calib-text FILE (a few thousand tokens of \
+                 the kind of text the model will see, e.g. a licence under /usr/share/common-licenses)",
+                if self.awq { "awq" } else { "smooth-alpha" }
+            ),
+            None => None,
+        };
+        let options = QuantOptions {
+            scheme,
+            skip,
+            calibration,
+        };
+        options.check()?;
+        Ok(kiln::QuantMode::Quantize(options))
+    }
+}
+
+/// Progress lines on stderr, at most one a second (the last of a burst is
+/// dropped, not delayed: these only show that long work moves).
+fn throttled_progress() -> impl FnMut(&str) {
+    let mut last = None::<std::time::Instant>;
+    move |step| {
+        let now = std::time::Instant::now();
+        if last.is_none_or(|then| now - then >= std::time::Duration::from_secs(1)) {
+            eprintln!("kiln: {step}");
+            last = Some(now);
+        }
     }
 }
 
@@ -317,7 +384,7 @@ fn eval_command(args: EvalArgs) -> Result<()> {
         .with_context(|| format!("cannot read the text {}", args.text.display()))?;
     // The model as --quant asks (as stored without it), and with --quant
     // the same model in float as the reference.
-    let mode = args.quant.mode();
+    let mode = args.quant.mode()?;
     let mut model = kiln::frontend::HfModel::open_keeping_blocks(
         &args.model,
         matches!(mode, kiln::QuantMode::Keep),
@@ -336,8 +403,7 @@ fn eval_command(args: EvalArgs) -> Result<()> {
     }
     let mut graph = kiln::eval::eval_graph(&mut model, options.ctx)?;
     if let kiln::QuantMode::Quantize(q) = &mode {
-        let summary =
-            kiln::passes::quantize::quantize_graphs(&mut [&mut graph], &mut model.weights, q)?;
+        let summary = kiln::quantize(&mut model, &mut [&mut graph], q, throttled_progress())?;
         report_quant(&summary);
     }
     let reference_model = match args.quant.quant {
@@ -429,7 +495,7 @@ fn compile_command(args: CompileArgs) -> Result<()> {
         opset: args.opset,
         external_data: args.external_data,
         skip_atc: args.no_atc,
-        quant: args.quant.mode(),
+        quant: args.quant.mode()?,
         dequantize_for_atc: args.dequantize_for_atc,
     };
     let out = match args.output {
@@ -560,7 +626,12 @@ fn inspect(args: InspectArgs) -> Result<()> {
 
 fn generate_command(args: GenerateArgs) -> Result<()> {
     run::init_threads(args.run.threads).map_err(anyhow::Error::msg)?;
-    let lowered = kiln::lower_with(&args.model, &args.shape.request(), &args.quant.mode())?;
+    let lowered = kiln::lower_with(
+        &args.model,
+        &args.shape.request(),
+        &args.quant.mode()?,
+        throttled_progress(),
+    )?;
     if let Some(summary) = &lowered.quant {
         report_quant(summary);
     }

@@ -1,10 +1,12 @@
 //! Passes over the IR. Each takes a valid graph and leaves a valid graph
 //! computing the same outputs; `optimize` runs the default pipeline.
 
+pub mod awq;
 pub mod dead_code;
 pub mod fusions;
 pub mod pattern;
 pub mod quantize;
+pub mod smooth;
 
 use kiln_runtime::ir::{Graph, IrError, ModelIr};
 

@@ -28,7 +28,7 @@ pub enum Scheme {
 
 impl Scheme {
     /// The weight format for a layer with `k` input features.
-    fn weights(self, k: usize) -> WeightQuant {
+    pub fn weights(self, k: usize) -> WeightQuant {
         match self {
             Scheme::W8A16 | Scheme::W8A8 => WeightQuant {
                 bits: 8,
@@ -80,7 +80,22 @@ pub struct QuantOptions {
     pub scheme: Scheme,
     /// Glob patterns (`*`, `?`) over layer names, e.g. `model.layers.*.mlp.down_proj`.
     pub skip: Vec<String>,
+    /// Weight adjustments from calibration text, made before quantizing.
+    pub calibration: Option<CalibrationOptions>,
 }
+
+/// What calibration text is used for (see [`crate::calibrate`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CalibrationOptions {
+    pub text: std::path::PathBuf,
+    /// SmoothQuant's migration strength α (`w8a8`); `None` or 0 migrates nothing.
+    pub smooth_alpha: Option<f32>,
+    /// AWQ's scale and clipping searches (`w8a16`, `w4a16`).
+    pub awq: bool,
+}
+
+/// SmoothQuant's α when `--calib-text` is given for `w8a8` without `--smooth-alpha`.
+pub const DEFAULT_SMOOTH_ALPHA: f32 = 0.5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuantError {
@@ -94,6 +109,8 @@ pub enum QuantError {
     },
     #[error("--quant-skip `{0}` matches no layer of the model (the layers are named like `model.layers.0.mlp.down_proj`; `kiln inspect MODEL --ir` lists them)")]
     SkipMatchesNothing(String),
+    #[error("{0}")]
+    Calibration(String),
     #[error(transparent)]
     Weights(#[from] WeightError),
 }
@@ -108,6 +125,28 @@ pub struct QuantSummary {
     /// Weight bytes of the quantized layers before and after.
     pub float_bytes: u64,
     pub quantized_bytes: u64,
+    /// What calibration did first, when asked.
+    pub calibration: Option<CalibrationSummary>,
+}
+
+/// What the calibration-driven adjustments did.
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize)]
+pub struct CalibrationSummary {
+    pub text: String,
+    pub tokens: usize,
+    /// `smoothquant α=0.5`, `awq`.
+    pub method: String,
+    /// Groups of Linears whose input channels were rescaled.
+    pub rescaled_groups: usize,
+    /// Over the searched layers, the sampled output error of the adjusted
+    /// weights relative to round-to-nearest's (AWQ; 1 means no gain).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale_error_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clip_error_ratio: Option<f64>,
+    /// Groups whose range the clip search shrank, of all searched.
+    pub clipped_groups: usize,
+    pub searched_groups: usize,
 }
 
 impl QuantSummary {
@@ -122,18 +161,70 @@ impl QuantSummary {
             true => "nothing".to_string(),
             false => self.skipped.join(", "),
         };
-        format!("{}; kept in float: {kept}", layers.join(", "))
+        let mut line = format!("{}; kept in float: {kept}", layers.join(", "));
+        if let Some(c) = &self.calibration {
+            line += &format!(
+                "; {} from {} tokens of {}: {} input scalings",
+                c.method, c.tokens, c.text, c.rescaled_groups
+            );
+            if let Some(r) = c.scale_error_ratio {
+                line += &format!(" (output error ×{r:.3} of round-to-nearest's)");
+            }
+            if let Some(r) = c.clip_error_ratio {
+                line += &format!(
+                    ", {} of {} groups clipped (×{r:.3})",
+                    c.clipped_groups, c.searched_groups
+                );
+            }
+        }
+        line
     }
 }
 
 impl QuantOptions {
+    /// Plain round-to-nearest under `scheme`, the LM head kept in float.
+    pub fn new(scheme: Scheme) -> QuantOptions {
+        QuantOptions {
+            scheme,
+            skip: vec![DEFAULT_SKIP.to_string()],
+            calibration: None,
+        }
+    }
+
     pub fn check(&self) -> Result<(), QuantError> {
         if let Scheme::W4A16 { group_size, .. } = self.scheme {
             if !GROUP_SIZES.contains(&group_size) {
                 return Err(QuantError::GroupSize(group_size));
             }
         }
-        Ok(())
+        let Some(c) = &self.calibration else {
+            return Ok(());
+        };
+        let refuse = |why: String| Err(QuantError::Calibration(why));
+        let weight_only = self.scheme != Scheme::W8A8;
+        if c.awq && !weight_only {
+            return refuse(
+                "--awq searches weight scales for the weight-only schemes (w8a16, w4a16); \
+                 w8a8 migrates activation outliers with --smooth-alpha instead"
+                    .into(),
+            );
+        }
+        match c.smooth_alpha {
+            Some(_) if weight_only => refuse(format!(
+                "--smooth-alpha is SmoothQuant's, for w8a8's int8 activations; {} keeps its \
+                 activations in float (use --awq to adjust its weights from the calibration text)",
+                self.scheme.name()
+            )),
+            Some(a) if !(0.0..=1.0).contains(&a) => refuse(format!(
+                "--smooth-alpha {a}: the migration strength must be between 0 and 1"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `layer` stays in float (matches a `skip` pattern).
+    pub fn skips(&self, layer: &str) -> bool {
+        self.skip.iter().any(|p| glob_matches(p, layer))
     }
 }
 
@@ -429,6 +520,7 @@ mod tests {
                 asymmetric: true,
             },
             skip: vec![DEFAULT_SKIP.into()],
+            calibration: None,
         };
         let summary = quantize_model(&mut ir, &mut store, &options).unwrap();
         assert_eq!(summary.skipped, ["lm_head"]);
@@ -457,14 +549,51 @@ mod tests {
                 asymmetric: false,
             },
             skip: vec![],
+            calibration: None,
         };
         let err = quantize_model(&mut ir, &mut store, &bad_group).unwrap_err();
         assert!(err.to_string().contains("--group-size 48"), "{err}");
         let bad_skip = QuantOptions {
             scheme: Scheme::W8A16,
             skip: vec!["model.layers.*.nothing".into()],
+            calibration: None,
         };
         let err = quantize_model(&mut ir, &mut store, &bad_skip).unwrap_err();
         assert!(err.to_string().contains("matches no layer"), "{err}");
+    }
+
+    #[test]
+    fn calibration_options_that_do_not_fit_the_scheme_are_named() {
+        let with = |scheme: Scheme, smooth_alpha: Option<f32>, awq: bool| {
+            let mut options = QuantOptions::new(scheme);
+            options.calibration = Some(CalibrationOptions {
+                text: "calib.txt".into(),
+                smooth_alpha,
+                awq,
+            });
+            options.check().err().map(|e| e.to_string())
+        };
+        let int4 = Scheme::W4A16 {
+            group_size: 128,
+            asymmetric: false,
+        };
+        assert_eq!(with(int4, None, true), None);
+        assert_eq!(with(Scheme::W8A8, Some(0.5), false), None);
+        let awq_w8a8 = with(Scheme::W8A8, None, true).unwrap();
+        assert!(
+            awq_w8a8.contains("--awq") && awq_w8a8.contains("--smooth-alpha"),
+            "{awq_w8a8}"
+        );
+        let smooth_int4 = with(int4, Some(0.5), false).unwrap();
+        assert!(
+            smooth_int4.contains("w4a16 g128 keeps its activations"),
+            "{smooth_int4}"
+        );
+        let alpha = with(Scheme::W8A8, Some(1.5), false).unwrap();
+        assert!(alpha.contains("between 0 and 1"), "{alpha}");
+        assert!(
+            with(Scheme::W8A8, Some(f32::NAN), false).is_some(),
+            "NaN is refused"
+        );
     }
 }
