@@ -184,7 +184,9 @@ pub fn collect(
     let taps: Vec<&str> = names.iter().map(String::as_str).collect();
     // Every `stride`-th token of the whole run is kept as a sample row.
     let stride = (windows * ctx).div_ceil(SAMPLE_ROWS);
-    let mut sums: BTreeMap<String, (ChannelStats, Vec<f64>)> = BTreeMap::new();
+    // Per input: the statistics, and Σ|x| and Σx² in f64.
+    type Sums = (ChannelStats, Vec<f64>, Vec<f64>);
+    let mut sums: BTreeMap<String, Sums> = BTreeMap::new();
     for window in 0..windows {
         progress(window + 1, windows);
         let tokens = &text.tokens[window * ctx..(window + 1) * ctx];
@@ -192,13 +194,14 @@ pub fn collect(
         let (_, tapped) = interpreter.run_with_taps(&run_inputs, &taps)?;
         for (name, tensor) in tapped {
             let k = *tensor.shape().last().expect("Linear inputs have rank ≥ 1");
-            let (stats, sum_abs) = sums.entry(name.clone()).or_insert_with(|| {
+            let (stats, sum_abs, sum_sq) = sums.entry(name.clone()).or_insert_with(|| {
                 (
                     ChannelStats {
                         k,
                         absmax: vec![0.0; k],
                         ..Default::default()
                     },
+                    vec![0.0; k],
                     vec![0.0; k],
                 )
             });
@@ -212,9 +215,10 @@ pub fn collect(
                         found,
                     });
                 }
-                for ((m, s), &x) in stats.absmax.iter_mut().zip(sum_abs.iter_mut()).zip(row) {
-                    *m = m.max(x.abs());
-                    *s += x.abs() as f64;
+                for (j, &x) in row.iter().enumerate() {
+                    stats.absmax[j] = stats.absmax[j].max(x.abs());
+                    sum_abs[j] += x.abs() as f64;
+                    sum_sq[j] += (x as f64) * (x as f64);
                 }
                 if token % stride == 0 {
                     stats.sample.extend_from_slice(row);
@@ -225,9 +229,10 @@ pub fn collect(
     }
     let stats = sums
         .into_iter()
-        .map(|(name, (mut stats, sum_abs))| {
+        .map(|(name, (mut stats, sum_abs, sum_sq))| {
             let n = stats.tokens as f64;
             stats.mean_abs = sum_abs.iter().map(|&s| (s / n) as f32).collect();
+            stats.mean_sq = sum_sq.iter().map(|&s| (s / n) as f32).collect();
             (name, stats)
         })
         .collect();
@@ -345,9 +350,11 @@ pub fn adjust_weights(
                 ));
                 let mut stats = calibration.stats[input].clone();
                 if let Some(s) = applied.get(input) {
-                    for row in stats.sample.chunks_exact_mut(stats.k) {
-                        row.iter_mut().zip(s).for_each(|(x, s)| *x /= s);
-                    }
+                    stats
+                        .mean_sq
+                        .iter_mut()
+                        .zip(s)
+                        .for_each(|(m, s)| *m /= s * s);
                 }
                 let shape = store.tensor_type(weight)?.shape;
                 let (mut w, _, k) = smooth::matrix(store, weight)?;
@@ -421,6 +428,7 @@ mod tests {
         .unwrap();
         let mut absmax = vec![0f32; stats.k];
         let mut sum = vec![0f64; stats.k];
+        let mut sum_sq = vec![0f64; stats.k];
         for w in 0..2 {
             let inputs =
                 window_inputs(&calibration.graph, &text.tokens[w * ctx..(w + 1) * ctx]).unwrap();
@@ -429,12 +437,18 @@ mod tests {
                 for j in 0..stats.k {
                     absmax[j] = absmax[j].max(row[j].abs());
                     sum[j] += row[j].abs() as f64;
+                    sum_sq[j] += (row[j] as f64).powi(2);
                 }
             }
         }
         assert_eq!(stats.absmax, absmax);
         let mean: Vec<f32> = sum.iter().map(|s| (s / (2 * ctx) as f64) as f32).collect();
         assert_eq!(stats.mean_abs, mean);
+        let mean_sq: Vec<f32> = sum_sq
+            .iter()
+            .map(|s| (s / (2 * ctx) as f64) as f32)
+            .collect();
+        assert_eq!(stats.mean_sq, mean_sq);
         assert_eq!(stats.tokens, 2 * ctx);
         assert!(stats.sample_rows() > 0 && stats.sample_rows() <= SAMPLE_ROWS);
         assert!(stats.absmax.iter().all(|&m| m > 0.0));

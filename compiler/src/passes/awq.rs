@@ -9,13 +9,16 @@
 //!   get finer steps;
 //! - **clipping** per group: the group's range shrunk by up to half before
 //!   quantizing, when the smaller step serves the outputs better than the
-//!   outliers it clips.
+//!   outliers it clips. Clipping is judged by the error weighted by each
+//!   channel's `mean x²` (the diagonal of `XᵀX`, as llama.cpp's importance
+//!   matrix weighs it): one multiply per weight and candidate, where the
+//!   full output error would cost a dot product per sampled token.
 //!
 //! Both run on float weights; quantization itself stays round-to-nearest
 //! on the result ([`kiln_runtime::ir::quant::quantize`]).
 
 use super::smooth::ChannelStats;
-use kiln_runtime::ir::quant::{quantize, WeightQuant};
+use kiln_runtime::ir::quant::{quantize, round_trip_group, WeightQuant};
 use rayon::prelude::*;
 
 /// Points of each grid: α in `0, 1/20, …, 19/20`; clip ratios `1, 0.95, …, 0.55`.
@@ -35,7 +38,8 @@ fn output_error(x: &[f32], e: &[f32], k: usize) -> f64 {
         .sum()
 }
 
-/// An f32 dot product in eight lanes (the compiler vectorizes it).
+/// An f32 dot product in eight lanes, which the compiler vectorizes
+/// (`mul_add` would not: without FMA in the target it is a libm call).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -47,7 +51,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         .sum();
     for (x, y) in a8.zip(b8) {
         for i in 0..8 {
-            lanes[i] = x[i].mul_add(y[i], lanes[i]);
+            lanes[i] += x[i] * y[i];
         }
     }
     lanes.iter().sum::<f32>() + tail
@@ -132,22 +136,22 @@ pub struct ClipSearch {
     /// Groups whose range was shrunk.
     pub clipped_groups: usize,
     pub groups: usize,
-    /// Sums over groups of each group's own output error (its share of the
-    /// dot products), before and after.
+    /// `Σ mean(x_j²)·(w_j − ŵ_j)²` over the matrix, before and after.
     pub rtn_error: f64,
     pub error: f64,
 }
 
 /// Clamps each group of `w [n, k]` to the fraction of its range (1, 0.95,
-/// …, 0.55) whose round-to-nearest quantization gives the smallest output
-/// error on the sample rows; `w` is changed in place.
+/// …, 0.55) whose round-to-nearest quantization gives the smallest error
+/// `Σ_j mean(x_j²)·(w_j − ŵ_j)²`; `w` is changed in place.
 pub fn search_clip(
     stats: &ChannelStats,
     w: &mut [f32],
     k: usize,
     scheme: WeightQuant,
 ) -> Result<ClipSearch, String> {
-    let x = &stats.sample;
+    let importance = &stats.mean_sq;
+    assert_eq!(importance.len(), k);
     let g = scheme.group_size.min(k);
     let groups_per_row = k.div_ceil(g);
     let per_row: Vec<Result<(usize, f64, f64), String>> = w
@@ -157,30 +161,30 @@ pub fn search_clip(
             for group in 0..groups_per_row {
                 let range = group * g..((group + 1) * g).min(k);
                 let original = row[range.clone()].to_vec();
-                let len = original.len();
-                let one = WeightQuant {
-                    group_size: len,
-                    ..scheme
-                };
                 let lo = original.iter().copied().fold(f32::INFINITY, f32::min);
                 let hi = original.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let amax = lo.abs().max(hi.abs());
                 let mut best = (f64::INFINITY, 1.0f32);
+                let mut q = vec![0f32; original.len()];
                 for step in 0..GRID / 2 {
                     let ratio = 1.0 - step as f32 / GRID as f32;
                     let (cl, ch) = match scheme.offset {
                         true => (lo * ratio, hi * ratio),
                         false => (-amax * ratio, amax * ratio),
                     };
-                    let clamped: Vec<f32> = original.iter().map(|v| v.clamp(cl, ch)).collect();
-                    let q = round_trip(&clamped, 1, len, one)?;
-                    let e: Vec<f32> = original.iter().zip(&q).map(|(a, b)| a - b).collect();
-                    let error: f64 = x
-                        .chunks_exact(k)
-                        .map(|x_row| {
-                            let d = dot(&x_row[range.clone()], &e) as f64;
-                            d * d
-                        })
+                    q.iter_mut()
+                        .zip(&original)
+                        .for_each(|(q, v)| *q = v.clamp(cl, ch));
+                    if !round_trip_group(&mut q, scheme) {
+                        return Err(format!(
+                            "row group {group}: the weights do not fit f16 scales"
+                        ));
+                    }
+                    let error: f64 = original
+                        .iter()
+                        .zip(&q)
+                        .zip(&importance[range.clone()])
+                        .map(|((a, b), m)| (((a - b) as f64).powi(2)) * *m as f64)
                         .sum();
                     if step == 0 {
                         rtn += error;
@@ -234,10 +238,12 @@ mod tests {
         }
         let mut absmax = vec![0f32; k];
         let mut mean_abs = vec![0f32; k];
+        let mut mean_sq = vec![0f32; k];
         for row in sample.chunks_exact(k) {
             for j in 0..k {
                 absmax[j] = absmax[j].max(row[j].abs());
                 mean_abs[j] += row[j].abs() / rows as f32;
+                mean_sq[j] += row[j] * row[j] / rows as f32;
             }
         }
         ChannelStats {
@@ -245,6 +251,7 @@ mod tests {
             tokens: rows,
             absmax,
             mean_abs,
+            mean_sq,
             sample,
         }
     }
@@ -313,19 +320,11 @@ mod tests {
             found.error <= found.rtn_error && found.error < found.rtn_error,
             "{found:?}"
         );
-        // Its error is the sum of each group's own (as AWQ measures clipping).
+        // Its error is the importance-weighted squared error of the result.
         let q = round_trip(&w, n, k, INT4_G32).unwrap();
-        let mut recomputed = 0.0;
-        for row in 0..n {
-            for start in (0..k).step_by(32) {
-                let range = row * k + start..row * k + (start + 32).min(k);
-                let e: Vec<f32> = range.clone().map(|i| original[i] - q[i]).collect();
-                for x_row in stats.sample.chunks_exact(k) {
-                    let d = dot(&x_row[start..start + e.len()], &e) as f64;
-                    recomputed += d * d;
-                }
-            }
-        }
+        let recomputed: f64 = (0..n * k)
+            .map(|i| ((original[i] - q[i]) as f64).powi(2) * stats.mean_sq[i % k] as f64)
+            .sum();
         assert!(
             (recomputed - found.error).abs() <= 1e-6 * recomputed,
             "{recomputed} vs {found:?}"

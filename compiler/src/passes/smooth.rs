@@ -30,6 +30,8 @@ pub struct ChannelStats {
     pub absmax: Vec<f32>,
     /// `mean |x_j|` over every token.
     pub mean_abs: Vec<f32>,
+    /// `mean x_j²` over every token.
+    pub mean_sq: Vec<f32>,
     /// Some of the tokens' rows, `[sample_rows, k]`, spread over the text:
     /// what the searches measure output errors on.
     pub sample: Vec<f32>,

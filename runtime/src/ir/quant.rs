@@ -221,39 +221,23 @@ pub fn quantize(
     let mut scale = Vec::with_capacity(n * groups);
     let mut min = Vec::with_capacity(if scheme.offset { n * groups } else { 0 });
     let mut values = vec![0i32; n * k];
-    let (qlo, qhi) = scheme.q_range();
     for row in 0..n {
         for group in 0..groups {
             let range = row * k + group * g..row * k + ((group + 1) * g).min(k);
             let chunk = &w[range.clone()];
-            let (s, m) = if scheme.offset {
-                let lo = chunk.iter().copied().fold(f32::INFINITY, f32::min);
-                let hi = chunk.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let s = f16::from_f32((hi - lo) / 15.0);
-                (s, f16::from_f32(lo))
-            } else {
-                let amax = chunk.iter().fold(0f32, |a, &x| a.max(x.abs()));
-                let qmax = if scheme.bits == 8 { 127.0 } else { 7.0 };
-                (f16::from_f32(amax / qmax), f16::ZERO)
-            };
-            let sf = s.to_f32();
-            if !sf.is_finite() || !m.to_f32().is_finite() {
-                return Err(format!(
+            let (s, m) = group_scale_and_min(chunk, scheme);
+            let (sf, mf) = match (s.to_f32(), m.to_f32()) {
+                (sf, mf) if sf.is_finite() && mf.is_finite() => (sf, mf),
+                _ => return Err(format!(
                     "row {row}, group {group}: the weights (or their range) do not fit f16 scales"
-                ));
-            }
+                )),
+            };
             let mf = match scheme.offset {
-                true => m.to_f32(),
+                true => mf,
                 false => scheme.implied_min(sf),
             };
             for (q, &x) in values[range].iter_mut().zip(chunk) {
-                *q = if sf > 0.0 {
-                    (((x - mf) / sf).round_ties_even() as i32).clamp(qlo, qhi)
-                } else if scheme.offset || scheme.bits == 8 {
-                    0 // a constant group: w = min (or 0)
-                } else {
-                    8 // an all-zero group: q − 8 = 0
-                };
+                *q = quantize_value(x, sf, mf, scheme);
             }
             scale.push(s);
             if scheme.offset {
@@ -273,6 +257,53 @@ pub fn quantize(
         scale,
         min,
     })
+}
+
+/// The stored scale and min (zero without an offset) of one group under
+/// round-to-nearest (see [`quantize`]).
+pub fn group_scale_and_min(chunk: &[f32], scheme: WeightQuant) -> (f16, f16) {
+    if scheme.offset {
+        let lo = chunk.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = chunk.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        (f16::from_f32((hi - lo) / 15.0), f16::from_f32(lo))
+    } else {
+        let amax = chunk.iter().fold(0f32, |a, &x| a.max(x.abs()));
+        let qmax = if scheme.bits == 8 { 127.0 } else { 7.0 };
+        (f16::from_f32(amax / qmax), f16::ZERO)
+    }
+}
+
+/// The `q` of one weight from its group's f32 scale and (implied) min.
+#[inline]
+pub fn quantize_value(x: f32, scale: f32, min: f32, scheme: WeightQuant) -> i32 {
+    let (qlo, qhi) = scheme.q_range();
+    if scale > 0.0 {
+        (((x - min) / scale).round_ties_even() as i32).clamp(qlo, qhi)
+    } else if scheme.offset || scheme.bits == 8 {
+        0 // a constant group: w = min (or 0)
+    } else {
+        8 // an all-zero group: q − 8 = 0
+    }
+}
+
+/// One group quantized and dequantized again in place, exactly as
+/// [`quantize`] then [`dequantize`] would (`q·scale` is exact in f32, so
+/// `q·scale + min` rounds once, as `fma` does). For searches that try many
+/// candidate weights; `false` if the group does not fit f16 scales.
+pub fn round_trip_group(chunk: &mut [f32], scheme: WeightQuant) -> bool {
+    let (s, m) = group_scale_and_min(chunk, scheme);
+    let (sf, mf) = (s.to_f32(), m.to_f32());
+    if !sf.is_finite() || !mf.is_finite() {
+        return false;
+    }
+    let mf = match scheme.offset {
+        true => mf,
+        false => scheme.implied_min(sf),
+    };
+    for x in chunk {
+        *x = (quantize_value(*x, sf, mf, scheme) as f32) * sf + mf;
+    }
+    true
 }
 
 /// Packs values 0..=15 two per byte, element `2j` in the low nibble.
@@ -345,6 +376,41 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_group_round_trip_has_the_bits_of_quantize_then_dequantize() {
+        let (n, k) = (3, 70); // a short last group
+        let mut w = random(n * k, 9);
+        w[5] = 0.0;
+        w[64..70].fill(0.0); // an all-zero group
+        for (bits, offset) in [(8, false), (4, false), (4, true)] {
+            let scheme = WeightQuant {
+                bits,
+                group_size: 32,
+                offset,
+            };
+            let expected = quantize(&w, n, k, scheme).unwrap().dequantize();
+            let mut got = w.clone();
+            for row in got.chunks_exact_mut(k) {
+                for group in row.chunks_mut(32) {
+                    assert!(round_trip_group(group, scheme));
+                }
+            }
+            let same = got
+                .iter()
+                .zip(&expected)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{scheme:?}");
+        }
+        assert!(!round_trip_group(
+            &mut [1e9, -1e9],
+            WeightQuant {
+                bits: 4,
+                group_size: 2,
+                offset: true
+            }
+        ));
     }
 
     #[test]
