@@ -187,15 +187,6 @@ fn quantization_mistakes_get_clear_errors() {
     assert_fails_with(&bad_skip, &["nothing.*", "matches no layer"]);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let for_atc = kiln(&[
-        "compile",
-        model,
-        "-o",
-        out.to_str().unwrap(),
-        "--no-atc",
-        "--quant",
-        "w4a16",
-    ]);
     // The options, named: w8a8 (native), Ascend C kernels (later), or
     // dequantized weights; one sentence, no runs of spaces from a broken
     // line continuation.
