@@ -79,7 +79,8 @@ pub struct CompileOptions {
     /// The weights' precision.
     pub quant: crate::QuantMode,
     /// Let the ATC graphs hold the dequantized (fp16) weights of a
-    /// quantized model, which no stock ATC op keeps low-bit on the 310B.
+    /// quantized model, which no stock ATC op keeps low-bit on the 310B
+    /// (but for `w8a8`, which is lowered to AscendQuant/AscendDequant).
     pub dequantize_for_atc: bool,
 }
 

@@ -664,6 +664,89 @@ mod tests {
     use kiln_runtime::ir::ops::{Add, Linear, RmsNorm, Silu};
     use kiln_runtime::ir::GraphBuilder;
 
+    /// A `w8a8` layer with an input scale and a bias, in both spellings:
+    /// the Ascend form scales `x` before quantizing it, reads the weight and
+    /// scales only through derived initializers, and passes the ATC list at
+    /// opset 13 (not at 17, past AscendDequant's documented range).
+    #[test]
+    fn w8a8_has_an_ascend_form_and_weight_only_has_none() {
+        use kiln_runtime::ir::ops::QuantLinear;
+        use kiln_runtime::ir::quant::{ActivationQuant, WeightQuant};
+        let graph = |activations: ActivationQuant| {
+            let mut b = GraphBuilder::new("g");
+            let x = b.input("x", TensorType::f32([1, 2, 64]));
+            let q = b.weight("q", TensorType::new(DType::I8, [8, 64]));
+            let s = b.weight("s", TensorType::new(DType::F16, [8, 1]));
+            let smooth = b.weight("smooth", TensorType::f32([64]));
+            let bias = b.weight("bias", TensorType::f32([8]));
+            let op = QuantLinear {
+                weights: WeightQuant {
+                    bits: 8,
+                    group_size: 64,
+                    offset: false,
+                },
+                activations,
+                input_scale: true,
+                bias: true,
+            };
+            let y = b.node("proj", op, &[x, q, s, smooth, bias]).unwrap();
+            b.output(y, "y");
+            b.finish().unwrap()
+        };
+        let options = |opset, quant_ops| OnnxOptions {
+            opset,
+            float: FloatType::F16,
+            quant_ops,
+        };
+        let w8a8 = graph(ActivationQuant::DynamicInt8PerToken);
+        let ascend = lower(&w8a8, &options(13, QuantOps::Ascend)).unwrap();
+        let nodes = &ascend.graph().node;
+        assert_eq!(nodes[0].op_type, "Mul");
+        assert_eq!(nodes[0].input, ["x", "smooth"]);
+        let ops: Vec<&str> = nodes.iter().map(|n| n.op_type.as_str()).collect();
+        let at = |op: &str| ops.iter().position(|&o| o == op).unwrap();
+        assert!(at("AscendQuant") < at("MatMul") && at("MatMul") < at("AscendDequant"));
+        assert!(!ops.contains(&"MatMulInteger"), "{ops:?}");
+        assert_eq!(
+            ascend.derived,
+            BTreeMap::from([
+                (
+                    "q.transposed".to_string(),
+                    Derived::TransposedI8 { source: "q".into() }
+                ),
+                (
+                    "s.deq_scale".to_string(),
+                    Derived::DeqScale { scale: "s".into() }
+                ),
+            ])
+        );
+        assert_eq!(
+            ascend.weights,
+            ["smooth", "bias", "q.transposed", "s.deq_scale"]
+        );
+        allow_list::atc().check(&ascend.model, "g").unwrap();
+        let at_17 = lower(&w8a8, &options(17, QuantOps::Ascend)).unwrap();
+        let err = allow_list::atc().check(&at_17.model, "g").unwrap_err();
+        assert!(err.to_string().contains("AscendDequant"), "{err}");
+
+        let standard = lower(&w8a8, &options(13, QuantOps::Standard)).unwrap();
+        assert!(standard.derived.is_empty());
+        assert_eq!(standard.weights, ["q", "s", "smooth", "bias"]);
+        let ops: Vec<&str> = standard
+            .graph()
+            .node
+            .iter()
+            .map(|n| n.op_type.as_str())
+            .collect();
+        assert!(ops.contains(&"MatMulInteger") && !ops.contains(&"AscendQuant"));
+
+        let weight_only = graph(ActivationQuant::None);
+        let err = lower(&weight_only, &options(13, QuantOps::Ascend))
+            .err()
+            .expect("weight-only has no Ascend form");
+        assert!(matches!(err, OnnxError::NoAscendForm { .. }), "{err}");
+    }
+
     /// The layout AMCT documents, on words worked out by hand.
     #[test]
     fn deq_scale_words_follow_the_documented_bit_layout() {
