@@ -109,6 +109,8 @@ pub fn compile(
     if crate::output::check_replaceable(out, MANIFEST_FILE).is_err() {
         return Err(CompileError::OutputExists(out.to_path_buf()));
     }
+    // A scheme ATC cannot take is refused before a large model is read.
+    atc_form(true, &options.quant, options.dequantize_for_atc)?;
     progress("reading the model");
     let crate::Lowered {
         mut model,
