@@ -187,17 +187,136 @@ fn quantization_mistakes_get_clear_errors() {
     assert_fails_with(&bad_skip, &["nothing.*", "matches no layer"]);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let for_atc = kiln(&[
-        "compile",
-        model,
-        "-o",
-        out.to_str().unwrap(),
-        "--no-atc",
-        "--quant",
-        "w4a16",
-    ]);
-    assert_fails_with(&for_atc, &["--quant w4a16", "--dequantize-for-atc", "310B"]);
-    assert!(!out.exists(), "a refused compile writes nothing");
+    // The options, named: w8a8 (native), Ascend C kernels (later), or
+    // dequantized weights; one sentence, no runs of spaces from a broken
+    // line continuation.
+    for scheme in ["w4a16", "w8a16"] {
+        let for_atc = kiln(&[
+            "compile",
+            model,
+            "-o",
+            out.to_str().unwrap(),
+            "--no-atc",
+            "--quant",
+            scheme,
+        ]);
+        let flag = format!("--quant {scheme}");
+        assert_fails_with(
+            &for_atc,
+            &[
+                &flag,
+                "310B",
+                "--quant w8a8",
+                "natively",
+                "Ascend C kernels",
+                "--dequantize-for-atc",
+                "fp16 weights",
+            ],
+        );
+        assert!(!stderr(&for_atc).contains("  "), "{}", stderr(&for_atc));
+        assert!(!out.exists(), "a refused compile writes nothing");
+    }
+}
+
+/// `--quant w8a8` compiles for ATC as it is: the ATC graphs keep int8
+/// weights in AscendQuant → int8 MatMul → AscendDequant, and, with those
+/// ops spelled as their pages document (tests/ascend_w8a8.py), compute
+/// exactly what the .ort.onnx graphs compute in ONNX Runtime. The ATC
+/// graphs cannot go through onnx.checker as written (onnx knows no Ascend
+/// op and no int8 MatMul): the emulated copy is fully checked, and the
+/// .ort.onnx graphs are checked as written.
+#[test]
+fn w8a8_atc_graphs_keep_int8_weights_and_compute_what_onnx_runtime_runs() {
+    let python = python();
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[&str]); 3] = [
+        ("llama-gqa", &["--dtype", "fp16"]),
+        // q/k/v biases; weights in weights.bin.
+        ("qwen2-old-config", &["--dtype", "fp32", "--external-data"]),
+        ("llama-bf16-tied", &["--dtype", "fp16"]),
+    ];
+    for (name, extra) in cases {
+        let dir = tmp.path().join(name);
+        let mut args = vec!["--quant", "w8a8"];
+        args.extend_from_slice(extra);
+        let summary = stdout(&compile_fixture(name, &dir, &args));
+        assert!(
+            summary.contains("AscendQuant") && !summary.contains("dequantized"),
+            "{name}: {summary}"
+        );
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        let atc_weights = manifest["atc_weights"].as_str().unwrap_or_default();
+        assert!(atc_weights.starts_with("int8"), "{name}: {atc_weights:?}");
+        check_onnx(
+            &python,
+            &[dir.join("prefill.ort.onnx"), dir.join("decode.ort.onnx")],
+        );
+        let out = Command::new(&python)
+            .arg(repo_root().join("tests/ascend_w8a8.py"))
+            .arg(&dir)
+            .args(["prefill", "decode"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let reports: Vec<serde_json::Value> = stdout(&out)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(reports.len(), 2, "{name}: {}", stdout(&out));
+        for r in &reports {
+            // 7 layers of each of the fixtures' 2 decoder layers.
+            assert_eq!(r["ascend_quant"], 14, "{name}: {r}");
+            assert_eq!(r["outputs_equal"], 3, "{name}: {r}");
+        }
+        eprintln!("{name}: {}", stdout(&out).trim());
+    }
+
+    // The quantized matrices are int8 initializers, half their fp16 bytes,
+    // and nothing else of them is stored: the weights file is the fp16 one
+    // less those matrices, plus their int8 copies and 8-byte deq_scale
+    // words (a tiny fixture's K of 64 makes the words 1/8 of the int8 bytes;
+    // at a real model's K of 896 and more they vanish, and the file halves).
+    let external = |quant: &str| {
+        let dir = tmp.path().join(format!("external-{quant}"));
+        let args = ["--dtype", "fp16", "--quant", quant, "--external-data"];
+        compile_fixture("llama-gqa", &dir, &args);
+        dir
+    };
+    let (none, w8a8) = (external("none"), external("w8a8"));
+    let script = "import onnx, sys\n\
+                  a = {i.name: i for i in onnx.load(sys.argv[1]).graph.initializer}\n\
+                  b = onnx.load(sys.argv[2]).graph.initializer\n\
+                  t = '.qweight.transposed'\n\
+                  q = [i for i in b if i.name.endswith(t) and i.data_type == onnx.TensorProto.INT8]\n\
+                  fp16 = sum(len(a[i.name[:-len(t)] + '.weight'].raw_data) for i in q)\n\
+                  words = sum(len(i.raw_data) for i in b if i.data_type == onnx.TensorProto.UINT64)\n\
+                  print(fp16, sum(len(i.raw_data) for i in q), words)\n";
+    let out = Command::new(&python)
+        .args(["-c", script])
+        .arg(none.join("prefill.onnx"))
+        .arg(w8a8.join("prefill.onnx"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bytes: Vec<u64> = stdout(&out)
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let (fp16, int8, words) = (bytes[0], bytes[1], bytes[2]);
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+    let (float_file, int8_file) = (
+        size(&none.join("weights.bin")),
+        size(&w8a8.join("weights.bin")),
+    );
+    eprintln!(
+        "llama-gqa weights.bin: fp16 {float_file} B, w8a8 {int8_file} B; quantized matrices fp16 {fp16} B, int8 {int8} B, deq_scale {words} B"
+    );
+    assert!(
+        fp16 > 0 && 2 * int8 == fp16 && words > 0,
+        "{fp16} {int8} {words}"
+    );
+    assert_eq!(int8_file, float_file - fp16 + int8 + words);
 }
 
 #[test]

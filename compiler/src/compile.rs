@@ -79,7 +79,8 @@ pub struct CompileOptions {
     /// The weights' precision.
     pub quant: crate::QuantMode,
     /// Let the ATC graphs hold the dequantized (fp16) weights of a
-    /// quantized model, which no stock ATC op keeps low-bit on the 310B.
+    /// quantized model, which no stock ATC op keeps low-bit on the 310B
+    /// (but for `w8a8`, which is lowered to AscendQuant/AscendDequant).
     pub dequantize_for_atc: bool,
 }
 
@@ -108,6 +109,8 @@ pub fn compile(
     if crate::output::check_replaceable(out, MANIFEST_FILE).is_err() {
         return Err(CompileError::OutputExists(out.to_path_buf()));
     }
+    // A scheme ATC cannot take is refused before a large model is read.
+    atc_form(true, &options.quant, options.dequantize_for_atc)?;
     progress("reading the model");
     let crate::Lowered {
         mut model,
@@ -115,51 +118,53 @@ pub fn compile(
         quant,
     } = crate::lower_with(model_dir, &options.shape, &options.quant, &mut progress)?;
     let mut notes = Vec::new();
-    // ATC's graphs: the IR itself, or (quantized) the same over dequantized weights.
+    // ATC's graphs: the IR itself (float, or w8a8 in ATC's own quantization
+    // ops), or the same over dequantized weights.
     let quantized = ir.graphs().iter().any(|g| quantize::is_quantized(g));
-    let atc_graphs: Vec<kiln_runtime::ir::Graph> = if quantized {
-        let refuse = |what: &str| {
-            Err(CompileError::QuantForAtc(format!(
-                "{what}: no stock ATC operator keeps these low-bit weights in device memory on the                  Ascend 310B, and Kiln does not generate Ascend C kernels for them yet. Use                  --quant w8a16/w4a16 with --dequantize-for-atc (the .om files then hold fp16                  weights; the reference and ONNX Runtime graphs stay quantized), or --quant none"
-            )))
-        };
-        let int8_activations = ir
-            .graphs()
-            .iter()
-            .any(|g| quantize::has_int8_activations(g));
-        match (&options.quant, options.dequantize_for_atc) {
-            (_, true) => {}
-            (crate::QuantMode::Quantize(_), false) if int8_activations => {
-                return refuse("--quant w8a8 is not lowered to AscendQuant/AscendDequant yet");
-            }
-            (crate::QuantMode::Quantize(q), false) => {
-                return refuse(&format!("--quant {}", q.scheme.name()))
-            }
-            _ => {}
+    let atc_form = atc_form(quantized, &options.quant, options.dequantize_for_atc)?;
+    let atc_quant_ops = match atc_form {
+        AtcForm::Int8 => onnx::QuantOps::Ascend,
+        _ => onnx::QuantOps::Standard,
+    };
+    let atc_graphs: Vec<kiln_runtime::ir::Graph> = match atc_form {
+        AtcForm::Dequantized => {
+            notes.push(format!(
+                "the ATC graphs (prefill.onnx, decode.onnx) hold the dequantized weights in {}: the .om \
+                 files will not keep them low-bit; the reference weights and the .ort.onnx graphs keep \
+                 them quantized",
+                options.float.name()
+            ));
+            let mut names = Default::default();
+            ir.graphs()
+                .iter()
+                .map(|g| quantize::dequantized(g, &mut model.weights, &mut names))
+                .collect::<Result<_, _>>()
+                .map_err(crate::LowerError::from)?
         }
-        notes.push(
-            "the ATC graphs (prefill.onnx, decode.onnx) hold the dequantized weights in the graph's \
-             float type: the .om files will not keep them low-bit; the reference weights and the \
-             .ort.onnx graphs keep them quantized"
-                .to_string(),
-        );
-        let mut names = Default::default();
-        ir.graphs()
-            .iter()
-            .map(|g| quantize::dequantized(g, &mut model.weights, &mut names))
-            .collect::<Result<_, _>>()
-            .map_err(crate::LowerError::from)?
-    } else {
-        ir.graphs().iter().map(|&g| g.clone()).collect()
+        AtcForm::Int8 => {
+            notes.push(
+                "the ATC graphs (prefill.onnx, decode.onnx) keep the int8 weights: each quantized \
+                 layer is AscendQuant → int8 MatMul → AscendDequant, with the activations quantized \
+                 per token in the graph (not yet run on an NPU)"
+                    .to_string(),
+            );
+            ir.graphs().iter().map(|&g| g.clone()).collect()
+        }
+        AtcForm::Float => ir.graphs().iter().map(|&g| g.clone()).collect(),
     };
     let onnx_options = OnnxOptions {
         opset: options.opset,
         float: options.float,
+        quant_ops: onnx::QuantOps::Standard,
+    };
+    let atc_options = OnnxOptions {
+        quant_ops: atc_quant_ops,
+        ..onnx_options
     };
     progress("lowering to ONNX");
     let mut lowered = Vec::new();
     for graph in &atc_graphs {
-        let onnx = onnx::lower(graph, &onnx_options)?;
+        let onnx = onnx::lower(graph, &atc_options)?;
         allow_list::atc().check(&onnx.model, &graph.name)?;
         for node in &onnx.model.graph.node {
             if let Some(&(op, why)) = AVOID.iter().find(|(op, _)| *op == node.op_type) {
@@ -304,6 +309,10 @@ pub fn compile(
             Some(summary) => summary.describe(),
             None => "as stored in the GGUF file (Q8_0/Q4_0/Q4_1 blocks)".to_string(),
         });
+        manifest.atc_weights = Some(match atc_form {
+            AtcForm::Int8 => "int8 (AscendQuant → int8 MatMul → AscendDequant)".to_string(),
+            _ => format!("dequantized to {}", options.float.name()),
+        });
     }
     let manifest_path = tmp.path.join(MANIFEST_FILE);
     std::fs::write(&manifest_path, manifest.to_json()).map_err(io_err(&manifest_path))?;
@@ -381,6 +390,45 @@ pub fn compile(
     })
 }
 
+/// What the ATC graphs make of a model's weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AtcForm {
+    /// Not quantized: as they are.
+    Float,
+    /// `w8a8`: int8, in ATC's own quantization ops.
+    Int8,
+    /// Quantized weights dequantized to the graph's float type.
+    Dequantized,
+}
+
+/// How the ATC graphs hold a model's weights, or why they cannot. The 310B
+/// runs `w8a8` natively; weight-only schemes need kernels Kiln does not
+/// write yet, or dequantized weights (asked for, or implied for a GGUF's own
+/// blocks, which no ATC op reads).
+fn atc_form(
+    quantized: bool,
+    quant: &crate::QuantMode,
+    dequantize_for_atc: bool,
+) -> Result<AtcForm, CompileError> {
+    use crate::passes::quantize::Scheme;
+    if !quantized {
+        return Ok(AtcForm::Float);
+    }
+    match quant {
+        _ if dequantize_for_atc => Ok(AtcForm::Dequantized),
+        crate::QuantMode::Quantize(q) if q.scheme == Scheme::W8A8 => Ok(AtcForm::Int8),
+        crate::QuantMode::Quantize(q) => Err(CompileError::QuantForAtc(format!(
+            "--quant {}: no stock ATC operator keeps weight-only low-bit weights in device memory \
+             on the Ascend 310B. Use --quant w8a8 (int8 weights and activations, which ATC runs \
+             natively), wait for Kiln to generate custom Ascend C kernels for these weights, or add \
+             --dequantize-for-atc (the .om files then hold fp16 weights, fp32 with --dtype fp32; the \
+             reference weights and the ONNX Runtime graphs stay quantized)",
+            q.scheme.name()
+        ))),
+        _ => Ok(AtcForm::Dequantized),
+    }
+}
+
 /// The bytes of a lowered graph's weight initializers.
 fn initializer_bytes(
     graph: &OnnxGraph,
@@ -389,8 +437,7 @@ fn initializer_bytes(
 ) -> Result<u64, CompileError> {
     let mut bytes = 0;
     for name in &graph.weights {
-        let ty = store.tensor_type(name).map_err(FrontendError::from)?;
-        bytes += onnx::initializer_type(&ty, float).1;
+        bytes += onnx::initializer_layout(name, graph.derived.get(name), store, float)?.1;
     }
     Ok(bytes)
 }
@@ -466,6 +513,7 @@ fn manifest(
             eos_token_ids: ir.info.eos_token_ids.clone(),
         },
         quantization: None,
+        atc_weights: None,
     }
 }
 

@@ -153,10 +153,12 @@ struct CompileArgs {
     shape: ShapeArgs,
     #[command(flatten)]
     quant: QuantArgs,
-    /// With --quant w8a16/w4a16/w8a8: let the ATC graphs hold the weights
-    /// dequantized to --dtype (no stock ATC operator keeps them low-bit on
-    /// the 310B); the reference weights and the .ort.onnx graphs for ONNX
-    /// Runtime stay quantized. Implied for a GGUF's own blocks (--quant keep).
+    /// With --quant w8a16/w4a16 (or w8a8): let the ATC graphs hold the
+    /// weights dequantized to --dtype (no stock ATC operator keeps
+    /// weight-only low-bit weights on the 310B; without this flag w8a8 keeps
+    /// int8 weights in AscendQuant/AscendDequant); the reference weights and
+    /// the .ort.onnx graphs for ONNX Runtime stay quantized. Implied for a
+    /// GGUF's own blocks (--quant keep).
     #[arg(long)]
     dequantize_for_atc: bool,
 }

@@ -36,10 +36,14 @@ pub struct Manifest {
     pub tokenizer_config: Option<String>,
     pub generation: GenerationInfo,
     /// How the reference IR's weights are quantized (`w4a16 g128`, `GGUF
-    /// blocks`, …), when they are; the `.onnx` files for ATC then hold the
-    /// dequantized weights and the `.ort.onnx` files the quantized ones.
+    /// blocks`, …), when they are; the `.ort.onnx` files then hold the
+    /// quantized weights in standard ops.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<String>,
+    /// With `quantization`: what the `.onnx` files for ATC hold, `int8
+    /// (AscendQuant → …)` for `w8a8` or `dequantized to float16`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub atc_weights: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -333,13 +333,6 @@ pub fn is_quantized(graph: &Graph) -> bool {
         .any(|n| matches!(n.op, Op::QuantLinear(_) | Op::QuantGather(_)))
 }
 
-/// Whether a graph quantizes activations (`w8a8`).
-pub fn has_int8_activations(graph: &Graph) -> bool {
-    graph.nodes.iter().any(|n| {
-        matches!(&n.op, Op::QuantLinear(op) if op.activations == ActivationQuant::DynamicInt8PerToken)
-    })
-}
-
 /// A copy of `graph` with every `QuantLinear` a `Linear` and every
 /// `QuantGather` a `Gather` over the f32 weights the quantized ones stand
 /// for, which the store computes when they are read (nothing is held): for

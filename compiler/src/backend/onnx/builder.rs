@@ -108,6 +108,7 @@ pub enum Attr {
     Int(i64),
     Ints(Vec<i64>),
     Float(f32),
+    Str(&'static str),
 }
 
 /// Nodes and constants of one ONNX graph under construction.
@@ -152,6 +153,10 @@ impl GraphBuilder {
                     Attr::Float(f) => {
                         a.type_ = AttributeType::FLOAT.into();
                         a.f = f;
+                    }
+                    Attr::Str(s) => {
+                        a.type_ = AttributeType::STRING.into();
+                        a.s = s.as_bytes().to_vec();
                     }
                 }
                 a

@@ -45,20 +45,68 @@ pub enum OnnxError {
     Encode(#[from] protobuf::Error),
     #[error("{0}")]
     NotAllowed(String),
+    #[error("{node}: {what} has no form in ATC's own operators (only --quant w8a8 does)")]
+    NoAscendForm { node: String, what: String },
 }
 
 #[derive(Clone, Copy, Debug)]
 pub struct OnnxOptions {
     pub opset: i64,
     pub float: FloatType,
+    /// How quantized ops are spelled.
+    pub quant_ops: QuantOps,
+}
+
+/// The two spellings of a quantized op: one IR node, lowered twice to the
+/// same numbers (see `ops/quant.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QuantOps {
+    /// Standard ONNX (`MatMulInteger`, integer `Div`…), for ONNX Runtime.
+    #[default]
+    Standard,
+    /// ATC's own `AscendQuant` → int8 `MatMul` → `AscendDequant`, for the
+    /// graphs ATC converts; only `w8a8` has this form (no stock ATC op keeps
+    /// weight-only low-bit weights in device memory on the 310B).
+    Ascend,
+}
+
+/// A weight initializer the graph holds in another form than the store
+/// does, computed from store tensors while the weights are written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Derived {
+    /// The i8 `[N, K]` store tensor `source` transposed to `[K, N]`: the
+    /// right operand of an int8 `MatMul`.
+    TransposedI8 { source: String },
+    /// `AscendDequant`'s uint64 `deq_scale [N]` from the f16 per-channel
+    /// scales `scale [N, 1]` (see [`deq_scale`]), int8 weight offset 0.
+    DeqScale { scale: String },
 }
 
 /// A lowered graph: everything but the weight bytes.
 pub struct OnnxGraph {
     /// The model with the graph's nodes, inputs, outputs and small constants.
     pub model: ModelProto,
-    /// The weight tensors the graph reads, by store name, in a fixed order.
+    /// The weight initializers the graph reads, by store name (or a name of
+    /// `derived`), in a fixed order.
     pub weights: Vec<String>,
+    /// The initializers computed from store tensors, by name.
+    pub derived: BTreeMap<String, Derived>,
+}
+
+/// `AscendDequant`'s `deq_scale` word for an f32 scale and an int8 weight
+/// offset, laid out as ATC's quantization tool (AMCT) writes it: bits 31..0
+/// the f32 bit pattern of the scale, of which the hardware reads only the
+/// top 19 bits (sign, exponent, 10 mantissa bits: the low 13 are cleared
+/// here), bits 47..40 the offset in two's complement, every other bit 0.
+pub fn deq_scale(scale: f32, offset: i8) -> u64 {
+    let bits = scale.to_bits() & 0xFFFF_E000;
+    u64::from(bits) | (u64::from(offset as u8) << 40)
+}
+
+/// Whether `deq_scale` keeps `scale` exactly: true of every f16 value (10
+/// mantissa bits), which is what the quantizer stores.
+pub fn deq_scale_is_exact(scale: f32) -> bool {
+    f32::from_bits(deq_scale(scale, 0) as u32).to_bits() == scale.to_bits()
 }
 
 impl OnnxGraph {
@@ -142,6 +190,12 @@ pub fn lower(graph: &Graph, options: &OnnxOptions) -> Result<OnnxGraph, OnnxErro
         b: GraphBuilder::default(),
         float: options.float,
         opset: options.opset,
+        quant_ops: options.quant_ops,
+        weight_tensors: graph
+            .weights()
+            .map(|(id, tensor)| (graph.value(id).name.clone(), tensor.to_string()))
+            .collect(),
+        derived: BTreeMap::new(),
     };
     for node in &graph.nodes {
         ops::lower_node(&mut cx, graph, node)?;
@@ -154,10 +208,20 @@ pub fn lower(graph: &Graph, options: &OnnxOptions) -> Result<OnnxGraph, OnnxErro
             })
             .collect::<Vec<_>>()
     };
-    let weights: Vec<String> = graph
+    // The weights some node reads (the Ascend form reads some only through
+    // a derived initializer), then the derived ones.
+    let read: HashSet<&str> =
+        cx.b.nodes
+            .iter()
+            .flat_map(|n| n.input.iter().map(String::as_str))
+            .collect();
+    let mut weights: Vec<String> = graph
         .weights()
+        .filter(|&(id, _)| read.contains(graph.value(id).name.as_str()))
         .map(|(_, tensor)| tensor.to_string())
         .collect();
+    weights.extend(cx.derived.keys().cloned());
+    let derived = std::mem::take(&mut cx.derived);
     let graph_proto = GraphProto {
         name: graph.name.clone(),
         node: cx.b.nodes,
@@ -178,7 +242,11 @@ pub fn lower(graph: &Graph, options: &OnnxOptions) -> Result<OnnxGraph, OnnxErro
         graph: Some(graph_proto).into(),
         ..Default::default()
     };
-    Ok(OnnxGraph { model, weights })
+    Ok(OnnxGraph {
+        model,
+        weights,
+        derived,
+    })
 }
 
 /// Where weight bytes go.
@@ -209,7 +277,16 @@ struct Chunk<'s> {
 }
 
 impl<'s> Chunk<'s> {
-    fn convert(store: &'s WeightStore, name: &'s str, float: FloatType) -> Result<Self, OnnxError> {
+    fn convert(
+        store: &'s WeightStore,
+        name: &'s str,
+        derived: Option<&Derived>,
+        float: FloatType,
+    ) -> Result<Self, OnnxError> {
+        if let Some(derived) = derived {
+            let bytes = Cow::Owned(derive(store, derived)?);
+            return Ok(Chunk { name, bytes, store });
+        }
         let ty = store.tensor_type(name)?;
         let bytes = match (ty.dtype, float) {
             // Quantized weights go as stored; so do floats already in the
@@ -228,6 +305,55 @@ impl<'s> Chunk<'s> {
         };
         Ok(Chunk { name, bytes, store })
     }
+}
+
+/// The bytes of a derived initializer.
+fn derive(store: &WeightStore, derived: &Derived) -> Result<Vec<u8>, OnnxError> {
+    Ok(match derived {
+        Derived::TransposedI8 { source } => {
+            let ty = store.tensor_type(source)?;
+            let (n, k) = (ty.shape[0], ty.shape[1]);
+            let q = store.bytes(source)?;
+            let mut out = vec![0u8; n * k];
+            // Row blocks of the source keep both sides' accesses local.
+            for rows in (0..n).step_by(64) {
+                for kk in 0..k {
+                    for row in rows..(rows + 64).min(n) {
+                        out[kk * n + row] = q[row * k + kk];
+                    }
+                }
+            }
+            store.release(source);
+            out
+        }
+        Derived::DeqScale { scale } => store
+            .to_f32_tensor(scale)?
+            .f32s()
+            .iter()
+            .flat_map(|&s| deq_scale(s, 0).to_le_bytes())
+            .collect(),
+    })
+}
+
+/// The dims, byte length and ONNX type of initializer `name` of a graph.
+pub fn initializer_layout(
+    name: &str,
+    derived: Option<&Derived>,
+    store: &WeightStore,
+    float: FloatType,
+) -> Result<(Vec<i64>, u64, DataType), OnnxError> {
+    Ok(match derived {
+        None => initializer_type(&store.tensor_type(name)?, float),
+        Some(Derived::TransposedI8 { source }) => {
+            let ty = store.tensor_type(source)?;
+            let dims = vec![ty.shape[1] as i64, ty.shape[0] as i64];
+            (dims, ty.numel() as u64, DataType::INT8)
+        }
+        Some(Derived::DeqScale { scale }) => {
+            let n = store.tensor_type(scale)?.shape[0];
+            (vec![n as i64], 8 * n as u64, DataType::UINT64)
+        }
+    })
 }
 
 impl Drop for Chunk<'_> {
@@ -429,17 +555,20 @@ pub fn write(
 ) -> Result<Written, OnnxError> {
     let mut order: Vec<&str> = Vec::new();
     let mut seen = HashSet::new();
+    let mut derived: HashMap<&str, &Derived> = HashMap::new();
     for (_, graph) in graphs {
         for name in &graph.weights {
             if seen.insert(name.as_str()) {
                 order.push(name);
             }
         }
+        derived.extend(graph.derived.iter().map(|(n, d)| (n.as_str(), d)));
     }
     // Each weight's dims, converted length and ONNX type.
     let mut shapes = HashMap::with_capacity(order.len());
     for &name in &order {
-        shapes.insert(name, initializer_type(&store.tensor_type(name)?, float));
+        let layout = initializer_layout(name, derived.get(name).copied(), store, float)?;
+        shapes.insert(name, layout);
     }
     let external = match placement {
         WeightPlacement::Inline => None,
@@ -499,7 +628,7 @@ pub fn write(
         let mut converted = Ok(());
         for (i, &name) in order.iter().enumerate() {
             progress(i, count);
-            match Chunk::convert(store, name, float) {
+            match Chunk::convert(store, name, derived.get(name).copied(), float) {
                 Ok(chunk) => {
                     let chunk = Arc::new(chunk);
                     // A sink that hung up failed: its error is returned below.
@@ -535,6 +664,180 @@ mod tests {
     use kiln_runtime::ir::ops::{Add, Linear, RmsNorm, Silu};
     use kiln_runtime::ir::GraphBuilder;
 
+    /// A `w8a8` layer with an input scale and a bias, in both spellings:
+    /// the Ascend form scales `x` before quantizing it, reads the weight and
+    /// scales only through derived initializers, and passes the ATC list at
+    /// opset 13 (not at 17, past AscendDequant's documented range).
+    #[test]
+    fn w8a8_has_an_ascend_form_and_weight_only_has_none() {
+        use kiln_runtime::ir::ops::QuantLinear;
+        use kiln_runtime::ir::quant::{ActivationQuant, WeightQuant};
+        let graph = |activations: ActivationQuant| {
+            let mut b = GraphBuilder::new("g");
+            let x = b.input("x", TensorType::f32([1, 2, 64]));
+            let q = b.weight("q", TensorType::new(DType::I8, [8, 64]));
+            let s = b.weight("s", TensorType::new(DType::F16, [8, 1]));
+            let smooth = b.weight("smooth", TensorType::f32([64]));
+            let bias = b.weight("bias", TensorType::f32([8]));
+            let op = QuantLinear {
+                weights: WeightQuant {
+                    bits: 8,
+                    group_size: 64,
+                    offset: false,
+                },
+                activations,
+                input_scale: true,
+                bias: true,
+            };
+            let y = b.node("proj", op, &[x, q, s, smooth, bias]).unwrap();
+            b.output(y, "y");
+            b.finish().unwrap()
+        };
+        let options = |opset, quant_ops| OnnxOptions {
+            opset,
+            float: FloatType::F16,
+            quant_ops,
+        };
+        let w8a8 = graph(ActivationQuant::DynamicInt8PerToken);
+        let ascend = lower(&w8a8, &options(13, QuantOps::Ascend)).unwrap();
+        let nodes = &ascend.graph().node;
+        assert_eq!(nodes[0].op_type, "Mul");
+        assert_eq!(nodes[0].input, ["x", "smooth"]);
+        let ops: Vec<&str> = nodes.iter().map(|n| n.op_type.as_str()).collect();
+        let at = |op: &str| ops.iter().position(|&o| o == op).unwrap();
+        assert!(at("AscendQuant") < at("MatMul") && at("MatMul") < at("AscendDequant"));
+        assert!(!ops.contains(&"MatMulInteger"), "{ops:?}");
+        assert_eq!(
+            ascend.derived,
+            BTreeMap::from([
+                (
+                    "q.transposed".to_string(),
+                    Derived::TransposedI8 { source: "q".into() }
+                ),
+                (
+                    "s.deq_scale".to_string(),
+                    Derived::DeqScale { scale: "s".into() }
+                ),
+            ])
+        );
+        assert_eq!(
+            ascend.weights,
+            ["smooth", "bias", "q.transposed", "s.deq_scale"]
+        );
+        allow_list::atc().check(&ascend.model, "g").unwrap();
+        let at_17 = lower(&w8a8, &options(17, QuantOps::Ascend)).unwrap();
+        let err = allow_list::atc().check(&at_17.model, "g").unwrap_err();
+        assert!(err.to_string().contains("AscendDequant"), "{err}");
+
+        let standard = lower(&w8a8, &options(13, QuantOps::Standard)).unwrap();
+        assert!(standard.derived.is_empty());
+        assert_eq!(standard.weights, ["q", "s", "smooth", "bias"]);
+        let ops: Vec<&str> = standard
+            .graph()
+            .node
+            .iter()
+            .map(|n| n.op_type.as_str())
+            .collect();
+        assert!(ops.contains(&"MatMulInteger") && !ops.contains(&"AscendQuant"));
+
+        let weight_only = graph(ActivationQuant::None);
+        let err = lower(&weight_only, &options(13, QuantOps::Ascend))
+            .err()
+            .expect("weight-only has no Ascend form");
+        assert!(matches!(err, OnnxError::NoAscendForm { .. }), "{err}");
+    }
+
+    /// The layout AMCT documents, on words worked out by hand.
+    #[test]
+    fn deq_scale_words_follow_the_documented_bit_layout() {
+        // 1.0f32 = 0x3F800000: the low word; no offset.
+        assert_eq!(deq_scale(1.0, 0), 0x0000_0000_3F80_0000);
+        // -2.5 = 0xC0200000; offset -3 = 0xFD in bits 47..40.
+        assert_eq!(deq_scale(-2.5, -3), 0x0000_FD00_C020_0000);
+        assert_eq!(deq_scale(1.0, 127), 0x0000_7F00_3F80_0000);
+        assert_eq!(deq_scale(1.0, -128), 0x0000_8000_3F80_0000);
+        // The low 13 mantissa bits are dropped (the hardware reads 19 bits).
+        assert_eq!(deq_scale(f32::from_bits(0x3F80_1FFF), 0), 0x3F80_0000);
+        assert_eq!(deq_scale(f32::from_bits(0x3F80_2001), 0), 0x3F80_2000);
+        assert!(!deq_scale_is_exact(f32::from_bits(0x3F80_0001)));
+        assert!(deq_scale_is_exact(1.0));
+    }
+
+    /// Every f16 value (normal or subnormal) is exact in a deq_scale word:
+    /// so ATC's AscendDequant and ONNX Runtime's `Mul` use the same scale.
+    #[test]
+    fn every_f16_scale_survives_the_deq_scale_encoding() {
+        let mut checked = 0;
+        for bits in 0..=u16::MAX {
+            let h = half::f16::from_bits(bits);
+            if h.is_finite() {
+                assert!(deq_scale_is_exact(h.to_f32()), "{h} ({bits:#06x})");
+                checked += 1;
+            }
+        }
+        // All but the infinities and NaNs (exponent all ones).
+        assert_eq!(checked, 65536 - 2 * 1024);
+        // What the quantizer stores for w8a8, tiny rows (f16 subnormal
+        // scales) included.
+        let (n, k) = (6, 48);
+        let mut w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 211) as f32 / 97.0 - 1.0)
+            .collect();
+        for (row, factor) in [(3, 1e-3), (4, 1e-5), (5, 0.0)] {
+            for v in &mut w[row * k..(row + 1) * k] {
+                *v *= factor;
+            }
+        }
+        let scheme = kiln_runtime::ir::quant::WeightQuant {
+            bits: 8,
+            group_size: k,
+            offset: false,
+        };
+        let m = kiln_runtime::ir::quant::quantize(&w, n, k, scheme).unwrap();
+        for s in &m.scale[3..5] {
+            assert!(!s.is_normal() && s.to_f32() > 0.0, "{s} is not subnormal");
+        }
+        for s in &m.scale {
+            assert!(deq_scale_is_exact(s.to_f32()), "{s}");
+        }
+    }
+
+    /// The derived initializers' bytes: the i8 matrix transposed (sizes
+    /// that are not multiples of the block), the scales as deq_scale words.
+    #[test]
+    fn derived_initializers_are_the_transpose_and_the_words() {
+        let (n, k) = (70, 3);
+        let q: Vec<u8> = (0..n * k).map(|i| (i * 37 % 251) as u8).collect();
+        let scales: Vec<half::f16> = (0..n)
+            .map(|i| half::f16::from_f32(0.01 * (i as f32 + 1.0)))
+            .collect();
+        let mut store = WeightStore::default();
+        store.insert_bytes("q", DType::I8, vec![n, k], q.clone());
+        let scale_bytes = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+        store.insert_bytes("s", DType::F16, vec![n, 1], scale_bytes);
+        let t = Derived::TransposedI8 { source: "q".into() };
+        let bytes = derive(&store, &t).unwrap();
+        for row in 0..n {
+            for kk in 0..k {
+                assert_eq!(bytes[kk * n + row], q[row * k + kk]);
+            }
+        }
+        let layout = initializer_layout("q.t", Some(&t), &store, FloatType::F16).unwrap();
+        assert_eq!(
+            layout,
+            (vec![k as i64, n as i64], (n * k) as u64, DataType::INT8)
+        );
+        let d = Derived::DeqScale { scale: "s".into() };
+        let words = derive(&store, &d).unwrap();
+        assert_eq!(words.len(), 8 * n);
+        for (word, s) in words.chunks_exact(8).zip(&scales) {
+            let word = u64::from_le_bytes(word.try_into().unwrap());
+            assert_eq!(word, u64::from(s.to_f32().to_bits()));
+        }
+        let layout = initializer_layout("s.d", Some(&d), &store, FloatType::F16).unwrap();
+        assert_eq!(layout, (vec![n as i64], 8 * n as u64, DataType::UINT64));
+    }
+
     #[test]
     fn every_ir_value_keeps_its_name_in_onnx() {
         let mut b = GraphBuilder::new("g");
@@ -548,7 +851,15 @@ mod tests {
         b.output(r, "out");
         let graph = b.finish().unwrap();
         for float in [FloatType::F32, FloatType::F16] {
-            let lowered = lower(&graph, &OnnxOptions { opset: 13, float }).unwrap();
+            let lowered = lower(
+                &graph,
+                &OnnxOptions {
+                    opset: 13,
+                    float,
+                    quant_ops: QuantOps::Standard,
+                },
+            )
+            .unwrap();
             let outputs: Vec<&str> = lowered
                 .graph()
                 .node
@@ -592,7 +903,11 @@ mod tests {
         store.insert_f32("norm.weight", vec![8], norm.clone());
         let tmp = tempfile::tempdir().unwrap();
         for float in [FloatType::F32, FloatType::F16] {
-            let options = OnnxOptions { opset: 13, float };
+            let options = OnnxOptions {
+                opset: 13,
+                float,
+                quant_ops: QuantOps::Standard,
+            };
             let lowered = [
                 lower(&graph(false), &options).unwrap(),
                 lower(&graph(true), &options).unwrap(),

@@ -11,14 +11,20 @@ mod rope;
 mod shape;
 
 use super::builder::{FloatType, GraphBuilder};
-use super::OnnxError;
+use super::{Derived, OnnxError, QuantOps};
 use kiln_runtime::ir::{Graph, Node, Op, TensorType};
+use std::collections::{BTreeMap, HashMap};
 
 /// What a lowering needs: the graph under construction and the target.
 pub struct Cx {
     pub b: GraphBuilder,
     pub float: FloatType,
     pub opset: i64,
+    pub quant_ops: QuantOps,
+    /// The store tensor of each weight value, by value name.
+    pub weight_tensors: HashMap<String, String>,
+    /// Initializers the lowerings asked for that the store does not hold.
+    pub derived: BTreeMap<String, Derived>,
 }
 
 /// One IR node's inputs and output, by ONNX value name, with their IR types.
@@ -56,8 +62,8 @@ pub fn lower_node(cx: &mut Cx, graph: &Graph, node: &Node) -> Result<(), OnnxErr
         Op::Transpose(op) => shape::transpose(cx, &io, &op.perm),
         Op::Concat(op) => shape::concat(cx, &io, op.axis),
         Op::Slice(op) => shape::slice(cx, &io, op.axis, op.start, op.end),
-        Op::QuantLinear(op) => quant::linear(cx, &io, op),
-        Op::QuantGather(op) => quant::gather(cx, &io, op),
+        Op::QuantLinear(op) => quant::linear(cx, &io, op)?,
+        Op::QuantGather(op) => quant::gather(cx, &io, op)?,
     }
     Ok(())
 }

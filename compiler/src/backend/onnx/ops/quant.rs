@@ -1,6 +1,7 @@
 //! `QuantLinear` and `QuantGather` in standard ONNX ops, for ONNX Runtime:
 //! the form that lets a system Kiln did not write check the quantized
-//! numbers (`*.ort.onnx`). ATC gets other graphs (see `compile.rs`).
+//! numbers (`*.ort.onnx`); and `w8a8` in ATC's own ops, for the graphs ATC
+//! converts (see `compile.rs` for what ATC gets otherwise).
 //!
 //! - Weights stay quantized in the file: `q` as an INT8 initializer, or
 //!   UINT8 `[N, K / 2]` for u4 (two per byte, low nibble first), unpacked in
@@ -12,9 +13,18 @@
 //! - int8 activations (`w8a8`): `s_x = ReduceMax(|x|) / 127`, `x_q =
 //!   Cast<int8>(Clip(Round(x / s_x), -128, 127))`, `MatMulInteger` with the
 //!   transposed int8 weight, then `· scale · s_x` in f32.
+//! - The same for ATC ([`QuantOps::Ascend`]): `s_x` as above, `x / s_x` →
+//!   `Clip` → `AscendQuant(scale = 1, offset = 0)` (ATC's round half to
+//!   even) → `MatMul` with an int8 `[K, N]` initializer → `AscendDequant`
+//!   with `deq_scale[n]` = the f32 bits of `scale[n]` (exact: f16 values fit
+//!   the 19 bits the hardware reads) → `· s_x` in f32. The attributes are
+//!   those ATC's ONNX parser reads for these ops (CANN's ops-nn
+//!   `ascend_quant`/`ascend_dequant` ONNX plugins). The NPU may convert
+//!   `x / s_x` to fp16 before rounding, so `x_q` can differ by one step.
 
 use super::{linear, Cx, NodeIo};
 use crate::backend::onnx::builder::{Attr, FloatType};
+use crate::backend::onnx::{Derived, OnnxError, QuantOps};
 use kiln_runtime::ir::ops::{QuantGather, QuantLinear};
 use kiln_runtime::ir::quant::{ActivationQuant, WeightQuant};
 use kiln_runtime::ir::{DType, TensorType};
@@ -76,7 +86,18 @@ fn dequantized(
     }
 }
 
-pub fn gather(cx: &mut Cx, io: &NodeIo, op: &QuantGather) {
+/// A quantized op that has no form in ATC's own ops.
+fn no_ascend_form(io: &NodeIo, what: &str) -> OnnxError {
+    OnnxError::NoAscendForm {
+        node: io.name.to_string(),
+        what: what.to_string(),
+    }
+}
+
+pub fn gather(cx: &mut Cx, io: &NodeIo, op: &QuantGather) -> Result<(), OnnxError> {
+    if cx.quant_ops == QuantOps::Ascend {
+        return Err(no_ascend_form(io, "a quantized embedding"));
+    }
     let min = op.weights.offset.then(|| io.inputs[2]);
     let table = dequantized(
         cx,
@@ -93,17 +114,21 @@ pub fn gather(cx: &mut Cx, io: &NodeIo, op: &QuantGather) {
         io.output,
         vec![("axis", Attr::Int(0))],
     );
+    Ok(())
 }
 
-pub fn linear(cx: &mut Cx, io: &NodeIo, op: &QuantLinear) {
+pub fn linear(cx: &mut Cx, io: &NodeIo, op: &QuantLinear) -> Result<(), OnnxError> {
     let at = op.slots();
     let mut x = io.inputs[at.x].to_string();
     if let Some(s) = at.input_scale {
         x = cx.b.temp("Mul", &[&x, io.inputs[s]], io.name, vec![]);
     }
     let bias = at.bias.map(|b| io.inputs[b]);
-    match op.activations {
-        ActivationQuant::None => {
+    match (op.activations, cx.quant_ops) {
+        (ActivationQuant::None, QuantOps::Ascend) => {
+            return Err(no_ascend_form(io, "a weight-only quantized linear layer"));
+        }
+        (ActivationQuant::None, QuantOps::Standard) => {
             let w = dequantized(
                 cx,
                 io.name,
@@ -123,20 +148,24 @@ pub fn linear(cx: &mut Cx, io: &NodeIo, op: &QuantLinear) {
             };
             linear::lower(cx, &plain);
         }
-        ActivationQuant::DynamicInt8PerToken => int8_linear(cx, io, op, &x, bias),
+        (ActivationQuant::DynamicInt8PerToken, QuantOps::Standard) => {
+            int8_linear(cx, io, op, &x, bias)
+        }
+        (ActivationQuant::DynamicInt8PerToken, QuantOps::Ascend) => {
+            ascend_int8_linear(cx, io, op, &x, bias)?
+        }
     }
+    Ok(())
 }
 
-/// The `w8a8` product; the quantization of `x` and the scaling run in f32
-/// whatever the graph's float type (an int32 sum overflows fp16).
-fn int8_linear(cx: &mut Cx, io: &NodeIo, op: &QuantLinear, x: &str, bias: Option<&str>) {
+/// The rows of `x` as `[rows, K]` f32, their scales `s_x [rows, 1]` and
+/// `x / s_x`, as both forms of the `w8a8` product compute them.
+fn token_scales(cx: &mut Cx, io: &NodeIo, op: &QuantLinear, x: &str) -> (String, String) {
     let at = op.slots();
     let base = io.name;
     let x_shape = &io.types[at.x].shape;
     let k = *x_shape.last().expect("rank ≥ 1");
     let rows: usize = x_shape[..x_shape.len() - 1].iter().product();
-    let n = io.types[at.q].shape[0];
-    let f32_attr = || vec![("to", Attr::Int(DataType::FLOAT as i64))];
     let rows_shape = cx.b.const_i64(
         &format!("{base}/rows_shape"),
         &[2],
@@ -144,7 +173,7 @@ fn int8_linear(cx: &mut Cx, io: &NodeIo, op: &QuantLinear, x: &str, bias: Option
     );
     let mut x2 = cx.b.temp("Reshape", &[x, &rows_shape], base, vec![]);
     if cx.float == FloatType::F16 {
-        x2 = cx.b.temp("Cast", &[&x2], base, f32_attr());
+        x2 = cx.b.temp("Cast", &[&x2], base, to(DataType::FLOAT));
     }
     let abs = cx.b.temp("Abs", &[&x2], base, vec![]);
     let amax = if cx.opset >= 18 {
@@ -171,42 +200,29 @@ fn int8_linear(cx: &mut Cx, io: &NodeIo, op: &QuantLinear, x: &str, bias: Option
         cx.b.const_float(&format!("{base}/tiny"), DataType::FLOAT, &[], &[1e-30]);
     let divisor = cx.b.temp("Max", &[&sx, &tiny], base, vec![]);
     let scaled = cx.b.temp("Div", &[&x2, &divisor], base, vec![]);
-    let rounded = cx.b.temp("Round", &[&scaled], base, vec![]);
+    (sx, scaled)
+}
+
+fn to(t: DataType) -> Vec<(&'static str, Attr)> {
+    vec![("to", Attr::Int(t as i64))]
+}
+
+/// `Clip(v, -128, 127)` in f32.
+fn clip_int8(cx: &mut Cx, base: &str, v: &str) -> String {
     let lo =
         cx.b.const_float(&format!("{base}/lo"), DataType::FLOAT, &[], &[-128.0]);
     let hi =
         cx.b.const_float(&format!("{base}/hi"), DataType::FLOAT, &[], &[127.0]);
-    let clipped = cx.b.temp("Clip", &[&rounded, &lo, &hi], base, vec![]);
-    let xq = cx.b.temp(
-        "Cast",
-        &[&clipped],
-        base,
-        vec![("to", Attr::Int(DataType::INT8 as i64))],
-    );
-    let wt = cx.b.temp(
-        "Transpose",
-        &[io.inputs[at.q]],
-        base,
-        vec![("perm", Attr::Ints(vec![1, 0]))],
-    );
-    let acc = cx.b.temp("MatMulInteger", &[&xq, &wt], base, vec![]);
-    let acc = cx.b.temp("Cast", &[&acc], base, f32_attr());
-    let n_shape =
-        cx.b.const_i64(&format!("{base}/n_shape"), &[1], &[n as i64]);
-    let mut scale =
-        cx.b.temp("Reshape", &[io.inputs[at.scale], &n_shape], base, vec![]);
+    cx.b.temp("Clip", &[v, &lo, &hi], base, vec![])
+}
+
+/// `y · s_x` (f32 `[rows, N]`) in the graph's float type, `+ bias`, in the
+/// output's shape.
+fn finish(cx: &mut Cx, io: &NodeIo, y: &str, sx: &str, bias: Option<&str>) {
+    let base = io.name;
+    let mut y = cx.b.temp("Mul", &[y, sx], base, vec![]);
     if cx.float == FloatType::F16 {
-        scale = cx.b.temp("Cast", &[&scale], base, f32_attr());
-    }
-    let y = cx.b.temp("Mul", &[&acc, &scale], base, vec![]);
-    let mut y = cx.b.temp("Mul", &[&y, &sx], base, vec![]);
-    if cx.float == FloatType::F16 {
-        y = cx.b.temp(
-            "Cast",
-            &[&y],
-            base,
-            vec![("to", Attr::Int(cx.float.data_type() as i64))],
-        );
+        y = cx.b.temp("Cast", &[&y], base, to(cx.float.data_type()));
     }
     if let Some(bias) = bias {
         y = cx.b.temp("Add", &[&y, bias], base, vec![]);
@@ -215,4 +231,89 @@ fn int8_linear(cx: &mut Cx, io: &NodeIo, op: &QuantLinear, x: &str, bias: Option
     let shape =
         cx.b.const_i64(&format!("{base}/out_shape"), &[out_shape.len()], &out_shape);
     cx.b.node("Reshape", &[&y, &shape], io.output, vec![]);
+}
+
+/// The `w8a8` product in standard ops; the quantization of `x` and the
+/// scaling run in f32 whatever the graph's float type (an int32 sum
+/// overflows fp16).
+fn int8_linear(cx: &mut Cx, io: &NodeIo, op: &QuantLinear, x: &str, bias: Option<&str>) {
+    let at = op.slots();
+    let base = io.name;
+    let n = io.types[at.q].shape[0];
+    let (sx, scaled) = token_scales(cx, io, op, x);
+    let rounded = cx.b.temp("Round", &[&scaled], base, vec![]);
+    let clipped = clip_int8(cx, base, &rounded);
+    let xq = cx.b.temp("Cast", &[&clipped], base, to(DataType::INT8));
+    let wt = cx.b.temp(
+        "Transpose",
+        &[io.inputs[at.q]],
+        base,
+        vec![("perm", Attr::Ints(vec![1, 0]))],
+    );
+    let acc = cx.b.temp("MatMulInteger", &[&xq, &wt], base, vec![]);
+    let acc = cx.b.temp("Cast", &[&acc], base, to(DataType::FLOAT));
+    let n_shape =
+        cx.b.const_i64(&format!("{base}/n_shape"), &[1], &[n as i64]);
+    let mut scale =
+        cx.b.temp("Reshape", &[io.inputs[at.scale], &n_shape], base, vec![]);
+    if cx.float == FloatType::F16 {
+        scale = cx.b.temp("Cast", &[&scale], base, to(DataType::FLOAT));
+    }
+    let y = cx.b.temp("Mul", &[&acc, &scale], base, vec![]);
+    finish(cx, io, &y, &sx, bias);
+}
+
+/// The `w8a8` product in ATC's ops (see the module's notes). Clipping
+/// before AscendQuant's rounding equals clipping after it (the bounds are
+/// integers), so both forms quantize `x` alike.
+fn ascend_int8_linear(
+    cx: &mut Cx,
+    io: &NodeIo,
+    op: &QuantLinear,
+    x: &str,
+    bias: Option<&str>,
+) -> Result<(), OnnxError> {
+    let at = op.slots();
+    let base = io.name;
+    let tensor = |cx: &Cx, slot: usize| {
+        cx.weight_tensors
+            .get(io.inputs[slot])
+            .cloned()
+            .ok_or_else(|| {
+                no_ascend_form(io, "a linear layer whose int8 weights are not constants")
+            })
+    };
+    let (q, scale) = (tensor(cx, at.q)?, tensor(cx, at.scale)?);
+    let (sx, scaled) = token_scales(cx, io, op, x);
+    let clipped = clip_int8(cx, base, &scaled);
+    let xq = cx.b.temp(
+        "AscendQuant",
+        &[&clipped],
+        base,
+        vec![
+            ("scale", Attr::Float(1.0)),
+            ("offset", Attr::Float(0.0)),
+            ("sqrt_mode", Attr::Int(0)),
+            ("round_mode", Attr::Str("Round")),
+            ("dst_type", Attr::Str("INT8")),
+        ],
+    );
+    let wt = format!("{q}.transposed");
+    cx.derived
+        .insert(wt.clone(), Derived::TransposedI8 { source: q });
+    let deq = format!("{scale}.deq_scale");
+    cx.derived.insert(deq.clone(), Derived::DeqScale { scale });
+    let acc = cx.b.temp("MatMul", &[&xq, &wt], base, vec![]);
+    let y = cx.b.temp(
+        "AscendDequant",
+        &[&acc, &deq],
+        base,
+        vec![
+            ("dtype", Attr::Int(0)),
+            ("sqrt_mode", Attr::Int(0)),
+            ("relu_flag", Attr::Int(0)),
+        ],
+    );
+    finish(cx, io, &y, &sx, bias);
+    Ok(())
 }
