@@ -106,6 +106,11 @@ pub struct Calibration {
     pub windows: usize,
 }
 
+/// Tokens per calibration window for `model`.
+pub fn calibration_ctx(model: &HfModel) -> usize {
+    CALIBRATION_CTX.min(model.config.max_position_embeddings)
+}
+
 /// The graph calibration runs: `ctx` tokens from position 0, the default
 /// passes applied (so value names match the graphs being compiled).
 pub fn calibration_graph(model: &mut HfModel, ctx: usize) -> Result<Graph, CalibError> {
@@ -163,7 +168,7 @@ pub fn collect(
     inputs: impl Fn(&Graph) -> Vec<String>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Calibration, CalibError> {
-    let ctx = CALIBRATION_CTX.min(model.config.max_position_embeddings);
+    let ctx = calibration_ctx(model);
     let usable = text.tokens.len().min(MAX_CALIBRATION_TOKENS);
     let windows = usable / ctx;
     if windows == 0 {
@@ -220,7 +225,7 @@ pub fn collect(
                     sum_abs[j] += x.abs() as f64;
                     sum_sq[j] += (x as f64) * (x as f64);
                 }
-                if token % stride == 0 {
+                if token.is_multiple_of(stride) {
                     stats.sample.extend_from_slice(row);
                 }
                 stats.tokens += 1;

@@ -116,6 +116,7 @@ pub fn compile(
         mut model,
         ir,
         quant,
+        report_graph,
     } = crate::lower_with(model_dir, &options.shape, &options.quant, &mut progress)?;
     let mut notes = Vec::new();
     // ATC's graphs: the IR itself (float, or w8a8 in ATC's own quantization
@@ -313,6 +314,26 @@ pub fn compile(
             AtcForm::Int8 => "int8 (AscendQuant → int8 MatMul → AscendDequant)".to_string(),
             _ => format!("dequantized to {}", options.float.name()),
         });
+    }
+    if let (Some(graph), Some(summary), crate::QuantMode::Quantize(q)) =
+        (report_graph, &quant, &options.quant)
+    {
+        let report =
+            crate::quant_report::measure(model_dir, &model, graph, q, summary, &mut progress)?;
+        let path = tmp.path.join(crate::quant_report::QUANT_REPORT_FILE);
+        let json = serde_json::to_vec_pretty(&report).expect("the report serializes");
+        std::fs::write(&path, json).map_err(io_err(&path))?;
+        if let Some(a) = &report.evaluation.agreement {
+            notes.push(format!(
+                "{}: on the calibration text (in-sample), perplexity {:.3} against the float \
+                 model's {:.3} (×{:.4}), top-1 agreement {:.1}%",
+                crate::quant_report::QUANT_REPORT_FILE,
+                report.evaluation.ppl,
+                a.reference_ppl,
+                a.ppl_ratio,
+                100.0 * a.top1_agreement
+            ));
+        }
     }
     let manifest_path = tmp.path.join(MANIFEST_FILE);
     std::fs::write(&manifest_path, manifest.to_json()).map_err(io_err(&manifest_path))?;

@@ -10,6 +10,7 @@ pub mod frontend;
 pub mod import;
 pub mod output;
 pub mod passes;
+pub mod quant_report;
 
 use frontend::{FrontendError, GraphOptions, HfModel, ShapeRequest};
 use kiln_runtime::ir::ModelIr;
@@ -37,6 +38,8 @@ pub enum LowerError {
     Quant(#[from] QuantError),
     #[error(transparent)]
     Calibration(#[from] calibrate::CalibError),
+    #[error(transparent)]
+    Eval(#[from] eval::EvalError),
 }
 
 /// A model lowered to optimized IR.
@@ -45,6 +48,9 @@ pub struct Lowered {
     pub ir: ModelIr,
     /// What quantization did, when Kiln quantized.
     pub quant: Option<QuantSummary>,
+    /// With calibration text: a graph that scores windows of text (every
+    /// position's logits) over the quantized weights, for `quant_report.json`.
+    pub report_graph: Option<kiln_runtime::ir::Graph>,
 }
 
 /// Opens a model directory or GGUF file and lowers it to optimized IR, with
@@ -72,19 +78,29 @@ pub fn lower_with(
     let options = GraphOptions::resolve(&model.config, shape);
     let mut ir = model.build_ir(&options)?;
     passes::optimize(&mut ir).map_err(FrontendError::from)?;
+    let mut report_graph = match quant {
+        QuantMode::Quantize(QuantOptions {
+            calibration: Some(_),
+            ..
+        }) => {
+            let ctx = calibrate::calibration_ctx(&model);
+            Some(eval::eval_graph(&mut model, ctx)?)
+        }
+        _ => None,
+    };
     let summary = match quant {
-        QuantMode::Quantize(options) => Some(quantize(
-            &mut model,
-            &mut [&mut ir.prefill, &mut ir.decode],
-            options,
-            progress,
-        )?),
+        QuantMode::Quantize(options) => {
+            let mut graphs = vec![&mut ir.prefill, &mut ir.decode];
+            graphs.extend(report_graph.as_mut());
+            Some(quantize(&mut model, &mut graphs, options, progress)?)
+        }
         _ => None,
     };
     Ok(Lowered {
         model,
         ir,
         quant: summary,
+        report_graph,
     })
 }
 

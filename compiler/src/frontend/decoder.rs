@@ -45,9 +45,16 @@ pub enum LogitsOutput {
     AllPositions,
 }
 
-/// Names of the RoPE tables the frontend adds to the weight store.
-pub const ROPE_COS: &str = "kiln.rope.cos";
-pub const ROPE_SIN: &str = "kiln.rope.sin";
+/// Names of the RoPE tables (cos, sin) of `positions` rows the frontend
+/// adds to the weight store. The length is in the name: graphs of one model
+/// built for different lengths (the compiled pair, a calibration or
+/// evaluation graph) each read their own.
+pub fn rope_tables(positions: usize) -> (String, String) {
+    (
+        format!("kiln.rope{positions}.cos"),
+        format!("kiln.rope{positions}.sin"),
+    )
+}
 
 /// The weights a graph is built over: the store, and which of its
 /// matrices are stored quantized (by the float weight's name).
@@ -214,8 +221,9 @@ pub fn build_graph(
         }
     };
 
-    let cos_table = d.weight(ROPE_COS, &[cache.max_len, head_dim])?;
-    let sin_table = d.weight(ROPE_SIN, &[cache.max_len, head_dim])?;
+    let (cos_name, sin_name) = rope_tables(cache.max_len);
+    let cos_table = d.weight(&cos_name, &[cache.max_len, head_dim])?;
+    let sin_table = d.weight(&sin_name, &[cache.max_len, head_dim])?;
     let cos = d.node("rope.cos", Gather, &[cos_table, positions])?;
     let sin = d.node("rope.sin", Gather, &[sin_table, positions])?;
 

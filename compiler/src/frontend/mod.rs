@@ -335,10 +335,11 @@ impl HfModel {
             &[c.num_heads * c.head_dim, c.hidden_size],
         )?;
         let (cos, sin) = rope::tables(&c.rope, c.head_dim, cache.max_len);
+        let (cos_name, sin_name) = decoder::rope_tables(cache.max_len);
         self.weights
-            .insert_f32(decoder::ROPE_COS, vec![cache.max_len, c.head_dim], cos);
+            .insert_f32(&cos_name, vec![cache.max_len, c.head_dim], cos);
         self.weights
-            .insert_f32(decoder::ROPE_SIN, vec![cache.max_len, c.head_dim], sin);
+            .insert_f32(&sin_name, vec![cache.max_len, c.head_dim], sin);
 
         let spec = c.architecture.decoder_spec(c);
         let weights = decoder::Weights {

@@ -116,7 +116,7 @@ pub enum QuantError {
 }
 
 /// What the pass did, for the compile summary and reports.
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize)]
 pub struct QuantSummary {
     /// Layers quantized, by the format of their weights.
     pub layers: BTreeMap<String, usize>,

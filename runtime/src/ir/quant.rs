@@ -228,9 +228,11 @@ pub fn quantize(
             let (s, m) = group_scale_and_min(chunk, scheme);
             let (sf, mf) = match (s.to_f32(), m.to_f32()) {
                 (sf, mf) if sf.is_finite() && mf.is_finite() => (sf, mf),
-                _ => return Err(format!(
+                _ => {
+                    return Err(format!(
                     "row {row}, group {group}: the weights (or their range) do not fit f16 scales"
-                )),
+                ))
+                }
             };
             let mf = match scheme.offset {
                 true => mf,
