@@ -1223,7 +1223,7 @@ fn micro_tile_pair<V: Lanes, const NV: usize, const R: usize>(
     panels: [Panel; 2],
 ) -> [[[V; NV]; R]; 2] {
     match panels {
-        [Panel::F32(a), Panel::F32(b)] => micro_tile::<V, NV, R, 2>(x, [a, b], &[]),
+        [Panel::F32(a), Panel::F32(b)] => stream_tile::<V, NV, R, 2>(x, [a, b], &[]),
         [Panel::Quant {
             scheme,
             q: qa,
@@ -1234,9 +1234,9 @@ fn micro_tile_pair<V: Lanes, const NV: usize, const R: usize>(
             scales: sb,
         }] if scheme == other => {
             if scheme.bits == 8 {
-                micro_tile_i8::<V, NV, R, 2>(x, k, scheme.group_size, [qa, qb], [sa, sb], &[])
+                stream_tile_i8::<V, NV, R, 2>(x, k, scheme.group_size, [qa, qb], [sa, sb], &[])
             } else {
-                micro_tile_u4::<V, NV, R, 2>(x, k, scheme.group_size, [qa, qb], [sa, sb], &[])
+                stream_tile_u4::<V, NV, R, 2>(x, k, scheme.group_size, [qa, qb], [sa, sb], &[])
             }
         }
         [a, b] => [
@@ -1256,12 +1256,12 @@ fn micro_tile_one<V: Lanes, const NV: usize, const R: usize>(
 ) -> [[V; NV]; R] {
     match panel {
         Panel::None => [[V::zero(); NV]; R],
-        Panel::F32(w) => micro_tile::<V, NV, R, 1>(x, [w], &[])[0],
+        Panel::F32(w) => stream_tile::<V, NV, R, 1>(x, [w], &[])[0],
         Panel::Quant { scheme, q, scales } if scheme.bits == 8 => {
-            micro_tile_i8::<V, NV, R, 1>(x, k, scheme.group_size, [q], [scales], &[])[0]
+            stream_tile_i8::<V, NV, R, 1>(x, k, scheme.group_size, [q], [scales], &[])[0]
         }
         Panel::Quant { scheme, q, scales } => {
-            micro_tile_u4::<V, NV, R, 1>(x, k, scheme.group_size, [q], [scales], &[])[0]
+            stream_tile_u4::<V, NV, R, 1>(x, k, scheme.group_size, [q], [scales], &[])[0]
         }
     }
 }
@@ -1394,12 +1394,12 @@ fn row_tile<V: Lanes, const NV: usize, const R: usize>(
         let ahead = &ahead[which][share(ahead[which])];
         let acc = match panels[which] {
             Panel::None => continue,
-            Panel::F32(panel) => micro_tile::<V, NV, R, 1>(rows, [panel], ahead)[0],
+            Panel::F32(panel) => micro_tile::<V, NV, R>(rows, panel, ahead),
             Panel::Quant { scheme, q, scales } if scheme.bits == 8 => {
-                micro_tile_i8::<V, NV, R, 1>(rows, k, scheme.group_size, [q], [scales], ahead)[0]
+                micro_tile_i8::<V, NV, R>(rows, k, scheme.group_size, q, scales, ahead)
             }
             Panel::Quant { scheme, q, scales } => {
-                micro_tile_u4::<V, NV, R, 1>(rows, k, scheme.group_size, [q], [scales], ahead)[0]
+                micro_tile_u4::<V, NV, R>(rows, k, scheme.group_size, q, scales, ahead)
             }
         };
         for (row, lanes) in out.iter_mut().zip(&acc) {
@@ -1445,11 +1445,122 @@ fn prefetch_ahead<V: Lanes>(ahead: &[u8], step: usize) {
     }
 }
 
-/// `acc[p][r][v] = Σ_kk x[r][kk] · panels[p][kk][v·N..(v+1)·N]`, in order
-/// of kk, for `P` panels at once (independent chains for the FMA units);
+/// `acc[r][v] = Σ_kk x[r][kk] · panel[kk][v·N..(v+1)·N]`, in order of kk;
 /// meanwhile prefetches `ahead`, a cache line per step.
 #[inline(always)]
-fn micro_tile<V: Lanes, const NV: usize, const R: usize, const P: usize>(
+fn micro_tile<V: Lanes, const NV: usize, const R: usize>(
+    x: [&[f32]; R],
+    panel: &[f32],
+    ahead: &[u8],
+) -> [[V; NV]; R] {
+    let mut acc = [[V::zero(); NV]; R];
+    for (kk, b) in panel.chunks_exact(NV * V::N).enumerate() {
+        prefetch_ahead::<V>(ahead, kk);
+        // The panel comes from L2 once per row tile: asking for it a few
+        // steps ahead hides the latency better than the L1 prefetchers do
+        // (5% of a prefill, measured).
+        for line in (0..NV * V::N).step_by(16) {
+            V::prefetch_l1(b.as_ptr().wrapping_add(L1_AHEAD * NV * V::N + line));
+        }
+        let b: [V; NV] = std::array::from_fn(|v| V::load(&b[v * V::N..]));
+        for r in 0..R {
+            let a = V::splat(x[r][kk]);
+            for v in 0..NV {
+                acc[r][v] = acc[r][v].mul_add(a, b[v]);
+            }
+        }
+    }
+    acc
+}
+
+/// A group's scales and mins: `[scale, min][width]` at group `g`.
+#[inline(always)]
+fn group_scales<V: Lanes, const NV: usize>(scales: &[f32], g: usize) -> ([V; NV], [V; NV]) {
+    let width = NV * V::N;
+    let at = &scales[g * 2 * width..];
+    (
+        std::array::from_fn(|v| V::load(&at[v * V::N..])),
+        std::array::from_fn(|v| V::load(&at[width + v * V::N..])),
+    )
+}
+
+/// `acc[r][v] += x[r][kk] · w` over one dequantized panel row `w`.
+#[inline(always)]
+fn accumulate<V: Lanes, const NV: usize, const R: usize>(
+    acc: &mut [[V; NV]; R],
+    x: [&[f32]; R],
+    kk: usize,
+    w: [V; NV],
+) {
+    for r in 0..R {
+        let a = V::splat(x[r][kk]);
+        for v in 0..NV {
+            acc[r][v] = acc[r][v].mul_add(a, w[v]);
+        }
+    }
+}
+
+/// [`micro_tile`] over an i8 panel `[k][width]`: each row is dequantized,
+/// `w = min + q·scale` (one fused multiply-add), before it is used.
+#[inline(always)]
+fn micro_tile_i8<V: Lanes, const NV: usize, const R: usize>(
+    x: [&[f32]; R],
+    k: usize,
+    group_size: usize,
+    q: &[u8],
+    scales: &[f32],
+    ahead: &[u8],
+) -> [[V; NV]; R] {
+    let width = NV * V::N;
+    let mut acc = [[V::zero(); NV]; R];
+    for (g, k0) in (0..k).step_by(group_size).enumerate() {
+        let (scale, min) = group_scales::<V, NV>(scales, g);
+        for kk in k0..(k0 + group_size).min(k) {
+            prefetch_ahead::<V>(ahead, kk);
+            let row = &q[kk * width..];
+            let w: [V; NV] =
+                std::array::from_fn(|v| min[v].mul_add(V::load_i8(&row[v * V::N..]), scale[v]));
+            accumulate(&mut acc, x, kk, w);
+        }
+    }
+    acc
+}
+
+/// [`micro_tile`] over a u4 panel `[k / 2][width]` (rows `2i` and `2i + 1`
+/// in one byte per column), dequantized as in [`micro_tile_i8`].
+#[inline(always)]
+fn micro_tile_u4<V: Lanes, const NV: usize, const R: usize>(
+    x: [&[f32]; R],
+    k: usize,
+    group_size: usize,
+    q: &[u8],
+    scales: &[f32],
+    ahead: &[u8],
+) -> [[V; NV]; R] {
+    let width = NV * V::N;
+    let mut acc = [[V::zero(); NV]; R];
+    for (g, k0) in (0..k).step_by(group_size).enumerate() {
+        let (scale, min) = group_scales::<V, NV>(scales, g);
+        // Group sizes and k are even: pairs never straddle a group.
+        for kk in (k0..(k0 + group_size).min(k)).step_by(2) {
+            prefetch_ahead::<V>(ahead, kk / 2);
+            let row = &q[kk / 2 * width..];
+            let pairs: [(V, V); NV] = std::array::from_fn(|v| V::load_u4(&row[v * V::N..]));
+            let even = std::array::from_fn(|v| min[v].mul_add(pairs[v].0, scale[v]));
+            let odd = std::array::from_fn(|v| min[v].mul_add(pairs[v].1, scale[v]));
+            accumulate(&mut acc, x, kk, even);
+            accumulate(&mut acc, x, kk + 1, odd);
+        }
+    }
+    acc
+}
+
+/// [`micro_tile`] for a few rows of x (a decode step): `P` panels at once
+/// (independent chains for the FMA units), each panel row asked for
+/// [`STREAM_AHEAD`] bytes ahead while `ahead` is empty. (A prefill keeps
+/// the one-panel tiles: this form of the loop is slower there.)
+#[inline(always)]
+fn stream_tile<V: Lanes, const NV: usize, const R: usize, const P: usize>(
     x: [&[f32]; R],
     panels: [&[f32]; P],
     ahead: &[u8],
@@ -1481,7 +1592,7 @@ fn micro_tile<V: Lanes, const NV: usize, const R: usize, const P: usize>(
 /// (Loops, not `array::from_fn`: a closure that the compiler leaves out
 /// of line lacks the kernel's SIMD features, and so does everything in it.)
 #[inline(always)]
-fn group_scales<V: Lanes, const NV: usize, const P: usize>(
+fn panels_group_scales<V: Lanes, const NV: usize, const P: usize>(
     scales: [&[f32]; P],
     g: usize,
 ) -> [([V; NV], [V; NV]); P] {
@@ -1497,26 +1608,10 @@ fn group_scales<V: Lanes, const NV: usize, const P: usize>(
     out
 }
 
-/// `acc[r][v] += x[r][kk] · w` over one dequantized panel row `w`.
-#[inline(always)]
-fn accumulate<V: Lanes, const NV: usize, const R: usize>(
-    acc: &mut [[V; NV]; R],
-    x: [&[f32]; R],
-    kk: usize,
-    w: [V; NV],
-) {
-    for r in 0..R {
-        let a = V::splat(x[r][kk]);
-        for v in 0..NV {
-            acc[r][v] = acc[r][v].mul_add(a, w[v]);
-        }
-    }
-}
-
-/// [`micro_tile`] over i8 panels `[k][width]`: each row is dequantized,
+/// [`stream_tile`] over i8 panels `[k][width]`: each row is dequantized,
 /// `w = min + q·scale` (one fused multiply-add), before it is used.
 #[inline(always)]
-fn micro_tile_i8<V: Lanes, const NV: usize, const R: usize, const P: usize>(
+fn stream_tile_i8<V: Lanes, const NV: usize, const R: usize, const P: usize>(
     x: [&[f32]; R],
     k: usize,
     group_size: usize,
@@ -1527,7 +1622,7 @@ fn micro_tile_i8<V: Lanes, const NV: usize, const R: usize, const P: usize>(
     let width = NV * V::N;
     let mut acc = [[[V::zero(); NV]; R]; P];
     for (g, k0) in (0..k).step_by(group_size).enumerate() {
-        let s = group_scales::<V, NV, P>(scales, g);
+        let s = panels_group_scales::<V, NV, P>(scales, g);
         if ahead.is_empty() {
             for panel in scales {
                 let at = panel.as_ptr().wrapping_add((g + SCALES_AHEAD) * 2 * width);
@@ -1542,7 +1637,7 @@ fn micro_tile_i8<V: Lanes, const NV: usize, const R: usize, const P: usize>(
                 let (scale, min) = &s[p];
                 let row = &q[p][kk * width..][..width];
                 stream_ahead::<V>(ahead, row.as_ptr());
-                // Each weight used as soon as it is made (see micro_tile_u4).
+                // Each weight used as soon as it is made (see stream_tile_u4).
                 for v in 0..NV {
                     let w = min[v].mul_add(V::load_i8(&row[v * V::N..]), scale[v]);
                     for r in 0..R {
@@ -1555,10 +1650,10 @@ fn micro_tile_i8<V: Lanes, const NV: usize, const R: usize, const P: usize>(
     acc
 }
 
-/// [`micro_tile`] over u4 panels `[k / 2][width]` (rows `2i` and `2i + 1`
-/// in one byte per column), dequantized as in [`micro_tile_i8`].
+/// [`stream_tile`] over u4 panels `[k / 2][width]` (rows `2i` and `2i + 1`
+/// in one byte per column), dequantized as in [`stream_tile_i8`].
 #[inline(always)]
-fn micro_tile_u4<V: Lanes, const NV: usize, const R: usize, const P: usize>(
+fn stream_tile_u4<V: Lanes, const NV: usize, const R: usize, const P: usize>(
     x: [&[f32]; R],
     k: usize,
     group_size: usize,
@@ -1569,7 +1664,7 @@ fn micro_tile_u4<V: Lanes, const NV: usize, const R: usize, const P: usize>(
     let width = NV * V::N;
     let mut acc = [[[V::zero(); NV]; R]; P];
     for (g, k0) in (0..k).step_by(group_size).enumerate() {
-        let s = group_scales::<V, NV, P>(scales, g);
+        let s = panels_group_scales::<V, NV, P>(scales, g);
         if ahead.is_empty() {
             for panel in scales {
                 let at = panel.as_ptr().wrapping_add((g + SCALES_AHEAD) * 2 * width);
