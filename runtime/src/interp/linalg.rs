@@ -1089,15 +1089,28 @@ fn run_group(x: &[f32], m: usize, jobs: &[LinearJob], swiglu: bool) -> Vec<Vec<f
             .map(|o| SharedOut(o.as_mut_ptr(), o.len()))
             .collect(),
     };
-    // One task per (output, panel): tasks write disjoint columns.
+    // One task per (output, panel): tasks write disjoint columns. With
+    // fewer rows than a 4-row tile, a task takes two panels (a gated MLP's
+    // already has two) and computes them in one loop (see `pair_task`).
+    let step = if m < PAIR_BELOW_M && !swiglu { 2 } else { 1 };
     let tasks: Vec<(usize, usize)> = (0..count)
-        .flat_map(|j| (0..jobs[j].weight.panel_count()).map(move |p| (j, p)))
+        .flat_map(|j| {
+            (0..jobs[j].weight.panel_count())
+                .step_by(step)
+                .map(move |p| (j, p))
+        })
         .collect();
     tasks
         .into_par_iter()
         .for_each(|(job, panel)| group_task(&group, job, panel));
     outs
 }
+
+/// Below this many rows of x, a task computes two panels side by side:
+/// each output is a chain of dependent multiply-adds along k, and one
+/// panel's two vectors of chains leave the FMA units idle most of the
+/// time (a decode step is bound by that latency, not by memory).
+const PAIR_BELOW_M: usize = 4;
 
 fn group_task(group: &Group, job: usize, panel: usize) {
     match group.jobs[job].weight.kernel {
@@ -1108,21 +1121,149 @@ fn group_task(group: &Group, job: usize, panel: usize) {
         // SAFETY: as above.
         Kernel::Avx2 => unsafe { group_task_avx2(group, job, panel) },
         #[cfg(target_arch = "aarch64")]
-        Kernel::Neon => panel_task::<neon::Neon, 2, 6>(group, job, panel),
-        Kernel::Portable => panel_task::<Portable, 2, 6>(group, job, panel),
+        Kernel::Neon => any_task::<neon::Neon, 2, 6>(group, job, panel),
+        Kernel::Portable => any_task::<Portable, 2, 6>(group, job, panel),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn group_task_avx512(group: &Group, job: usize, panel: usize) {
-    panel_task::<avx2::Avx512, 3, 8>(group, job, panel)
+    any_task::<avx2::Avx512, 3, 8>(group, job, panel)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn group_task_avx2(group: &Group, job: usize, panel: usize) {
-    panel_task::<avx2::Avx2Fma, 2, 6>(group, job, panel)
+    any_task::<avx2::Avx2Fma, 2, 6>(group, job, panel)
+}
+
+#[inline(always)]
+fn any_task<V: Lanes, const NV: usize, const R: usize>(group: &Group, job: usize, p: usize) {
+    if group.m < PAIR_BELOW_M {
+        pair_task::<V, NV>(group, job, p)
+    } else {
+        panel_task::<V, NV, R>(group, job, p)
+    }
+}
+
+/// The [`Finish`] of panel `p` of output `job` (`second`: the up
+/// projection of a gated MLP, whose values come with the first's).
+fn finish_for<'a>(group: &'a Group, job: usize, p: usize) -> Finish<'a> {
+    let first = &group.jobs[job];
+    let second = group.swiglu.then(|| &group.jobs[1]);
+    let width = first.weight.width;
+    let n = first.weight.n;
+    let p0 = p * width;
+    let cols = width.min(n - p0);
+    // SAFETY: only the task of panel p writes columns p0..p0 + cols of
+    // this output, and `run_group` keeps the buffer alive until every task
+    // is done.
+    let out = unsafe { group.outs[job].slice() };
+    Finish {
+        out: &mut out[p0..],
+        n,
+        cols,
+        bias: first.bias.map(|b| &b[p0..p0 + cols]),
+        second_bias: second.and_then(|s| s.bias).map(|b| &b[p0..p0 + cols]),
+        swiglu: second.is_some(),
+        residual: first.residual.map(|r| &r[p0..]),
+    }
+}
+
+/// Panels `p` and `p + 1` of output `job` (a gated MLP: panel `p` of the
+/// gate and the up projection) for every row of x, one row at a time, both
+/// panels' chains in one loop. Each value is the same sequential sum over
+/// k as [`panel_task`] computes.
+#[inline(always)]
+fn pair_task<V: Lanes, const NV: usize>(group: &Group, job: usize, p: usize) {
+    let (x, m, k) = (group.x, group.m, group.k);
+    let first = &group.jobs[job];
+    let panels = match group.swiglu {
+        true => [first.weight.panel(p), group.jobs[1].weight.panel(p)],
+        false => [first.weight.panel(p), first.weight.panel(p + 1)],
+    };
+    let mut finish = [
+        Some(finish_for(group, job, p)),
+        (!group.swiglu && p + 1 < first.weight.panel_count())
+            .then(|| finish_for(group, job, p + 1)),
+    ];
+    for i in 0..m {
+        let row = [&x[i * k..][..k]];
+        let mut values = [[[0f32; MAX_WIDTH]; 1]; 2];
+        let accs = micro_tile_pair::<V, NV, 1>(row, k, panels);
+        for (out, acc) in values.iter_mut().zip(&accs) {
+            for (lanes, row) in acc.iter().zip(out.iter_mut()) {
+                for (v, lane) in lanes.iter().enumerate() {
+                    lane.store(&mut row[v * V::N..]);
+                }
+            }
+        }
+        let [[a], [b]] = &mut values;
+        match &mut finish {
+            [Some(f), _] if group.swiglu => f.row(i, a, b),
+            [f0, f1] => {
+                for (f, v) in [(f0, a), (f1, b)] {
+                    if let Some(f) = f {
+                        f.row(i, v, &mut [])
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The accumulators of two panels of the same kind (or one, the other
+/// [`Panel::None`]) over rows `x`: one loop when both are quantized alike
+/// or both f32, else one after the other.
+#[inline(always)]
+fn micro_tile_pair<V: Lanes, const NV: usize, const R: usize>(
+    x: [&[f32]; R],
+    k: usize,
+    panels: [Panel; 2],
+) -> [[[V; NV]; R]; 2] {
+    match panels {
+        [Panel::F32(a), Panel::F32(b)] => stream_tile::<V, NV, R, 2>(x, [a, b], &[]),
+        [Panel::Quant {
+            scheme,
+            q: qa,
+            scales: sa,
+        }, Panel::Quant {
+            scheme: other,
+            q: qb,
+            scales: sb,
+        }] if scheme == other => {
+            if scheme.bits == 8 {
+                stream_tile_i8::<V, NV, R, 2>(x, k, scheme.group_size, [qa, qb], [sa, sb], &[])
+            } else {
+                stream_tile_u4::<V, NV, R, 2>(x, k, scheme.group_size, [qa, qb], [sa, sb], &[])
+            }
+        }
+        [a, b] => [
+            micro_tile_one::<V, NV, R>(x, k, a),
+            micro_tile_one::<V, NV, R>(x, k, b),
+        ],
+    }
+}
+
+/// The accumulators of one panel (zeros for [`Panel::None`]). A function,
+/// not a closure, so that it is compiled with its caller's SIMD features.
+#[inline(always)]
+fn micro_tile_one<V: Lanes, const NV: usize, const R: usize>(
+    x: [&[f32]; R],
+    k: usize,
+    panel: Panel,
+) -> [[V; NV]; R] {
+    match panel {
+        Panel::None => [[V::zero(); NV]; R],
+        Panel::F32(w) => stream_tile::<V, NV, R, 1>(x, [w], &[])[0],
+        Panel::Quant { scheme, q, scales } if scheme.bits == 8 => {
+            stream_tile_i8::<V, NV, R, 1>(x, k, scheme.group_size, [q], [scales], &[])[0]
+        }
+        Panel::Quant { scheme, q, scales } => {
+            stream_tile_u4::<V, NV, R, 1>(x, k, scheme.group_size, [q], [scales], &[])[0]
+        }
+    }
 }
 
 /// Columns of panel `p` of output `job`, for every row of x.
@@ -1278,6 +1419,24 @@ const CACHE_LINE: usize = 64;
 /// Steps of k that a micro-tile asks for its panel ahead of use.
 const L1_AHEAD: usize = 16;
 
+/// Bytes ahead of its use that a decode step asks for a panel row: about
+/// a memory latency's worth of rows. (The hardware prefetchers alone fall
+/// behind a stream of short panels.)
+const STREAM_AHEAD: usize = 2048;
+
+/// Groups ahead of use that a decode step asks for a panel's scales.
+const SCALES_AHEAD: usize = 4;
+
+/// Without `ahead` (a decode step), asks for the panel bytes
+/// [`STREAM_AHEAD`] past `row`: past a panel's end, that is the next
+/// panel's start (a prefetch never faults, whatever the address).
+#[inline(always)]
+fn stream_ahead<V: Lanes>(ahead: &[u8], row: *const u8) {
+    if ahead.is_empty() {
+        V::prefetch_l1(row.wrapping_add(STREAM_AHEAD).cast());
+    }
+}
+
 /// Asks for line `step` of `ahead` (the next panel), if it has one.
 #[inline(always)]
 fn prefetch_ahead<V: Lanes>(ahead: &[u8], step: usize) {
@@ -1391,6 +1550,151 @@ fn micro_tile_u4<V: Lanes, const NV: usize, const R: usize>(
             let odd = std::array::from_fn(|v| min[v].mul_add(pairs[v].1, scale[v]));
             accumulate(&mut acc, x, kk, even);
             accumulate(&mut acc, x, kk + 1, odd);
+        }
+    }
+    acc
+}
+
+/// [`micro_tile`] for a few rows of x (a decode step): `P` panels at once
+/// (independent chains for the FMA units), each panel row asked for
+/// [`STREAM_AHEAD`] bytes ahead while `ahead` is empty. (A prefill keeps
+/// the one-panel tiles: this form of the loop is slower there.)
+#[inline(always)]
+fn stream_tile<V: Lanes, const NV: usize, const R: usize, const P: usize>(
+    x: [&[f32]; R],
+    panels: [&[f32]; P],
+    ahead: &[u8],
+) -> [[[V; NV]; R]; P] {
+    let width = NV * V::N;
+    let mut acc = [[[V::zero(); NV]; R]; P];
+    let k = panels[0].len() / width;
+    for kk in 0..k {
+        prefetch_ahead::<V>(ahead, kk);
+        for p in 0..P {
+            let b = &panels[p][kk * width..][..width];
+            // The panel comes from L2 once per row tile: asking for it a few
+            // steps ahead hides the latency better than the L1 prefetchers do
+            // (5% of a prefill, measured).
+            for line in (0..width).step_by(16) {
+                V::prefetch_l1(b.as_ptr().wrapping_add(L1_AHEAD * width + line));
+            }
+            let mut w = [V::zero(); NV];
+            for v in 0..NV {
+                w[v] = V::load(&b[v * V::N..]);
+            }
+            accumulate(&mut acc[p], x, kk, w);
+        }
+    }
+    acc
+}
+
+/// Each panel's scales and mins of group `g`: `[scale, min][width]`.
+/// (Loops, not `array::from_fn`: a closure that the compiler leaves out
+/// of line lacks the kernel's SIMD features, and so does everything in it.)
+#[inline(always)]
+fn panels_group_scales<V: Lanes, const NV: usize, const P: usize>(
+    scales: [&[f32]; P],
+    g: usize,
+) -> [([V; NV], [V; NV]); P] {
+    let width = NV * V::N;
+    let mut out = [([V::zero(); NV], [V::zero(); NV]); P];
+    for p in 0..P {
+        let at = &scales[p][g * 2 * width..];
+        for v in 0..NV {
+            out[p].0[v] = V::load(&at[v * V::N..]);
+            out[p].1[v] = V::load(&at[width + v * V::N..]);
+        }
+    }
+    out
+}
+
+/// [`stream_tile`] over i8 panels `[k][width]`: each row is dequantized,
+/// `w = min + q·scale` (one fused multiply-add), before it is used.
+#[inline(always)]
+fn stream_tile_i8<V: Lanes, const NV: usize, const R: usize, const P: usize>(
+    x: [&[f32]; R],
+    k: usize,
+    group_size: usize,
+    q: [&[u8]; P],
+    scales: [&[f32]; P],
+    ahead: &[u8],
+) -> [[[V; NV]; R]; P] {
+    let width = NV * V::N;
+    let mut acc = [[[V::zero(); NV]; R]; P];
+    for (g, k0) in (0..k).step_by(group_size).enumerate() {
+        let s = panels_group_scales::<V, NV, P>(scales, g);
+        if ahead.is_empty() {
+            for panel in scales {
+                let at = panel.as_ptr().wrapping_add((g + SCALES_AHEAD) * 2 * width);
+                for line in (0..2 * width).step_by(16) {
+                    V::prefetch_l1(at.wrapping_add(line));
+                }
+            }
+        }
+        for kk in k0..(k0 + group_size).min(k) {
+            prefetch_ahead::<V>(ahead, kk);
+            for p in 0..P {
+                let (scale, min) = &s[p];
+                let row = &q[p][kk * width..][..width];
+                stream_ahead::<V>(ahead, row.as_ptr());
+                // Each weight used as soon as it is made (see stream_tile_u4).
+                for v in 0..NV {
+                    let w = min[v].mul_add(V::load_i8(&row[v * V::N..]), scale[v]);
+                    for r in 0..R {
+                        acc[p][r][v] = acc[p][r][v].mul_add(V::splat(x[r][kk]), w);
+                    }
+                }
+            }
+        }
+    }
+    acc
+}
+
+/// [`stream_tile`] over u4 panels `[k / 2][width]` (rows `2i` and `2i + 1`
+/// in one byte per column), dequantized as in [`stream_tile_i8`].
+#[inline(always)]
+fn stream_tile_u4<V: Lanes, const NV: usize, const R: usize, const P: usize>(
+    x: [&[f32]; R],
+    k: usize,
+    group_size: usize,
+    q: [&[u8]; P],
+    scales: [&[f32]; P],
+    ahead: &[u8],
+) -> [[[V; NV]; R]; P] {
+    let width = NV * V::N;
+    let mut acc = [[[V::zero(); NV]; R]; P];
+    for (g, k0) in (0..k).step_by(group_size).enumerate() {
+        let s = panels_group_scales::<V, NV, P>(scales, g);
+        if ahead.is_empty() {
+            for panel in scales {
+                let at = panel.as_ptr().wrapping_add((g + SCALES_AHEAD) * 2 * width);
+                for line in (0..2 * width).step_by(16) {
+                    V::prefetch_l1(at.wrapping_add(line));
+                }
+            }
+        }
+        // Group sizes and k are even: pairs never straddle a group.
+        for kk in (k0..(k0 + group_size).min(k)).step_by(2) {
+            prefetch_ahead::<V>(ahead, kk / 2);
+            for p in 0..P {
+                let (scale, min) = &s[p];
+                let row = &q[p][kk / 2 * width..][..width];
+                stream_ahead::<V>(ahead, row.as_ptr());
+                // Vector by vector, each weight used as soon as it is made:
+                // fewer live registers (a spilled accumulator would put a
+                // store and a load into its chain).
+                for v in 0..NV {
+                    let (low, high) = V::load_u4(&row[v * V::N..]);
+                    let even = min[v].mul_add(low, scale[v]);
+                    for r in 0..R {
+                        acc[p][r][v] = acc[p][r][v].mul_add(V::splat(x[r][kk]), even);
+                    }
+                    let odd = min[v].mul_add(high, scale[v]);
+                    for r in 0..R {
+                        acc[p][r][v] = acc[p][r][v].mul_add(V::splat(x[r][kk + 1]), odd);
+                    }
+                }
+            }
         }
     }
     acc
@@ -1589,6 +1893,7 @@ mod tests {
             (5, 96, 50),
             (13, 64, 1),
             (1, 200, 77),
+            (3, 64, 40),
             (29, 40, 49),
         ] {
             let x = pseudo_random(m * k, 21);
