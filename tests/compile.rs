@@ -540,10 +540,7 @@ fn diff_cpu_against_onnxruntime_and_a_perturbed_weight() {
     let dir = tmp.path().join("mistral");
     compile_fixture("mistral-sharded", &dir, &["--dtype", "fp32"]);
     let g = golden("mistral-sharded");
-    let strict = Thresholds {
-        min_cosine: 0.99999,
-        max_abs: 1e-3,
-    };
+    let strict = Thresholds::FLOAT32;
     let model = CompiledModel::open(&dir).unwrap();
     let report = diff_backends(
         &model,
@@ -602,6 +599,51 @@ fn diff_cpu_against_onnxruntime_and_a_perturbed_weight() {
         .first_failure(&strict)
         .expect("a perturbed weight must be reported");
     assert!(failure.starts_with("step 0:"), "{failure}");
+}
+
+/// A default compile is fp16: `diff` judges it by fp16's limits (stated in
+/// its report line), and still catches a perturbed weight.
+#[test]
+fn diff_passes_on_a_default_fp16_compile_and_still_catches_a_perturbed_weight() {
+    let python = python();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("llama");
+    compile_fixture("llama-gqa", &dir, &[]);
+    let g = golden("llama-gqa");
+    let diff = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["diff", dir.to_str().unwrap(), "--steps", "6"])
+            .args(["--token-ids", &join_ids(&g.prompt_ids)])
+            .args(extra)
+            .env("KILN_PYTHON", &python)
+            .output()
+            .unwrap()
+    };
+    let out = diff(&[]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out)
+            .contains("cosine ≥ 0.9999 and max abs ≤ 1.0e-2 × max|logits| (float16's defaults"),
+        "{}",
+        stdout(&out)
+    );
+    // fp32's limits on the same directory are what the old default was:
+    // given explicitly, they override.
+    let strict = diff(&["--max-abs", "1e-6"]);
+    assert_fails_with(
+        &strict,
+        &["diverge", "max abs", "as given, else float16's defaults"],
+    );
+
+    perturb_reference_weight(&dir, "model.norm.weight", |v| v * 4.0 + 1.0);
+    let out = diff(&[]);
+    assert_fails_with(
+        &out,
+        &[
+            "cpu and onnxruntime diverge at step 0",
+            "float16's defaults",
+        ],
+    );
 }
 
 /// Reads a dumped value: shape and f32 data.

@@ -288,13 +288,17 @@ pub struct Closeness {
     pub max_abs: f32,
     pub mean_abs: f32,
     pub cosine: f64,
+    /// `max |a|`: the scale a relative `--max-abs` is taken of.
+    pub scale: f32,
 }
 
 impl Closeness {
     pub fn of(a: &[f32], b: &[f32]) -> Closeness {
         assert_eq!(a.len(), b.len(), "compared arrays differ in length");
         let (mut max_abs, mut sum_abs, mut dot, mut na, mut nb) = (0f32, 0f64, 0f64, 0f64, 0f64);
+        let mut scale = 0f32;
         for (&x, &y) in a.iter().zip(b) {
+            scale = scale.max(x.abs());
             let d = (x - y).abs();
             // f32::max ignores NaN: count it as the worst difference instead.
             let d = if d.is_nan() { f32::INFINITY } else { d };
@@ -315,15 +319,20 @@ impl Closeness {
             max_abs,
             mean_abs: (sum_abs / a.len().max(1) as f64) as f32,
             cosine,
+            scale,
         }
     }
 
     /// Why this pair fails the thresholds, if it does (NaN fails).
     pub fn failure(&self, t: &Thresholds) -> Option<String> {
+        let limit = t.max_abs.limit(self.scale);
         if self.cosine.is_nan() || self.cosine < t.min_cosine {
             Some(format!("cosine {:.6} < {}", self.cosine, t.min_cosine))
-        } else if self.max_abs.is_nan() || self.max_abs > t.max_abs {
-            Some(format!("max abs {:.3e} > {:.1e}", self.max_abs, t.max_abs))
+        } else if self.max_abs.is_nan() || limit.is_nan() || self.max_abs > limit {
+            Some(format!(
+                "max abs {:.3e} > {limit:.3e} ({})",
+                self.max_abs, t.max_abs
+            ))
         } else {
             None
         }
@@ -336,6 +345,8 @@ pub struct StepDiff {
     pub max_abs: f32,
     pub mean_abs: f32,
     pub cosine: f64,
+    /// `max |a|` of A's logits.
+    pub scale: f32,
     pub top1_agrees: bool,
     /// How many of B's top 5 are among A's top 5.
     pub top5_overlap: usize,
@@ -354,22 +365,76 @@ pub fn compare(a: &[f32], b: &[f32]) -> StepDiff {
         max_abs,
         mean_abs,
         cosine,
+        scale,
     } = Closeness::of(a, b);
     let (ta, tb) = (top_k(a, 5), top_k(b, 5));
     StepDiff {
         max_abs,
         mean_abs,
         cosine,
+        scale,
         top1_agrees: ta.first() == tb.first(),
         top5_overlap: tb.iter().filter(|i| ta.contains(i)).count(),
     }
 }
 
 /// Limits past which a diff fails.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Thresholds {
     pub min_cosine: f64,
-    pub max_abs: f32,
+    pub max_abs: MaxAbs,
+}
+
+/// The largest difference allowed between two arrays.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MaxAbs {
+    Absolute(f32),
+    /// A fraction of `max |a|` (fp16 logits carry a relative error).
+    OfScale(f32),
+}
+
+impl MaxAbs {
+    pub fn limit(self, scale: f32) -> f32 {
+        match self {
+            MaxAbs::Absolute(limit) => limit,
+            MaxAbs::OfScale(fraction) => fraction * scale,
+        }
+    }
+}
+
+impl std::fmt::Display for MaxAbs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MaxAbs::Absolute(limit) => write!(f, "{limit:.1e}"),
+            MaxAbs::OfScale(fraction) => write!(f, "{fraction:.1e} × max|logits|"),
+        }
+    }
+}
+
+impl Thresholds {
+    /// fp32 graphs compute what the interpreter computes up to f32
+    /// reordering: tight limits.
+    pub const FLOAT32: Thresholds = Thresholds {
+        min_cosine: 0.99999,
+        max_abs: MaxAbs::Absolute(1e-3),
+    };
+    /// fp16 graphs round every activation to 11 bits: logits differ by a
+    /// few thousandths of their scale (measured: 1.2e-2 on a fixture,
+    /// 4.5e-2 on SmolLM2, cosine ≥ 0.9999994, every top-1 equal).
+    pub const FLOAT16: Thresholds = Thresholds {
+        min_cosine: 0.9999,
+        max_abs: MaxAbs::OfScale(1e-2),
+    };
+
+    /// The defaults for a compiled model: by the dtype of its graphs
+    /// (quantized weights are the same on both sides of a diff, so only the
+    /// activations' precision matters).
+    pub fn for_dtype(dtype: &str) -> Thresholds {
+        match dtype {
+            "float16" => Thresholds::FLOAT16,
+            _ => Thresholds::FLOAT32,
+        }
+    }
 }
 
 impl StepDiff {
@@ -379,6 +444,7 @@ impl StepDiff {
             max_abs: self.max_abs,
             mean_abs: self.mean_abs,
             cosine: self.cosine,
+            scale: self.scale,
         };
         closeness
             .failure(t)
@@ -422,12 +488,15 @@ pub struct DiffArgs {
     /// Generated tokens to compare (the first comes from the prefill).
     #[arg(long, default_value_t = 8)]
     pub steps: usize,
-    /// Fail below this cosine similarity of a step's logits.
-    #[arg(long, default_value_t = 0.99999)]
-    pub min_cosine: f64,
-    /// Fail above this max abs difference of a step's logits.
-    #[arg(long, default_value_t = 1e-3)]
-    pub max_abs: f32,
+    /// Fail below this cosine similarity of a step's logits [default: by
+    /// the compiled dtype: 0.99999 for float32, 0.9999 for float16]
+    #[arg(long)]
+    pub min_cosine: Option<f64>,
+    /// Fail above this max abs difference of a step's logits [default: by
+    /// the compiled dtype: 1e-3 for float32; for float16 1e-2 × the largest
+    /// |logit| of A's step]
+    #[arg(long)]
+    pub max_abs: Option<f32>,
     /// Python for the onnxruntime backend [default: $KILN_PYTHON, else python3]
     #[arg(long)]
     pub python: Option<PathBuf>,
@@ -522,9 +591,15 @@ pub fn diff_command(args: &DiffArgs) -> Result<(), String> {
         args.python.as_deref(),
         dumps.as_ref(),
     )?;
+    let defaults = Thresholds::for_dtype(&model.manifest.dtype);
     let thresholds = Thresholds {
-        min_cosine: args.min_cosine,
-        max_abs: args.max_abs,
+        min_cosine: args.min_cosine.unwrap_or(defaults.min_cosine),
+        max_abs: args.max_abs.map_or(defaults.max_abs, MaxAbs::Absolute),
+    };
+    let source = match (args.min_cosine, args.max_abs) {
+        (None, None) => format!("{}'s defaults", model.manifest.dtype),
+        (Some(_), Some(_)) => "as given".to_string(),
+        _ => format!("as given, else {}'s defaults", model.manifest.dtype),
     };
     println!(
         "{} vs {} on {} prompt tokens (both fed {}'s greedy tokens)",
@@ -551,19 +626,25 @@ pub fn diff_command(args: &DiffArgs) -> Result<(), String> {
         print_tensor_table(&report, request, a, b, &thresholds);
     }
     if let Some(path) = &args.plot {
-        let svg = plot::error_plot(&report, a.name(), b.name(), args.max_abs).to_svg();
+        let scale = report.steps.iter().fold(0f32, |m, d| m.max(d.scale));
+        let svg =
+            plot::error_plot(&report, a.name(), b.name(), thresholds.max_abs.limit(scale)).to_svg();
         std::fs::write(path, svg).map_err(|e| format!("{}: {e}", path.display()))?;
         println!("plot: {}", path.display());
     }
     match report.first_failure(&thresholds) {
         None => {
             println!(
-                "ok: every step within cosine ≥ {} and max abs ≤ {:.1e}",
-                args.min_cosine, args.max_abs
+                "ok: every step within cosine ≥ {} and max abs ≤ {} ({source}; --min-cosine and --max-abs override)",
+                thresholds.min_cosine, thresholds.max_abs
             );
             Ok(())
         }
-        Some(why) => Err(format!("{} and {} diverge at {why}", a.name(), b.name())),
+        Some(why) => Err(format!(
+            "{} and {} diverge at {why}; thresholds: {source}",
+            a.name(),
+            b.name()
+        )),
     }
 }
 
@@ -627,18 +708,48 @@ mod tests {
         let d = compare(&a, &b);
         assert_eq!(d.max_abs, 2.0);
         assert!(!d.top1_agrees);
-        let t = Thresholds {
-            min_cosine: 0.99999,
-            max_abs: 1e-3,
-        };
-        assert!(d.failure(&t).unwrap().contains("cosine"));
+        assert!(d.failure(&Thresholds::FLOAT32).unwrap().contains("cosine"));
+    }
+
+    #[test]
+    fn float16_limits_scale_with_the_logits_and_float32_ones_do_not() {
+        assert_eq!(Thresholds::for_dtype("float32"), Thresholds::FLOAT32);
+        assert_eq!(Thresholds::for_dtype("float16"), Thresholds::FLOAT16);
+        // Logits around 20 with an fp16-sized error of 0.05 at the top one.
+        let a: Vec<f32> = (0..64).map(|i| 20.0 - i as f32 * 0.3).collect();
+        let mut b = a.clone();
+        b[0] -= 0.05;
+        let d = compare(&a, &b);
+        assert!(d.top1_agrees && d.cosine > 0.9999);
+        assert_eq!(d.failure(&Thresholds::FLOAT16), None);
+        let strict = d.failure(&Thresholds::FLOAT32).unwrap();
+        assert!(strict.contains("max abs 5.000e-2 > 1.000e-3"), "{strict}");
+        // Ten times that is past the fp16 limit, 1e-2 × 20.
+        b[0] -= 0.45;
+        let loose = compare(&a, &b).failure(&Thresholds::FLOAT16).unwrap();
+        assert!(
+            loose.contains("> 2.000e-1 (1.0e-2 × max|logits|)"),
+            "{loose}"
+        );
     }
 
     #[test]
     fn a_nan_never_passes_and_zeros_agree() {
+        for t in [
+            Thresholds {
+                min_cosine: 0.99,
+                max_abs: MaxAbs::Absolute(1.0),
+            },
+            Thresholds::FLOAT16,
+        ] {
+            let c = Closeness::of(&[1.0, f32::NAN, 2.0], &[1.0, 0.5, 2.0]);
+            assert!(c.failure(&t).is_some(), "{t:?}");
+            let c = Closeness::of(&[1.0, 2.0], &[1.0, f32::NAN]);
+            assert!(c.failure(&t).is_some(), "{t:?}");
+        }
         let t = Thresholds {
             min_cosine: 0.99,
-            max_abs: 1.0,
+            max_abs: MaxAbs::Absolute(1.0),
         };
         let c = Closeness::of(&[1.0, f32::NAN, 2.0], &[1.0, 0.5, 2.0]);
         assert_eq!(c.max_abs, f32::INFINITY);

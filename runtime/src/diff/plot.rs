@@ -480,6 +480,7 @@ mod tests {
                         },
                         mean_abs: 0.0,
                         cosine: 1.0,
+                        scale: 1.0,
                     },
                 })
             })
