@@ -3,15 +3,14 @@
 //! [`CALIBRATION_CTX`] tokens, each from position 0). SmoothQuant and the
 //! AWQ search ([`crate::passes::smooth`], [`crate::passes::awq`]) read them.
 
+use crate::eval::window_inputs;
 use crate::frontend::decoder::LogitsOutput;
 use crate::frontend::{FrontendError, GraphOptions, HfModel};
 use crate::passes::awq::{search_clip, search_scales};
 use crate::passes::quantize::{CalibrationOptions, CalibrationSummary, QuantOptions};
 use crate::passes::smooth::{self, ChannelStats};
 use kiln_runtime::interp::{F32Weights, InterpError, Interpreter};
-use kiln_runtime::ir::{Graph, GraphNames, IrError};
-use kiln_runtime::session::StepInputs;
-use kiln_runtime::tensor::Tensor;
+use kiln_runtime::ir::{Graph, IrError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -122,42 +121,6 @@ pub fn calibration_graph(model: &mut HfModel, ctx: usize) -> Result<Graph, Calib
     let mut ir = model.build_ir(&options)?;
     crate::passes::optimize_graph(&mut ir.prefill)?;
     Ok(ir.prefill)
-}
-
-/// The inputs that run `graph` (a prefill graph) on `tokens` from
-/// position 0 over an empty cache; shorter token runs are padded.
-pub fn window_inputs(
-    graph: &Graph,
-    tokens: &[u32],
-) -> Result<Vec<(&'static str, Tensor)>, IrError> {
-    let t = graph.ty(graph.input(GraphNames::INPUT_IDS)?).shape[1];
-    let cache = graph.ty(graph.input(GraphNames::K_CACHE)?).clone();
-    let l = cache.shape[3];
-    let step = StepInputs::new(tokens, t, 0, l);
-    let empty = || Tensor::from_f32(cache.shape.clone(), vec![0.0; cache.numel()]);
-    let mut inputs = vec![
-        (
-            GraphNames::INPUT_IDS,
-            Tensor::from_i64([1, t], step.input_ids),
-        ),
-        (
-            GraphNames::POSITION_IDS,
-            Tensor::from_i64([1, t], step.position_ids),
-        ),
-        (
-            GraphNames::ATTENTION_MASK,
-            Tensor::from_f32([1, 1, t, l + t], step.attention_mask),
-        ),
-        (GraphNames::K_CACHE, empty()),
-        (GraphNames::V_CACHE, empty()),
-    ];
-    if graph.input(GraphNames::LOGITS_INDEX).is_ok() {
-        inputs.push((
-            GraphNames::LOGITS_INDEX,
-            Tensor::from_i64([1, 1], vec![step.logits_index]),
-        ));
-    }
-    Ok(inputs)
 }
 
 /// Runs the float model over `text` and measures the channels of each
@@ -284,6 +247,7 @@ pub fn adjust_weights(
     let mut summary = CalibrationSummary {
         text: shown.clone(),
         tokens: calibration.tokens,
+        method: options.method().unwrap_or_else(|| "statistics only".into()),
         ..Default::default()
     };
     let matrices = |store: &kiln_runtime::weights::WeightStore, group: &smooth::ScaleGroup| {
@@ -299,7 +263,6 @@ pub fn adjust_weights(
     };
     match (options.smooth_alpha, options.awq) {
         (Some(alpha), _) => {
-            summary.method = format!("smoothquant α={alpha}");
             for group in groups.iter().filter(|_| alpha > 0.0) {
                 let weights = matrices(store, group)?;
                 let views: Vec<(&[f32], usize)> =
@@ -314,7 +277,6 @@ pub fn adjust_weights(
             }
         }
         (None, true) => {
-            summary.method = "awq".into();
             // The input each Linear sees after rescaling: x / s.
             let mut applied: BTreeMap<String, Vec<f32>> = BTreeMap::new();
             let (mut rtn, mut searched) = (0.0, 0.0);
@@ -373,7 +335,7 @@ pub fn adjust_weights(
             }
             summary.clip_error_ratio = (rtn > 0.0).then(|| clipped / rtn);
         }
-        (None, false) => summary.method = "statistics only".into(),
+        (None, false) => {}
     }
     Ok(summary)
 }

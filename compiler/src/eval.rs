@@ -161,10 +161,6 @@ pub struct EvalModel {
     interpreter: Interpreter,
     window_len: usize,
     vocab: usize,
-    cache_len: usize,
-    /// Every slot hidden by the mask: each window starts from nothing.
-    empty_k_cache: Tensor,
-    empty_v_cache: Tensor,
     logits_output: usize,
 }
 
@@ -197,14 +193,10 @@ impl EvalModel {
             .iter()
             .position(|&id| id == logits_id)
             .expect("graph.output found it among the outputs");
-        let empty = || Tensor::from_f32(cache.shape.clone(), vec![0.0; cache.numel()]);
         Ok(EvalModel {
-            empty_k_cache: empty(),
-            empty_v_cache: empty(),
             interpreter: Interpreter::new(graph, weights, &mut F32Weights::default())?,
             window_len,
             vocab,
-            cache_len,
             logits_output,
         })
     }
@@ -222,28 +214,48 @@ impl EvalModel {
     /// a short last window is padded, and the padding's rows dropped.
     pub fn window_logits(&self, tokens: &[u32]) -> Result<Vec<f32>, EvalError> {
         check_step(tokens, self.vocab, 0, self.window_len)?;
-        let (t, l) = (self.window_len, self.cache_len);
-        let step = StepInputs::new(tokens, t, 0, l);
-        let mut outputs = self.interpreter.run(&[
-            (
-                GraphNames::INPUT_IDS,
-                Tensor::from_i64([1, t], step.input_ids),
-            ),
-            (
-                GraphNames::POSITION_IDS,
-                Tensor::from_i64([1, t], step.position_ids),
-            ),
-            (
-                GraphNames::ATTENTION_MASK,
-                Tensor::from_f32([1, 1, t, l + t], step.attention_mask),
-            ),
-            (GraphNames::K_CACHE, self.empty_k_cache.clone()),
-            (GraphNames::V_CACHE, self.empty_v_cache.clone()),
-        ])?;
+        let inputs = window_inputs(self.interpreter.graph(), tokens)?;
+        let mut outputs = self.interpreter.run(&inputs)?;
         let mut logits = outputs.swap_remove(self.logits_output).into_f32_vec();
         logits.truncate(tokens.len() * self.vocab);
         Ok(logits)
     }
+}
+
+/// The inputs that run `graph` (a prefill graph) on `tokens` from
+/// position 0 over an empty cache; shorter token runs are padded.
+pub fn window_inputs(
+    graph: &Graph,
+    tokens: &[u32],
+) -> Result<Vec<(&'static str, Tensor)>, IrError> {
+    let t = graph.ty(graph.input(GraphNames::INPUT_IDS)?).shape[1];
+    let cache = graph.ty(graph.input(GraphNames::K_CACHE)?).clone();
+    let l = cache.shape[3];
+    let step = StepInputs::new(tokens, t, 0, l);
+    let empty = || Tensor::from_f32(cache.shape.clone(), vec![0.0; cache.numel()]);
+    let mut inputs = vec![
+        (
+            GraphNames::INPUT_IDS,
+            Tensor::from_i64([1, t], step.input_ids),
+        ),
+        (
+            GraphNames::POSITION_IDS,
+            Tensor::from_i64([1, t], step.position_ids),
+        ),
+        (
+            GraphNames::ATTENTION_MASK,
+            Tensor::from_f32([1, 1, t, l + t], step.attention_mask),
+        ),
+        (GraphNames::K_CACHE, empty()),
+        (GraphNames::V_CACHE, empty()),
+    ];
+    if graph.input(GraphNames::LOGITS_INDEX).is_ok() {
+        inputs.push((
+            GraphNames::LOGITS_INDEX,
+            Tensor::from_i64([1, 1], vec![step.logits_index]),
+        ));
+    }
+    Ok(inputs)
 }
 
 /// Builds the graph `kiln eval` runs: windows of `ctx` tokens over a KV

@@ -211,26 +211,6 @@ struct QuantArgs {
 }
 
 impl QuantArgs {
-    /// A name for reports: `keep`, `none`, `w4a16 g128`, `w4a16 g128 awq`, …
-    fn name(&self) -> String {
-        match self.mode() {
-            Ok(kiln::QuantMode::Keep) => "keep".into(),
-            Ok(kiln::QuantMode::None) => "none".into(),
-            Ok(kiln::QuantMode::Quantize(q)) => match &q.calibration {
-                Some(c) if c.awq => format!("{} awq", q.scheme.name()),
-                Some(c) if c.smooth_alpha.is_some_and(|a| a > 0.0) => {
-                    format!(
-                        "{} smoothquant α={}",
-                        q.scheme.name(),
-                        c.smooth_alpha.unwrap()
-                    )
-                }
-                _ => q.scheme.name(),
-            },
-            Err(_) => "invalid".into(),
-        }
-    }
-
     fn mode(&self) -> Result<kiln::QuantMode> {
         use kiln::passes::quantize::{
             CalibrationOptions, QuantOptions, Scheme, DEFAULT_SKIP, DEFAULT_SMOOTH_ALPHA,
@@ -456,7 +436,12 @@ fn eval_command(args: EvalArgs) -> Result<()> {
         report.windows,
         started.elapsed().as_secs_f64()
     );
-    let quant_name = args.quant.quant.map(|_| args.quant.name());
+    let quant_name = match &mode {
+        kiln::QuantMode::Keep if args.quant.quant.is_none() => None,
+        kiln::QuantMode::Keep => Some("keep".to_string()),
+        kiln::QuantMode::None => Some("none".to_string()),
+        kiln::QuantMode::Quantize(q) => Some(q.name()),
+    };
     let quant = quant_name.as_deref();
     print!(
         "{}",

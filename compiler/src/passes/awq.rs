@@ -115,19 +115,18 @@ pub fn search_scales(
         if step == 0 {
             rtn_error = error;
         }
-        // `!(error >= best)` keeps a NaN error from ever being chosen over a number.
+        // A non-finite error (a NaN in the sample) is never chosen.
         if error.is_finite() && best.as_ref().is_none_or(|b| error < b.error) {
             best = Some(ScaleSearch {
                 scales: s,
                 alpha,
-                rtn_error,
+                rtn_error: f64::NAN, // known once α = 0 has run: set below
                 error,
             });
         }
     }
-    let mut best = best.ok_or("every candidate scale gave a non-finite error")?;
-    best.rtn_error = rtn_error;
-    Ok(best)
+    let best = best.ok_or("every candidate scale gave a non-finite error")?;
+    Ok(ScaleSearch { rtn_error, ..best })
 }
 
 /// The result of a clip search over one matrix.
@@ -164,14 +163,16 @@ pub fn search_clip(
                 let lo = original.iter().copied().fold(f32::INFINITY, f32::min);
                 let hi = original.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let amax = lo.abs().max(hi.abs());
+                // The clamp of a range shrunk to `ratio` of the group's.
+                let bounds = |ratio: f32| match scheme.offset {
+                    true => (lo * ratio, hi * ratio),
+                    false => (-amax * ratio, amax * ratio),
+                };
                 let mut best = (f64::INFINITY, 1.0f32);
                 let mut q = vec![0f32; original.len()];
                 for step in 0..GRID / 2 {
                     let ratio = 1.0 - step as f32 / GRID as f32;
-                    let (cl, ch) = match scheme.offset {
-                        true => (lo * ratio, hi * ratio),
-                        false => (-amax * ratio, amax * ratio),
-                    };
+                    let (cl, ch) = bounds(ratio);
                     q.iter_mut()
                         .zip(&original)
                         .for_each(|(q, v)| *q = v.clamp(cl, ch));
@@ -193,15 +194,15 @@ pub fn search_clip(
                         best = (error, ratio);
                     }
                 }
+                if !best.0.is_finite() {
+                    return Err(format!("group {group}: every clip gave a non-finite error"));
+                }
                 if best.1 < 1.0 {
                     clipped += 1;
-                    let (cl, ch) = match scheme.offset {
-                        true => (lo * best.1, hi * best.1),
-                        false => (-amax * best.1, amax * best.1),
-                    };
+                    let (cl, ch) = bounds(best.1);
                     row[range].iter_mut().for_each(|v| *v = v.clamp(cl, ch));
                 }
-                best_total += best.0.min(f64::MAX);
+                best_total += best.0;
             }
             Ok((clipped, rtn, best_total))
         })

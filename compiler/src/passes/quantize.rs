@@ -94,6 +94,17 @@ pub struct CalibrationOptions {
     pub awq: bool,
 }
 
+impl CalibrationOptions {
+    /// What the calibration adjusts, if anything: `awq`, `smoothquant α=0.5`.
+    pub fn method(&self) -> Option<String> {
+        match (self.smooth_alpha, self.awq) {
+            (Some(alpha), _) if alpha > 0.0 => Some(format!("smoothquant α={alpha}")),
+            (_, true) => Some("awq".into()),
+            _ => None,
+        }
+    }
+}
+
 /// SmoothQuant's α when `--calib-text` is given for `w8a8` without `--smooth-alpha`.
 pub const DEFAULT_SMOOTH_ALPHA: f32 = 0.5;
 
@@ -219,6 +230,18 @@ impl QuantOptions {
                 "--smooth-alpha {a}: the migration strength must be between 0 and 1"
             )),
             _ => Ok(()),
+        }
+    }
+
+    /// A name for reports: `w4a16 g128`, `w4a16 g128 awq`, `w8a8 smoothquant α=0.5`.
+    pub fn name(&self) -> String {
+        match self
+            .calibration
+            .as_ref()
+            .and_then(CalibrationOptions::method)
+        {
+            Some(method) => format!("{} {method}", self.scheme.name()),
+            None => self.scheme.name(),
         }
     }
 

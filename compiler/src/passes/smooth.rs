@@ -82,10 +82,7 @@ pub fn scale_groups(graph: &Graph, rescalable: impl Fn(&str) -> bool) -> Vec<Sca
             readers[input.index()].push(index);
         }
     }
-    let mut tensor_reads: BTreeMap<&str, usize> = BTreeMap::new();
-    for (id, tensor) in graph.weights() {
-        *tensor_reads.entry(tensor).or_default() += readers[id.index()].len();
-    }
+    let tensor_reads = tensor_reads(graph);
     let read_once = |id: ValueId| -> Option<String> {
         match &graph.value(id).source {
             ValueSource::Weight { tensor } if tensor_reads.get(tensor.as_str()) == Some(&1) => {
@@ -161,17 +158,24 @@ pub fn scale_groups(graph: &Graph, rescalable: impl Fn(&str) -> bool) -> Vec<Sca
     groups
 }
 
-/// The Linears of `graph` that `rescalable` accepts and whose weight
-/// nothing else reads: `(layer, input value, weight tensor)`.
-pub fn linears(graph: &Graph, rescalable: impl Fn(&str) -> bool) -> Vec<(String, String, String)> {
-    let mut tensor_reads: BTreeMap<&str, usize> = BTreeMap::new();
+/// How many node inputs of `graph` read each weight tensor (a tensor may
+/// stand behind several values).
+fn tensor_reads(graph: &Graph) -> BTreeMap<&str, usize> {
+    let mut reads: BTreeMap<&str, usize> = BTreeMap::new();
     for node in &graph.nodes {
         for &input in &node.inputs {
             if let ValueSource::Weight { tensor } = &graph.value(input).source {
-                *tensor_reads.entry(tensor).or_default() += 1;
+                *reads.entry(tensor).or_default() += 1;
             }
         }
     }
+    reads
+}
+
+/// The Linears of `graph` that `rescalable` accepts and whose weight
+/// nothing else reads: `(layer, input value, weight tensor)`.
+pub fn linears(graph: &Graph, rescalable: impl Fn(&str) -> bool) -> Vec<(String, String, String)> {
+    let tensor_reads = tensor_reads(graph);
     graph
         .nodes
         .iter()
@@ -190,11 +194,8 @@ pub fn linears(graph: &Graph, rescalable: impl Fn(&str) -> bool) -> Vec<(String,
 /// A weight matrix `[n, k]` in f32, from the store.
 pub fn matrix(store: &WeightStore, name: &str) -> Result<(Vec<f32>, usize, usize), WeightError> {
     let t = store.to_f32_tensor(name)?;
-    let shape = t.shape().to_vec();
-    let (n, k) = match shape[..] {
-        [n, k] => (n, k),
-        [k] => (1, k),
-        _ => unreachable!("Linear weights are [N, K] and norm weights [K]"),
+    let [n, k] = t.shape()[..] else {
+        unreachable!("Linear weights are [N, K]: the type rule checked it")
     };
     Ok((t.into_f32_vec(), n, k))
 }
@@ -363,7 +364,7 @@ mod tests {
             let run = |graph: &Graph, store: &WeightStore| {
                 let interp =
                     Interpreter::new(graph.clone(), store, &mut F32Weights::default()).unwrap();
-                let inputs = crate::calibrate::window_inputs(graph, &[3, 1, 4, 1, 5]).unwrap();
+                let inputs = crate::eval::window_inputs(graph, &[3, 1, 4, 1, 5]).unwrap();
                 interp.run(&inputs).unwrap()[0].clone().into_f32_vec()
             };
             let before = run(&graph, &model.weights);

@@ -1608,6 +1608,18 @@ fn panels_group_scales<V: Lanes, const NV: usize, const P: usize>(
     out
 }
 
+/// Prefetches each panel's scales and mins [`SCALES_AHEAD`] groups past `g`.
+#[inline(always)]
+fn prefetch_scales<V: Lanes, const NV: usize, const P: usize>(scales: [&[f32]; P], g: usize) {
+    let width = NV * V::N;
+    for panel in scales {
+        let at = panel.as_ptr().wrapping_add((g + SCALES_AHEAD) * 2 * width);
+        for line in (0..2 * width).step_by(16) {
+            V::prefetch_l1(at.wrapping_add(line));
+        }
+    }
+}
+
 /// [`stream_tile`] over i8 panels `[k][width]`: each row is dequantized,
 /// `w = min + q·scale` (one fused multiply-add), before it is used.
 #[inline(always)]
@@ -1624,12 +1636,7 @@ fn stream_tile_i8<V: Lanes, const NV: usize, const R: usize, const P: usize>(
     for (g, k0) in (0..k).step_by(group_size).enumerate() {
         let s = panels_group_scales::<V, NV, P>(scales, g);
         if ahead.is_empty() {
-            for panel in scales {
-                let at = panel.as_ptr().wrapping_add((g + SCALES_AHEAD) * 2 * width);
-                for line in (0..2 * width).step_by(16) {
-                    V::prefetch_l1(at.wrapping_add(line));
-                }
-            }
+            prefetch_scales::<V, NV, P>(scales, g);
         }
         for kk in k0..(k0 + group_size).min(k) {
             prefetch_ahead::<V>(ahead, kk);
@@ -1666,12 +1673,7 @@ fn stream_tile_u4<V: Lanes, const NV: usize, const R: usize, const P: usize>(
     for (g, k0) in (0..k).step_by(group_size).enumerate() {
         let s = panels_group_scales::<V, NV, P>(scales, g);
         if ahead.is_empty() {
-            for panel in scales {
-                let at = panel.as_ptr().wrapping_add((g + SCALES_AHEAD) * 2 * width);
-                for line in (0..2 * width).step_by(16) {
-                    V::prefetch_l1(at.wrapping_add(line));
-                }
-            }
+            prefetch_scales::<V, NV, P>(scales, g);
         }
         // Group sizes and k are even: pairs never straddle a group.
         for kk in (k0..(k0 + group_size).min(k)).step_by(2) {
