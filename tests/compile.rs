@@ -293,8 +293,8 @@ fn external_data_is_shared_by_both_graphs() {
 #[test]
 fn a_compiled_directory_runs_on_the_reference_interpreter_without_the_checkpoint() {
     use kiln_runtime::compiled::CompiledModel;
+    use kiln_runtime::engine::CpuSession;
     use kiln_runtime::generate::{generate, GenerationOptions};
-    use kiln_runtime::session::CpuSession;
 
     let tmp = tempfile::tempdir().unwrap();
     for name in FIXTURES {
@@ -339,10 +339,10 @@ fn a_compiled_directory_runs_on_the_reference_interpreter_without_the_checkpoint
 /// what the earlier steps returned.
 #[test]
 fn npu_session_runs_a_compiled_directory_on_the_acl_test_double() {
-    use kiln_runtime::manifest::{Manifest, TensorInfo};
-    use kiln_runtime::npu::NpuSession;
+    use kiln_runtime::compiled::manifest::{Manifest, TensorInfo};
+    use kiln_runtime::engine::npu::NpuSession;
+    use kiln_runtime::engine::Engine;
     use kiln_runtime::om::writer::{inout_info, om_file, TensorSpec};
-    use kiln_runtime::session::Engine;
 
     #[path = "../runtime/tests/acl_double/harness.rs"]
     mod harness;
@@ -432,8 +432,8 @@ fn npu_session_runs_a_compiled_directory_on_the_acl_test_double() {
 
 #[test]
 fn om_files_are_checked_against_the_manifest() {
+    use kiln_runtime::compiled::manifest::TensorInfo;
     use kiln_runtime::compiled::{CompiledModel, OmCheck};
-    use kiln_runtime::manifest::TensorInfo;
     use kiln_runtime::om::writer::{inout_info, om_file, TensorSpec};
 
     let tmp = tempfile::tempdir().unwrap();
@@ -657,7 +657,7 @@ fn read_dump(path: &Path) -> (Vec<usize>, Vec<f32>) {
 #[test]
 fn diff_dumps_every_layer_and_finds_the_perturbed_one() {
     use kiln_runtime::compiled::CompiledModel;
-    use kiln_runtime::session::{CpuSession, Engine};
+    use kiln_runtime::engine::{CpuSession, Engine};
 
     let python = python();
     let tmp = tempfile::tempdir().unwrap();

@@ -11,7 +11,7 @@ mod common;
 use common::*;
 use kiln::frontend::gguf::{quant, reader::GgufFile};
 use kiln::frontend::HfModel;
-use kiln_runtime::chat::ChatMessage;
+use kiln_runtime::generate::chat::ChatMessage;
 use kiln_runtime::npy::{self, NpyArray};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -160,7 +160,7 @@ fn a_gguf_compiles_and_imports_into_models_that_match_the_goldens() {
     use kiln_runtime::generate::{generate, GenerationOptions};
     let compiled = kiln_runtime::compiled::CompiledModel::open(&compiled).unwrap();
     let mut session =
-        kiln_runtime::session::CpuSession::new(&compiled.ir, &compiled.weights).unwrap();
+        kiln_runtime::engine::CpuSession::new(&compiled.ir, &compiled.weights).unwrap();
     let options = GenerationOptions {
         max_new_tokens: g.generated_ids.len(),
         eos_token_ids: vec![],

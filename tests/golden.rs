@@ -128,9 +128,9 @@ fn inspect_prints_the_ir() {
 
 #[test]
 fn saved_ir_reloads_and_runs_identically() {
+    use kiln_runtime::engine::CpuSession;
     use kiln_runtime::generate::{generate, GenerationOptions};
     use kiln_runtime::ir::ModelIr;
-    use kiln_runtime::session::CpuSession;
 
     let name = "llama3-rope";
     let g = golden(name);

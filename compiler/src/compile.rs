@@ -11,11 +11,11 @@ use crate::backend::onnx::{self, OnnxGraph, OnnxOptions, WeightPlacement};
 use crate::frontend::{FrontendError, ShapeRequest, SideFiles};
 use crate::output::StagedDir;
 use crate::passes::quantize;
-use kiln_runtime::ir::{DType, ModelIr};
-use kiln_runtime::manifest::{
+use kiln_runtime::compiled::manifest::{
     GenerationInfo, GraphInfo, KvCacheInfo, Manifest, MaskInfo, TargetInfo, TensorInfo,
     MANIFEST_FILE, MANIFEST_FORMAT,
 };
+use kiln_runtime::ir::{DType, ModelIr};
 use kiln_runtime::weights::WeightStore;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};

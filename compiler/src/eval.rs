@@ -12,10 +12,10 @@
 use crate::frontend::decoder::LogitsOutput;
 use crate::frontend::{FrontendError, GraphOptions, HfModel};
 use kiln_runtime::diff::Closeness;
+use kiln_runtime::engine::{check_step, SessionError, StepInputs};
 use kiln_runtime::generate::argmax;
 use kiln_runtime::interp::{F32Weights, InterpError, Interpreter};
 use kiln_runtime::ir::{Graph, GraphNames, IrError};
-use kiln_runtime::session::{check_step, SessionError, StepInputs};
 use kiln_runtime::tensor::Tensor;
 use kiln_runtime::weights::WeightStore;
 use serde::Serialize;
@@ -733,7 +733,7 @@ mod tests {
 
     #[test]
     fn every_positions_logits_are_what_generation_sees_there() {
-        use kiln_runtime::session::{CpuSession, Engine};
+        use kiln_runtime::engine::{CpuSession, Engine};
         let mut model = fixture("llama-gqa");
         let graph = eval_graph(&mut model, 16).unwrap();
         assert!(graph.input(GraphNames::LOGITS_INDEX).is_err());

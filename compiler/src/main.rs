@@ -3,8 +3,8 @@
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kiln::frontend::ShapeRequest;
-use kiln_runtime::run;
-use kiln_runtime::session::CpuSession;
+use kiln_runtime::engine::CpuSession;
+use kiln_runtime::generate::run;
 use std::path::PathBuf;
 
 #[derive(Parser)]

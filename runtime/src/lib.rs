@@ -4,23 +4,25 @@
 //! This crate stays small and free of the compiler's dependencies so that it
 //! builds for the aarch64 boards Kiln targets.
 
+// The contract with the compiler: the IR, its tensors and weight store.
+pub mod ir;
+pub mod tensor;
+pub mod weights;
+
+// Running it: the reference interpreter, the engines that keep a KV cache
+// (CPU and NPU), ACL and the .om format underneath the NPU engine.
 pub mod acl;
-pub mod chat;
+pub mod engine;
+pub mod interp;
+pub mod om;
+
+// A compiled directory: its manifest, weights and the checks on its .om files.
 pub mod compiled;
+
+// Using it: generation (sampling, chat templates, tokenizer), CPU-vs-NPU diffs.
 pub mod diff;
 pub mod generate;
-pub mod interp;
-pub mod ir;
-pub mod manifest;
-pub mod npu;
 pub mod npy;
-pub mod om;
-pub mod run;
-pub mod sampling;
-pub mod session;
-pub mod tensor;
-pub mod tokenizer;
-pub mod weights;
 
 /// Helpers the unit tests share.
 #[cfg(test)]

@@ -14,10 +14,10 @@ mod harness;
 
 use harness::{build_double, calls, count};
 use kiln_runtime::acl::{Acl, Device, Model, RunMode};
-use kiln_runtime::manifest::Manifest;
-use kiln_runtime::npu::NpuSession;
+use kiln_runtime::compiled::manifest::Manifest;
+use kiln_runtime::engine::npu::NpuSession;
+use kiln_runtime::engine::{Engine, SessionError};
 use kiln_runtime::om::writer::{inout_info, om_file, TensorSpec};
-use kiln_runtime::session::{Engine, SessionError};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 

@@ -8,10 +8,10 @@ pub mod gguf;
 pub mod rope;
 
 use config::{ConfigError, ModelConfig};
-use kiln_runtime::chat::{ChatError, ChatTemplate};
+use kiln_runtime::generate::chat::{ChatError, ChatTemplate};
+use kiln_runtime::generate::tokenizer::Tokenizer;
 use kiln_runtime::ir::model::{ModelInfo, FORMAT_VERSION};
 use kiln_runtime::ir::{IrError, KvCacheLayout, ModelIr};
-use kiln_runtime::tokenizer::Tokenizer;
 use kiln_runtime::weights::{QuantTensors, WeightError, WeightStore};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -113,7 +113,7 @@ impl SideFiles {
     pub const TOKENIZER: &'static str = "tokenizer.json";
     pub const TOKENIZER_CONFIG: &'static str = "tokenizer_config.json";
     pub const GENERATION_CONFIG: &'static str = "generation_config.json";
-    pub const CHAT_TEMPLATE: &'static str = kiln_runtime::chat::TEMPLATE_FILE;
+    pub const CHAT_TEMPLATE: &'static str = kiln_runtime::generate::chat::TEMPLATE_FILE;
 
     fn read_dir(dir: &Path) -> Result<SideFiles, FrontendError> {
         let read = |name: &str| -> Result<Option<Vec<u8>>, FrontendError> {

@@ -3,14 +3,14 @@
 //! reads .om files without ACL.
 
 use clap::{Parser, Subcommand, ValueEnum};
-use kiln_runtime::chat::ChatTemplate;
+use kiln_runtime::compiled::manifest::Manifest;
 use kiln_runtime::compiled::CompiledModel;
-use kiln_runtime::manifest::Manifest;
-use kiln_runtime::npu::NpuSession;
+use kiln_runtime::engine::npu::NpuSession;
+use kiln_runtime::engine::{CpuSession, Engine};
+use kiln_runtime::generate::chat::ChatTemplate;
+use kiln_runtime::generate::run::{self, GenerationArgs};
+use kiln_runtime::generate::tokenizer::Tokenizer;
 use kiln_runtime::om::OmFile;
-use kiln_runtime::run::{self, GenerationArgs};
-use kiln_runtime::session::{CpuSession, Engine};
-use kiln_runtime::tokenizer::Tokenizer;
 use std::path::PathBuf;
 
 #[derive(Parser)]

@@ -20,11 +20,11 @@
 use crate::acl::{
     Acl, AclError, AclSetupError, Device, DeviceBuffer, IoBinding, IoDesc, Model, RunMode,
 };
+use crate::compiled::manifest::{GraphInfo, Manifest, TensorInfo};
 use crate::compiled::{check_io, check_om_file, CompiledError, OmCheck};
+use crate::engine::{check_step, Engine, SessionError, StepInputs};
 use crate::ir::{GraphNames, KvCacheLayout};
-use crate::manifest::{GraphInfo, Manifest, TensorInfo};
 use crate::om::{OmModelIo, OmTensor};
-use crate::session::{check_step, Engine, SessionError, StepInputs};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +139,7 @@ pub struct RowCopy {
 /// `past_len`: per layer and KV head, rows `[0, valid)` of the step's
 /// `[T, head_dim]` block go to rows `[past_len, past_len + valid)` of the
 /// cache's `[max_len, head_dim]` block (the manifest's layout; the same
-/// update as [`crate::session::write_new_rows`], in bytes).
+/// update as [`crate::engine::write_new_rows`], in bytes).
 pub fn cache_row_copies(
     layout: &KvCacheLayout,
     graph_tokens: usize,
@@ -273,7 +273,7 @@ fn alloc_for(
     Ok(device.alloc(desc.size)?)
 }
 
-/// The reference [`crate::session::CpuSession`]'s contract, run on the NPU.
+/// The reference [`crate::engine::CpuSession`]'s contract, run on the NPU.
 pub struct NpuSession {
     // Field order is drop order: graphs (datasets, models, their buffers),
     // then the caches, then the device (stream, context, reset).
@@ -712,7 +712,7 @@ impl Engine for NpuSession {
         self.run(tokens).map_err(|e| {
             // A half-done prefill leaves rows the mask will hide again.
             self.past_len = start;
-            SessionError::Npu(e)
+            SessionError::Device(Box::new(e))
         })
     }
 
@@ -737,7 +737,7 @@ impl Engine for NpuSession {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::write_new_rows;
+    use crate::engine::write_new_rows;
 
     #[test]
     fn row_copies_match_the_host_cache_update() {

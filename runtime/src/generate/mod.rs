@@ -1,9 +1,14 @@
 //! The generation loop shared by every backend: prefill the prompt, then
 //! pick and feed back one token at a time until a stop condition.
 
-pub use crate::sampling::argmax;
-use crate::sampling::{Sampler, Sampling};
-use crate::session::{Engine, SessionError};
+pub mod chat;
+pub mod run;
+pub mod sampling;
+pub mod tokenizer;
+
+use crate::engine::{Engine, SessionError};
+pub use sampling::argmax;
+use sampling::{Sampler, Sampling};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]

@@ -2,11 +2,13 @@
 //! interpreter: its manifest, IR and reference weights, checked against
 //! each other.
 
+pub mod manifest;
+
 use crate::ir::model::ModelIrError;
 use crate::ir::ModelIr;
-use crate::manifest::{GraphInfo, Manifest, ManifestError};
 use crate::om::{OmError, OmFile, OmModelIo};
 use crate::weights::{WeightError, WeightStore};
+use manifest::{GraphInfo, Manifest, ManifestError};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]

@@ -2,12 +2,12 @@
 //! Face directory, `kiln-run generate` on a compiled one): encode the
 //! prompt, run, stream text or ids to stdout, report speed to stderr.
 
-use crate::chat::{ChatMessage, ChatTemplate};
+use crate::engine::{Engine, SessionError};
+use crate::generate::chat::{ChatMessage, ChatTemplate};
+use crate::generate::sampling::Sampling;
+use crate::generate::tokenizer::{TextStream, Tokenizer, TokenizerError};
 use crate::generate::{argmax, generate, GenerationOptions, GenerationReport, StopReason};
 use crate::npy::{self, NpyError};
-use crate::sampling::Sampling;
-use crate::session::{Engine, SessionError};
-use crate::tokenizer::{TextStream, Tokenizer, TokenizerError};
 use std::io::Write;
 use std::path::Path;
 
@@ -195,7 +195,7 @@ pub enum RunError {
     #[error(transparent)]
     Npy(#[from] NpyError),
     #[error(transparent)]
-    Chat(#[from] crate::chat::ChatError),
+    Chat(#[from] crate::generate::chat::ChatError),
     #[error("cannot write to stdout: {0}")]
     Stdout(#[from] std::io::Error),
     #[error("{0}")]

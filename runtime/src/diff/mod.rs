@@ -5,7 +5,7 @@ pub mod dump;
 pub mod plot;
 
 use crate::compiled::CompiledModel;
-use crate::session::{CpuSession, Engine};
+use crate::engine::{CpuSession, Engine};
 use dump::{DumpRequest, TensorDiff};
 use std::path::{Path, PathBuf};
 
@@ -17,7 +17,7 @@ pub enum DiffBackend {
     /// ONNX Runtime on the ONNX graphs, through the directory's `ort_run.py`
     /// (needs Python with numpy and onnxruntime: `--python` or `$KILN_PYTHON`).
     Onnxruntime,
-    /// The .om files on ACL device 0 ([`crate::npu::NpuSession`]; needs CANN).
+    /// The .om files on ACL device 0 ([`crate::engine::npu::NpuSession`]; needs CANN).
     Npu,
 }
 
@@ -184,7 +184,7 @@ fn run_backend(
 ) -> Result<(Vec<u32>, Vec<Vec<f32>>), String> {
     match backend {
         DiffBackend::Npu => {
-            let mut session = crate::npu::NpuSession::open(&model.dir, &model.manifest, 0)
+            let mut session = crate::engine::npu::NpuSession::open(&model.dir, &model.manifest, 0)
                 .map_err(|e| e.to_string())?;
             drive(&mut session, prompt, steps, follow, |_, _| Ok(()))
         }
@@ -484,7 +484,7 @@ pub struct DiffArgs {
     #[arg(long, value_enum, default_value = "onnxruntime")]
     pub b: DiffBackendArg,
     #[command(flatten)]
-    pub prompt: crate::run::PromptArgs,
+    pub prompt: crate::generate::run::PromptArgs,
     /// Generated tokens to compare (the first comes from the prefill).
     #[arg(long, default_value_t = 8)]
     pub steps: usize,
@@ -554,13 +554,15 @@ impl DiffArgs {
 pub fn diff_command(args: &DiffArgs) -> Result<(), String> {
     let model = crate::compiled::CompiledModel::open(&args.model).map_err(|e| e.to_string())?;
     let tokenizer = match (&args.prompt.prompt, model.tokenizer_path()) {
-        (Some(_), Some(path)) => {
-            Some(crate::tokenizer::Tokenizer::from_file(&path).map_err(|e| e.to_string())?)
-        }
+        (Some(_), Some(path)) => Some(
+            crate::generate::tokenizer::Tokenizer::from_file(&path).map_err(|e| e.to_string())?,
+        ),
         _ => None,
     };
     let template = match args.prompt.chat {
-        true => crate::chat::ChatTemplate::from_dir(&model.dir).map_err(|e| e.to_string())?,
+        true => {
+            crate::generate::chat::ChatTemplate::from_dir(&model.dir).map_err(|e| e.to_string())?
+        }
         false => None,
     };
     let prompt = args
