@@ -8,10 +8,43 @@
 mod harness;
 
 use harness::{build_double, calls, count};
-use kiln_runtime::acl::{Acl, AclSetupError, Device, Model, RunMode};
+use kiln_runtime::acl::{Acl, AclSetupError, Device, LoadError, Model, RunMode};
+use std::path::Path;
+use std::process::Command;
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Compiles C `source` into the shared library `out`, linked with `libs`.
+fn build_c_library(out: &Path, source: &str, libs: &[&str]) {
+    let src = out.with_extension("c");
+    std::fs::write(&src, source).unwrap();
+    let dir = out.parent().unwrap();
+    let status = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(out)
+        .arg(&src)
+        .arg(format!("-L{}", dir.display()))
+        .args(libs)
+        .status()
+        .expect("a C compiler (cc) builds the test libraries");
+    assert!(status.success(), "building {} failed", out.display());
+}
+
+/// `libbroken_acl.so`, linked against a `libgone_dependency.so` that is
+/// then deleted: dlopen of the first fails naming the second.
+fn build_with_missing_dependency(dir: &Path) -> std::path::PathBuf {
+    let dependency = dir.join("libgone_dependency.so");
+    build_c_library(&dependency, "int gone(void) { return 1; }\n", &[]);
+    let broken = dir.join("libbroken_acl.so");
+    build_c_library(
+        &broken,
+        "int gone(void);\nint aclInit(const char *c) { (void)c; return gone(); }\n",
+        &["-lgone_dependency"],
+    );
+    std::fs::remove_file(&dependency).unwrap();
+    broken
 }
 
 /// One test: ACL is process-wide, and these steps share the environment.
@@ -36,8 +69,50 @@ fn acl_layer_against_the_test_double() {
         Ok(_) => panic!("found an ACL library where none should be"),
     }
 
-    // 2. The test double, end to end.
+    // 2. A library that exists but whose dependency is missing: the loader's
+    // own message, naming the dependency, not "not found".
+    let broken = build_with_missing_dependency(tmp.path());
+    std::env::set_var("KILN_ACL_LIB", &broken);
+    match Acl::init() {
+        Err(AclSetupError::Load(e @ LoadError::Unusable { .. })) => {
+            let text = e.to_string();
+            assert!(
+                text.starts_with("ACL was found but could not be loaded:")
+                    && text.contains(
+                        "libbroken_acl.so: libgone_dependency.so: cannot open shared object file"
+                    ),
+                "{text}"
+            );
+        }
+        Err(other) => panic!("expected the loader's message, got {other}"),
+        Ok(_) => panic!("a library with a missing dependency loaded"),
+    }
+
+    // 3. A set that loads but lacks ACL functions does not stop the search:
+    // the next set (a CANN root's lib64/libascendcl.so) is used.
     let lib = build_double(tmp.path());
+    let incomplete = tmp.path().join("libincomplete.so");
+    build_c_library(
+        &incomplete,
+        "int aclInit(const char *c) { (void)c; return 0; }\n",
+        &[],
+    );
+    let cann = tmp.path().join("cann");
+    std::fs::create_dir_all(cann.join("lib64")).unwrap();
+    std::fs::copy(&lib, cann.join("lib64/libascendcl.so")).unwrap();
+    std::env::set_var("KILN_ACL_LIB", &incomplete);
+    std::env::set_var("ASCEND_HOME_PATH", &cann);
+    {
+        let acl = Acl::init().expect("the second set loads");
+        assert!(
+            acl.library().ends_with("cann/lib64/libascendcl.so"),
+            "{}",
+            acl.library()
+        );
+    }
+    std::env::remove_var("ASCEND_HOME_PATH");
+
+    // 4. The test double, end to end.
     let log = tmp.path().join("calls.log");
     std::env::set_var("KILN_ACL_LIB", &lib);
     std::env::set_var("KILN_ACL_DOUBLE_LOG", &log);

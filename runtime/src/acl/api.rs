@@ -74,8 +74,25 @@ pub enum LoadError {
         tried.join(", ")
     )]
     NotFound { tried: Vec<String> },
-    #[error("{library} lacks the ACL function {symbol}: it is not a (complete) AscendCL library")]
-    MissingSymbol { library: String, symbol: String },
+    /// Some candidate exists but none could be used: each attempt keeps the
+    /// dynamic loader's own message (a driver library missing from
+    /// LD_LIBRARY_PATH, say) or the ACL function it lacks.
+    #[error(
+        "ACL was found but could not be loaded:\n{}\nSource CANN's set_env.sh (it puts the driver's \
+         lib64 on LD_LIBRARY_PATH), or point KILN_ACL_LIB at a complete libascendcl.so",
+        failures.iter().map(|f| format!("  {f}")).collect::<Vec<_>>().join("\n")
+    )]
+    Unusable { failures: Vec<String> },
+}
+
+/// Why one candidate set of libraries was not used.
+enum Refusal {
+    /// No such file (or, for a bare name, the loader found none).
+    Absent,
+    /// The file exists but `dlopen` failed; the loader's message.
+    Unloadable(String),
+    /// It loaded, but lacks an ACL function.
+    MissingSymbol(String),
 }
 
 /// Where to look for ACL, in order: `$KILN_ACL_LIB` (files, `:`-separated),
@@ -101,39 +118,79 @@ fn candidates() -> Vec<Vec<PathBuf>> {
     sets
 }
 
+/// Opens every library of a set, or says why not.
+fn open_set(set: &[PathBuf]) -> Result<Vec<Library>, Refusal> {
+    let is_bare_name = |p: &PathBuf| p.components().count() == 1;
+    if set.iter().any(|p| !is_bare_name(p) && !p.is_file()) {
+        return Err(Refusal::Absent);
+    }
+    let mut libraries = Vec::new();
+    for path in set {
+        // SAFETY: loading a shared library runs its initializers; these are
+        // the ACL libraries the user's CANN install (or KILN_ACL_LIB) names.
+        match unsafe { Library::new(path) } {
+            Ok(library) => libraries.push(library),
+            Err(e) => {
+                // The loader's own words (`dlerror`), not libloading's summary.
+                let message = match &e {
+                    libloading::Error::DlOpen { source } => source.to_string(),
+                    other => other.to_string(),
+                };
+                // A bare name the loader cannot find at all is simply absent;
+                // one it finds but cannot load names another file.
+                let own_name = path.display().to_string();
+                let absent = is_bare_name(path)
+                    && message.starts_with(&format!("{own_name}: cannot open shared object file"));
+                return Err(if absent {
+                    Refusal::Absent
+                } else {
+                    Refusal::Unloadable(message)
+                });
+            }
+        }
+    }
+    Ok(libraries)
+}
+
 impl AclApi {
-    /// Loads the first complete candidate set of libraries.
+    /// Loads the first complete candidate set of libraries. A set that
+    /// fails (a missing dependency, a missing function) does not stop the
+    /// search; if none succeeds, every failure is reported as it was.
     pub fn load() -> Result<AclApi, LoadError> {
         let mut tried = Vec::new();
+        let mut failures = Vec::new();
         for set in candidates() {
             let label = set
                 .iter()
                 .map(|p| p.display().to_string())
                 .collect::<Vec<_>>()
                 .join(" + ");
-            let is_bare_name = set.iter().all(|p| p.components().count() == 1);
-            if !is_bare_name && !set.iter().all(|p| p.is_file()) {
-                tried.push(label);
-                continue;
+            let refusal = match open_set(&set) {
+                Ok(libraries) => match Self::resolve(libraries, label.clone()) {
+                    Ok(api) => return Ok(api),
+                    Err(symbol) => Refusal::MissingSymbol(symbol),
+                },
+                Err(refusal) => refusal,
+            };
+            match refusal {
+                Refusal::Absent => {}
+                Refusal::Unloadable(message) => failures.push(format!("{label}: {message}")),
+                Refusal::MissingSymbol(symbol) => failures.push(format!(
+                    "{label}: lacks the ACL function {symbol} (not a complete AscendCL library)"
+                )),
             }
-            // SAFETY: loading a shared library runs its initializers; these are
-            // the ACL libraries the user's CANN install (or KILN_ACL_LIB) names.
-            let libraries: Result<Vec<Library>, _> =
-                set.iter().map(|p| unsafe { Library::new(p) }).collect();
-            match libraries {
-                Ok(libraries) => return Self::resolve(libraries, label),
-                Err(_) => tried.push(label),
-            }
+            tried.push(label);
         }
-        Err(LoadError::NotFound { tried })
+        if failures.is_empty() {
+            Err(LoadError::NotFound { tried })
+        } else {
+            Err(LoadError::Unusable { failures })
+        }
     }
 
-    fn resolve(libraries: Vec<Library>, origin: String) -> Result<AclApi, LoadError> {
-        fn symbol<T: Copy>(
-            libraries: &[Library],
-            origin: &str,
-            name: &str,
-        ) -> Result<T, LoadError> {
+    /// Resolves every required function; `Err` names the first missing one.
+    fn resolve(libraries: Vec<Library>, origin: String) -> Result<AclApi, String> {
+        fn symbol<T: Copy>(libraries: &[Library], name: &str) -> Result<T, String> {
             for lib in libraries {
                 // SAFETY: T is the documented ACL signature of `name`, as
                 // declared in AclApi; the library stays loaded with the api.
@@ -141,20 +198,17 @@ impl AclApi {
                     return Ok(*s);
                 }
             }
-            Err(LoadError::MissingSymbol {
-                library: origin.to_string(),
-                symbol: name.to_string(),
-            })
+            Err(name.to_string())
         }
         macro_rules! sym {
             ($name:literal) => {
-                symbol(&libraries, &origin, $name)?
+                symbol(&libraries, $name)?
             };
         }
         // Calls used only to describe the device: missing ones are left out.
         macro_rules! optional_sym {
             ($name:literal) => {
-                symbol(&libraries, &origin, $name).ok()
+                symbol(&libraries, $name).ok()
             };
         }
         Ok(AclApi {
