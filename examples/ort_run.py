@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Runs a directory written by `kiln compile` with ONNX Runtime, the way the
-NPU runtime runs it: prefill in steps of the prefill graph's length, then one
-decode step per token, with the host writing each step's new K/V rows into
-the cache as manifest.json describes.
+NPU runtime runs it: the prompt in chunks of the largest graph (prefill, or
+the one `step` graph of `--graphs single`), then one step per generated
+token on the smallest graph, with the host writing each step's new K/V rows
+into the cache as manifest.json describes.
 
     python examples/ort_run.py COMPILED_DIR --token-ids 3,17,250 --max-new-tokens 8 \\
         [--save-logits logits.npy] [--ignore-eos] \\
@@ -120,11 +121,17 @@ class OrtSession:
     def forward(self, tokens: list[int]) -> np.ndarray:
         if self.past + len(tokens) > self.max_len:
             sys.exit(f"the conversation needs {self.past + len(tokens)} positions but the KV cache holds {self.max_len}")
-        if len(tokens) == 1:
-            return self._step("decode", tokens)
-        chunk = self.manifest["prefill_len"]
-        for start in range(0, len(tokens), chunk):
-            logits = self._step("prefill", tokens[start : start + chunk])
+        # As Kiln's engines chunk (kiln_runtime::engine::step_chunks): the
+        # smallest graph that takes what is left, else a full chunk of the
+        # largest (prefill + decode, or one `step` graph for both).
+        sizes = {name: graph["tokens"] for name, (graph, _) in self.graphs.items()}
+        start = 0
+        while start < len(tokens):
+            left = len(tokens) - start
+            fitting = [name for name, t in sizes.items() if t >= left]
+            name = min(fitting, key=sizes.get) if fitting else max(sizes, key=sizes.get)
+            logits = self._step(name, tokens[start : start + sizes[name]])
+            start += sizes[name]
         return logits
 
 

@@ -7,14 +7,15 @@ use common::*;
 use std::path::Path;
 use std::process::Command;
 
+/// onnx.checker (full check) on every graph the manifest lists.
 fn check_onnx(python: &Path, dir: &Path) {
     let script = "import onnx, sys\n\
                   for path in sys.argv[1:]:\n\
                   \x20   onnx.checker.check_model(path, full_check=True)\n";
+    let manifest = kiln_runtime::compiled::manifest::Manifest::load(dir).unwrap();
     let out = Command::new(python)
         .args(["-c", script])
-        .arg(dir.join("prefill.onnx"))
-        .arg(dir.join("decode.onnx"))
+        .args(manifest.graphs.iter().map(|g| dir.join(&g.onnx)))
         .output()
         .unwrap();
     assert!(
@@ -327,6 +328,74 @@ fn a_compiled_directory_runs_on_the_reference_interpreter_without_the_checkpoint
         err.contains("the manifest and the IR disagree") && err.contains("recompile"),
         "{err}"
     );
+}
+
+/// `--graphs single`: one `step` graph of T tokens serves prompt chunks and
+/// decode. Through ONNX Runtime it reproduces transformers' goldens as the
+/// split graphs do, and the reference interpreter generates the same text
+/// from it as from the split graphs.
+#[test]
+fn a_single_step_graph_reproduces_transformers_and_the_split_graphs() {
+    let python = python();
+    let tmp = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let single = tmp.path().join(format!("{name}-single"));
+        compile_fixture(
+            name,
+            &single,
+            &[
+                "--dtype",
+                "fp32",
+                "--graphs",
+                "single",
+                "--step-tokens",
+                "3",
+            ],
+        );
+        let manifest = kiln_runtime::compiled::manifest::Manifest::load(&single).unwrap();
+        assert_eq!(manifest.graph_layout, kiln_runtime::ir::GraphLayout::Single);
+        let graphs: Vec<(&str, usize)> = manifest
+            .graphs
+            .iter()
+            .map(|g| (g.name.as_str(), g.tokens))
+            .collect();
+        assert_eq!(graphs, [("step", 3)], "{name}");
+        assert!(std::fs::read_to_string(single.join("build_om.sh"))
+            .unwrap()
+            .contains("step.onnx"));
+        check_onnx(&python, &single);
+        let g = golden(name);
+        let (ids, logits) = run_ort(&python, &single, &g);
+        assert_eq!(ids, g.generated_ids, "{name}: greedy ids differ");
+        let err = max_abs_diff(&logits, &g.logits);
+        assert!(err <= 1e-4, "{name}: max abs logit error {err:.3e}");
+
+        let split = tmp.path().join(format!("{name}-split"));
+        compile_fixture(name, &split, &["--dtype", "fp32"]);
+        let generate = |dir: &Path| {
+            use kiln_runtime::generate::{generate, GenerationOptions};
+            let model = kiln_runtime::compiled::CompiledModel::open(dir).unwrap();
+            let mut session =
+                kiln_runtime::engine::CpuSession::new(&model.ir, &model.weights).unwrap();
+            let options = GenerationOptions {
+                max_new_tokens: 12,
+                eos_token_ids: vec![],
+                record_logits: true,
+                sampling: Default::default(),
+            };
+            generate(&mut session, &g.prompt_ids, &options, |_| {}).unwrap()
+        };
+        let (one, two) = (generate(&single), generate(&split));
+        assert_eq!(
+            one.tokens, two.tokens,
+            "{name}: single and split generate differently"
+        );
+        let err = max_abs_diff(&one.logits, &two.logits);
+        assert!(
+            err <= 1e-4,
+            "{name}: single vs split logits differ by {err:.3e}"
+        );
+    }
 }
 
 /// NpuSession on a directory `kiln compile` wrote, against the ACL TEST
@@ -733,11 +802,10 @@ fn diff_dumps_every_layer_and_finds_the_perturbed_one() {
     }
     for step in 0..steps {
         // Step 0 is the prefill graph's run, the rest the decode graph's.
-        let graph = if step == 0 {
-            &model.ir.prefill
-        } else {
-            &model.ir.decode
-        };
+        let graph = model
+            .ir
+            .graph(if step == 0 { "prefill" } else { "decode" })
+            .unwrap();
         for name in &names {
             let ty = &graph.values.iter().find(|v| &v.name == name).unwrap().ty;
             let (shape_cpu, cpu) = dumped("cpu", step, name);

@@ -10,7 +10,7 @@ use crate::passes::awq::{search_clip, search_scales};
 use crate::passes::quantize::{CalibrationOptions, CalibrationSummary, QuantOptions};
 use crate::passes::smooth::{self, ChannelStats};
 use kiln_runtime::interp::{F32Weights, InterpError, Interpreter};
-use kiln_runtime::ir::{Graph, IrError};
+use kiln_runtime::ir::{Graph, GraphLayout, IrError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -117,10 +117,14 @@ pub fn calibration_graph(model: &mut HfModel, ctx: usize) -> Result<Graph, Calib
         prefill_len: ctx,
         max_seq_len: ctx,
         logits: LogitsOutput::Selected,
+        layout: GraphLayout::Split,
     };
     let mut ir = model.build_ir(&options)?;
-    crate::passes::optimize_graph(&mut ir.prefill)?;
-    Ok(ir.prefill)
+    let mut graph = ir
+        .take_graph("prefill")
+        .expect("split models have a prefill graph");
+    crate::passes::optimize_graph(&mut graph)?;
+    Ok(graph)
 }
 
 /// Runs the float model over `text` and measures the channels of each

@@ -149,9 +149,9 @@ pub fn compile(
                  per token in the graph (not yet run on an NPU)"
                     .to_string(),
             );
-            ir.graphs().iter().map(|&g| g.clone()).collect()
+            ir.graphs().to_vec()
         }
-        AtcForm::Float => ir.graphs().iter().map(|&g| g.clone()).collect(),
+        AtcForm::Float => ir.graphs().to_vec(),
     };
     let onnx_options = OnnxOptions {
         opset: options.opset,
@@ -496,6 +496,7 @@ fn manifest(
         opset: options.opset,
         vocab_size: ir.info.vocab_size,
         prefill_len: ir.prefill_len,
+        graph_layout: options.shape.layout,
         kv_cache: KvCacheInfo {
             layers: kv.layers,
             kv_heads: kv.kv_heads,

@@ -15,7 +15,7 @@ use kiln_runtime::diff::Closeness;
 use kiln_runtime::engine::{check_step, SessionError, StepInputs};
 use kiln_runtime::generate::argmax;
 use kiln_runtime::interp::{F32Weights, InterpError, Interpreter};
-use kiln_runtime::ir::{Graph, GraphNames, IrError};
+use kiln_runtime::ir::{Graph, GraphLayout, GraphNames, IrError};
 use kiln_runtime::tensor::Tensor;
 use kiln_runtime::weights::WeightStore;
 use serde::Serialize;
@@ -272,10 +272,14 @@ pub fn eval_graph(model: &mut HfModel, ctx: usize) -> Result<Graph, EvalError> {
         prefill_len: ctx,
         max_seq_len: ctx,
         logits: LogitsOutput::AllPositions,
+        layout: GraphLayout::Split,
     };
     let mut ir = model.build_ir(&options)?;
-    crate::passes::optimize_graph(&mut ir.prefill)?;
-    Ok(ir.prefill)
+    let mut graph = ir
+        .take_graph("prefill")
+        .expect("split models have a prefill graph");
+    crate::passes::optimize_graph(&mut graph)?;
+    Ok(graph)
 }
 
 /// Where the evaluation is: about to run window `window` (from 1) of `windows`.
@@ -854,10 +858,11 @@ mod tests {
             &crate::frontend::ShapeRequest {
                 prefill_len: Some(8),
                 max_seq_len: Some(8),
+                ..Default::default()
             },
         )
         .unwrap();
-        let err = EvalModel::new(ir.prefill, &model.weights)
+        let err = EvalModel::new(ir.graph("prefill").unwrap().clone(), &model.weights)
             .err()
             .unwrap()
             .to_string();

@@ -13,7 +13,7 @@ pub mod passes;
 pub mod quant_report;
 
 use frontend::{FrontendError, GraphOptions, HfModel, ShapeRequest};
-use kiln_runtime::ir::ModelIr;
+use kiln_runtime::ir::{Graph, ModelIr};
 use passes::quantize::{QuantError, QuantOptions, QuantSummary};
 use std::path::Path;
 
@@ -90,7 +90,7 @@ pub fn lower_with(
     };
     let summary = match quant {
         QuantMode::Quantize(options) => {
-            let mut graphs = vec![&mut ir.prefill, &mut ir.decode];
+            let mut graphs: Vec<&mut Graph> = ir.graphs.iter_mut().collect();
             graphs.extend(report_graph.as_mut());
             Some(quantize(&mut model, &mut graphs, options, progress)?)
         }

@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use kiln::frontend::ShapeRequest;
 use kiln_runtime::engine::CpuSession;
 use kiln_runtime::generate::run;
+use kiln_runtime::ir::GraphLayout;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -286,20 +287,50 @@ fn report_quant(summary: &kiln::passes::quantize::QuantSummary) {
 #[derive(Args)]
 struct ShapeArgs {
     /// Tokens per prefill step (the prefill graph's static length) [default: 64]
-    #[arg(long)]
+    #[arg(long, conflicts_with = "step_tokens")]
     prefill_len: Option<usize>,
     /// KV-cache length: the most tokens (prompt + generated) a conversation
     /// can hold [default: 1024, or the model's max_position_embeddings if smaller]
     #[arg(long)]
     max_seq_len: Option<usize>,
+    /// `split`: a prefill graph and a decode graph (T = 1), which share one
+    /// copy of the weights on the NPU where ACL can register external
+    /// weights (CANN 8.5 and later). `single`: one graph of --step-tokens
+    /// tokens for prompt chunks and decode alike: one .om, one weight copy
+    /// with any CANN, decode a little slower
+    #[arg(long, value_enum, default_value_t = GraphsArg::Split)]
+    graphs: GraphsArg,
+    /// Tokens per step of the single graph (--graphs single) [default: 8]
+    #[arg(long)]
+    step_tokens: Option<usize>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum GraphsArg {
+    Split,
+    Single,
 }
 
 impl ShapeArgs {
-    fn request(&self) -> ShapeRequest {
-        ShapeRequest {
-            prefill_len: self.prefill_len,
+    const DEFAULT_STEP_TOKENS: usize = 8;
+
+    fn request(&self) -> anyhow::Result<ShapeRequest> {
+        let (layout, prefill_len) = match self.graphs {
+            GraphsArg::Split if self.step_tokens.is_some() => anyhow::bail!(
+                "--step-tokens sets the length of the single graph: add --graphs single, or use \
+                 --prefill-len for the prefill graph of split graphs"
+            ),
+            GraphsArg::Split => (GraphLayout::Split, self.prefill_len),
+            GraphsArg::Single => (
+                GraphLayout::Single,
+                Some(self.step_tokens.unwrap_or(Self::DEFAULT_STEP_TOKENS)),
+            ),
+        };
+        Ok(ShapeRequest {
+            prefill_len,
             max_seq_len: self.max_seq_len,
-        }
+            layout,
+        })
     }
 }
 
@@ -473,7 +504,7 @@ fn compile_command(args: CompileArgs) -> Result<()> {
     use kiln::backend::onnx::builder::FloatType;
     let target = kiln::backend::atc::target(&args.target)?;
     let options = kiln::compile::CompileOptions {
-        shape: args.shape.request(),
+        shape: args.shape.request()?,
         target,
         float: match args.dtype {
             DTypeArg::Fp16 => FloatType::F16,
@@ -560,7 +591,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
         print!("{om}");
         return Ok(());
     }
-    let (model, ir) = kiln::lower(&args.model, &args.shape.request())?;
+    let (model, ir) = kiln::lower(&args.model, &args.shape.request()?)?;
     let c = &model.config;
     println!("model      {}", model.source.display());
     println!("arch       {}", ir.info.architecture);
@@ -615,7 +646,7 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
     run::init_threads(args.run.threads).map_err(anyhow::Error::msg)?;
     let lowered = kiln::lower_with(
         &args.model,
-        &args.shape.request(),
+        &args.shape.request()?,
         &args.quant.mode()?,
         throttled_progress(),
     )?;

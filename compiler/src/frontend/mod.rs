@@ -11,7 +11,7 @@ use config::{ConfigError, ModelConfig};
 use kiln_runtime::generate::chat::{ChatError, ChatTemplate};
 use kiln_runtime::generate::tokenizer::Tokenizer;
 use kiln_runtime::ir::model::{ModelInfo, FORMAT_VERSION};
-use kiln_runtime::ir::{IrError, KvCacheLayout, ModelIr};
+use kiln_runtime::ir::{GraphLayout, IrError, KvCacheLayout, ModelIr};
 use kiln_runtime::weights::{QuantTensors, WeightError, WeightStore};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -37,6 +37,7 @@ pub enum FrontendError {
 pub struct ShapeRequest {
     pub prefill_len: Option<usize>,
     pub max_seq_len: Option<usize>,
+    pub layout: GraphLayout,
 }
 
 /// Static sizes of the graphs, and which logits they output.
@@ -49,6 +50,8 @@ pub struct GraphOptions {
     /// One position's logits (what sessions and the backends expect), or
     /// every position's.
     pub logits: decoder::LogitsOutput,
+    /// Prefill and decode graphs, or one graph of `prefill_len` tokens.
+    pub layout: GraphLayout,
 }
 
 impl GraphOptions {
@@ -67,6 +70,7 @@ impl GraphOptions {
                 .unwrap_or(Self::DEFAULT_PREFILL_LEN.min(max_seq_len)),
             max_seq_len,
             logits: decoder::LogitsOutput::Selected,
+            layout: request.layout,
         }
     }
 
@@ -346,16 +350,13 @@ impl HfModel {
             store: &self.weights,
             quantized: &self.quantized,
         };
-        let prefill = decoder::build_graph(
-            "prefill",
-            c,
-            spec,
-            weights,
-            options.prefill_len,
-            &cache,
-            options.logits,
-        )?;
-        let decode = decoder::build_graph("decode", c, spec, weights, 1, &cache, options.logits)?;
+        let graph = |name: &str, tokens: usize| {
+            decoder::build_graph(name, c, spec, weights, tokens, &cache, options.logits)
+        };
+        let graphs = match options.layout {
+            GraphLayout::Split => vec![graph("prefill", options.prefill_len)?, graph("decode", 1)?],
+            GraphLayout::Single => vec![graph("step", options.prefill_len)?],
+        };
         let embed = "model.embed_tokens.weight";
         let weight_dtype = match self.quantized.get(embed) {
             Some(q) => self.weights.tensor_type(&q.q)?.dtype,
@@ -377,8 +378,7 @@ impl HfModel {
             },
             kv_cache: cache,
             prefill_len: options.prefill_len,
-            prefill,
-            decode,
+            graphs,
         })
     }
 }

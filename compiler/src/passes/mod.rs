@@ -12,7 +12,7 @@ use kiln_runtime::ir::{Graph, IrError, ModelIr};
 
 /// Runs the default passes over both graphs of a model.
 pub fn optimize(model: &mut ModelIr) -> Result<(), IrError> {
-    for graph in [&mut model.prefill, &mut model.decode] {
+    for graph in &mut model.graphs {
         optimize_graph(graph)?;
     }
     Ok(())

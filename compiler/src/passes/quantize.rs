@@ -257,7 +257,8 @@ pub fn quantize_model(
     store: &mut WeightStore,
     options: &QuantOptions,
 ) -> Result<QuantSummary, QuantError> {
-    quantize_graphs(&mut [&mut ir.prefill, &mut ir.decode], store, options)
+    let mut graphs: Vec<&mut Graph> = ir.graphs.iter_mut().collect();
+    quantize_graphs(&mut graphs, store, options)
 }
 
 /// Quantizes the `Linear`s of graphs over one store (a weight read by several
@@ -521,8 +522,7 @@ mod tests {
                 head_dim: 64,
             },
             prefill_len: 1,
-            prefill: graph("prefill"),
-            decode: graph("decode"),
+            graphs: vec![graph("prefill"), graph("decode")],
         };
         (ir, store)
     }

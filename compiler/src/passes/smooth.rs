@@ -298,7 +298,7 @@ mod tests {
         let options = GraphOptions::resolve(&model.config, &ShapeRequest::default());
         let mut ir = model.build_ir(&options).unwrap();
         crate::passes::optimize(&mut ir).unwrap();
-        (model, ir.prefill)
+        (model, ir.take_graph("prefill").unwrap())
     }
 
     #[test]

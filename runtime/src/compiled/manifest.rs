@@ -2,6 +2,7 @@
 //! runtime reads it to check a compiled model before running it (a KV length
 //! that disagrees with the .om files is the peers' "garbled output" bug).
 
+use crate::ir::GraphLayout;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -24,6 +25,9 @@ pub struct Manifest {
     pub opset: i64,
     pub vocab_size: usize,
     pub prefill_len: usize,
+    /// `split` (prefill + decode) or `single` (one `step` graph).
+    #[serde(default)]
+    pub graph_layout: GraphLayout,
     pub kv_cache: KvCacheInfo,
     pub mask: MaskInfo,
     pub graphs: Vec<GraphInfo>,
@@ -79,7 +83,7 @@ pub struct TensorInfo {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GraphInfo {
-    /// `prefill` or `decode`.
+    /// `prefill`, `decode` or `step`.
     pub name: String,
     /// Tokens per step.
     pub tokens: usize,

@@ -575,8 +575,8 @@ pub fn diff_command(args: &DiffArgs) -> Result<(), String> {
         None
     } else {
         check_dump_backends(a, b)?;
-        let names = dump::expand(&[&model.ir.prefill, &model.ir.decode], &patterns)
-            .map_err(|e| e.to_string())?;
+        let graphs: Vec<&crate::ir::Graph> = model.ir.graphs().iter().collect();
+        let names = dump::expand(&graphs, &patterns).map_err(|e| e.to_string())?;
         let dir = args
             .dump_dir
             .clone()

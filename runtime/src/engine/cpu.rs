@@ -1,17 +1,19 @@
 //! The reference CPU session: the model's graphs on the interpreter, with
 //! the KV cache in host memory.
 
-use super::{check_step, write_new_rows, Engine, SessionError, StepInputs};
-use crate::interp::{F32Weights, InterpError, Interpreter, Taps};
+use super::{check_step, step_chunks, write_new_rows, Engine, SessionError, StepInputs};
+use crate::interp::{F32Weights, Interpreter, Taps};
+use crate::ir::model::graph_tokens;
 use crate::ir::{GraphNames, KvCacheLayout, ModelIr};
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
 
-/// The reference CPU session: the model's prefill and decode graphs on the
-/// interpreter, with the KV cache in host memory.
+/// The reference CPU session: the model's step graphs (prefill and decode,
+/// or one of T tokens) on the interpreter, with the KV cache in host memory.
 pub struct CpuSession {
-    prefill: Interpreter,
-    decode: Interpreter,
+    graphs: Vec<Interpreter>,
+    /// Tokens per step of each graph.
+    graph_tokens: Vec<usize>,
     layout: KvCacheLayout,
     vocab: usize,
     k_cache: Tensor,
@@ -26,8 +28,11 @@ pub struct CpuSession {
 impl CpuSession {
     pub fn new(model: &ModelIr, store: &WeightStore) -> Result<CpuSession, SessionError> {
         let mut cache = F32Weights::default();
-        let prefill = Interpreter::new(model.prefill.clone(), store, &mut cache)?;
-        let decode = Interpreter::new(model.decode.clone(), store, &mut cache)?;
+        let graphs = model
+            .graphs
+            .iter()
+            .map(|g| Interpreter::new(g.clone(), store, &mut cache))
+            .collect::<Result<Vec<_>, _>>()?;
         let layout = model.kv_cache.clone();
         let zeros = || {
             let ty = layout.cache_type();
@@ -36,8 +41,8 @@ impl CpuSession {
         Ok(CpuSession {
             k_cache: zeros(),
             v_cache: zeros(),
-            prefill,
-            decode,
+            graph_tokens: model.graph_tokens(),
+            graphs,
             vocab: model.info.vocab_size,
             layout,
             past_len: 0,
@@ -58,20 +63,10 @@ impl CpuSession {
         std::mem::take(&mut self.captured)
     }
 
-    /// Runs one graph step over `tokens` (at most the graph's length).
-    fn step(&mut self, use_decode: bool, tokens: &[u32]) -> Result<Vec<f32>, SessionError> {
-        let interp = if use_decode {
-            &self.decode
-        } else {
-            &self.prefill
-        };
-        let graph_tokens = interp
-            .graph()
-            .ty(interp
-                .graph()
-                .input(GraphNames::INPUT_IDS)
-                .map_err(InterpError::from)?)
-            .shape[1];
+    /// Runs graph `which` over `tokens` (at most the graph's length).
+    fn step(&mut self, which: usize, tokens: &[u32]) -> Result<Vec<f32>, SessionError> {
+        let interp = &self.graphs[which];
+        let graph_tokens = graph_tokens(interp.graph());
         let cache_len = self.layout.max_len;
         let inputs = StepInputs::new(tokens, graph_tokens, self.past_len, cache_len);
         let capture: Vec<&str> = self.capture.iter().map(String::as_str).collect();
@@ -137,24 +132,14 @@ impl CpuSession {
         self.past_len += valid;
         Ok(outputs[logits_at].f32s().to_vec())
     }
-
-    fn prefill_len(&self) -> usize {
-        self.prefill
-            .graph()
-            .ty(self.prefill.graph().inputs[0])
-            .shape[1]
-    }
 }
 
 impl Engine for CpuSession {
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SessionError> {
         check_step(tokens, self.vocab, self.past_len, self.layout.max_len)?;
-        if tokens.len() == 1 {
-            return self.step(true, tokens);
-        }
         let mut logits = Vec::new();
-        for chunk in tokens.chunks(self.prefill_len()) {
-            logits = self.step(false, chunk)?;
+        for (which, range) in step_chunks(&self.graph_tokens, tokens.len()) {
+            logits = self.step(which, &tokens[range])?;
         }
         Ok(logits)
     }

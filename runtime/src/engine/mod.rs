@@ -9,7 +9,9 @@ pub mod npu;
 pub use cpu::CpuSession;
 
 use crate::interp::InterpError;
+use crate::ir::model::pick_graph;
 use crate::ir::KvCacheLayout;
+use std::ops::Range;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -113,6 +115,21 @@ pub fn write_new_rows(
     }
 }
 
+/// How an engine runs `count` tokens on graphs of `graph_tokens[i]` tokens:
+/// chunks in order, each with the graph [`pick_graph`] chooses for what is
+/// left (full prefill chunks, then the smallest graph that takes the rest).
+pub fn step_chunks(graph_tokens: &[usize], count: usize) -> Vec<(usize, Range<usize>)> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    while start < count {
+        let which = pick_graph(graph_tokens, count - start);
+        let end = count.min(start + graph_tokens[which]);
+        chunks.push((which, start..end));
+        start = end;
+    }
+    chunks
+}
+
 /// What every engine refuses before running a step: no tokens, an id
 /// outside the vocabulary, or more positions than the cache holds.
 pub fn check_step(
@@ -151,6 +168,15 @@ mod tests {
             0., 0., inf, inf,   0., 0., inf,
             inf, inf, inf, inf, inf, inf, 0.,
         ]);
+    }
+
+    #[test]
+    fn prompts_run_in_full_chunks_then_the_smallest_graph_that_fits() {
+        assert_eq!(step_chunks(&[4, 1], 1), [(1, 0..1)]);
+        assert_eq!(step_chunks(&[4, 1], 9), [(0, 0..4), (0, 4..8), (1, 8..9)]);
+        assert_eq!(step_chunks(&[4, 1], 7), [(0, 0..4), (0, 4..7)]);
+        assert_eq!(step_chunks(&[8], 11), [(0, 0..8), (0, 8..11)]);
+        assert_eq!(step_chunks(&[8], 0), []);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::acl::{
 };
 use crate::compiled::manifest::{GraphInfo, Manifest, TensorInfo};
 use crate::compiled::{check_io, check_om_file, CompiledError, OmCheck};
-use crate::engine::{check_step, Engine, SessionError, StepInputs};
+use crate::engine::{check_step, step_chunks, Engine, SessionError, StepInputs};
 use crate::ir::{GraphNames, KvCacheLayout};
 use crate::om::{OmModelIo, OmTensor};
 use std::path::{Path, PathBuf};
@@ -277,8 +277,9 @@ fn alloc_for(
 pub struct NpuSession {
     // Field order is drop order: graphs (datasets, models, their buffers),
     // then the caches, then the device (stream, context, reset).
-    prefill: GraphRun,
-    decode: GraphRun,
+    graphs: Vec<GraphRun>,
+    /// Tokens per step of each graph.
+    graph_tokens: Vec<usize>,
     k_cache: DeviceBuffer,
     v_cache: DeviceBuffer,
     cache_element: Element,
@@ -301,17 +302,27 @@ impl NpuSession {
             max_len: kv.max_len,
             head_dim: kv.head_dim,
         };
-        let prefill_plan = Self::plan(dir, manifest, "prefill", &layout)?;
-        let decode_plan = Self::plan(dir, manifest, "decode", &layout)?;
-        let cache_element = prefill_plan.elements[prefill_plan.input(GraphNames::K_CACHE)];
-        for plan in [&prefill_plan, &decode_plan] {
+        if manifest.graphs.is_empty() {
+            return Err(NpuError::Manifest {
+                dir: dir.to_path_buf(),
+                problem: "it lists no graphs".into(),
+            });
+        }
+        let plans = manifest
+            .graphs
+            .iter()
+            .map(|g| Self::plan(dir, manifest, &g.name, &layout))
+            .collect::<Result<Vec<_>, _>>()?;
+        let first = &plans[0];
+        let cache_element = first.elements[first.input(GraphNames::K_CACHE)];
+        for plan in &plans {
             for name in [GraphNames::K_CACHE, GraphNames::V_CACHE] {
                 if plan.elements[plan.input(name)] != cache_element {
                     return Err(NpuError::Manifest {
                         dir: dir.to_path_buf(),
                         problem: format!(
-                            "`{name}` of the {} graph has another dtype than the prefill graph's k_cache",
-                            plan.info.name
+                            "`{name}` of the {} graph has another dtype than the {} graph's k_cache",
+                            plan.info.name, first.info.name
                         ),
                     });
                 }
@@ -320,13 +331,15 @@ impl NpuSession {
 
         let acl = Acl::init()?;
         let device = Device::open(&acl, device_id)?;
-        let prefill_model = Self::load(&device, manifest, &prefill_plan)?;
-        let decode_model = Self::load(&device, manifest, &decode_plan)?;
-
-        // One cache buffer per K and V, as large as either graph wants.
-        let cache_bytes = [&prefill_model, &decode_model]
+        let models = plans
             .iter()
-            .zip([&prefill_plan, &decode_plan])
+            .map(|plan| Self::load(&device, manifest, plan))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        // One cache buffer per K and V, as large as any graph wants.
+        let cache_bytes = models
+            .iter()
+            .zip(&plans)
             .flat_map(|(model, plan)| {
                 [GraphNames::K_CACHE, GraphNames::V_CACHE]
                     .map(|name| model.inputs()[plan.input(name)].size)
@@ -352,12 +365,15 @@ impl NpuSession {
             }
         }
 
-        let prefill = Self::prepare(&device, prefill_model, &prefill_plan, &k_cache, &v_cache)?;
-        let decode = Self::prepare(&device, decode_model, &decode_plan, &k_cache, &v_cache)?;
+        let graphs = models
+            .into_iter()
+            .zip(&plans)
+            .map(|(model, plan)| Self::prepare(&device, model, plan, &k_cache, &v_cache))
+            .collect::<Result<Vec<_>, _>>()?;
         let description = Self::describe(&device, manifest);
         Ok(NpuSession {
-            prefill,
-            decode,
+            graph_tokens: graphs.iter().map(|g| g.tokens).collect(),
+            graphs,
             k_cache,
             v_cache,
             cache_element,
@@ -633,13 +649,9 @@ impl NpuSession {
         Ok((read(&self.k_cache)?, read(&self.v_cache)?))
     }
 
-    /// Runs one graph step over `tokens` (at most the graph's length).
-    fn step(&mut self, use_decode: bool, tokens: &[u32]) -> Result<Vec<f32>, NpuError> {
-        let graph = if use_decode {
-            &mut self.decode
-        } else {
-            &mut self.prefill
-        };
+    /// Runs graph `which` over `tokens` (at most the graph's length).
+    fn step(&mut self, which: usize, tokens: &[u32]) -> Result<Vec<f32>, NpuError> {
+        let graph = &mut self.graphs[which];
         let inputs = StepInputs::new(tokens, graph.tokens, self.past_len, self.layout.max_len);
         graph
             .input_ids
@@ -694,12 +706,9 @@ impl NpuSession {
     fn run(&mut self, tokens: &[u32]) -> Result<Vec<f32>, NpuError> {
         // ACL contexts are per thread: this may not be the opening thread.
         self.device.bind()?;
-        if tokens.len() == 1 {
-            return self.step(true, tokens);
-        }
         let mut logits = Vec::new();
-        for chunk in tokens.chunks(self.prefill.tokens) {
-            logits = self.step(false, chunk)?;
+        for (which, range) in step_chunks(&self.graph_tokens, tokens.len()) {
+            logits = self.step(which, &tokens[range])?;
         }
         Ok(logits)
     }

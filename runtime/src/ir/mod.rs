@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;
 
-pub use model::{GraphNames, KvCacheLayout, ModelIr};
+pub use model::{GraphLayout, GraphNames, KvCacheLayout, ModelIr};
 pub use ops::Op;
 
 /// Element types of IR tensors.

@@ -72,13 +72,56 @@ pub struct ModelIr {
     pub format_version: u32,
     pub info: ModelInfo,
     pub kv_cache: KvCacheLayout,
-    /// Tokens per prefill step (`T` of the prefill graph).
+    /// Tokens per prefill step: `T` of the longest graph.
     pub prefill_len: usize,
-    pub prefill: Graph,
-    pub decode: Graph,
+    /// The step graphs, each of its own `T` tokens: `prefill` (T =
+    /// `prefill_len`) and `decode` (T = 1) for split graphs, or one `step`
+    /// graph serving both. An engine runs each chunk of tokens on the graph
+    /// [`pick_graph`] chooses.
+    pub graphs: Vec<Graph>,
 }
 
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Which step graphs a model is compiled into.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GraphLayout {
+    /// `prefill` (T = prefill_len) and `decode` (T = 1): the fastest of
+    /// each, but on an NPU both need the weights (shared through ATC's
+    /// external weights where ACL can register them).
+    #[default]
+    Split,
+    /// One `step` graph of T tokens serving prefill chunks and decode: one
+    /// .om, one copy of the weights with any ACL, prefill T× faster than
+    /// token by token, decode a little slower than a T = 1 graph.
+    Single,
+}
+
+impl GraphLayout {
+    pub fn name(self) -> &'static str {
+        match self {
+            GraphLayout::Split => "split",
+            GraphLayout::Single => "single",
+        }
+    }
+}
+
+/// Tokens per step of a step graph (its `input_ids` are `[1, T]`).
+pub fn graph_tokens(graph: &Graph) -> usize {
+    graph.ty(graph.inputs[0]).shape[1]
+}
+
+/// Which graph runs the next chunk when `remaining` tokens are left, for
+/// graphs of `tokens[i]` tokens each: the smallest graph that takes them
+/// all (decode for one token), else the largest, for a full chunk.
+pub fn pick_graph(tokens: &[usize], remaining: usize) -> usize {
+    let fitting = (0..tokens.len())
+        .filter(|&i| tokens[i] >= remaining)
+        .min_by_key(|&i| tokens[i]);
+    let largest = (0..tokens.len()).max_by_key(|&i| tokens[i]);
+    fitting.or(largest).expect("a model has at least one graph")
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelIrError {
@@ -108,8 +151,23 @@ pub enum ModelIrError {
 }
 
 impl ModelIr {
-    pub fn graphs(&self) -> [&Graph; 2] {
-        [&self.prefill, &self.decode]
+    pub fn graphs(&self) -> &[Graph] {
+        &self.graphs
+    }
+
+    pub fn graph(&self, name: &str) -> Option<&Graph> {
+        self.graphs.iter().find(|g| g.name == name)
+    }
+
+    /// Removes and returns the graph called `name`.
+    pub fn take_graph(&mut self, name: &str) -> Option<Graph> {
+        let at = self.graphs.iter().position(|g| g.name == name)?;
+        Some(self.graphs.remove(at))
+    }
+
+    /// Tokens per step of each graph, in order.
+    pub fn graph_tokens(&self) -> Vec<usize> {
+        self.graphs.iter().map(graph_tokens).collect()
     }
 
     pub fn to_json(&self) -> String {
@@ -149,6 +207,15 @@ impl ModelIr {
                 path: path.to_path_buf(),
                 source,
             })?;
+        if model.graphs.is_empty() {
+            return Err(ModelIrError::Invalid {
+                path: path.to_path_buf(),
+                source: IrError::Structure {
+                    graph: "(none)".into(),
+                    message: "the model has no graphs".into(),
+                },
+            });
+        }
         for graph in model.graphs() {
             graph.validate().map_err(|source| ModelIrError::Invalid {
                 path: path.to_path_buf(),
@@ -156,5 +223,22 @@ impl ModelIr {
             })?;
         }
         Ok(model)
+    }
+}
+
+#[cfg(test)]
+mod graph_choice_tests {
+    use super::pick_graph;
+
+    #[test]
+    fn chunks_go_to_the_smallest_graph_that_takes_them() {
+        // Split graphs: prefill of 64, decode of 1.
+        assert_eq!(pick_graph(&[64, 1], 1), 1);
+        assert_eq!(pick_graph(&[64, 1], 2), 0);
+        assert_eq!(pick_graph(&[64, 1], 64), 0);
+        assert_eq!(pick_graph(&[64, 1], 200), 0);
+        // One graph of 8 serves everything.
+        assert_eq!(pick_graph(&[8], 1), 0);
+        assert_eq!(pick_graph(&[8], 30), 0);
     }
 }
