@@ -121,7 +121,7 @@ pub fn compile(
     let mut notes = Vec::new();
     // ATC's graphs: the IR itself (float, or w8a8 in ATC's own quantization
     // ops), or the same over dequantized weights.
-    let quantized = ir.graphs().iter().any(|g| quantize::is_quantized(g));
+    let quantized = ir.graphs().iter().any(quantize::is_quantized);
     let atc_form = atc_form(quantized, &options.quant, options.dequantize_for_atc)?;
     let atc_quant_ops = match atc_form {
         AtcForm::Int8 => onnx::QuantOps::Ascend,

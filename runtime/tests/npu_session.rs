@@ -12,10 +12,11 @@
 #[path = "acl_double/harness.rs"]
 mod harness;
 
-use harness::{build_double, calls, count};
+use harness::{build_double, build_old_cann_double, calls, count, malloc_sizes};
 use kiln_runtime::acl::{Acl, Device, Model, RunMode};
 use kiln_runtime::compiled::manifest::Manifest;
 use kiln_runtime::engine::npu::NpuSession;
+use kiln_runtime::engine::npu::WeightLoading;
 use kiln_runtime::engine::{Engine, SessionError};
 use kiln_runtime::om::writer::{inout_info, om_file, TensorSpec};
 use std::path::{Path, PathBuf};
@@ -99,6 +100,18 @@ fn graph(name: &str, tokens: usize, float: &str) -> serde_json::Value {
 /// Writes `graph`'s .om as ATC would describe it, optionally with another
 /// KV-cache length.
 fn write_om(dir: &Path, manifest: &Manifest, graph: &str, kv_len: Option<i64>) {
+    write_om_reading(dir, manifest, graph, kv_len, &[]);
+}
+
+/// [`write_om`] for a model whose constants are the external weight files
+/// `weights` (the double's stand-in for GE's FileConstants, see its header).
+fn write_om_reading(
+    dir: &Path,
+    manifest: &Manifest,
+    graph: &str,
+    kv_len: Option<i64>,
+    weights: &[&str],
+) {
     let info = manifest.graph(graph).unwrap();
     let acl_dtype = |dtype: &str| match dtype {
         "int64" => 9,
@@ -128,15 +141,25 @@ fn write_om(dir: &Path, manifest: &Manifest, graph: &str, kv_len: Option<i64>) {
         })
         .collect();
     let (inputs, outputs) = specs.split_at(info.inputs.len());
+    let model_def = if weights.is_empty() {
+        vec![0; 8]
+    } else {
+        format!("kiln-double-weights\n{}\n", weights.join("\n")).into_bytes()
+    };
     let bytes = om_file(
         graph,
-        &[(0, vec![0; 8]), (8, inout_info(inputs, outputs))],
+        &[(0, model_def), (8, inout_info(inputs, outputs))],
         true,
     );
     std::fs::write(dir.join(&info.om), bytes).unwrap();
 }
 
 fn compiled_dir(float: &str) -> CompiledDir {
+    compiled_dir_with(float, &[("prefill", PREFILL), ("decode", 1)])
+}
+
+/// A compiled directory with these graphs (name, tokens per step).
+fn compiled_dir_with(float: &str, graphs: &[(&str, usize)]) -> CompiledDir {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("model");
     std::fs::create_dir(&dir).unwrap();
@@ -150,13 +173,14 @@ fn compiled_dir(float: &str) -> CompiledDir {
         "dtype": float,
         "opset": 17,
         "vocab_size": VOCAB,
-        "prefill_len": PREFILL,
+        "prefill_len": graphs.iter().map(|g| g.1).max().unwrap(),
         "kv_cache": {
             "layers": LAYERS, "kv_heads": KV_HEADS, "max_len": MAX_LEN, "head_dim": HEAD_DIM,
             "layout": "", "update": "",
         },
         "mask": { "layout": "", "hidden": "-inf" },
-        "graphs": [graph("prefill", PREFILL, float), graph("decode", 1, float)],
+        "graph_layout": if graphs.len() == 1 { "single" } else { "split" },
+        "graphs": graphs.iter().map(|&(name, t)| graph(name, t, float)).collect::<Vec<_>>(),
         "ir": "model.kiln.json",
         "reference_weights": "weights.safetensors",
         "tokenizer": null,
@@ -165,8 +189,9 @@ fn compiled_dir(float: &str) -> CompiledDir {
     });
     std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
     let manifest = Manifest::load(&dir).unwrap();
-    write_om(&dir, &manifest, "prefill", None);
-    write_om(&dir, &manifest, "decode", None);
+    for (name, _) in graphs {
+        write_om(&dir, &manifest, name, None);
+    }
     let lib = build_double(tmp.path());
     let log = tmp.path().join("calls.log");
     CompiledDir {
@@ -556,11 +581,16 @@ fn kiln_run_generate_with_backend_npu() {
         stderr.contains("device:  NPU (Ascend via ACL 0.0.0, device 0, soc none (ACL test double)"),
         "{stderr}"
     );
+    assert!(
+        stderr.contains("kiln-run: device memory: weights embedded in each .om"),
+        "{stderr}"
+    );
+    // A 5-token prompt: one full prefill chunk, the last token on decode.
     assert_eq!(
         executed(&calls(&c.log)),
         [
             "executed prefill.om past=0",
-            "executed prefill.om past=4",
+            "executed decode.om past=4",
             "executed decode.om past=5",
             "executed decode.om past=6",
         ]
@@ -576,4 +606,224 @@ fn kiln_run_generate_with_backend_npu() {
             && stderr.contains("--backend cpu"),
         "{stderr}"
     );
+}
+
+/// Plants external weights as build_om.sh leaves them: `weight/` with every
+/// file, `<graph>.weights` listing what each graph reads, and .om files whose
+/// (stand-in) FileConstants name them. Returns each file's size.
+fn plant_external_weights(
+    c: &CompiledDir,
+    reads: &[(&str, &[(&str, usize)])],
+) -> Vec<(String, usize)> {
+    let manifest = Manifest::load(&c.dir).unwrap();
+    std::fs::create_dir_all(c.dir.join("weight")).unwrap();
+    let mut files = Vec::new();
+    for (graph, list) in reads {
+        for (name, bytes) in *list {
+            // Bytes that differ per file, so a buffer holding another
+            // file's bytes is caught by the double.
+            let content: Vec<u8> = (0..*bytes).map(|i| (i * 7 + name.len()) as u8).collect();
+            std::fs::write(c.dir.join("weight").join(name), content).unwrap();
+            if !files.iter().any(|(n, _)| n == name) {
+                files.push((name.to_string(), *bytes));
+            }
+        }
+        let names: Vec<&str> = list.iter().map(|(n, _)| *n).collect();
+        std::fs::write(
+            c.dir.join(format!("{graph}.weights")),
+            names.join("\n") + "\n",
+        )
+        .unwrap();
+        write_om_reading(&c.dir, &manifest, graph, None, &names);
+    }
+    files
+}
+
+#[test]
+fn external_weights_are_allocated_once_and_registered_for_both_graphs() {
+    let _turn = acl_turn();
+    let c = compiled_dir("float32");
+    let files = plant_external_weights(
+        &c,
+        &[
+            (
+                "prefill",
+                &[("weight_aa", 100), ("weight_bb", 64), ("weight_p", 40)],
+            ),
+            (
+                "decode",
+                &[("weight_aa", 100), ("weight_bb", 64), ("weight_d", 8)],
+            ),
+        ],
+    );
+    use_double(&c.lib, &c.log, "device");
+    let manifest = Manifest::load(&c.dir).unwrap();
+    let mut session = NpuSession::open(&c.dir, &manifest, 0).unwrap();
+    let calls_after_open = calls(&c.log);
+
+    // One buffer per distinct file, sized up to a multiple of 32, allocated
+    // before anything else; their sum is what the session reports.
+    let rounded: Vec<usize> = files.iter().map(|(_, b)| b.div_ceil(32) * 32).collect();
+    assert_eq!(malloc_sizes(&calls_after_open)[..files.len()], rounded[..]);
+    let allocation = session.allocation().clone();
+    assert_eq!(allocation.loading, WeightLoading::Registered);
+    assert_eq!(allocation.weights, rounded.iter().sum::<usize>() as u64);
+    assert_eq!(allocation.weight_files, 4);
+    // The caches and IO buffers: as many as without external weights.
+    let kv = 2 * LAYERS * KV_HEADS * MAX_LEN * HEAD_DIM * 4;
+    assert_eq!(allocation.kv_cache, kv as u64);
+    let sizes = malloc_sizes(&calls_after_open);
+    assert_eq!(
+        sizes.iter().sum::<usize>() as u64,
+        allocation.weights + allocation.kv_cache + allocation.io
+    );
+
+    // Both models load through a config handle with every file they read
+    // registered; the loader copies nothing itself.
+    let registered: Vec<&str> = calls_after_open
+        .iter()
+        .map(String::as_str)
+        .filter(|c| c.starts_with("aclmdlSetExternalWeightAddress") || c.starts_with("aclmdlLoad"))
+        .collect();
+    assert_eq!(
+        registered,
+        [
+            "aclmdlSetExternalWeightAddress weight_aa 128",
+            "aclmdlSetExternalWeightAddress weight_bb 64",
+            "aclmdlSetExternalWeightAddress weight_p 64",
+            "aclmdlLoadWithConfig prefill.om",
+            "aclmdlSetExternalWeightAddress weight_aa 128",
+            "aclmdlSetExternalWeightAddress weight_bb 64",
+            "aclmdlSetExternalWeightAddress weight_d 32",
+            "aclmdlLoadWithConfig decode.om",
+        ]
+    );
+    for graph in ["prefill.om", "decode.om"] {
+        for file in ["weight_aa", "weight_bb"] {
+            let line = format!("weight {file} registered for {graph}");
+            assert_eq!(count(&calls_after_open, &line), 1, "{line}");
+        }
+    }
+    assert!(
+        !calls_after_open
+            .iter()
+            .any(|c| c.contains("read by the loader")),
+        "{calls_after_open:?}"
+    );
+    assert!(allocation
+        .describe()
+        .contains("registered once for prefill and decode"));
+
+    // It still generates: prefill then decode.
+    let prompt = [3, 1, 4, 1, 5, 9];
+    let logits = session.forward(&prompt).unwrap();
+    assert_eq!(kiln_runtime::generate::argmax(&logits), fake_next(9, 5));
+    session.forward(&[fake_next(9, 5)]).unwrap();
+    drop(session);
+    let all = calls(&c.log);
+    assert_eq!(
+        executed(&all),
+        [
+            "executed prefill.om past=0",
+            "executed prefill.om past=4",
+            "executed decode.om past=6"
+        ]
+    );
+    assert_eq!(all.last().unwrap(), "live objects at finalize: 0");
+}
+
+#[test]
+fn without_weight_registration_a_split_model_runs_on_decode_alone() {
+    let _turn = acl_turn();
+    let c = compiled_dir("float32");
+    plant_external_weights(
+        &c,
+        &[
+            ("prefill", &[("weight_aa", 64)]),
+            ("decode", &[("weight_aa", 64)]),
+        ],
+    );
+    let old = build_old_cann_double(c.lib.parent().unwrap());
+    use_double(&old, &c.log, "device");
+    let manifest = Manifest::load(&c.dir).unwrap();
+    let mut session = NpuSession::open(&c.dir, &manifest, 0).unwrap();
+    let allocation = session.allocation().clone();
+    assert_eq!(allocation.loading, WeightLoading::DecodeOnly);
+    assert_eq!(allocation.graphs, ["decode"]);
+    let text = allocation.describe();
+    assert!(
+        text.contains("--graphs single") && text.contains("token by token"),
+        "{text}"
+    );
+    let prompt = [3, 1, 4];
+    let logits = session.forward(&prompt).unwrap();
+    assert_eq!(kiln_runtime::generate::argmax(&logits), fake_next(4, 2));
+    drop(session);
+    let all = calls(&c.log);
+    // prefill.om is never loaded: one copy of the weights, read by ACL.
+    assert!(!all.iter().any(|c| c.contains("prefill.om")), "{all:?}");
+    assert_eq!(
+        count(
+            &all,
+            "weight weight_aa read by the loader for decode.om: 64 bytes"
+        ),
+        1
+    );
+    assert_eq!(
+        executed(&all),
+        [
+            "executed decode.om past=0",
+            "executed decode.om past=1",
+            "executed decode.om past=2"
+        ]
+    );
+}
+
+#[test]
+fn a_single_step_graph_serves_prompt_and_decode_on_the_double() {
+    let _turn = acl_turn();
+    let c = compiled_dir_with("float32", &[("step", 3)]);
+    plant_external_weights(&c, &[("step", &[("weight_aa", 96)])]);
+    use_double(&c.lib, &c.log, "device");
+    let manifest = Manifest::load(&c.dir).unwrap();
+    let mut session = NpuSession::open(&c.dir, &manifest, 0).unwrap();
+    assert_eq!(session.allocation().loading, WeightLoading::Single);
+    let prompt = [2, 7, 1, 8, 2];
+    let mut token = kiln_runtime::generate::argmax(&session.forward(&prompt).unwrap());
+    assert_eq!(token, fake_next(2, 4));
+    for position in 5..7 {
+        let next = kiln_runtime::generate::argmax(&session.forward(&[token]).unwrap());
+        assert_eq!(next, fake_next(token, position));
+        token = next;
+    }
+    assert_cache(&session, 7);
+    drop(session);
+    let all = calls(&c.log);
+    assert_eq!(
+        executed(&all),
+        [
+            "executed step.om past=0",
+            "executed step.om past=3",
+            "executed step.om past=5",
+            "executed step.om past=6",
+        ]
+    );
+    assert_eq!(
+        count(
+            &all,
+            "weight weight_aa read by the loader for step.om: 96 bytes"
+        ),
+        1
+    );
+}
+
+#[test]
+fn split_graphs_with_embedded_weights_say_they_hold_them_twice() {
+    let _turn = acl_turn();
+    let c = compiled_dir("float32");
+    use_double(&c.lib, &c.log, "device");
+    let manifest = Manifest::load(&c.dir).unwrap();
+    let session = NpuSession::open(&c.dir, &manifest, 0).unwrap();
+    assert_eq!(session.allocation().loading, WeightLoading::EmbeddedTwice);
+    assert!(session.allocation().describe().contains("build_om.sh"));
 }

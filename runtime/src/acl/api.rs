@@ -64,6 +64,32 @@ pub struct AclApi {
     pub get_soc_name: Option<unsafe extern "C" fn() -> *const c_char>,
     /// `aclrtGetVersion(major, minor, patch)`; optional: only for reports.
     pub get_version: Option<unsafe extern "C" fn(*mut i32, *mut i32, *mut i32) -> i32>,
+    /// Loading with a config and registered weight buffers (CANN 8.5 and
+    /// later list it for the 310B); `None` on older ACL.
+    pub config: Option<ConfigApi>,
+    /// `aclmdlQuerySize(path, &work, &weight)`; optional: only for reports.
+    pub query_size: Option<unsafe extern "C" fn(*const c_char, *mut usize, *mut usize) -> i32>,
+}
+
+/// `aclmdlCreateConfigHandle` and the calls that load a model through one,
+/// with device buffers registered for its external weight files
+/// (`shared/research/board-memory.md`).
+#[derive(Clone, Copy)]
+pub struct ConfigApi {
+    pub create_handle: unsafe extern "C" fn() -> Ptr,
+    pub destroy_handle: unsafe extern "C" fn(Ptr) -> i32,
+    /// `aclmdlSetConfigOpt(handle, attr, &value, sizeof value)`.
+    pub set_opt: unsafe extern "C" fn(Ptr, i32, *const c_void, usize) -> i32,
+    pub load: unsafe extern "C" fn(*const c_void, *mut u32) -> i32,
+    /// `aclmdlSetExternalWeightAddress(handle, file name, device pointer, size)`.
+    pub set_external_weight_address: unsafe extern "C" fn(Ptr, *const c_char, Ptr, usize) -> i32,
+}
+
+/// `aclmdlConfigAttr` values and the load type Kiln uses (acl_mdl.h).
+pub mod config_attr {
+    pub const LOAD_TYPE_SIZET: i32 = 1;
+    pub const PATH_PTR: i32 = 2;
+    pub const LOAD_FROM_FILE: usize = 1;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -251,6 +277,17 @@ impl AclApi {
             execute: sym!("aclmdlExecute"),
             get_soc_name: optional_sym!("aclrtGetSocName"),
             get_version: optional_sym!("aclrtGetVersion"),
+            // All five or none: a partial set is treated as absent.
+            config: (|| {
+                Some(ConfigApi {
+                    create_handle: optional_sym!("aclmdlCreateConfigHandle")?,
+                    destroy_handle: optional_sym!("aclmdlDestroyConfigHandle")?,
+                    set_opt: optional_sym!("aclmdlSetConfigOpt")?,
+                    load: optional_sym!("aclmdlLoadWithConfig")?,
+                    set_external_weight_address: optional_sym!("aclmdlSetExternalWeightAddress")?,
+                })
+            })(),
+            query_size: optional_sym!("aclmdlQuerySize"),
             _libraries: libraries,
             origin,
         })

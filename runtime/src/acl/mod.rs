@@ -17,7 +17,7 @@ mod model;
 
 pub use api::{AclApi, LoadError};
 pub use error::{code_name, AclError};
-pub use model::{IoBinding, IoDesc, Model};
+pub use model::{IoBinding, IoDesc, Model, WeightBinding};
 
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, Weak};
@@ -101,6 +101,23 @@ impl Acl {
         // SAFETY: three valid out-pointers.
         let code = unsafe { get(&mut major, &mut minor, &mut patch) };
         (code == 0).then(|| format!("{major}.{minor}.{patch}"))
+    }
+
+    /// Whether models can be loaded with registered weight buffers
+    /// ([`Model::load_with_weights`]): the calls exist from CANN 8.5 on.
+    pub fn can_register_weights(&self) -> bool {
+        self.api.config.is_some()
+    }
+
+    /// `aclmdlQuerySize`: the work and weight bytes an .om needs, when this
+    /// ACL has the call and it succeeds.
+    pub fn query_size(&self, path: &std::path::Path) -> Option<(usize, usize)> {
+        let query = self.api.query_size?;
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+        let (mut work, mut weight) = (0usize, 0usize);
+        // SAFETY: a NUL-terminated path and two valid out-pointers.
+        let code = unsafe { query(c_path.as_ptr(), &mut work, &mut weight) };
+        (code == 0).then_some((work, weight))
     }
 
     pub fn device_count(&self) -> Result<u32, AclError> {

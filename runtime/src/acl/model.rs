@@ -104,27 +104,143 @@ fn c_str(p: *const std::ffi::c_char) -> String {
     }
 }
 
+fn c_path(call: &'static str, path: &Path) -> Result<CString, AclError> {
+    CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| AclError::local(call, format!("{} contains a NUL byte", path.display())))
+}
+
+/// Adds the model file to a failed load's message.
+fn naming(path: &Path) -> impl FnOnce(AclError) -> AclError + '_ {
+    move |mut e| {
+        e.message = format!("{} ({})", e.message.trim(), path.display());
+        e
+    }
+}
+
+/// A device buffer registered for one external weight file of a model.
+pub struct WeightBinding<'a> {
+    /// The file's bare name in the model's `weight/` folder (`weight_<sha256>`).
+    pub file: &'a str,
+    /// Holds the file's bytes; its size is a multiple of 32, as ACL requires.
+    pub buffer: &'a DeviceBuffer,
+}
+
 impl Model {
-    /// Loads an .om file on `device` and reads its description.
+    /// Loads an .om file on `device` and reads its description. External
+    /// weights, if the model has any, are read by ACL from `weight/` beside
+    /// the file into memory of its own.
     pub fn load(device: &Device, path: &Path) -> Result<Model, AclError> {
         let acl = device.acl().clone();
         let api = acl.api();
         device.bind()?;
-        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
-            AclError::local(
-                "aclmdlLoadFromFile",
-                format!("{} contains a NUL byte", path.display()),
-            )
-        })?;
+        let c_path = c_path("aclmdlLoadFromFile", path)?;
         let mut id = 0u32;
         // SAFETY: a NUL-terminated path and a valid out-pointer.
         api.check("aclmdlLoadFromFile", unsafe {
             (api.load_from_file)(c_path.as_ptr(), &mut id)
         })
-        .map_err(|mut e| {
-            e.message = format!("{} ({})", e.message.trim(), path.display());
-            e
-        })?;
+        .map_err(naming(path))?;
+        Self::describe_loaded(acl, id)
+    }
+
+    /// Loads an .om file whose weights live in `weight/` files, with each of
+    /// `weights` registered (`aclmdlSetExternalWeightAddress`) so that ACL
+    /// uses the buffer as it is instead of allocating and reading its own
+    /// copy: the same buffers registered for two models hold the weights
+    /// once. `Err` with code -1 if this ACL lacks the calls (older CANN).
+    pub fn load_with_weights(
+        device: &Device,
+        path: &Path,
+        weights: &[WeightBinding],
+    ) -> Result<Model, AclError> {
+        use super::api::config_attr;
+        let acl = device.acl().clone();
+        let api = acl.api();
+        let Some(config) = api.config else {
+            return Err(AclError::local(
+                "aclmdlLoadWithConfig",
+                "this ACL has no aclmdlLoadWithConfig/aclmdlSetExternalWeightAddress".into(),
+            ));
+        };
+        device.bind()?;
+        let c_path = c_path("aclmdlLoadWithConfig", path)?;
+        let names = weights
+            .iter()
+            .map(|w| {
+                CString::new(w.file).map_err(|_| {
+                    AclError::local(
+                        "aclmdlSetExternalWeightAddress",
+                        "a NUL in a file name".into(),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // SAFETY: plain constructor.
+        let handle = unsafe { (config.create_handle)() };
+        if handle.is_null() {
+            return Err(AclError::local(
+                "aclmdlCreateConfigHandle",
+                "returned null".into(),
+            ));
+        }
+        struct Handle(super::api::ConfigApi, *mut c_void);
+        impl Drop for Handle {
+            fn drop(&mut self) {
+                // SAFETY: created above, destroyed once.
+                unsafe { (self.0.destroy_handle)(self.1) };
+            }
+        }
+        let handle = Handle(config, handle);
+        let load_type: usize = config_attr::LOAD_FROM_FILE;
+        let path_ptr: *const std::ffi::c_char = c_path.as_ptr();
+        // SAFETY (block): the handle is live; each value points at a local of
+        // the size passed (ACL copies the path); every registered pointer is a
+        // live device allocation of the size given, kept by the caller for as
+        // long as the model stays loaded.
+        unsafe {
+            api.check(
+                "aclmdlSetConfigOpt",
+                (config.set_opt)(
+                    handle.1,
+                    config_attr::LOAD_TYPE_SIZET,
+                    (&load_type as *const usize).cast(),
+                    std::mem::size_of::<usize>(),
+                ),
+            )?;
+            api.check(
+                "aclmdlSetConfigOpt",
+                (config.set_opt)(
+                    handle.1,
+                    config_attr::PATH_PTR,
+                    (&path_ptr as *const *const std::ffi::c_char).cast(),
+                    std::mem::size_of::<*const std::ffi::c_char>(),
+                ),
+            )?;
+            for (w, name) in weights.iter().zip(&names) {
+                api.check(
+                    "aclmdlSetExternalWeightAddress",
+                    (config.set_external_weight_address)(
+                        handle.1,
+                        name.as_ptr(),
+                        w.buffer.as_ptr(),
+                        w.buffer.size(),
+                    ),
+                )
+                .map_err(naming(path))?;
+            }
+            let mut id = 0u32;
+            api.check(
+                "aclmdlLoadWithConfig",
+                (config.load)(handle.1.cast_const(), &mut id),
+            )
+            .map_err(naming(path))?;
+            drop(handle);
+            Self::describe_loaded(acl, id)
+        }
+    }
+
+    fn describe_loaded(acl: Arc<Acl>, id: u32) -> Result<Model, AclError> {
+        let api = acl.api();
         // SAFETY: plain constructor.
         let desc = unsafe { (api.create_desc)() };
         let mut model = Model {

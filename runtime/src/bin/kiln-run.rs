@@ -82,12 +82,14 @@ fn main() {
 }
 
 fn check(dir: &std::path::Path) -> Result<(), String> {
+    use kiln_runtime::compiled::external_weights::ExternalWeights;
     use kiln_runtime::compiled::OmCheck;
     let model = CompiledModel::open(dir).map_err(|e| e.to_string())?;
     println!(
         "{}: manifest, IR and reference weights agree",
         dir.display()
     );
+    let mut built = 0;
     for (om, status) in model.check_om_files().map_err(|e| e.to_string())? {
         match status {
             OmCheck::Matches => println!("{om}: inputs and outputs match manifest.json"),
@@ -98,6 +100,21 @@ fn check(dir: &std::path::Path) -> Result<(), String> {
                 println!("{om}: has no MODEL_INOUT_INFO; ACL will check it when it loads")
             }
         }
+        built += usize::from(!matches!(status, OmCheck::Missing));
+    }
+    let graphs: Vec<&str> = model
+        .manifest
+        .graphs
+        .iter()
+        .map(|g| g.name.as_str())
+        .collect();
+    match ExternalWeights::read(dir, &graphs).map_err(|e| e.to_string())? {
+        Some(weights) => println!("{}", weights.sharing().describe()),
+        None if built > 1 => println!(
+            "weights: embedded in each .om, so the NPU holds them once per graph; run this \
+             Kiln's build_om.sh again (atc --external_weight=1) for one shared copy"
+        ),
+        None => {}
     }
     Ok(())
 }
@@ -121,6 +138,7 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
                     e.to_string()
                 }
             })?;
+            eprintln!("kiln-run: {}", engine.allocation().describe());
             (manifest, Box::new(engine))
         }
     };

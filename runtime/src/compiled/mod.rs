@@ -2,6 +2,7 @@
 //! interpreter: its manifest, IR and reference weights, checked against
 //! each other.
 
+pub mod external_weights;
 pub mod manifest;
 
 use crate::ir::model::ModelIrError;

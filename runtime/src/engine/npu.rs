@@ -19,7 +19,9 @@
 
 use crate::acl::{
     Acl, AclError, AclSetupError, Device, DeviceBuffer, IoBinding, IoDesc, Model, RunMode,
+    WeightBinding,
 };
+use crate::compiled::external_weights::{registered_size, ExternalWeights, ExternalWeightsError};
 use crate::compiled::manifest::{GraphInfo, Manifest, TensorInfo};
 use crate::compiled::{check_io, check_om_file, CompiledError, OmCheck};
 use crate::engine::{check_step, step_chunks, Engine, SessionError, StepInputs};
@@ -45,6 +47,67 @@ pub enum NpuError {
     AclMismatch { om: PathBuf, problem: String },
     #[error("{dir}/manifest.json: {problem}; recompile the model")]
     Manifest { dir: PathBuf, problem: String },
+    #[error(transparent)]
+    Weights(#[from] ExternalWeightsError),
+}
+
+/// How the graphs get their weights on the device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WeightLoading {
+    /// One buffer per `weight/` file, registered for every graph that reads
+    /// it (`aclmdlSetExternalWeightAddress`): each weight once.
+    Registered,
+    /// One graph, whose weights ACL loads itself (from `weight/` or the .om).
+    Single,
+    /// Split graphs whose .om files embed their weights (not converted by
+    /// this Kiln's build_om.sh): each graph holds its own copy.
+    EmbeddedTwice,
+    /// Split graphs with external weights, but an ACL that cannot register
+    /// buffers (before CANN 8.5): only the decode graph is loaded, so the
+    /// weights are held once and the prompt runs token by token.
+    DecodeOnly,
+}
+
+/// What the session allocated on the device, in bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allocation {
+    pub loading: WeightLoading,
+    /// Weight buffers Kiln allocated (registered ones; 0 when ACL loads them).
+    pub weights: u64,
+    /// How many distinct weight files those are.
+    pub weight_files: usize,
+    /// K and V caches.
+    pub kv_cache: u64,
+    /// Every graph's input and output buffers but the caches.
+    pub io: u64,
+    /// The graphs loaded, by name.
+    pub graphs: Vec<String>,
+}
+
+impl Allocation {
+    /// One line for `kiln-run`'s report, with what to do if the weights are
+    /// held twice or the prompt runs token by token.
+    pub fn describe(&self) -> String {
+        let mb = |b: u64| b as f64 / 1e6;
+        let weights = match self.loading {
+            WeightLoading::Registered => format!(
+                "weights {:.1} MB ({} files, registered once for {})",
+                mb(self.weights),
+                self.weight_files,
+                self.graphs.join(" and ")
+            ),
+            WeightLoading::Single => "weights loaded by ACL for the one graph".into(),
+            WeightLoading::EmbeddedTwice => "weights embedded in each .om: held once per graph                  (run this Kiln's build_om.sh again for one shared copy)"
+                .into(),
+            WeightLoading::DecodeOnly => "weights loaded once, with decode.om only: this ACL                  cannot register weight buffers (aclmdlSetExternalWeightAddress, CANN 8.5 and                  later), so the prompt runs token by token; recompile with --graphs single for                  faster prompts on this CANN"
+                .into(),
+        };
+        format!(
+            "device memory: {weights}; KV cache {:.1} MB; inputs and outputs {:.1} MB",
+            mb(self.kv_cache),
+            mb(self.io)
+        )
+    }
 }
 
 impl NpuError {
@@ -204,6 +267,24 @@ struct GraphRun {
     v_new: DeviceBuffer,
 }
 
+impl GraphRun {
+    /// Bytes of this graph's own input and output buffers (not the caches).
+    fn io_bytes(&self) -> u64 {
+        [
+            &self.input_ids.buffer,
+            &self.position_ids.buffer,
+            &self.attention_mask.buffer,
+            &self.logits_index.buffer,
+            &self.logits.buffer,
+            &self.k_new,
+            &self.v_new,
+        ]
+        .iter()
+        .map(|b| b.size() as u64)
+        .sum()
+    }
+}
+
 /// What the manifest says about one graph, checked before ACL is touched.
 struct GraphPlan<'a> {
     info: &'a GraphInfo,
@@ -280,8 +361,12 @@ pub struct NpuSession {
     graphs: Vec<GraphRun>,
     /// Tokens per step of each graph.
     graph_tokens: Vec<usize>,
+    /// Registered weight buffers: ACL uses them as they are and never frees
+    /// them, so they outlive the models (dropped after `graphs`).
+    _weights: Vec<DeviceBuffer>,
     k_cache: DeviceBuffer,
     v_cache: DeviceBuffer,
+    allocation: Allocation,
     cache_element: Element,
     device: Device,
     layout: KvCacheLayout,
@@ -308,11 +393,13 @@ impl NpuSession {
                 problem: "it lists no graphs".into(),
             });
         }
-        let plans = manifest
+        let mut plans = manifest
             .graphs
             .iter()
             .map(|g| Self::plan(dir, manifest, &g.name, &layout))
             .collect::<Result<Vec<_>, _>>()?;
+        let names: Vec<&str> = manifest.graphs.iter().map(|g| g.name.as_str()).collect();
+        let external = ExternalWeights::read(dir, &names)?;
         let first = &plans[0];
         let cache_element = first.elements[first.input(GraphNames::K_CACHE)];
         for plan in &plans {
@@ -331,10 +418,47 @@ impl NpuSession {
 
         let acl = Acl::init()?;
         let device = Device::open(&acl, device_id)?;
-        let models = plans
-            .iter()
-            .map(|plan| Self::load(&device, manifest, plan))
-            .collect::<Result<Vec<_>, _>>()?;
+        let loading = match (&external, plans.len()) {
+            (_, 1) => WeightLoading::Single,
+            (Some(_), _) if acl.can_register_weights() => WeightLoading::Registered,
+            (Some(_), _) => WeightLoading::DecodeOnly,
+            (None, _) => WeightLoading::EmbeddedTwice,
+        };
+        if loading == WeightLoading::DecodeOnly {
+            // Never two copies: the graph of fewest tokens runs everything.
+            let keep = (0..plans.len())
+                .min_by_key(|&i| plans[i].info.tokens)
+                .expect("at least one graph");
+            plans = vec![plans.swap_remove(keep)];
+        }
+        let mut weight_buffers = Vec::new();
+        let mut models = Vec::with_capacity(plans.len());
+        match (&loading, &external) {
+            (WeightLoading::Registered, Some(external)) => {
+                weight_buffers = Self::upload_weights(&device, external)?;
+                for plan in &plans {
+                    let (_, reads) = external
+                        .graphs
+                        .iter()
+                        .find(|(g, _)| *g == plan.info.name)
+                        .expect("read for every graph");
+                    let bindings: Vec<WeightBinding> = reads
+                        .iter()
+                        .map(|&at| WeightBinding {
+                            file: &external.files[at].name,
+                            buffer: &weight_buffers[at],
+                        })
+                        .collect();
+                    let model = Model::load_with_weights(&device, &plan.om, &bindings)?;
+                    models.push(Self::check_loaded(manifest, plan, model)?);
+                }
+            }
+            _ => {
+                for plan in &plans {
+                    models.push(Self::load(&device, manifest, plan)?);
+                }
+            }
+        }
 
         // One cache buffer per K and V, as large as any graph wants.
         let cache_bytes = models
@@ -370,10 +494,20 @@ impl NpuSession {
             .zip(&plans)
             .map(|(model, plan)| Self::prepare(&device, model, plan, &k_cache, &v_cache))
             .collect::<Result<Vec<_>, _>>()?;
+        let allocation = Allocation {
+            loading,
+            weights: weight_buffers.iter().map(|b| b.size() as u64).sum(),
+            weight_files: weight_buffers.len(),
+            kv_cache: (k_cache.size() + v_cache.size()) as u64,
+            io: graphs.iter().map(GraphRun::io_bytes).sum(),
+            graphs: plans.iter().map(|p| p.info.name.clone()).collect(),
+        };
         let description = Self::describe(&device, manifest);
         Ok(NpuSession {
             graph_tokens: graphs.iter().map(|g| g.tokens).collect(),
             graphs,
+            _weights: weight_buffers,
+            allocation,
             k_cache,
             v_cache,
             cache_element,
@@ -508,9 +642,53 @@ impl NpuSession {
         })
     }
 
+    /// One device buffer per distinct weight file, holding its bytes.
+    fn upload_weights(
+        device: &Device,
+        external: &ExternalWeights,
+    ) -> Result<Vec<DeviceBuffer>, NpuError> {
+        use std::io::Read;
+        let mut buffers = Vec::with_capacity(external.files.len());
+        for file in &external.files {
+            let path = external.path(file);
+            let io = |source| {
+                NpuError::Weights(ExternalWeightsError::Io {
+                    path: path.clone(),
+                    source,
+                })
+            };
+            let mut buffer = device.alloc(registered_size(file.bytes) as usize)?;
+            let mut reader = std::fs::File::open(&path).map_err(io)?;
+            let len = file.bytes as usize;
+            match buffer.host_bytes_mut() {
+                // On the board: straight from the file into the device's DRAM.
+                Some(memory) => reader.read_exact(&mut memory[..len]).map_err(io)?,
+                None => {
+                    const CHUNK: usize = 8 << 20;
+                    let mut chunk = vec![0u8; CHUNK.min(len)];
+                    for offset in (0..len).step_by(CHUNK) {
+                        let n = CHUNK.min(len - offset);
+                        reader.read_exact(&mut chunk[..n]).map_err(io)?;
+                        buffer.write_at(offset, &chunk[..n])?;
+                    }
+                }
+            }
+            buffers.push(buffer);
+        }
+        Ok(buffers)
+    }
+
     /// Loads one .om and checks ACL's description of it against the manifest.
     fn load(device: &Device, manifest: &Manifest, plan: &GraphPlan) -> Result<Model, NpuError> {
         let model = Model::load(device, &plan.om)?;
+        Self::check_loaded(manifest, plan, model)
+    }
+
+    fn check_loaded(
+        manifest: &Manifest,
+        plan: &GraphPlan,
+        model: Model,
+    ) -> Result<Model, NpuError> {
         check_io(plan.info, &as_om_io(&model), manifest.kv_cache.max_len).map_err(|problem| {
             NpuError::AclMismatch {
                 om: plan.om.clone(),
@@ -624,6 +802,11 @@ impl NpuSession {
             device.id(),
             acl.library()
         )
+    }
+
+    /// What the session allocated on the device.
+    pub fn allocation(&self) -> &Allocation {
+        &self.allocation
     }
 
     /// Where this process runs relative to the NPU.

@@ -16,7 +16,19 @@
  *   ids (kiln_pattern below) and writes logits whose argmax is
  *   (7 * token + 3 * position + 1) % vocab at logits_index.
  *
+ * External weights: partition 0 (GE's ModelDef in a real .om) may hold, as
+ * a stand-in, the line "kiln-double-weights" followed by one weight file
+ * name per line: the model's FileConstants. At load each must exist in
+ * weight/ beside the .om. A file registered on the config handle
+ * (aclmdlSetExternalWeightAddress) is used in place, after checking that
+ * the buffer is device memory, sized a multiple of 32 and at least the
+ * file, and holds the file's bytes; any other is "read by the loader" into
+ * memory of the double's own (recorded with its size, as GE would copy it).
+ * Built with -DKILN_DOUBLE_OLD_CANN it lacks the config calls, as ACL
+ * before CANN 8.5 does.
+ *
  * Knobs: $KILN_ACL_DOUBLE_RUN_MODE=host reports ACL_HOST (else ACL_DEVICE);
+ * $KILN_ACL_DOUBLE_SOC names the chip aclrtGetSocName reports;
  * $KILN_ACL_DOUBLE_FAIL_EXECUTE makes aclmdlExecute fail;
  * $KILN_ACL_DOUBLE_FAIL_LOAD=<file name> makes loading that file fail.
  * At aclFinalize it records how many objects were never released.
@@ -113,7 +125,10 @@ int aclrtGetRunMode(int *mode) {
     return 0;
 }
 int aclrtGetDeviceCount(uint32_t *count) { *count = 1; return 0; }
-const char *aclrtGetSocName(void) { return "none (ACL test double)"; }
+const char *aclrtGetSocName(void) {
+    const char *soc = getenv("KILN_ACL_DOUBLE_SOC");
+    return soc ? soc : "none (ACL test double)";
+}
 int aclrtGetVersion(int32_t *major, int32_t *minor, int32_t *patch) {
     *major = 0;
     *minor = 0;
@@ -138,6 +153,7 @@ int aclrtSynchronizeStream(void *stream) { (void)stream; return 0; }
 int aclrtMalloc(void **p, size_t size, int policy) {
     (void)policy;
     record("aclrtMalloc");
+    record("malloc size %zu", size);
     for (int i = 0; i < MAX_ALLOCS; i++) {
         if (!allocs[i].ptr) {
             allocs[i].ptr = object(size);
@@ -185,13 +201,34 @@ typedef struct {
     int64_t dims[MAX_RANK];
 } Tensor;
 
+#define MAX_WEIGHTS 64
+
 typedef struct {
     int loaded;
     int kiln; /* Kiln's inputs: execute plays the fake language model */
     char file[128];
     size_t n_in, n_out;
     Tensor in[MAX_IO], out[MAX_IO];
+    /* External weight files (FileConstants) and the copies the loader made. */
+    size_t n_weights;
+    char weights[MAX_WEIGHTS][128];
+    void *loader_copies[MAX_WEIGHTS];
 } Model;
+
+/* A registration made with aclmdlSetExternalWeightAddress. */
+typedef struct {
+    char name[128];
+    void *ptr;
+    size_t size;
+} Registration;
+
+typedef struct {
+    size_t load_type;
+    char path[4096];
+    int has_path;
+    size_t n_regs;
+    Registration regs[MAX_WEIGHTS];
+} ConfigHandle;
 
 static Model models[MAX_MODELS]; /* model id = index + 1 */
 
@@ -262,6 +299,25 @@ static int parse_om(const unsigned char *b, size_t n, Model *m) {
         size_t size = wide ? u64_at(e + 16) : u32_at(e + 8);
         off += size;
         if (data + off > n) return -1;
+        if (u32_at(e) == 0) {
+            /* The stand-in ModelDef: "kiln-double-weights\n" then names. */
+            static const char tag[] = "kiln-double-weights\n";
+            const char *p = (const char *)b + data + off - size;
+            if (size >= sizeof tag - 1 && memcmp(p, tag, sizeof tag - 1) == 0) {
+                size_t at = sizeof tag - 1;
+                while (at < size && m->n_weights < MAX_WEIGHTS) {
+                    size_t end = at;
+                    while (end < size && p[end] != '\n') end++;
+                    if (end > at && end - at < 128) {
+                        memcpy(m->weights[m->n_weights], p + at, end - at);
+                        m->weights[m->n_weights][end - at] = 0;
+                        m->n_weights++;
+                    }
+                    at = end + 1;
+                }
+            }
+            continue;
+        }
         if (u32_at(e) != 8) continue;
         const unsigned char *p = b + data + off - size;
         for (size_t at = 0; at + 8 <= size;) {
@@ -271,14 +327,66 @@ static int parse_om(const unsigned char *b, size_t n, Model *m) {
             if (type == 1 && parse_tensors(p + at + 8, len, m->out, &m->n_out)) return -1;
             at += 8 + len;
         }
-        return m->n_in && m->n_out ? 0 : -1;
+        if (!m->n_in || !m->n_out) return -1;
     }
-    return -1;
+    return m->n_in && m->n_out ? 0 : -1;
 }
+
+/* Reads weight/<name> beside the .om at `path`; the caller frees. */
+static unsigned char *read_weight(const char *path, const char *name, size_t *size) {
+    char file[4352];
+    const char *slash = strrchr(path, '/');
+    int dir_len = slash ? (int)(slash - path) : 1;
+    snprintf(file, sizeof file, "%.*s/weight/%s", dir_len, slash ? path : ".", name);
+    FILE *f = fopen(file, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    rewind(f);
+    unsigned char *bytes = malloc(n > 0 ? (size_t)n : 1);
+    *size = fread(bytes, 1, (size_t)n, f);
+    fclose(f);
+    return bytes;
+}
+
+/* Gives every FileConstant of `m` its memory: a registered buffer, checked,
+ * or a copy the loader reads itself. */
+static int bind_weights(Model *m, const char *path, const ConfigHandle *config) {
+    for (size_t w = 0; w < m->n_weights; w++) {
+        size_t size = 0;
+        unsigned char *bytes = read_weight(path, m->weights[w], &size);
+        if (!bytes) return fail(145000, "test double: %s needs weight/%s, which does not exist", m->file, m->weights[w]);
+        const Registration *r = NULL;
+        for (size_t i = 0; config && i < config->n_regs; i++) {
+            if (strcmp(config->regs[i].name, m->weights[w]) == 0) r = &config->regs[i];
+        }
+        if (r) {
+            int ok = r->size >= size && r->size % 32 == 0 && is_device_memory(r->ptr, r->size) &&
+                     memcmp(r->ptr, bytes, size) == 0;
+            free(bytes);
+            if (!ok) {
+                return fail(145000, "test double: the buffer registered for %s is not device memory of a multiple "
+                            "of 32 bytes holding the file", m->weights[w]);
+            }
+            record("weight %s registered for %s", m->weights[w], m->file);
+        } else {
+            m->loader_copies[w] = bytes;
+            record("weight %s read by the loader for %s: %zu bytes", m->weights[w], m->file, size);
+        }
+    }
+    return 0;
+}
+
+static int load_model(const char *path, uint32_t *id, const ConfigHandle *config);
 
 int aclmdlLoadFromFile(const char *path, uint32_t *id) {
     const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
     record("aclmdlLoadFromFile %s", base);
+    return load_model(path, id, NULL);
+}
+
+static int load_model(const char *path, uint32_t *id, const ConfigHandle *config) {
+    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
     const char *refuse = getenv("KILN_ACL_DOUBLE_FAIL_LOAD");
     if (refuse && strcmp(refuse, base) == 0) return fail(100014, "test double: loading %s failed as the test asked", base);
     FILE *f = fopen(path, "rb");
@@ -316,9 +424,73 @@ int aclmdlLoadFromFile(const char *path, uint32_t *id) {
             t->dims[1] = 4;
         }
     }
+    int bad = bind_weights(m, path, config);
+    if (bad) {
+        for (size_t w = 0; w < m->n_weights; w++) free(m->loader_copies[w]);
+        memset(m, 0, sizeof *m);
+        return bad;
+    }
     m->loaded = 1;
     live_objects++;
     *id = (uint32_t)slot + 1;
+    return 0;
+}
+
+#ifndef KILN_DOUBLE_OLD_CANN
+void *aclmdlCreateConfigHandle(void) {
+    record("aclmdlCreateConfigHandle");
+    return object(sizeof(ConfigHandle));
+}
+int aclmdlDestroyConfigHandle(void *handle) {
+    record("aclmdlDestroyConfigHandle");
+    release(handle);
+    return 0;
+}
+int aclmdlSetConfigOpt(void *handle, int attr, const void *value, size_t size) {
+    ConfigHandle *h = handle;
+    if (attr == 1) { /* ACL_MDL_LOAD_TYPE_SIZET */
+        if (size != sizeof(size_t)) return fail(100000, "test double: LOAD_TYPE takes a size_t");
+        size_t type = *(const size_t *)value;
+        if (type < 1 || type > 6) return fail(100000, "test double: load type %zu", type);
+        h->load_type = type;
+        return 0;
+    }
+    if (attr == 2) { /* ACL_MDL_PATH_PTR: a pointer to the path's pointer */
+        if (size != sizeof(void *)) return fail(100000, "test double: PATH_PTR takes a pointer's size");
+        const char *path = *(const char *const *)value;
+        if (!path) return fail(100000, "test double: a null path");
+        snprintf(h->path, sizeof h->path, "%s", path);
+        h->has_path = 1;
+        return 0;
+    }
+    return fail(100000, "test double: config attribute %d is not one Kiln should set", attr);
+}
+int aclmdlSetExternalWeightAddress(void *handle, const char *name, void *ptr, size_t size) {
+    ConfigHandle *h = handle;
+    record("aclmdlSetExternalWeightAddress %s %zu", name, size);
+    if (size == 0 || size % 32) return fail(100000, "test double: size %zu is not a positive multiple of 32", size);
+    if (strchr(name, '/')) return fail(100000, "test double: %s is a path, not a file name", name);
+    if (h->n_regs == MAX_WEIGHTS) return fail(100000, "test double: too many registrations");
+    Registration *r = &h->regs[h->n_regs++];
+    snprintf(r->name, sizeof r->name, "%s", name);
+    r->ptr = ptr;
+    r->size = size;
+    return 0;
+}
+int aclmdlLoadWithConfig(const void *handle, uint32_t *id) {
+    const ConfigHandle *h = handle;
+    if (h->load_type != 1 || !h->has_path) return fail(100000, "test double: load from file needs LOAD_TYPE 1 and PATH_PTR");
+    const char *base = strrchr(h->path, '/') ? strrchr(h->path, '/') + 1 : h->path;
+    record("aclmdlLoadWithConfig %s", base);
+    return load_model(h->path, id, h);
+}
+#endif
+
+int aclmdlQuerySize(const char *path, size_t *work, size_t *weight) {
+    (void)path;
+    /* A stand-in figure, not a real one: the double has no workspace. */
+    *work = 1 << 20;
+    *weight = 0;
     return 0;
 }
 
@@ -326,6 +498,7 @@ int aclmdlUnload(uint32_t id) {
     Model *m = model_by_id(id);
     record("aclmdlUnload %s", m ? m->file : "?");
     if (!m) return fail(100011, "test double: no such model");
+    for (size_t w = 0; w < m->n_weights; w++) free(m->loader_copies[w]);
     m->loaded = 0;
     live_objects--;
     return 0;

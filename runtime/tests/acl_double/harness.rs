@@ -13,11 +13,27 @@ const SOURCE: &str = include_str!("acl_double.c");
 
 /// Compiles the test double into `dir` and returns the library's path.
 pub fn build_double(dir: &Path) -> PathBuf {
+    build_double_as(dir, "libacl_test_double.so", &[])
+}
+
+/// The double as ACL before CANN 8.5: without aclmdlLoadWithConfig and
+/// aclmdlSetExternalWeightAddress.
+pub fn build_old_cann_double(dir: &Path) -> PathBuf {
+    build_double_as(
+        dir,
+        "libacl_test_double_old.so",
+        &["-DKILN_DOUBLE_OLD_CANN"],
+    )
+}
+
+fn build_double_as(dir: &Path, name: &str, defines: &[&str]) -> PathBuf {
     let src = dir.join("acl_double.c");
     std::fs::write(&src, SOURCE).unwrap();
-    let lib = dir.join("libacl_test_double.so");
+    let lib = dir.join(name);
     let out = Command::new("cc")
-        .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"])
+        .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror"])
+        .args(defines)
+        .arg("-o")
         .arg(&lib)
         .arg(&src)
         .output()
@@ -36,6 +52,15 @@ pub fn calls(log: &Path) -> Vec<String> {
         .unwrap_or_default()
         .lines()
         .map(str::to_string)
+        .collect()
+}
+
+/// The sizes of every aclrtMalloc, in order.
+pub fn malloc_sizes(calls: &[String]) -> Vec<usize> {
+    calls
+        .iter()
+        .filter_map(|c| c.strip_prefix("malloc size "))
+        .map(|n| n.parse().unwrap())
         .collect()
 }
 
