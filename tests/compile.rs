@@ -140,15 +140,28 @@ fn every_op_is_on_the_atc_allow_list_and_none_to_avoid_appears() {
 fn build_script_passes_atc_the_onnx_input_shapes() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("out");
-    compile_fixture("llama-gqa", &dir, &["--target", "ascend310b4"]);
-    // A stand-in atc (a test double, not CANN) that records its arguments.
+    compile_fixture("llama-gqa", &dir, &["--target", "orangepi-aipro-8t"]);
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["target"]["name"], "orangepi-aipro-8t");
+    assert_eq!(manifest["target"]["soc_version"], "Ascend310B4");
+    // A stand-in atc (a test double, not CANN) that records its arguments
+    // and, as ATC does with --external_weight=1, writes weight files beside
+    // its --output: one the graphs share, and one of each graph's own.
     let bin = tmp.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
     let record = tmp.path().join("atc-args.txt");
     let fake = format!(
-        "#!/usr/bin/env bash\nprintf '%s\\n' \"$@\" >> '{}'\necho '---' >> '{}'\n",
-        record.display(),
-        record.display()
+        r#"#!/usr/bin/env bash
+printf '%s\n' "$@" >> '{record}'
+echo '---' >> '{record}'
+for arg in "$@"; do case "$arg" in --output=*) out=${{arg#--output=}} ;; esac; done
+mkdir -p "$(dirname "$out")/weight"
+head -c 3200000 /dev/zero > "$(dirname "$out")/weight/weight_shared"
+head -c 1000000 /dev/zero > "$(dirname "$out")/weight/weight_only_$(basename "$out")"
+echo om > "$out.om"
+"#,
+        record = record.display()
     );
     std::fs::write(bin.join("atc"), fake).unwrap();
     Command::new("chmod")
@@ -189,10 +202,94 @@ fn build_script_passes_atc_the_onnx_input_shapes() {
         );
         assert!(lines.contains(&"--framework=5"));
         assert!(lines.contains(&"--soc_version=Ascend310B4"));
+        assert!(lines.contains(&"--external_weight=1"));
         assert!(lines.contains(&format!("--model={graph}.onnx").as_str()));
+        assert!(lines.contains(&format!("--output=.atc-{graph}/{graph}").as_str()));
         assert!(lines.contains(&"--input_format=ND"));
         assert!(lines.contains(&"--precision_mode=must_keep_origin_dtype"));
     }
+    // Each graph's .om and weight files gathered; the lists say who reads what.
+    for graph in ["prefill", "decode"] {
+        assert!(dir.join(format!("{graph}.om")).is_file());
+        assert!(!dir.join(format!(".atc-{graph}")).exists());
+        let list = std::fs::read_to_string(dir.join(format!("{graph}.weights"))).unwrap();
+        let mut names: Vec<&str> = list.lines().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["weight_only_".to_string() + graph, "weight_shared".into()]
+        );
+    }
+    assert_eq!(std::fs::read_dir(dir.join("weight")).unwrap().count(), 3);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("om_soc.txt")).unwrap(),
+        "Ascend310B4\n"
+    );
+    let report = stdout(&out);
+    assert!(
+        report.contains(
+            "weights: 5.2 MB in weight/ (3 files), held once on the device; 3.2 MB shared by prefill decode"
+        ) && report.contains("1.0 MB only in prefill: ATC laid these weights out differently")
+            && report.contains("1.0 MB only in decode"),
+        "{report}"
+    );
+    let runtime_view = kiln_runtime::compiled::external_weights::ExternalWeights::read(
+        &dir,
+        &["prefill", "decode"],
+    )
+    .unwrap()
+    .unwrap()
+    .sharing();
+    assert_eq!(
+        (runtime_view.total_bytes, runtime_view.shared_bytes),
+        (5_200_000, 3_200_000)
+    );
+
+    // --soc auto reads the chip from npu-smi (a stand-in printing the
+    // summary table as 310B boards do); a bare "310B" is refused.
+    let npu_smi = |chip: &str| {
+        let table = format!(
+            "#!/usr/bin/env bash\n[ \"$1\" = info ] && [ $# -eq 1 ] || exit 1\ncat <<'EOF'\n\
+             +--------------------------------------------------------------------------------------------------------+\n\
+             | npu-smi 23.0.0                                   Version: 23.0.0                                       |\n\
+             +-------------------------------+-----------------+------------------------------------------------------+\n\
+             | NPU     Name                  | Health          | Power(W)     Temp(C)           Hugepages-Usage(page) |\n\
+             | Chip    Device                | Bus-Id          | AICore(%)    Memory-Usage(MB)                        |\n\
+             +===============================+=================+======================================================+\n\
+             | 0       {chip}                 | Alarm           | 0.0          65                15    / 15            |\n\
+             | 0       0                     | NA              | 0            3628 / 15609                            |\n\
+             +===============================+=================+======================================================+\n\
+             EOF\n"
+        );
+        std::fs::write(bin.join("npu-smi"), table).unwrap();
+        Command::new("chmod")
+            .arg("+x")
+            .arg(bin.join("npu-smi"))
+            .status()
+            .unwrap();
+        Command::new("bash")
+            .arg(dir.join("build_om.sh"))
+            .args(["--soc", "auto"])
+            .env("PATH", &path)
+            .output()
+            .unwrap()
+    };
+    let out = npu_smi("310B1");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("chip: Ascend310B1 (from npu-smi)"));
+    assert!(stdout(&out)
+        .contains("note: converting for Ascend310B1; the model was compiled for Ascend310B4"));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("om_soc.txt")).unwrap(),
+        "Ascend310B1\n"
+    );
+    let out = npu_smi("310B");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--soc auto could not read the chip"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

@@ -70,6 +70,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CompileError + '_ {
 pub struct CompileOptions {
     pub shape: ShapeRequest,
     pub target: &'static Target,
+    /// The board named with `--target`, if one was.
+    pub board: Option<&'static atc::Board>,
     pub float: FloatType,
     pub opset: i64,
     /// Force weights into `weights.bin` even for small models.
@@ -489,7 +491,7 @@ fn manifest(
         config_sha256,
         weights_sha256,
         target: TargetInfo {
-            name: options.target.name.to_string(),
+            name: options.board.map_or(options.target.name, |b| b.name).to_string(),
             soc_version: options.target.soc_version.to_string(),
         },
         dtype: options.float.name().to_string(),

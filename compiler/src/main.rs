@@ -135,9 +135,12 @@ struct CompileArgs {
     /// Where to write the compiled model [default: <model directory name>.kiln]
     #[arg(short, long)]
     output: Option<PathBuf>,
-    /// The device to compile for.
+    /// The board or chip to compile for (a board name picks its chip;
+    /// `build_om.sh --soc auto` on the board converts for the chip it has).
     #[arg(long, default_value = kiln::backend::atc::DEFAULT_TARGET,
-          long_help = format!("The device to compile for: {}", kiln::backend::atc::known_targets()))]
+          long_help = format!("The board or chip to compile for (a board name picks its chip; `build_om.sh --soc auto` \
+              on the board converts for the chip it reports, and kiln-run checks the chip before loading): {}",
+              kiln::backend::atc::known_targets()))]
     target: String,
     #[arg(long, value_enum, default_value = "fp16")]
     dtype: DTypeArg,
@@ -502,10 +505,11 @@ fn eval_command(args: EvalArgs) -> Result<()> {
 
 fn compile_command(args: CompileArgs) -> Result<()> {
     use kiln::backend::onnx::builder::FloatType;
-    let target = kiln::backend::atc::target(&args.target)?;
+    let (target, board) = kiln::backend::atc::resolve_target(&args.target)?;
     let options = kiln::compile::CompileOptions {
         shape: args.shape.request()?,
         target,
+        board,
         float: match args.dtype {
             DTypeArg::Fp16 => FloatType::F16,
             DTypeArg::Fp32 => FloatType::F32,

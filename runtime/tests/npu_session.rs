@@ -209,6 +209,7 @@ fn use_double(lib: &Path, log: &Path, run_mode: &str) {
     std::env::set_var("KILN_ACL_DOUBLE_RUN_MODE", run_mode);
     std::env::remove_var("KILN_ACL_DOUBLE_FAIL_EXECUTE");
     std::env::remove_var("KILN_ACL_DOUBLE_FAIL_LOAD");
+    std::env::remove_var("KILN_ACL_DOUBLE_SOC");
     std::env::remove_var("ASCEND_HOME_PATH");
     std::env::remove_var("ASCEND_TOOLKIT_HOME");
 }
@@ -290,7 +291,7 @@ fn device_run_mode_session_against_the_test_double() {
     assert_eq!(session.run_mode(), RunMode::Device);
     let device = session.device();
     assert!(
-        device.starts_with("NPU (Ascend via ACL 0.0.0, device 0, soc none (ACL test double)")
+        device.starts_with("NPU (Ascend via ACL 0.0.0, device 0, soc Ascend310B1")
             && device.contains("runs on the device")
             && device.contains("libacl_test_double.so"),
         "{device}"
@@ -578,7 +579,7 @@ fn kiln_run_generate_with_backend_npu() {
         format!("{first},{second},{third}")
     );
     assert!(
-        stderr.contains("device:  NPU (Ascend via ACL 0.0.0, device 0, soc none (ACL test double)"),
+        stderr.contains("device:  NPU (Ascend via ACL 0.0.0, device 0, soc Ascend310B1"),
         "{stderr}"
     );
     assert!(
@@ -826,4 +827,28 @@ fn split_graphs_with_embedded_weights_say_they_hold_them_twice() {
     let session = NpuSession::open(&c.dir, &manifest, 0).unwrap();
     assert_eq!(session.allocation().loading, WeightLoading::EmbeddedTwice);
     assert!(session.allocation().describe().contains("build_om.sh"));
+}
+
+#[test]
+fn another_chip_is_refused_with_the_command_that_converts_for_it() {
+    let _turn = acl_turn();
+    let c = compiled_dir("float32");
+    use_double(&c.lib, &c.log, "device");
+    std::env::set_var("KILN_ACL_DOUBLE_SOC", "Ascend310B4");
+    let manifest = Manifest::load(&c.dir).unwrap();
+    let err = NpuSession::open(&c.dir, &manifest, 0)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("converted for Ascend310B1 but this NPU is Ascend310B4")
+            && err.contains("build_om.sh --soc Ascend310B4"),
+        "{err}"
+    );
+    // Nothing was loaded.
+    assert!(!calls(&c.log).iter().any(|c| c.starts_with("aclmdlLoad")));
+    // Converted for that chip (build_om.sh records it), it loads.
+    std::fs::write(c.dir.join("om_soc.txt"), "Ascend310B4\n").unwrap();
+    NpuSession::open(&c.dir, &manifest, 0).unwrap();
+    std::env::remove_var("KILN_ACL_DOUBLE_SOC");
 }

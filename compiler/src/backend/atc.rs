@@ -7,12 +7,12 @@
 
 use std::path::{Path, PathBuf};
 
-/// A device Kiln compiles for.
+/// A chip Kiln compiles for.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Target {
     /// Kiln's name (`--target`).
     pub name: &'static str,
-    /// ATC's `--soc_version`.
+    /// ATC's `--soc_version`, as `aclrtGetSocName()` reports it on the chip.
     pub soc_version: &'static str,
     /// What it is.
     pub description: &'static str,
@@ -24,13 +24,13 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "ascend310b1",
         soc_version: "Ascend310B1",
-        description: "Ascend 310B1 (Orange Pi AI Pro, Atlas 200I DK A2)",
+        description: "Ascend 310B1, 20 TOPS (Orange Pi AI Pro 20T, Atlas 200I A2 20T modules)",
         bandwidth_gbs: (25.6, 51.2),
     },
     Target {
         name: "ascend310b4",
         soc_version: "Ascend310B4",
-        description: "Ascend 310B4 (Orange Pi AI Pro 20T variants)",
+        description: "Ascend 310B4, 8 TOPS (Orange Pi AI Pro 8T, Atlas 200I DK A2)",
         bandwidth_gbs: (25.6, 51.2),
     },
     Target {
@@ -65,11 +65,44 @@ pub const TARGETS: &[Target] = &[
     },
 ];
 
+/// A board, by the name its users know, and its chip. From public sources:
+/// Huawei's npu-smi reference for the Atlas 200I A2 family (310B1 is the
+/// 20 TOPS chip, 310B4 the 8 TOPS one), llama.cpp issue #11978 (an Orange Pi
+/// AI Pro 20T auto-detected as Ascend310B1), `npu-smi` tables published by
+/// 8T owners (310B4), the Atlas 200I DK A2 spec page (8 TOPS). A DK A2 takes
+/// swappable modules, so `build_om.sh --soc auto` on the board is the final
+/// word, and `kiln-run` checks the chip before loading.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Board {
+    pub name: &'static str,
+    /// Kiln's chip name ([`Target::name`]).
+    pub chip: &'static str,
+    pub description: &'static str,
+}
+
+pub const BOARDS: &[Board] = &[
+    Board {
+        name: "orangepi-aipro-8t",
+        chip: "ascend310b4",
+        description: "Orange Pi AI Pro 8T (8 or 16 GB)",
+    },
+    Board {
+        name: "orangepi-aipro-20t",
+        chip: "ascend310b1",
+        description: "Orange Pi AI Pro 20T (12 or 24 GB)",
+    },
+    Board {
+        name: "atlas-200i-dk-a2",
+        chip: "ascend310b4",
+        description: "Atlas 200I DK A2 (its stock 8 TOPS module)",
+    },
+];
+
 pub const DEFAULT_TARGET: &str = "ascend310b1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AtcError {
-    #[error("unknown target `{name}`; known targets: {known}", known = known_targets())]
+    #[error("unknown target `{name}`; boards: {boards}; chips: {chips}", boards = known_boards(), chips = known_chips())]
     UnknownTarget { name: String },
     #[error("{path}: {source}")]
     Io {
@@ -85,7 +118,7 @@ pub enum AtcError {
     },
 }
 
-pub fn known_targets() -> String {
+fn known_chips() -> String {
     TARGETS
         .iter()
         .map(|t| t.name)
@@ -93,14 +126,42 @@ pub fn known_targets() -> String {
         .join(", ")
 }
 
-pub fn target(name: &str) -> Result<&'static Target, AtcError> {
+fn known_boards() -> String {
+    BOARDS.iter().map(|b| b.name).collect::<Vec<_>>().join(", ")
+}
+
+/// Every accepted `--target`, boards first, with what each is.
+pub fn known_targets() -> String {
+    let boards = BOARDS.iter().map(|b| {
+        let chip = TARGETS
+            .iter()
+            .find(|t| t.name == b.chip)
+            .expect("boards name known chips");
+        format!("{} ({}: {})", b.name, b.description, chip.soc_version)
+    });
+    let chips = TARGETS
+        .iter()
+        .map(|t| format!("{} ({})", t.name, t.description));
+    boards.chain(chips).collect::<Vec<_>>().join(", ")
+}
+
+/// A board or chip name → the chip, and the board when one was named.
+pub fn resolve_target(name: &str) -> Result<(&'static Target, Option<&'static Board>), AtcError> {
     let lower = name.to_ascii_lowercase();
+    let board = BOARDS.iter().find(|b| b.name == lower);
+    let chip = board.map_or(lower.as_str(), |b| b.chip);
     TARGETS
         .iter()
-        .find(|t| t.name == lower)
+        .find(|t| t.name == chip)
+        .map(|t| (t, board))
         .ok_or_else(|| AtcError::UnknownTarget {
             name: name.to_string(),
         })
+}
+
+/// The chip a board or chip name stands for.
+pub fn target(name: &str) -> Result<&'static Target, AtcError> {
+    resolve_target(name).map(|(t, _)| t)
 }
 
 /// One graph to convert: its ONNX file (relative to the output directory),
@@ -125,13 +186,12 @@ impl AtcJob {
             .join(";")
     }
 
-    /// The atc arguments, in order.
-    pub fn args(&self, target: &Target, precision_mode: &str) -> Vec<String> {
+    /// The atc arguments, in order, but for `--output`, `--soc_version`
+    /// and `--external_weight`, which build_om.sh adds.
+    pub fn args(&self, precision_mode: &str) -> Vec<String> {
         vec![
             "--framework=5".into(),
             format!("--model={}", self.onnx),
-            format!("--output={}", self.om_base),
-            format!("--soc_version={}", target.soc_version),
             "--input_format=ND".into(),
             format!("--input_shape={}", self.input_shape()),
             format!("--precision_mode={precision_mode}"),
@@ -146,40 +206,30 @@ fn shell_safe(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "_-.,:;=/".contains(c))
 }
 
-/// The `build_om.sh` script: converts every graph with atc, from the
-/// directory the script is in, logging each to `atc-<graph>.log`.
+/// The `build_om.sh` script: converts every graph with atc into the
+/// directory the script is in, with external weights, logging each to
+/// `atc-<graph>.log` (see `build_om.sh` beside this file for the rest).
 pub fn script(jobs: &[AtcJob], target: &Target, precision_mode: &str) -> String {
-    let mut s = String::from(
-        "#!/usr/bin/env bash\n\
-         # Converts Kiln's ONNX graphs into .om models with Huawei's ATC (CANN).\n\
-         # Written by `kiln compile`; run it on a machine with CANN installed.\n\
-         set -euo pipefail\n\
-         cd \"$(dirname \"$0\")\"\n\
-         if ! command -v atc >/dev/null 2>&1; then\n\
-         \x20   for env in \"${ASCEND_HOME_PATH:-}/../set_env.sh\" \"${ASCEND_TOOLKIT_HOME:-}/../set_env.sh\" \\\n\
-         \x20              /usr/local/Ascend/ascend-toolkit/set_env.sh /usr/local/Ascend/cann/set_env.sh; do\n\
-         \x20       if [ -f \"$env\" ]; then . \"$env\"; break; fi\n\
-         \x20   done\n\
-         fi\n\
-         command -v atc >/dev/null 2>&1 || { echo \"atc not found: install CANN and source its set_env.sh\" >&2; exit 127; }\n",
-    );
+    let mut conversions = String::new();
     for job in jobs {
-        let args = job.args(target, precision_mode);
-        for arg in &args {
+        let args = job.args(precision_mode);
+        for arg in args.iter().chain([&job.graph, &job.om_base]) {
             assert!(shell_safe(arg), "unsafe text in an atc argument: {arg:?}");
         }
         let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
-        s.push_str(&format!(
-            "echo \"atc: {graph} ({onnx} -> {om}.om), log in atc-{graph}.log\"\n\
-             atc {args} > 'atc-{graph}.log' 2>&1 || {{ echo \"atc failed on {graph}; see atc-{graph}.log\" >&2; tail -n 20 'atc-{graph}.log' >&2; exit 1; }}\n",
-            graph = job.graph,
-            onnx = job.onnx,
-            om = job.om_base,
-            args = quoted.join(" "),
+        conversions.push_str(&format!(
+            "convert '{}' '{}' {}\n",
+            job.graph,
+            job.om_base,
+            quoted.join(" ")
         ));
     }
-    s.push_str("echo \"done: .om models written\"\n");
-    s
+    let graphs: Vec<String> = jobs.iter().map(|j| format!("'{}'", j.graph)).collect();
+    assert!(shell_safe(target.soc_version));
+    include_str!("build_om.sh")
+        .replace("@COMPILED_SOC@", target.soc_version)
+        .replace("@GRAPHS@", &graphs.join(" "))
+        .replace("@CONVERSIONS@\n", &conversions)
 }
 
 /// Finds `atc`: on PATH, then under the CANN environment variables and the
@@ -247,9 +297,21 @@ mod tests {
         assert_eq!(target("Ascend910B4").unwrap().soc_version, "Ascend910B4");
         let err = target("ascend999").unwrap_err().to_string();
         assert!(
-            err.contains("unknown target `ascend999`") && err.contains("ascend310b4"),
+            err.contains("unknown target `ascend999`")
+                && err.contains("ascend310b4")
+                && err.contains("orangepi-aipro-8t"),
             "{err}"
         );
+        let (chip, board) = resolve_target("OrangePi-AIpro-8T").unwrap();
+        assert_eq!(
+            (chip.soc_version, board.unwrap().name),
+            ("Ascend310B4", "orangepi-aipro-8t")
+        );
+        assert_eq!(
+            target("orangepi-aipro-20t").unwrap().soc_version,
+            "Ascend310B1"
+        );
+        assert!(resolve_target("ascend310b1").unwrap().1.is_none());
     }
 
     #[test]
@@ -273,6 +335,16 @@ mod tests {
             script.contains("'--input_shape=input_ids:1,1;k_cache:2,1,2,16,8'"),
             "{script}"
         );
-        assert!(script.contains("'--soc_version=Ascend310B1'"));
+        assert!(script.contains("compiled_soc=Ascend310B1\n"), "{script}");
+        assert!(
+            script.contains("convert 'decode' 'decode' '--framework=5'"),
+            "{script}"
+        );
+        assert!(
+            !script.contains("@COMPILED_SOC@")
+                && !script.contains("@GRAPHS@")
+                && !script.contains("@CONVERSIONS@"),
+            "{script}"
+        );
     }
 }

@@ -49,6 +49,29 @@ pub enum NpuError {
     Manifest { dir: PathBuf, problem: String },
     #[error(transparent)]
     Weights(#[from] ExternalWeightsError),
+    #[error(
+        "{dir}: the .om files were converted for {built_for} but this NPU is {found}; convert them \
+         for it with `{dir}/build_om.sh --soc {found}` (or `--soc auto`), or compile for its board \
+         (`kiln compile … --target …`)"
+    )]
+    WrongChip {
+        dir: PathBuf,
+        built_for: String,
+        found: String,
+    },
+}
+
+/// What build_om.sh writes: the chip the .om files were converted for.
+pub const OM_SOC_FILE: &str = "om_soc.txt";
+
+/// The chip `dir`'s .om files are for: what build_om.sh recorded, else the
+/// compile target.
+pub fn converted_for(dir: &Path, manifest: &Manifest) -> String {
+    std::fs::read_to_string(dir.join(OM_SOC_FILE))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| manifest.target.soc_version.clone())
 }
 
 /// How the graphs get their weights on the device.
@@ -417,6 +440,16 @@ impl NpuSession {
         }
 
         let acl = Acl::init()?;
+        let built_for = converted_for(dir, manifest);
+        if let Some(found) = acl.soc_name() {
+            if !found.eq_ignore_ascii_case(&built_for) {
+                return Err(NpuError::WrongChip {
+                    dir: dir.to_path_buf(),
+                    built_for,
+                    found,
+                });
+            }
+        }
         let device = Device::open(&acl, device_id)?;
         let loading = match (&external, plans.len()) {
             (_, 1) => WeightLoading::Single,

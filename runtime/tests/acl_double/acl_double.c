@@ -28,7 +28,8 @@
  * before CANN 8.5 does.
  *
  * Knobs: $KILN_ACL_DOUBLE_RUN_MODE=host reports ACL_HOST (else ACL_DEVICE);
- * $KILN_ACL_DOUBLE_SOC names the chip aclrtGetSocName reports;
+ * $KILN_ACL_DOUBLE_SOC names the chip aclrtGetSocName reports (else
+ * Ascend310B1, the default target);
  * $KILN_ACL_DOUBLE_FAIL_EXECUTE makes aclmdlExecute fail;
  * $KILN_ACL_DOUBLE_FAIL_LOAD=<file name> makes loading that file fail.
  * At aclFinalize it records how many objects were never released.
@@ -127,7 +128,7 @@ int aclrtGetRunMode(int *mode) {
 int aclrtGetDeviceCount(uint32_t *count) { *count = 1; return 0; }
 const char *aclrtGetSocName(void) {
     const char *soc = getenv("KILN_ACL_DOUBLE_SOC");
-    return soc ? soc : "none (ACL test double)";
+    return soc ? soc : "Ascend310B1";
 }
 int aclrtGetVersion(int32_t *major, int32_t *minor, int32_t *patch) {
     *major = 0;
