@@ -518,6 +518,30 @@ fn npu_session_runs_a_compiled_directory_on_the_acl_test_double() {
     compile_fixture("qwen3", &dir, &["--dtype", "fp16"]);
     let manifest = Manifest::load(&dir).unwrap();
     assert_eq!(manifest.dtype, "float16");
+    // What `atc --external_weight=1` leaves, made by a stand-in from the
+    // ONNX graphs themselves: one weight/weight_<sha256 of the bytes> per
+    // distinct initializer, and the list of files each graph reads.
+    let planter = "import hashlib, json, os, sys, onnx\n\
+                   from onnx import numpy_helper\n\
+                   d = sys.argv[1]; os.makedirs(os.path.join(d, 'weight'), exist_ok=True); reads = {}\n\
+                   for g in json.load(open(os.path.join(d, 'manifest.json')))['graphs']:\n\
+                   \x20   names = []\n\
+                   \x20   for t in onnx.load(os.path.join(d, g['onnx'])).graph.initializer:\n\
+                   \x20       b = numpy_helper.to_array(t).tobytes()\n\
+                   \x20       n = 'weight_' + hashlib.sha256(b).hexdigest()\n\
+                   \x20       open(os.path.join(d, 'weight', n), 'wb').write(b)\n\
+                   \x20       names += [] if n in names else [n]\n\
+                   \x20   open(os.path.join(d, g['name'] + '.weights'), 'w').write('\\n'.join(names) + '\\n')\n\
+                   \x20   reads[g['name']] = names\n\
+                   print(json.dumps(reads))\n";
+    let out = Command::new(python())
+        .args(["-c", planter])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let reads: std::collections::BTreeMap<String, Vec<String>> =
+        serde_json::from_str(&stdout(&out)).unwrap();
     for info in &manifest.graphs {
         let acl_dtype = |t: &TensorInfo| match t.dtype.as_str() {
             "int64" => 9,
@@ -543,9 +567,14 @@ fn npu_session_runs_a_compiled_directory_on_the_acl_test_double() {
             })
             .collect();
         let (inputs, outputs) = specs.split_at(info.inputs.len());
+        // The double's stand-in for GE's FileConstants (see its header).
+        let model_def = format!("kiln-double-weights\n{}\n", reads[&info.name].join("\n"));
         let bytes = om_file(
             &info.name,
-            &[(0, vec![0; 8]), (8, inout_info(inputs, outputs))],
+            &[
+                (0, model_def.into_bytes()),
+                (8, inout_info(inputs, outputs)),
+            ],
             true,
         );
         std::fs::write(dir.join(&info.om), bytes).unwrap();
@@ -560,6 +589,17 @@ fn npu_session_runs_a_compiled_directory_on_the_acl_test_double() {
     let next = |token: u32, position: usize| (7 * token as usize + 3 * position + 1) % vocab;
     let mut session = NpuSession::open(&dir, &manifest, 0).unwrap();
     assert_eq!(session.capacity(), manifest.kv_cache.max_len);
+    // The manifest's memory plan is what the session allocated: the
+    // weights once for both graphs, the caches, the step buffers.
+    let plan = manifest.memory.clone().unwrap();
+    let allocated = session.allocation().clone();
+    assert_eq!(
+        allocated.loading,
+        kiln_runtime::engine::npu::WeightLoading::Registered
+    );
+    assert_eq!(allocated.weights, plan.weights + plan.tables);
+    assert_eq!(allocated.kv_cache, plan.kv_cache);
+    assert_eq!(allocated.io, plan.io);
     let prompt: Vec<u32> = (0..manifest.prefill_len as u32 + 5)
         .map(|i| (i * 13 + 2) % vocab as u32)
         .collect();
@@ -1014,4 +1054,110 @@ fn diff_refuses_unknown_dump_names_and_dumps_on_npu() {
     assert_fails_with(&o, &["--a and --b are both cpu"]);
     // Nothing ran, so nothing was written.
     assert!(!tmp.path().join("qwen3-diff-dump").exists());
+}
+
+/// The byte count of a plan line (`… = N bytes …`) labelled `label`.
+fn plan_bytes(text: &str, label: &str) -> u64 {
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{label} ")) && l.contains(" bytes"))
+        .unwrap_or_else(|| panic!("no `{label}` line in:\n{text}"));
+    let after = line.split(" = ").nth(1).unwrap();
+    after.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// `--plan-only` reads config.json alone and gives the plan a compile
+/// records in its manifest (weights, KV cache, IO; Kiln's few kilobytes of
+/// shape constants are left out of the estimate).
+#[test]
+fn the_plan_from_config_alone_is_the_compiles_plan() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        for extra in [
+            &["--dtype", "fp16"][..],
+            &["--quant", "w8a8"],
+            &["--graphs", "single"],
+        ] {
+            let dir = tmp.path().join(format!("{name}-{}", extra.join("")));
+            compile_fixture(name, &dir, extra);
+            let manifest = kiln_runtime::compiled::manifest::Manifest::load(&dir).unwrap();
+            let plan = manifest.memory.expect("the manifest has a memory plan");
+            // Only config.json: no weights to read.
+            let only = tmp.path().join(format!("{name}-config-only"));
+            std::fs::create_dir_all(&only).unwrap();
+            std::fs::copy(
+                model_dir(name).join("config.json"),
+                only.join("config.json"),
+            )
+            .unwrap();
+            let mut args = vec!["compile", only.to_str().unwrap(), "--plan-only"];
+            args.extend_from_slice(extra);
+            let o = kiln(&args);
+            assert!(o.status.success(), "{}", stderr(&o));
+            let text = stdout(&o);
+            let what = format!("{name} {extra:?}");
+            assert_eq!(
+                plan_bytes(&text, "weights"),
+                plan.weights,
+                "{what}:\n{text}"
+            );
+            assert_eq!(plan_bytes(&text, "KV cache"), plan.kv_cache, "{what}");
+            assert_eq!(plan_bytes(&text, "IO"), plan.io, "{what}");
+            let tables = plan_bytes(&text, "tables");
+            assert!(
+                tables <= plan.tables && plan.tables - tables < 64 << 10,
+                "{what}"
+            );
+        }
+    }
+}
+
+/// Qwen2.5-1.5B's published config.json (hidden 1536, 28 layers, 12 heads
+/// of which 2 KV, intermediate 8960, vocabulary 151936, tied embeddings):
+/// 1,543,714,304 parameters, so 2 bytes each at fp16, held once.
+#[test]
+fn plan_only_answers_whether_a_model_fits_a_board() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("config.json");
+    std::fs::write(
+        &config,
+        r#"{"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 1536,
+            "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+            "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 131072,
+            "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "tie_word_embeddings": true,
+            "hidden_act": "silu", "torch_dtype": "bfloat16", "use_sliding_window": false,
+            "sliding_window": 131072, "max_window_layers": 28, "bos_token_id": 151643,
+            "eos_token_id": 151643}"#,
+    )
+    .unwrap();
+    let path = config.to_str().unwrap();
+    let o = kiln(&["compile", path, "--plan-only", "--device-memory", "8GiB"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert_eq!(plan_bytes(&text, "weights"), 1_543_714_304 * 2, "{text}");
+    assert!(
+        text.contains("1543714304 parameters, once for every graph"),
+        "{text}"
+    );
+    assert!(text.contains("fits 8.00 GiB"), "{text}");
+    // A board too small: refused, with what to try.
+    let o = kiln(&["compile", path, "--plan-only", "--device-memory", "3GiB"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("warning: the model needs 2.91 GiB of the 3.00 GiB"));
+    let o = kiln(&["compile", path, "--plan-only", "--device-memory", "2GiB"]);
+    assert_fails_with(&o, &["but --device-memory is 2.00 GiB", "--max-seq-len"]);
+    // And the same refusal stops a real compile before it writes anything.
+    let out = tmp.path().join("out");
+    let model = model_dir("qwen3");
+    let o = kiln(&[
+        "compile",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--no-atc",
+        "--device-memory",
+        "256KiB",
+    ]);
+    assert!(!o.status.success());
+    assert!(!out.exists());
 }

@@ -52,6 +52,8 @@ pub enum CompileError {
     Lower(#[from] crate::LowerError),
     #[error("{0}")]
     QuantForAtc(String),
+    #[error(transparent)]
+    Plan(#[from] crate::plan::PlanError),
     #[error("the {graph} graph contains {op}, which {why}")]
     Avoided {
         graph: String,
@@ -80,6 +82,8 @@ pub struct CompileOptions {
     pub skip_atc: bool,
     /// The weights' precision.
     pub quant: crate::QuantMode,
+    /// The board's memory: refuse a model whose plan does not fit.
+    pub device_memory: Option<u64>,
     /// Let the ATC graphs hold the dequantized (fp16) weights of a
     /// quantized model, which no stock ATC op keeps low-bit on the 310B
     /// (but for `w8a8`, which is lowered to AscendQuant/AscendDequant).
@@ -179,6 +183,21 @@ pub fn compile(
             }
         }
         lowered.push((graph.name.clone(), onnx));
+    }
+
+    // The device memory plan, checked before anything is written.
+    let plan_infos: Vec<GraphInfo> = graph_infos(&lowered, &ir);
+    let plan = crate::plan::from_graphs(
+        &lowered.iter().map(|(_, g)| g).collect::<Vec<_>>(),
+        &plan_infos,
+        &model.weights,
+        options.float,
+        crate::plan::parameters(&model.config),
+    )?;
+    if let Some(memory) = options.device_memory {
+        if let Some(warning) = crate::plan::check_fits(&plan, memory)? {
+            notes.push(format!("warning: {warning}"));
+        }
     }
 
     // A temporary directory beside the target, renamed into place at the end.
@@ -304,6 +323,7 @@ pub fn compile(
         tokenizer,
         tokenizer_config,
     );
+    manifest.memory = Some(plan);
     for (graph, ort) in manifest.graphs.iter_mut().zip(&ort_names) {
         graph.ort_onnx = Some(ort.clone());
     }
@@ -424,6 +444,16 @@ enum AtcForm {
     Dequantized,
 }
 
+/// Whether the ATC graphs of a model quantized as `quant` hold int8
+/// weights (`w8a8`), or float ones; `Err` with the refusal a compile gives.
+pub fn atc_holds_int8(
+    quant: &crate::QuantMode,
+    dequantize_for_atc: bool,
+) -> Result<bool, CompileError> {
+    let quantized = matches!(quant, crate::QuantMode::Quantize(_));
+    Ok(atc_form(quantized, quant, dequantize_for_atc)? == AtcForm::Int8)
+}
+
 /// How the ATC graphs hold a model's weights, or why they cannot. The 310B
 /// runs `w8a8` natively; weight-only schemes need kernels Kiln does not
 /// write yet, or dequantized weights (asked for, or implied for a GGUF's own
@@ -474,15 +504,6 @@ fn manifest(
     tokenizer: Option<String>,
     tokenizer_config: Option<String>,
 ) -> Manifest {
-    let tensors = |sig: Vec<(String, &'static str, Vec<usize>)>| {
-        sig.into_iter()
-            .map(|(name, dtype, shape)| TensorInfo {
-                name,
-                dtype: dtype.to_string(),
-                shape,
-            })
-            .collect()
-    };
     let kv = &ir.kv_cache;
     Manifest {
         format: MANIFEST_FORMAT,
@@ -515,19 +536,7 @@ fn manifest(
                 .into(),
             hidden: "-inf".into(),
         },
-        graphs: lowered
-            .iter()
-            .zip(ir.graphs())
-            .map(|((name, onnx), graph)| GraphInfo {
-                name: name.clone(),
-                tokens: graph.ty(graph.inputs[0]).shape[1],
-                onnx: format!("{name}.onnx"),
-                ort_onnx: None,
-                om: format!("{name}.om"),
-                inputs: tensors(onnx.signature(false)),
-                outputs: tensors(onnx.signature(true)),
-            })
-            .collect(),
+        graphs: graph_infos(lowered, ir),
         ir: IR_FILE.to_string(),
         reference_weights: REFERENCE_WEIGHTS.to_string(),
         tokenizer,
@@ -537,8 +546,35 @@ fn manifest(
             eos_token_ids: ir.info.eos_token_ids.clone(),
         },
         quantization: None,
+        memory: None,
         atc_weights: None,
     }
+}
+
+/// The manifest's entry for each lowered graph.
+fn graph_infos(lowered: &[(String, OnnxGraph)], ir: &ModelIr) -> Vec<GraphInfo> {
+    let tensors = |sig: Vec<(String, &'static str, Vec<usize>)>| {
+        sig.into_iter()
+            .map(|(name, dtype, shape)| TensorInfo {
+                name,
+                dtype: dtype.to_string(),
+                shape,
+            })
+            .collect()
+    };
+    lowered
+        .iter()
+        .zip(ir.graphs())
+        .map(|((name, onnx), graph)| GraphInfo {
+            name: name.clone(),
+            tokens: graph.ty(graph.inputs[0]).shape[1],
+            onnx: format!("{name}.onnx"),
+            ort_onnx: None,
+            om: format!("{name}.om"),
+            inputs: tensors(onnx.signature(false)),
+            outputs: tensors(onnx.signature(true)),
+        })
+        .collect()
 }
 
 /// Every tensor the graphs read, as stored (so the reference interpreter

@@ -10,6 +10,7 @@ pub mod frontend;
 pub mod import;
 pub mod output;
 pub mod passes;
+pub mod plan;
 pub mod quant_report;
 
 use frontend::{FrontendError, GraphOptions, HfModel, ShapeRequest};

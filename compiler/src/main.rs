@@ -165,6 +165,16 @@ struct CompileArgs {
     /// GGUF's own blocks (--quant keep).
     #[arg(long)]
     dequantize_for_atc: bool,
+    /// The board's memory (e.g. 8GiB): refuse a model whose device memory
+    /// plan (weights once, KV cache, IO) does not fit, and warn when it
+    /// leaves less than 1 GiB (or a tenth) for Linux, kiln-run and ACL
+    #[arg(long, value_name = "SIZE")]
+    device_memory: Option<String>,
+    /// Print the device memory plan from config.json alone and stop: no
+    /// weights are read or needed (MODEL may be a directory holding only
+    /// config.json, the config.json itself, or a .gguf)
+    #[arg(long)]
+    plan_only: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -506,10 +516,19 @@ fn eval_command(args: EvalArgs) -> Result<()> {
 fn compile_command(args: CompileArgs) -> Result<()> {
     use kiln::backend::onnx::builder::FloatType;
     let (target, board) = kiln::backend::atc::resolve_target(&args.target)?;
+    let device_memory = args
+        .device_memory
+        .as_deref()
+        .map(kiln::plan::parse_size)
+        .transpose()?;
+    if args.plan_only {
+        return plan_only(&args, target, device_memory);
+    }
     let options = kiln::compile::CompileOptions {
         shape: args.shape.request()?,
         target,
         board,
+        device_memory,
         float: match args.dtype {
             DTypeArg::Fp16 => FloatType::F16,
             DTypeArg::Fp32 => FloatType::F32,
@@ -571,6 +590,12 @@ fn compile_command(args: CompileArgs) -> Result<()> {
         });
         println!("  weights    quantized: {q}{sizes}");
     }
+    if let Some(plan) = &m.memory {
+        for (i, line) in plan.lines().iter().enumerate() {
+            let label = if i == 0 { "device" } else { "" };
+            println!("  {label:<10} {line}");
+        }
+    }
     for note in &report.notes {
         println!("  note       {note}");
     }
@@ -585,6 +610,60 @@ fn compile_command(args: CompileArgs) -> Result<()> {
              copy {} to a machine with CANN and run its build_om.sh to make the .om models",
             report.out.display()
         ),
+    }
+    Ok(())
+}
+
+/// `kiln compile --plan-only`: the device memory plan from config.json alone.
+fn plan_only(
+    args: &CompileArgs,
+    target: &kiln::backend::atc::Target,
+    device_memory: Option<u64>,
+) -> Result<()> {
+    use kiln::backend::onnx::builder::FloatType;
+    use kiln::frontend::config::ModelConfig;
+    let config = if kiln::frontend::is_gguf(&args.model) {
+        kiln::frontend::HfModel::open(&args.model)?.config
+    } else if args.model.is_dir() {
+        ModelConfig::from_file(&args.model.join("config.json"))?
+    } else {
+        ModelConfig::from_file(&args.model)?
+    };
+    let options = kiln::frontend::GraphOptions::resolve(&config, &args.shape.request()?);
+    options.check(&config)?;
+    let float = match args.dtype {
+        DTypeArg::Fp16 => FloatType::F16,
+        DTypeArg::Fp32 => FloatType::F32,
+    };
+    let int8 = kiln::compile::atc_holds_int8(&args.quant.mode()?, args.dequantize_for_atc)?;
+    let plan = kiln::plan::from_config(&config, &options, float, int8);
+    println!(
+        "device memory plan for {} ({}, {}{}, {} graphs, {}-token KV cache) on {}:",
+        args.model.display(),
+        config.architecture.hf_name(),
+        float.name(),
+        if int8 {
+            ", int8 Linear weights (w8a8)"
+        } else {
+            ""
+        },
+        options.layout.name(),
+        options.max_seq_len,
+        target.soc_version
+    );
+    for line in plan.lines() {
+        println!("  {line}");
+    }
+    println!("  ({})", plan.source);
+    if let Some(memory) = device_memory {
+        match kiln::plan::check_fits(&plan, memory)? {
+            Some(warning) => println!("warning: {warning}"),
+            None => println!(
+                "fits {:.2} GiB, leaving {:.2} GiB for Linux, kiln-run and ACL's work memory",
+                memory as f64 / (1u64 << 30) as f64,
+                (memory - plan.total) as f64 / (1u64 << 30) as f64
+            ),
+        }
     }
     Ok(())
 }

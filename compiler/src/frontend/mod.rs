@@ -74,7 +74,7 @@ impl GraphOptions {
         }
     }
 
-    fn check(&self, config: &ModelConfig) -> Result<(), FrontendError> {
+    pub fn check(&self, config: &ModelConfig) -> Result<(), FrontendError> {
         let fail = |m: String| Err(FrontendError::Options(m));
         if self.prefill_len == 0 || self.max_seq_len == 0 {
             return fail("--prefill-len and --max-seq-len must be at least 1".into());

@@ -44,10 +44,68 @@ pub struct Manifest {
     /// quantized weights in standard ops.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<String>,
+    /// The device memory the NPU needs for this model (see [`MemoryPlan`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryPlan>,
     /// With `quantization`: what the `.onnx` files for ATC hold, `int8
     /// (AscendQuant → …)` for `w8a8` or `dequantized to float16`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub atc_weights: Option<String>,
+}
+
+/// Device memory for a model on the NPU, in bytes: what the NPU engine
+/// allocates (the weights once for every graph, as external weight files
+/// registered with ACL, each rounded up to 32 bytes), plus what ACL needs on
+/// top for each .om's work memory, known only after conversion
+/// (`aclmdlQuerySize`, which `kiln-run` reports).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryPlan {
+    /// The model's parameters as the .om files hold them.
+    pub weights: u64,
+    /// How many parameters those are.
+    pub parameters: u64,
+    /// Kiln's own constants: RoPE tables, shape constants.
+    pub tables: u64,
+    /// K and V caches.
+    pub kv_cache: u64,
+    /// Every graph's input and output buffers but the caches.
+    pub io: u64,
+    /// `weights + tables + kv_cache + io`.
+    pub total: u64,
+    /// How these were found: from the ONNX graphs, or estimated from
+    /// config.json alone (`kiln compile --plan-only`).
+    pub source: String,
+}
+
+impl MemoryPlan {
+    /// The plan as lines for a summary.
+    pub fn lines(&self) -> Vec<String> {
+        let mb = |b: u64| b as f64 / 1e6;
+        vec![
+            format!(
+                "weights   {:>10.1} MB  = {} bytes for {} parameters, once for every graph",
+                mb(self.weights),
+                self.weights,
+                self.parameters
+            ),
+            format!(
+                "tables    {:>10.1} MB  = {} bytes (RoPE tables, shape constants)",
+                mb(self.tables),
+                self.tables
+            ),
+            format!("KV cache  {:>10.1} MB  = {} bytes", mb(self.kv_cache), self.kv_cache),
+            format!(
+                "IO        {:>10.1} MB  = {} bytes (step inputs, logits, new K/V rows)",
+                mb(self.io),
+                self.io
+            ),
+            format!(
+                "total     {:>10.1} MB  = {} bytes, + each .om's ACL work memory (known after conversion)",
+                mb(self.total),
+                self.total
+            ),
+        ]
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

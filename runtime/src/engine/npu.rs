@@ -105,6 +105,9 @@ pub struct Allocation {
     pub io: u64,
     /// The graphs loaded, by name.
     pub graphs: Vec<String>,
+    /// Each graph's work memory as `aclmdlQuerySize` gives it (ACL
+    /// allocates it itself), where this ACL reports it.
+    pub work: Vec<Option<u64>>,
 }
 
 impl Allocation {
@@ -125,8 +128,19 @@ impl Allocation {
             WeightLoading::DecodeOnly => "weights loaded once, with decode.om only: this ACL                  cannot register weight buffers (aclmdlSetExternalWeightAddress, CANN 8.5 and                  later), so the prompt runs token by token; recompile with --graphs single for                  faster prompts on this CANN"
                 .into(),
         };
+        let work: Vec<String> = self
+            .graphs
+            .iter()
+            .zip(&self.work)
+            .filter_map(|(g, w)| w.map(|w| format!("{g} {:.1} MB", mb(w))))
+            .collect();
+        let work = if work.is_empty() {
+            String::new()
+        } else {
+            format!("; ACL work memory (aclmdlQuerySize): {}", work.join(", "))
+        };
         format!(
-            "device memory: {weights}; KV cache {:.1} MB; inputs and outputs {:.1} MB",
+            "device memory: {weights}; KV cache {:.1} MB; inputs and outputs {:.1} MB{work}",
             mb(self.kv_cache),
             mb(self.io)
         )
@@ -534,6 +548,10 @@ impl NpuSession {
             kv_cache: (k_cache.size() + v_cache.size()) as u64,
             io: graphs.iter().map(GraphRun::io_bytes).sum(),
             graphs: plans.iter().map(|p| p.info.name.clone()).collect(),
+            work: plans
+                .iter()
+                .map(|p| acl.query_size(&p.om).map(|(work, _)| work as u64))
+                .collect(),
         };
         let description = Self::describe(&device, manifest);
         Ok(NpuSession {
