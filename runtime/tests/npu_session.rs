@@ -689,13 +689,14 @@ fn external_weights_are_allocated_once_and_registered_for_both_graphs() {
     assert_eq!(
         registered,
         [
-            "aclmdlSetExternalWeightAddress weight_aa 128",
-            "aclmdlSetExternalWeightAddress weight_bb 64",
-            "aclmdlSetExternalWeightAddress weight_p 64",
+            // The same block (pointer) for a file both graphs read.
+            "aclmdlSetExternalWeightAddress weight_aa 128 block 0",
+            "aclmdlSetExternalWeightAddress weight_bb 64 block 1",
+            "aclmdlSetExternalWeightAddress weight_p 64 block 2",
             "aclmdlLoadWithConfig prefill.om",
-            "aclmdlSetExternalWeightAddress weight_aa 128",
-            "aclmdlSetExternalWeightAddress weight_bb 64",
-            "aclmdlSetExternalWeightAddress weight_d 32",
+            "aclmdlSetExternalWeightAddress weight_aa 128 block 0",
+            "aclmdlSetExternalWeightAddress weight_bb 64 block 1",
+            "aclmdlSetExternalWeightAddress weight_d 32 block 3",
             "aclmdlLoadWithConfig decode.om",
         ]
     );

@@ -468,7 +468,12 @@ int aclmdlSetConfigOpt(void *handle, int attr, const void *value, size_t size) {
 }
 int aclmdlSetExternalWeightAddress(void *handle, const char *name, void *ptr, size_t size) {
     ConfigHandle *h = handle;
-    record("aclmdlSetExternalWeightAddress %s %zu", name, size);
+    /* Which aclrtMalloc block it is: the tests compare the two models'. */
+    int block = -1;
+    for (int i = 0; i < MAX_ALLOCS; i++) {
+        if (allocs[i].ptr == ptr) block = i;
+    }
+    record("aclmdlSetExternalWeightAddress %s %zu block %d", name, size, block);
     if (size == 0 || size % 32) return fail(100000, "test double: size %zu is not a positive multiple of 32", size);
     if (strchr(name, '/')) return fail(100000, "test double: %s is a path, not a file name", name);
     if (h->n_regs == MAX_WEIGHTS) return fail(100000, "test double: too many registrations");
