@@ -613,6 +613,14 @@ fn npu_session_runs_a_compiled_directory_on_the_acl_test_double() {
         allocated.loading,
         kiln_runtime::engine::npu::WeightLoading::Registered
     );
+    eprintln!(
+        "plan: weights {} + tables {} bytes, KV cache {}, IO {}; allocated: {}",
+        plan.weights,
+        plan.tables,
+        plan.kv_cache,
+        plan.io,
+        allocated.describe()
+    );
     assert_eq!(allocated.weights, plan.weights + plan.tables);
     assert_eq!(allocated.kv_cache, plan.kv_cache);
     assert_eq!(allocated.io, plan.io);

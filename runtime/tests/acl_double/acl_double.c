@@ -42,7 +42,7 @@
 
 #define MAX_MODELS 8
 #define MAX_IO 8
-#define MAX_ALLOCS 512
+#define MAX_ALLOCS 8192
 #define MAX_RANK 8
 
 static int live_objects = 0;
@@ -202,7 +202,7 @@ typedef struct {
     int64_t dims[MAX_RANK];
 } Tensor;
 
-#define MAX_WEIGHTS 64
+#define MAX_WEIGHTS 4096
 
 typedef struct {
     int loaded;
