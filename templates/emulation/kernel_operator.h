@@ -582,22 +582,24 @@ void Max(const LocalTensor<T>& d, const LocalTensor<T>& a, const LocalTensor<T>&
 {
     detail::Binary(d, a, b, n, "Max", [](float x, float y) { return x > y ? x : y; });
 }
-template <typename T, typename U>
-void Adds(const LocalTensor<T>& d, const LocalTensor<T>& a, U s, int32_t n)
+// The scalar has the tensor's type, as in CANN's signatures (`const T&`):
+// a float scalar for a half tensor does not compile there, nor here.
+template <typename T>
+void Adds(const LocalTensor<T>& d, const LocalTensor<T>& a, const T& s, int32_t n)
 {
-    float v = static_cast<float>(static_cast<T>(s));
+    float v = static_cast<float>(s);
     detail::Unary(d, a, n, "Adds", [v](float x) { return x + v; });
 }
-template <typename T, typename U>
-void Muls(const LocalTensor<T>& d, const LocalTensor<T>& a, U s, int32_t n)
+template <typename T>
+void Muls(const LocalTensor<T>& d, const LocalTensor<T>& a, const T& s, int32_t n)
 {
-    float v = static_cast<float>(static_cast<T>(s));
+    float v = static_cast<float>(s);
     detail::Unary(d, a, n, "Muls", [v](float x) { return x * v; });
 }
-template <typename T, typename U>
-void Maxs(const LocalTensor<T>& d, const LocalTensor<T>& a, U s, int32_t n)
+template <typename T>
+void Maxs(const LocalTensor<T>& d, const LocalTensor<T>& a, const T& s, int32_t n)
 {
-    float v = static_cast<float>(static_cast<T>(s));
+    float v = static_cast<float>(s);
     detail::Unary(d, a, n, "Maxs", [v](float x) { return x > v ? x : v; });
 }
 template <typename T>
@@ -615,8 +617,8 @@ void Abs(const LocalTensor<T>& d, const LocalTensor<T>& a, int32_t n)
 {
     detail::Unary(d, a, n, "Abs", [](float x) { return std::fabs(x); });
 }
-template <typename T, typename U>
-void Duplicate(const LocalTensor<T>& d, U s, int32_t n)
+template <typename T>
+void Duplicate(const LocalTensor<T>& d, const T& s, int32_t n)
 {
     detail::CheckOperand(d, n, "Duplicate");
     for (int32_t i = 0; i < n; ++i) {

@@ -767,6 +767,44 @@ fn the_package_has_the_msopgen_layout() {
 }
 
 #[test]
+fn the_host_side_files_are_well_formed_cpp() {
+    // Against stand-ins of the CANN host headers: a syntax and type check,
+    // not a CANN build.
+    for target in Target::ALL {
+        let dir = tempfile::tempdir().unwrap();
+        generate_package(dir.path(), target, &one_of_each()).unwrap();
+        write_emulation(dir.path());
+        for (path, text) in host_stub_files() {
+            write(&dir.path().join(path), text).unwrap();
+        }
+        let include = |p: PathBuf| {
+            let mut s = std::ffi::OsString::from("-I");
+            s.push(p);
+            s
+        };
+        let mut args: Vec<std::ffi::OsString> = ["-std=c++17", "-fsyntax-only", "-Wall", "-Werror"]
+            .map(Into::into)
+            .to_vec();
+        args.push(include(dir.path().join("host")));
+        args.push(include(dir.path().to_path_buf()));
+        for kind in KernelKind::ALL {
+            let stem = kind.kernel_name();
+            args.push(dir.path().join(format!("op_host/{stem}.cpp")).into());
+            // The plugins do not depend on the target.
+            if target == Target::Ascend310b {
+                args.push(
+                    dir.path()
+                        .join(format!("framework/onnx_plugin/{stem}_plugin.cc"))
+                        .into(),
+                );
+            }
+        }
+        let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        gxx(&refs);
+    }
+}
+
+#[test]
 fn names_from_model_files_never_reach_generated_code() {
     let hostile = [
         "model.layers.0\"); system(\"rm -rf /\"); //",

@@ -24,7 +24,7 @@ pub mod tiling;
 #[cfg(test)]
 mod emulation_tests;
 
-pub use render::{emulation_files, harness_source};
+pub use render::{emulation_files, harness_source, host_stub_files};
 pub use target::Target;
 pub use tiling::{GemvTiling, GemvWeights, RmsNormTiling, RopeTiling, SwiGluTiling};
 

@@ -58,6 +58,26 @@ pub fn emulation_files() -> [(&'static str, &'static str); 2] {
     ]
 }
 
+/// Stand-ins for the CANN host headers the op_host and plugin files include,
+/// as (path, text): for a syntax and type check of those files with a host
+/// compiler (they are no CANN, and passing them proves no more than that).
+pub fn host_stub_files() -> [(&'static str, &'static str); 3] {
+    [
+        (
+            "host/register/op_def_registry.h",
+            include_str!("../../../../templates/emulation/host/register/op_def_registry.h"),
+        ),
+        (
+            "host/register/register.h",
+            include_str!("../../../../templates/emulation/host/register/register.h"),
+        ),
+        (
+            "host/graph/operator.h",
+            include_str!("../../../../templates/emulation/host/graph/operator.h"),
+        ),
+    ]
+}
+
 fn engine() -> Result<tera::Tera, AscendcError> {
     let mut tera = tera::Tera::default();
     tera.autoescape_on(vec![]);
