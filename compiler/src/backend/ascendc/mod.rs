@@ -17,6 +17,7 @@
 //! and only numbers from shapes are rendered. A request's `source` (the IR
 //! node it was made for) is written to the JSON manifest alone.
 
+pub mod plan;
 mod render;
 pub mod target;
 pub mod tiling;
@@ -24,6 +25,7 @@ pub mod tiling;
 #[cfg(test)]
 mod emulation_tests;
 
+pub use plan::{plan_kernels, KernelPlan};
 pub use render::{emulation_files, harness_source, host_stub_files};
 pub use target::Target;
 pub use tiling::{GemvTiling, GemvWeights, RmsNormTiling, RopeTiling, SwiGluTiling};
