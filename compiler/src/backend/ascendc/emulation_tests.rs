@@ -89,13 +89,13 @@ fn gxx(args: &[&std::ffi::OsStr]) -> std::process::Output {
     out
 }
 
-struct Harness {
+pub(super) struct Harness {
     binary: PathBuf,
 }
 
 /// The harness for `target`, built on first use; the build is cached in the
 /// temp directory under a hash of every source it compiles.
-fn harness(target: Target) -> &'static Harness {
+pub(super) fn harness(target: Target) -> &'static Harness {
     static CELLS: [OnceLock<Harness>; 2] = [OnceLock::new(), OnceLock::new()];
     CELLS[target as usize].get_or_init(|| {
         // Kept when g++ fails, to look at.
@@ -156,24 +156,24 @@ fn harness(target: Target) -> &'static Harness {
 }
 
 /// One run of one kernel.
-struct Case {
-    kind: KernelKind,
-    tiling: Tiling,
-    inputs: Vec<Vec<u8>>,
-    output_bytes: Vec<usize>,
-    ub_bytes: usize,
+pub(super) struct Case {
+    pub kind: KernelKind,
+    pub tiling: Tiling,
+    pub inputs: Vec<Vec<u8>>,
+    pub output_bytes: Vec<usize>,
+    pub ub_bytes: usize,
 }
 
 #[derive(Debug)]
-struct CaseResult {
-    outputs: Vec<Vec<u8>>,
-    rounded_down_copies: u64,
-    gm_bytes_read: u64,
+pub(super) struct CaseResult {
+    pub outputs: Vec<Vec<u8>>,
+    pub rounded_down_copies: u64,
+    pub gm_bytes_read: u64,
 }
 
 impl Harness {
     /// Runs the cases in one process; `Err` holds stderr if it failed.
-    fn run(&self, cases: &[Case]) -> Result<Vec<CaseResult>, String> {
+    pub(super) fn run(&self, cases: &[Case]) -> Result<Vec<CaseResult>, String> {
         let mut input = Vec::new();
         for c in cases {
             let index = KernelKind::ALL.iter().position(|k| *k == c.kind).unwrap();
@@ -270,7 +270,7 @@ fn random_f16(n: usize, seed: u64, amp: f32) -> Vec<f16> {
         .collect()
 }
 
-fn bytes(v: &[f16]) -> Vec<u8> {
+pub(super) fn bytes(v: &[f16]) -> Vec<u8> {
     v.iter().flat_map(|h| h.to_le_bytes()).collect()
 }
 
@@ -278,7 +278,7 @@ fn f32s(v: &[f16]) -> Vec<f32> {
     v.iter().map(|h| h.to_f32()).collect()
 }
 
-fn halves(b: &[u8]) -> Vec<f32> {
+pub(super) fn halves(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(2)
         .map(|p| f16::from_le_bytes([p[0], p[1]]).to_f32())
         .collect()

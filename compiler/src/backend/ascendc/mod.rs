@@ -23,6 +23,8 @@ pub mod target;
 pub mod tiling;
 
 #[cfg(test)]
+mod decode_tests;
+#[cfg(test)]
 mod emulation_tests;
 
 pub use plan::{plan_kernels, KernelPlan};

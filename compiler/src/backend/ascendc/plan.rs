@@ -50,96 +50,130 @@ impl KernelPlan {
     }
 }
 
+/// What a node runs as.
+#[derive(Clone, Debug, PartialEq)]
+pub enum NodeKernel {
+    /// Not an op with a kernel.
+    None,
+    /// A candidate without one, and why.
+    Skipped(String),
+    /// The kernel calls that compute the node's output (several column
+    /// chunks for a wide GEMV, concatenated along the last axis).
+    Calls(Vec<KernelOp>),
+}
+
+/// The kernel calls of node `index` of `graph` on `target`.
+pub fn node_kernel(
+    graph: &Graph,
+    index: usize,
+    target: Target,
+) -> Result<NodeKernel, AscendcError> {
+    let node = &graph.nodes[index];
+    let ty = |i: usize| graph.ty(node.inputs[i]);
+    let op = match &node.op {
+        Op::RmsNorm(norm) => {
+            let x = ty(0);
+            let cols = *x.shape.last().unwrap_or(&1);
+            KernelOp::RmsNorm {
+                rows: x.numel() / cols.max(1),
+                cols,
+                eps: norm.eps,
+                residual: residual_add(graph, index).is_some(),
+            }
+        }
+        Op::SwiGlu(_) => KernelOp::SwiGlu { len: ty(0).numel() },
+        Op::Rope(_) => {
+            let s = &ty(0).shape;
+            KernelOp::Rope {
+                batch: s[0],
+                heads: s[1],
+                tokens: s[2],
+                dim: s[3],
+            }
+        }
+        Op::Linear(_) | Op::QuantLinear(_) => {
+            let weights = match &node.op {
+                Op::Linear(_) if node.inputs.len() == 2 => GemvWeights::Half,
+                Op::Linear(_) => {
+                    return Ok(NodeKernel::Skipped("no GEMV kernel for a bias".into()))
+                }
+                Op::QuantLinear(q) => {
+                    let k = ty(1).shape[1];
+                    let why = match (q.activations, q.input_scale, q.bias, q.weights.bits) {
+                        (ActivationQuant::DynamicInt8PerToken, ..) => "int8 activations",
+                        (_, true, ..) => "an input scale",
+                        (_, _, true, _) => "a bias",
+                        (_, _, _, 8) if q.weights.group_size < k => "int8 groups along K",
+                        _ => "",
+                    };
+                    if !why.is_empty() {
+                        return Ok(NodeKernel::Skipped(format!("no GEMV kernel for {why}")));
+                    }
+                    match q.weights.bits {
+                        8 => GemvWeights::Int8,
+                        _ => GemvWeights::Int4 {
+                            group_size: q.weights.group_size,
+                            offset: q.weights.offset,
+                        },
+                    }
+                }
+                _ => unreachable!(),
+            };
+            let (n, k) = (ty(1).shape[0], ty(1).shape[1]);
+            let rows = ty(0).numel() / k.max(1);
+            if rows != 1 {
+                return Ok(NodeKernel::Skipped(format!(
+                    "{rows} rows (the GEMV takes one)"
+                )));
+            }
+            let calls: Vec<KernelOp> = match gemv_column_chunks(k, n, weights, target) {
+                Ok(chunks) => chunks
+                    .into_iter()
+                    .map(|c| KernelOp::Gemv {
+                        k,
+                        n: c.len(),
+                        weights,
+                    })
+                    .collect(),
+                Err(e) => return Ok(NodeKernel::Skipped(e.to_string())),
+            };
+            for call in &calls {
+                call.tiling(target)?;
+            }
+            return Ok(NodeKernel::Calls(calls));
+        }
+        _ => return Ok(NodeKernel::None),
+    };
+    Ok(match op.tiling(target) {
+        Ok(_) => NodeKernel::Calls(vec![op]),
+        Err(e) => NodeKernel::Skipped(e.to_string()),
+    })
+}
+
+/// The `Add` node whose output node `index` (an `RmsNorm`) normalizes, when
+/// its two inputs have one shape: the residual Add + RMSNorm kernel
+/// computes both.
+pub fn residual_add(graph: &Graph, index: usize) -> Option<usize> {
+    let node = &graph.nodes[index];
+    let ValueSource::Node { node: producer } = graph.value(*node.inputs.first()?).source else {
+        return None;
+    };
+    let p = &graph.nodes[producer];
+    (matches!(p.op, Op::Add(_)) && graph.ty(p.inputs[0]) == graph.ty(p.inputs[1]))
+        .then_some(producer)
+}
+
 /// Plans `graph`'s kernels for `target` (tiling is checked for each).
 pub fn plan_kernels(graph: &Graph, target: Target) -> Result<KernelPlan, AscendcError> {
     let mut plan = KernelPlan::default();
-    for node in &graph.nodes {
-        let ty = |i: usize| graph.ty(node.inputs[i]);
-        let op = match &node.op {
-            Op::RmsNorm(norm) => {
-                let x = ty(0);
-                let cols = *x.shape.last().unwrap_or(&1);
-                let producer = match graph.value(node.inputs[0]).source {
-                    ValueSource::Node { node } => Some(&graph.nodes[node]),
-                    _ => None,
-                };
-                let residual = producer.is_some_and(|p| {
-                    matches!(p.op, Op::Add(_)) && graph.ty(p.inputs[0]) == graph.ty(p.inputs[1])
-                });
-                Some(KernelOp::RmsNorm {
-                    rows: x.numel() / cols.max(1),
-                    cols,
-                    eps: norm.eps,
-                    residual,
-                })
-            }
-            Op::SwiGlu(_) => Some(KernelOp::SwiGlu { len: ty(0).numel() }),
-            Op::Rope(_) => {
-                let s = &ty(0).shape;
-                Some(KernelOp::Rope {
-                    batch: s[0],
-                    heads: s[1],
-                    tokens: s[2],
-                    dim: s[3],
-                })
-            }
-            Op::Linear(_) | Op::QuantLinear(_) => {
-                let weights = match &node.op {
-                    Op::Linear(_) if node.inputs.len() == 2 => Ok(GemvWeights::Half),
-                    Op::Linear(_) => Err("a bias".to_string()),
-                    Op::QuantLinear(q) => {
-                        let k = ty(1).shape[1];
-                        match (q.activations, q.input_scale, q.bias, q.weights.bits) {
-                            (ActivationQuant::DynamicInt8PerToken, ..) => {
-                                Err("int8 activations".to_string())
-                            }
-                            (_, true, ..) => Err("an input scale".to_string()),
-                            (_, _, true, _) => Err("a bias".to_string()),
-                            (_, _, _, 8) if q.weights.group_size >= k => Ok(GemvWeights::Int8),
-                            (_, _, _, 8) => Err("int8 groups along K".to_string()),
-                            _ => Ok(GemvWeights::Int4 {
-                                group_size: q.weights.group_size,
-                                offset: q.weights.offset,
-                            }),
-                        }
-                    }
-                    _ => unreachable!(),
-                };
-                let (n, k) = (ty(1).shape[0], ty(1).shape[1]);
-                let rows = ty(0).numel() / k.max(1);
-                match weights {
-                    Ok(_) if rows != 1 => {
-                        plan.skipped.push((
-                            node.name.clone(),
-                            format!("{rows} rows (the GEMV takes one)"),
-                        ));
-                        None
-                    }
-                    Ok(weights) => {
-                        for chunk in gemv_column_chunks(k, n, weights, target)? {
-                            let op = KernelOp::Gemv {
-                                k,
-                                n: chunk.len(),
-                                weights,
-                            };
-                            op.tiling(target)?;
-                            plan.add(op, &node.name);
-                        }
-                        None
-                    }
-                    Err(why) => {
-                        plan.skipped
-                            .push((node.name.clone(), format!("no GEMV kernel for {why}")));
-                        None
-                    }
+    for (index, node) in graph.nodes.iter().enumerate() {
+        match node_kernel(graph, index, target)? {
+            NodeKernel::None => {}
+            NodeKernel::Skipped(why) => plan.skipped.push((node.name.clone(), why)),
+            NodeKernel::Calls(calls) => {
+                for op in calls {
+                    plan.add(op, &node.name);
                 }
-            }
-            _ => None,
-        };
-        if let Some(op) = op {
-            match op.tiling(target) {
-                Ok(_) => plan.add(op, &node.name),
-                Err(e) => plan.skipped.push((node.name.clone(), e.to_string())),
             }
         }
     }
