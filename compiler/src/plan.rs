@@ -324,7 +324,7 @@ mod tests {
             err.contains("9.00 GiB") && err.contains("8.00 GiB"),
             "{err}"
         );
-        assert!(check_fits(&plan(7 << 30), eight).unwrap().is_some());
+        assert!(check_fits(&plan(15 << 29), eight).unwrap().is_some());
         assert!(check_fits(&plan(6 << 30), eight).unwrap().is_none());
     }
 }
