@@ -325,3 +325,96 @@ fn inspect_reads_an_om_file_and_refuses_a_corrupt_one() {
         &["decode.om", "truncated or corrupt"],
     );
 }
+
+/// The newcomer's stumbles of issue #16: each says what it is and what to do.
+#[test]
+fn a_file_where_a_directory_is_meant_and_a_directory_that_is_not_a_compile_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = model_dir("qwen3").join("config.json");
+    let out = tmp.path().join("out");
+    let o = kiln(&[
+        "compile",
+        config.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--no-atc",
+    ]);
+    assert_fails_with(
+        &o,
+        &["config.json is a file; give the model directory that holds it"],
+    );
+    assert!(!out.exists());
+
+    // A model directory (not a compile output) where a compiled one is meant.
+    let model = model_dir("qwen3");
+    let o = kiln(&["diff", model.to_str().unwrap(), "--token-ids", "1,2"]);
+    assert_fails_with(
+        &o,
+        &[
+            "is not a `kiln compile` output (it has no manifest.json)",
+            "kiln compile MODEL -o DIR",
+        ],
+    );
+    let o = kiln(&["diff", config.to_str().unwrap(), "--token-ids", "1,2"]);
+    assert_fails_with(
+        &o,
+        &["is not a `kiln compile` output (it is a file, not a directory)"],
+    );
+}
+
+#[test]
+fn diff_without_a_usable_python_says_how_to_get_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("qwen3");
+    compile_fixture("qwen3", &dir, &[]);
+    let o = kiln(&[
+        "diff",
+        dir.to_str().unwrap(),
+        "--token-ids",
+        "1,2",
+        "--b",
+        "onnxruntime",
+        "--python",
+        "/nonexistent/python3",
+    ]);
+    assert_fails_with(
+        &o,
+        &[
+            "`--b onnxruntime` needs a Python with numpy, onnxruntime",
+            "-m pip install numpy onnxruntime onnx",
+            "--python or $KILN_PYTHON",
+        ],
+    );
+    assert!(!stderr(&o).contains("Traceback"));
+}
+
+/// `kiln compile … 2>&1 | head -1`: the reader leaves after one line. The
+/// compile still finishes whole, quietly, with no panic.
+#[test]
+fn a_closed_pipe_ends_quietly_with_the_work_done() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let script = format!(
+        "'{kiln}' compile '{model}' -o '{out}' --no-atc 2>&1 | head -1; echo \"exit=${{PIPESTATUS[0]}}\"",
+        kiln = env!("CARGO_BIN_EXE_kiln"),
+        model = model_dir("qwen3").display(),
+        out = out.display()
+    );
+    let o = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let text = stdout(&o);
+    assert!(text.starts_with("kiln: reading the model\n"), "{text}");
+    assert!(text.contains("exit=0"), "{text}");
+    assert!(
+        !text.contains("panicked") && !stderr(&o).contains("panicked"),
+        "{text}"
+    );
+    assert!(out.join("manifest.json").is_file() && out.join("build_om.sh").is_file());
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers, ["out"], "no staging directory left behind");
+}

@@ -757,7 +757,7 @@ mod tests {
                 .zip(&picked)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0, f32::max);
-            eprintln!("position {t}: max abs difference {err:.2e}");
+            kiln_runtime::note!("position {t}: max abs difference {err:.2e}");
             assert!(err < 1e-5, "position {t}: max abs difference {err:.2e}");
         }
     }

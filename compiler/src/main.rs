@@ -281,7 +281,7 @@ fn throttled_progress() -> impl FnMut(&str) {
     move |step| {
         let now = std::time::Instant::now();
         if last.is_none_or(|then| now - then >= std::time::Duration::from_secs(1)) {
-            eprintln!("kiln: {step}");
+            kiln_runtime::note!("kiln: {step}");
             last = Some(now);
         }
     }
@@ -289,7 +289,7 @@ fn throttled_progress() -> impl FnMut(&str) {
 
 /// One line on what quantization did, for stderr.
 fn report_quant(summary: &kiln::passes::quantize::QuantSummary) {
-    eprintln!(
+    kiln_runtime::note!(
         "kiln: quantized {} ({:.1} MB → {:.1} MB)",
         summary.describe(),
         summary.float_bytes as f64 / 1e6,
@@ -384,7 +384,7 @@ struct GenerateArgs {
 
 fn main() {
     if let Err(err) = run(Cli::parse()) {
-        eprintln!("error: {err:#}");
+        kiln_runtime::note!("error: {err:#}");
         std::process::exit(1);
     }
 }
@@ -460,7 +460,7 @@ fn eval_command(args: EvalArgs) -> Result<()> {
                 Some(then) => now - then >= std::time::Duration::from_secs(1),
             };
             if due || window == windows {
-                eprintln!(
+                kiln_runtime::note!(
                     "kiln: window {window} of {windows} ({:.1} s)",
                     started.elapsed().as_secs_f64()
                 );
@@ -475,7 +475,7 @@ fn eval_command(args: EvalArgs) -> Result<()> {
         ),
         _ => args.text.display().to_string(),
     })?;
-    eprintln!(
+    kiln_runtime::note!(
         "kiln: {} windows in {:.1} s",
         report.windows,
         started.elapsed().as_secs_f64()
@@ -487,7 +487,7 @@ fn eval_command(args: EvalArgs) -> Result<()> {
         kiln::QuantMode::Quantize(q) => Some(q.name()),
     };
     let quant = quant_name.as_deref();
-    print!(
+    kiln_runtime::say_raw!(
         "{}",
         table(&args.model.display().to_string(), quant, &report)
     );
@@ -553,28 +553,28 @@ fn compile_command(args: CompileArgs) -> Result<()> {
     };
     let started = std::time::Instant::now();
     let report = kiln::compile::compile(&args.model, &out, &options, |step| {
-        eprintln!("kiln: {step}")
+        kiln_runtime::note!("kiln: {step}")
     })?;
     let m = &report.manifest;
-    println!(
+    kiln_runtime::say!(
         "compiled {} ({}) for {} in {:.1} s",
         args.model.display(),
         m.architecture,
         target.description,
         started.elapsed().as_secs_f64()
     );
-    println!("  output     {}", report.out.display());
+    kiln_runtime::say!("  output     {}", report.out.display());
     for (name, size) in &report.files {
-        println!("    {name:<24} {:>10.2} MB", *size as f64 / 1e6);
+        kiln_runtime::say!("    {name:<24} {:>10.2} MB", *size as f64 / 1e6);
     }
     for (graph, counts) in &report.node_counts {
         let total: usize = counts.values().sum();
         let ops: Vec<String> = counts.iter().map(|(op, n)| format!("{op}×{n}")).collect();
-        println!("  {graph:<10} {total} nodes: {}", ops.join(" "));
+        kiln_runtime::say!("  {graph:<10} {total} nodes: {}", ops.join(" "));
     }
     let bytes = report.decode_bytes_per_token as f64;
     let (low, high) = target.bandwidth_gbs;
-    println!(
+    kiln_runtime::say!(
         "  decode     reads {:.1} MB per token (weights + full KV cache): at most {:.1}–{:.1} tok/s at {low}–{high} GB/s",
         bytes / 1e6,
         low * 1e9 / bytes,
@@ -588,24 +588,24 @@ fn compile_command(args: CompileArgs) -> Result<()> {
                 s.quantized_bytes as f64 / 1e6
             )
         });
-        println!("  weights    quantized: {q}{sizes}");
+        kiln_runtime::say!("  weights    quantized: {q}{sizes}");
     }
     if let Some(plan) = &m.memory {
         for (i, line) in plan.lines().iter().enumerate() {
             let label = if i == 0 { "device" } else { "" };
-            println!("  {label:<10} {line}");
+            kiln_runtime::say!("  {label:<10} {line}");
         }
     }
     for note in &report.notes {
-        println!("  note       {note}");
+        kiln_runtime::say!("  note       {note}");
     }
     if let Some(peak) = run::peak_rss_bytes() {
-        println!("  memory     peak RSS {:.1} MB", peak as f64 / 1e6);
+        kiln_runtime::say!("  memory     peak RSS {:.1} MB", peak as f64 / 1e6);
     }
     match &report.atc {
-        Some(atc) => println!("  atc        ran {}; the .om models are in {}", atc.display(), report.out.display()),
-        None if args.no_atc => println!("  atc        skipped (--no-atc); run {}/build_om.sh on a machine with CANN", report.out.display()),
-        None => println!(
+        Some(atc) => kiln_runtime::say!("  atc        ran {}; the .om models are in {}", atc.display(), report.out.display()),
+        None if args.no_atc => kiln_runtime::say!("  atc        skipped (--no-atc); run {}/build_om.sh on a machine with CANN", report.out.display()),
+        None => kiln_runtime::say!(
             "  atc        not found on this machine (PATH, $ASCEND_HOME_PATH, $ASCEND_TOOLKIT_HOME, /usr/local/Ascend); \
              copy {} to a machine with CANN and run its build_om.sh to make the .om models",
             report.out.display()
@@ -637,7 +637,7 @@ fn plan_only(
     };
     let int8 = kiln::compile::atc_holds_int8(&args.quant.mode()?, args.dequantize_for_atc)?;
     let plan = kiln::plan::from_config(&config, &options, float, int8);
-    println!(
+    kiln_runtime::say!(
         "device memory plan for {} ({}, {}{}, {} graphs, {}-token KV cache) on {}:",
         args.model.display(),
         config.architecture.hf_name(),
@@ -652,13 +652,13 @@ fn plan_only(
         target.soc_version
     );
     for line in plan.lines() {
-        println!("  {line}");
+        kiln_runtime::say!("  {line}");
     }
-    println!("  ({})", plan.source);
+    kiln_runtime::say!("  ({})", plan.source);
     if let Some(memory) = device_memory {
         match kiln::plan::check_fits(&plan, memory)? {
-            Some(warning) => println!("warning: {warning}"),
-            None => println!(
+            Some(warning) => kiln_runtime::say!("warning: {warning}"),
+            None => kiln_runtime::say!(
                 "fits {:.2} GiB, leaving {:.2} GiB for Linux, kiln-run and ACL's work memory",
                 memory as f64 / (1u64 << 30) as f64,
                 (memory - plan.total) as f64 / (1u64 << 30) as f64
@@ -671,14 +671,14 @@ fn plan_only(
 fn inspect(args: InspectArgs) -> Result<()> {
     if args.model.is_file() && !kiln::frontend::is_gguf(&args.model) {
         let om = kiln_runtime::om::OmFile::open(&args.model)?;
-        print!("{om}");
+        kiln_runtime::say_raw!("{om}");
         return Ok(());
     }
     let (model, ir) = kiln::lower(&args.model, &args.shape.request()?)?;
     let c = &model.config;
-    println!("model      {}", model.source.display());
-    println!("arch       {}", ir.info.architecture);
-    println!(
+    kiln_runtime::say!("model      {}", model.source.display());
+    kiln_runtime::say!("arch       {}", ir.info.architecture);
+    kiln_runtime::say!(
         "shape      {} layers, hidden {}, {} heads ({} KV heads) of {}, MLP {}, vocab {}",
         c.num_layers,
         c.hidden_size,
@@ -689,16 +689,17 @@ fn inspect(args: InspectArgs) -> Result<()> {
         c.vocab_size
     );
     match model.weights.files().count() {
-        0 => println!(
+        0 => kiln_runtime::say!(
             "weights    {} (dequantized from the GGUF file)",
             ir.info.weight_dtype
         ),
-        n => println!("weights    {} ({n} files)", ir.info.weight_dtype),
+        n => kiln_runtime::say!("weights    {} ({n} files)", ir.info.weight_dtype),
     }
-    println!("rope       theta {} {:?}", c.rope.theta, c.rope.scaling);
-    println!(
+    kiln_runtime::say!("rope       theta {} {:?}", c.rope.theta, c.rope.scaling);
+    kiln_runtime::say!(
         "graphs     prefill {} tokens/step, decode 1 token/step, KV cache {} positions",
-        ir.prefill_len, ir.kv_cache.max_len
+        ir.prefill_len,
+        ir.kv_cache.max_len
     );
     for graph in ir.graphs() {
         let ops: Vec<String> = graph
@@ -706,7 +707,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
             .iter()
             .map(|(op, n)| format!("{op}×{n}"))
             .collect();
-        println!(
+        kiln_runtime::say!(
             "{:<10} {} nodes: {}",
             graph.name,
             graph.nodes.len(),
@@ -715,12 +716,12 @@ fn inspect(args: InspectArgs) -> Result<()> {
     }
     if args.ir {
         for graph in ir.graphs() {
-            println!("\n{graph}");
+            kiln_runtime::say!("\n{graph}");
         }
     }
     if let Some(path) = args.save_ir {
         ir.save_json(&path)?;
-        println!("IR written to {}", path.display());
+        kiln_runtime::say!("IR written to {}", path.display());
     }
     Ok(())
 }
@@ -772,10 +773,10 @@ fn tokenize_command(args: TokenizeArgs) -> Result<()> {
     };
     let ids = prompt.encode(Some(&tokenizer), template.as_ref())?;
     if args.show_text {
-        eprintln!("{}", tokenizer.decode_all(&ids)?);
+        kiln_runtime::note!("{}", tokenizer.decode_all(&ids)?);
     }
     let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
-    println!("{}", ids.join(","));
+    kiln_runtime::say!("{}", ids.join(","));
     Ok(())
 }
 
@@ -788,7 +789,7 @@ fn import_command(args: ImportArgs) -> Result<()> {
         ImportDTypeArg::Bf16 => ImportDType::BF16,
     };
     let report = import(&model, &args.output, dtype)?;
-    println!(
+    kiln_runtime::say!(
         "wrote {} ({} tensors, {:.1} MB of weights): {}",
         args.output.display(),
         report.tensors,
@@ -796,7 +797,7 @@ fn import_command(args: ImportArgs) -> Result<()> {
         report.files.join(", ")
     );
     if let Some(why) = &model.no_tokenizer_reason {
-        println!("note: no tokenizer was written: {why}");
+        kiln_runtime::say!("note: no tokenizer was written: {why}");
     }
     Ok(())
 }

@@ -20,6 +20,7 @@ pub mod om;
 pub mod compiled;
 
 // Using it: generation (sampling, chat templates, tokenizer), CPU-vs-NPU diffs.
+pub mod console;
 pub mod diff;
 pub mod generate;
 pub mod npy;

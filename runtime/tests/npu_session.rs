@@ -485,7 +485,9 @@ fn refusals_are_explained_and_leak_nothing() {
         "{text}"
     );
 
-    // An .om built for another KV length: refused before ACL loads anything.
+    // An .om built for another KV length: refused before ACL loads any
+    // model or memory (ACL itself is initialized first, so that a machine
+    // without CANN says so before anything else).
     use_double(&c.lib, &c.log, "device");
     write_om(&c.dir, &manifest, "decode", Some(16));
     let err = NpuSession::open(&c.dir, &manifest, 0)
@@ -498,7 +500,13 @@ fn refusals_are_explained_and_leak_nothing() {
             && err.contains("different KV-cache length than manifest.json's 8"),
         "{err}"
     );
-    assert!(calls(&c.log).is_empty(), "{:?}", calls(&c.log));
+    let touched = calls(&c.log);
+    assert!(
+        !touched
+            .iter()
+            .any(|c| c.starts_with("aclmdl") || c.starts_with("aclrt")),
+        "{touched:?}"
+    );
     write_om(&c.dir, &manifest, "decode", None);
 
     // No .om yet.
@@ -852,4 +860,19 @@ fn another_chip_is_refused_with_the_command_that_converts_for_it() {
     std::fs::write(c.dir.join("om_soc.txt"), "Ascend310B4\n").unwrap();
     NpuSession::open(&c.dir, &manifest, 0).unwrap();
     std::env::remove_var("KILN_ACL_DOUBLE_SOC");
+}
+
+#[test]
+fn without_cann_that_comes_first_even_before_missing_om_files() {
+    let _turn = acl_turn();
+    let c = compiled_dir("float32");
+    for graph in ["prefill", "decode"] {
+        std::fs::remove_file(c.dir.join(format!("{graph}.om"))).unwrap();
+    }
+    use_double(&c.lib, &c.log, "device");
+    std::env::set_var("KILN_ACL_LIB", c.dir.join("missing/libascendcl.so"));
+    let manifest = Manifest::load(&c.dir).unwrap();
+    let err = NpuSession::open(&c.dir, &manifest, 0).err().unwrap();
+    assert!(err.is_acl_missing(), "{err}");
+    assert!(!err.to_string().contains(".om"), "{err}");
 }

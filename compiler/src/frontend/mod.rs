@@ -20,6 +20,10 @@ use std::path::{Path, PathBuf};
 pub enum FrontendError {
     #[error("{0} is not a Hugging Face model directory (it has no config.json), nor a .gguf file")]
     NotAModel(PathBuf),
+    #[error("{file} is a file; give the model directory that holds it ({dir}), or a .gguf file")]
+    FileNotDirectory { file: PathBuf, dir: PathBuf },
+    #[error("{0} does not exist")]
+    Missing(PathBuf),
     #[error(transparent)]
     Gguf(#[from] gguf::GgufModelError),
     #[error(transparent)]
@@ -185,6 +189,23 @@ impl HfModel {
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
         if path.is_file() && (gguf_name || is_gguf(path)) {
             return Self::open_gguf(path, keep_blocks);
+        }
+        if !path.exists() {
+            return Err(FrontendError::Missing(path.to_path_buf()));
+        }
+        if path.is_file() {
+            // config.json, model.safetensors, …: the directory is meant.
+            let dir = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            if dir.join(SideFiles::CONFIG).is_file() {
+                return Err(FrontendError::FileNotDirectory {
+                    file: path.to_path_buf(),
+                    dir,
+                });
+            }
+            return Err(FrontendError::NotAModel(path.to_path_buf()));
         }
         if !path.join(SideFiles::CONFIG).is_file() {
             return Err(FrontendError::NotAModel(path.to_path_buf()));

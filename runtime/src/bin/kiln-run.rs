@@ -70,13 +70,13 @@ fn main() {
     let result = match Cli::parse().command {
         Command::Generate(args) => generate(args),
         Command::Inspect { om } => OmFile::open(&om)
-            .map(|om| print!("{om}"))
+            .map(|om| kiln_runtime::say_raw!("{om}"))
             .map_err(|e| e.to_string()),
         Command::Check { model } => check(&model),
         Command::Diff(args) => kiln_runtime::diff::diff_command(&args),
     };
     if let Err(message) = result {
-        eprintln!("error: {message}");
+        kiln_runtime::note!("error: {message}");
         std::process::exit(1);
     }
 }
@@ -85,19 +85,19 @@ fn check(dir: &std::path::Path) -> Result<(), String> {
     use kiln_runtime::compiled::external_weights::ExternalWeights;
     use kiln_runtime::compiled::OmCheck;
     let model = CompiledModel::open(dir).map_err(|e| e.to_string())?;
-    println!(
+    kiln_runtime::say!(
         "{}: manifest, IR and reference weights agree",
         dir.display()
     );
     let mut built = 0;
     for (om, status) in model.check_om_files().map_err(|e| e.to_string())? {
         match status {
-            OmCheck::Matches => println!("{om}: inputs and outputs match manifest.json"),
+            OmCheck::Matches => kiln_runtime::say!("{om}: inputs and outputs match manifest.json"),
             OmCheck::Missing => {
-                println!("{om}: not built yet (run build_om.sh on a machine with CANN)")
+                kiln_runtime::say!("{om}: not built yet (run build_om.sh on a machine with CANN)")
             }
             OmCheck::Undescribed => {
-                println!("{om}: has no MODEL_INOUT_INFO; ACL will check it when it loads")
+                kiln_runtime::say!("{om}: has no MODEL_INOUT_INFO; ACL will check it when it loads")
             }
         }
         built += usize::from(!matches!(status, OmCheck::Missing));
@@ -109,8 +109,8 @@ fn check(dir: &std::path::Path) -> Result<(), String> {
         .map(|g| g.name.as_str())
         .collect();
     match ExternalWeights::read(dir, &graphs).map_err(|e| e.to_string())? {
-        Some(weights) => println!("{}", weights.sharing().describe()),
-        None if built > 1 => println!(
+        Some(weights) => kiln_runtime::say!("{}", weights.sharing().describe()),
+        None if built > 1 => kiln_runtime::say!(
             "weights: embedded in each .om, so the NPU holds them once per graph; run this \
              Kiln's build_om.sh again (atc --external_weight=1) for one shared copy"
         ),
@@ -138,7 +138,7 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
                     e.to_string()
                 }
             })?;
-            eprintln!("kiln-run: {}", engine.allocation().describe());
+            kiln_runtime::note!("kiln-run: {}", engine.allocation().describe());
             (manifest, Box::new(engine))
         }
     };

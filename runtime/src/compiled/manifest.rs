@@ -166,6 +166,11 @@ pub struct GenerationInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
+    #[error(
+        "{path} is not a `kiln compile` output ({why}); make one with `kiln compile MODEL -o DIR` \
+         and pass DIR"
+    )]
+    NotCompiled { path: PathBuf, why: &'static str },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -190,7 +195,23 @@ impl Manifest {
     }
 
     pub fn load(dir: &Path) -> Result<Manifest, ManifestError> {
+        if !dir.is_dir() {
+            return Err(ManifestError::NotCompiled {
+                path: dir.to_path_buf(),
+                why: if dir.exists() {
+                    "it is a file, not a directory"
+                } else {
+                    "it does not exist"
+                },
+            });
+        }
         let path = dir.join(MANIFEST_FILE);
+        if !path.is_file() {
+            return Err(ManifestError::NotCompiled {
+                path: dir.to_path_buf(),
+                why: "it has no manifest.json",
+            });
+        }
         let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Io {
             path: path.clone(),
             source,

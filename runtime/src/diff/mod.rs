@@ -209,6 +209,7 @@ fn run_backend(
                 .map(Path::to_path_buf)
                 .or_else(|| std::env::var_os("KILN_PYTHON").map(PathBuf::from))
                 .unwrap_or_else(|| PathBuf::from("python3"));
+            check_python(&python, dumps.is_some())?;
             let runner = model.dir.join("ort_run.py");
             let logits_path =
                 std::env::temp_dir().join(format!("kiln-diff-{}.npy", std::process::id()));
@@ -264,6 +265,32 @@ fn run_backend(
             ))
         }
     }
+}
+
+/// Refuses, with what to do, a Python that cannot run ort_run.py: rather
+/// than its traceback after the CPU side has run.
+fn check_python(python: &Path, dumps: bool) -> Result<(), String> {
+    let modules = if dumps {
+        "numpy, onnxruntime, onnx"
+    } else {
+        "numpy, onnxruntime"
+    };
+    let ok = std::process::Command::new(python)
+        .args(["-c", &format!("import {modules}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return Ok(());
+    }
+    Err(format!(
+        "`--b onnxruntime` needs a Python with {modules}, and {} cannot import them (or does not \
+         run). Install them (`{} -m pip install numpy onnxruntime onnx`), or point --python or \
+         $KILN_PYTHON at a Python that has them",
+        python.display(),
+        python.display()
+    ))
 }
 
 /// Compiled directories from before `--dump` carry an ort_run.py without it.
@@ -603,19 +630,25 @@ pub fn diff_command(args: &DiffArgs) -> Result<(), String> {
         (Some(_), Some(_)) => "as given".to_string(),
         _ => format!("as given, else {}'s defaults", model.manifest.dtype),
     };
-    println!(
+    crate::say!(
         "{} vs {} on {} prompt tokens (both fed {}'s greedy tokens)",
         a.name(),
         b.name(),
         prompt.len(),
         a.name()
     );
-    println!(
+    crate::say!(
         "{:>4} {:>7} {:>11} {:>11} {:>10} {:>5} {:>5}",
-        "step", "token", "max abs", "mean abs", "cosine", "top1", "top5"
+        "step",
+        "token",
+        "max abs",
+        "mean abs",
+        "cosine",
+        "top1",
+        "top5"
     );
     for (step, (d, token)) in report.steps.iter().zip(&report.tokens).enumerate() {
-        println!(
+        crate::say!(
             "{step:>4} {token:>7} {:>11.3e} {:>11.3e} {:>10.7} {:>5} {:>4}/5",
             d.max_abs,
             d.mean_abs,
@@ -632,11 +665,11 @@ pub fn diff_command(args: &DiffArgs) -> Result<(), String> {
         let svg =
             plot::error_plot(&report, a.name(), b.name(), thresholds.max_abs.limit(scale)).to_svg();
         std::fs::write(path, svg).map_err(|e| format!("{}: {e}", path.display()))?;
-        println!("plot: {}", path.display());
+        crate::say!("plot: {}", path.display());
     }
     match report.first_failure(&thresholds) {
         None => {
-            println!(
+            crate::say!(
                 "ok: every step within cosine ≥ {} and max abs ≤ {} ({source}; --min-cosine and --max-abs override)",
                 thresholds.min_cosine, thresholds.max_abs
             );
@@ -664,20 +697,25 @@ fn print_tensor_table(
         .max()
         .unwrap_or(0)
         .max(5);
-    println!();
-    println!(
+    crate::say!();
+    crate::say!(
         "dumped values, {} vs {} (.npy in {}):",
         a.name(),
         b.name(),
         request.dir.display()
     );
-    println!(
+    crate::say!(
         "{:>4} {:<width$} {:<18} {:>11} {:>11} {:>10}",
-        "step", "value", "shape", "max abs", "mean abs", "cosine"
+        "step",
+        "value",
+        "shape",
+        "max abs",
+        "mean abs",
+        "cosine"
     );
     for d in &report.tensors {
         let c = &d.closeness;
-        println!(
+        crate::say!(
             "{:>4} {:<width$} {:<18} {:>11.3e} {:>11.3e} {:>10.7}",
             d.step,
             d.name,
@@ -688,11 +726,12 @@ fn print_tensor_table(
         );
     }
     match report.first_tensor_failure(thresholds) {
-        Some((d, why)) => println!(
+        Some((d, why)) => crate::say!(
             "first dumped value past the thresholds: step {} {} ({why})",
-            d.step, d.name
+            d.step,
+            d.name
         ),
-        None => println!("every dumped value within the thresholds"),
+        None => crate::say!("every dumped value within the thresholds"),
     }
 }
 

@@ -417,6 +417,9 @@ impl NpuSession {
     /// after checking them against `manifest` (a KV length that disagrees
     /// is refused before anything is loaded).
     pub fn open(dir: &Path, manifest: &Manifest, device_id: i32) -> Result<NpuSession, NpuError> {
+        // No CANN on this machine is the first thing to say, before any
+        // complaint about the .om files it could not use anyway.
+        let acl = Acl::init()?;
         let kv = &manifest.kv_cache;
         let layout = KvCacheLayout {
             layers: kv.layers,
@@ -453,7 +456,6 @@ impl NpuSession {
             }
         }
 
-        let acl = Acl::init()?;
         let built_for = converted_for(dir, manifest);
         if let Some(found) = acl.soc_name() {
             if !found.eq_ignore_ascii_case(&built_for) {

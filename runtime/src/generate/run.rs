@@ -263,27 +263,27 @@ pub fn run_generation(
         let rows = report.logits.len();
         npy::write_f32(path, &[rows, options.vocab_size], &report.logits.concat())?;
     }
-    eprintln!(
+    crate::note!(
         "first token after {:.1} ms",
         report.prefill_time.as_secs_f64() * 1e3
     );
-    eprintln!(
+    crate::note!(
         "prefill: {} tokens in {:.1} ms ({:.1} tok/s)",
         report.prompt_tokens,
         report.prefill_time.as_secs_f64() * 1e3,
         report.prefill_tokens_per_second()
     );
     if let Some(rate) = report.decode_tokens_per_second() {
-        eprintln!(
+        crate::note!(
             "decode:  {} tokens in {:.1} ms ({rate:.1} tok/s)",
             report.tokens.len() - 1,
             report.decode_time.as_secs_f64() * 1e3
         );
     }
-    eprintln!("device:  {}", engine.device());
-    eprint!("{}", crate::interp::profile::report());
+    crate::note!("device:  {}", engine.device());
+    crate::note_raw!("{}", crate::interp::profile::report());
     if report.stop == StopReason::ContextFull {
-        eprintln!(
+        crate::note!(
             "note: stopped because the KV cache is full ({} positions); use a larger --max-seq-len for longer output",
             engine.capacity()
         );
