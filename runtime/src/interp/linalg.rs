@@ -669,9 +669,11 @@ pub fn kernels_fuse_multiply_add() -> bool {
 ///
 /// The elements are f32, or quantized (see [`crate::ir::quant`]): i8, or u4
 /// with rows `k` and `k + 1` of a column in one byte (low nibble first),
-/// each group's scales and mins beside the panel. A quantized panel row is
-/// dequantized in registers, `w = fma(q, scale, min)`, and used as an f32
-/// one: the same sums, reading 1 or ½ byte per weight instead of 4.
+/// each group's scales and (where the scheme has an offset) mins beside
+/// the panel. A decode step dequantizes a panel row in registers, `w =
+/// fma(q, scale, min)`, and uses it as an f32 one: the same sums, reading 1
+/// or ½ byte per weight instead of 4. A prefill dequantizes a chunk of a
+/// panel once, into L1, for all its rows of x.
 ///
 /// Every output element is a plain sequential sum over `k`, whatever the
 /// number of rows of x or threads: prefill and decode agree bit for bit.
@@ -1335,7 +1337,8 @@ fn panel_task<V: Lanes, const NV: usize, const R: usize>(group: &Group, job: usi
         vec![0f32; m * width],
         vec![0f32; if second.is_some() { m * width } else { 0 }],
     ];
-    let mut dequantized = vec![0f32; chunk * width];
+    let quantized = panels.iter().any(|p| matches!(p, Panel::Quant { .. }));
+    let mut dequantized = vec![0f32; if quantized { chunk * width } else { 0 }];
     for (which, acc) in accs.iter_mut().enumerate() {
         if matches!(panels[which], Panel::None) {
             continue;
