@@ -4,8 +4,9 @@
 //! projection with its residual; then an i8 LM head. Shapes default to
 //! SmolLM2-135M (30 layers, d 576, MLP 1536, k/v 192, vocab 49152), Q4_1
 //! layers (u4, groups of 32 with mins) and a Q8_0 head (i8, groups of 32).
-//!     cargo run --release -p kiln-runtime --example decode_probe -- [BITS] [REPEATS] [LAYERS]
-//! BITS (4 or 8) is the layers' format.
+//!     cargo run --release -p kiln-runtime --example decode_probe -- [BITS] [REPEATS] [LAYERS] [ROWS]
+//! BITS (4, 8, or 32 for f32) is the layers' format; ROWS (1) the rows of x (64: a
+//! prefill chunk).
 use kiln_runtime::interp::linalg::{
     linear_group, linear_swiglu, LinearJob, PackedMatrix, QuantSource,
 };
@@ -13,6 +14,12 @@ use kiln_runtime::ir::quant::WeightQuant;
 use std::time::Instant;
 
 fn matrix(n: usize, k: usize, bits: u8, seed: usize) -> PackedMatrix {
+    if bits == 32 {
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 37 + seed * 11) % 251) as f32 * 1e-3 - 0.12)
+            .collect();
+        return PackedMatrix::new(&w, n, k);
+    }
     let scheme = WeightQuant {
         bits,
         group_size: 32,
@@ -83,7 +90,8 @@ fn main() {
         .map(PackedMatrix::size_bytes)
         .sum::<usize>()
         + head.size_bytes();
-    let x: Vec<f32> = (0..d).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect();
+    let m = *args.get(3).unwrap_or(&1);
+    let x: Vec<f32> = (0..m * d).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect();
     if layers == 1 {
         // One 576 × 576 matrix, in L2: the kernel's arithmetic alone.
         let o = &model[0].o;
@@ -91,7 +99,7 @@ fn main() {
         for _ in 0..repeats {
             let t = Instant::now();
             for _ in 0..runs {
-                std::hint::black_box(o.matmul(&x, 1));
+                std::hint::black_box(o.matmul(&x, m));
             }
             best = best.min(t.elapsed().as_secs_f64() / runs as f64);
         }
@@ -101,7 +109,7 @@ fn main() {
             (d * d) as f64 / best / 1e9
         );
     }
-    let residual = vec![0.5f32; d];
+    let residual = vec![0.5f32; m * d];
     let (mut best_layers, mut best_head) = (f64::MAX, f64::MAX);
     // As the interpreter runs a graph: on a pool worker, the others kept
     // looking for work (no wake-up per parallel op).
@@ -121,22 +129,22 @@ fn main() {
             for l in &model {
                 std::hint::black_box(linear_group(
                     &x,
-                    1,
+                    m,
                     &[job(&l.q, None), job(&l.k, None), job(&l.v, None)],
                 ));
-                std::hint::black_box(linear_group(&x, 1, &[job(&l.o, Some(&residual))]));
-                let a = linear_swiglu(&x, 1, job(&l.gate, None), job(&l.up, None));
-                std::hint::black_box(linear_group(&a, 1, &[job(&l.down, Some(&residual))]));
+                std::hint::black_box(linear_group(&x, m, &[job(&l.o, Some(&residual))]));
+                let a = linear_swiglu(&x, m, job(&l.gate, None), job(&l.up, None));
+                std::hint::black_box(linear_group(&a, m, &[job(&l.down, Some(&residual))]));
             }
             best_layers = best_layers.min(t.elapsed().as_secs_f64());
             let t = Instant::now();
-            std::hint::black_box(head.matmul(&x, 1));
+            std::hint::black_box(head.matmul(&x, m));
             best_head = best_head.min(t.elapsed().as_secs_f64());
         }
         done.store(true, std::sync::atomic::Ordering::Release);
     });
     println!(
-        "u{bits} layers {:.3} ms, i8 head {:.3} ms, total {:.3} ms ({:.1} MB, {:.1} GB/s), {} threads",
+        "u{bits} x {m} rows: layers {:.3} ms, i8 head {:.3} ms, total {:.3} ms ({:.1} MB, {:.1} GB/s), {} threads",
         best_layers * 1e3,
         best_head * 1e3,
         (best_layers + best_head) * 1e3,

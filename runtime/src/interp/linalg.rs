@@ -39,6 +39,8 @@ trait Lanes: Copy {
     fn store(self, out: &mut [f32]);
     /// `self + a·b`
     fn mul_add(self, a: Self, b: Self) -> Self;
+    /// `self·b`
+    fn mul(self, b: Self) -> Self;
     fn sum(self) -> f32;
     /// `acc + a·b` on scalars, matching `mul_add`'s rounding.
     fn scalar_mul_add(a: f32, b: f32, acc: f32) -> f32;
@@ -81,6 +83,10 @@ impl Lanes for Portable {
     #[inline(always)]
     fn mul_add(self, a: Self, b: Self) -> Self {
         Portable(std::array::from_fn(|l| self.0[l] + a.0[l] * b.0[l]))
+    }
+    #[inline(always)]
+    fn mul(self, b: Self) -> Self {
+        Portable(std::array::from_fn(|l| self.0[l] * b.0[l]))
     }
     #[inline(always)]
     fn sum(self) -> f32 {
@@ -139,6 +145,10 @@ mod avx2 {
         #[inline(always)]
         fn mul_add(self, a: Self, b: Self) -> Self {
             unsafe { Avx2Fma(_mm256_fmadd_ps(a.0, b.0, self.0)) }
+        }
+        #[inline(always)]
+        fn mul(self, b: Self) -> Self {
+            unsafe { Avx2Fma(_mm256_mul_ps(self.0, b.0)) }
         }
         #[inline(always)]
         fn sum(self) -> f32 {
@@ -217,6 +227,10 @@ mod avx2 {
         #[inline(always)]
         fn mul_add(self, a: Self, b: Self) -> Self {
             unsafe { Avx512(_mm512_fmadd_ps(a.0, b.0, self.0)) }
+        }
+        #[inline(always)]
+        fn mul(self, b: Self) -> Self {
+            unsafe { Avx512(_mm512_mul_ps(self.0, b.0)) }
         }
         #[inline(always)]
         fn sum(self) -> f32 {
@@ -298,6 +312,10 @@ mod neon {
         #[inline(always)]
         fn mul_add(self, a: Self, b: Self) -> Self {
             unsafe { Neon(vfmaq_f32(self.0, a.0, b.0), vfmaq_f32(self.1, a.1, b.1)) }
+        }
+        #[inline(always)]
+        fn mul(self, b: Self) -> Self {
+            unsafe { Neon(vmulq_f32(self.0, b.0), vmulq_f32(self.1, b.1)) }
         }
         #[inline(always)]
         fn sum(self) -> f32 {
@@ -651,9 +669,11 @@ pub fn kernels_fuse_multiply_add() -> bool {
 ///
 /// The elements are f32, or quantized (see [`crate::ir::quant`]): i8, or u4
 /// with rows `k` and `k + 1` of a column in one byte (low nibble first),
-/// each group's scales and mins beside the panel. A quantized panel row is
-/// dequantized in registers, `w = fma(q, scale, min)`, and used as an f32
-/// one: the same sums, reading 1 or ½ byte per weight instead of 4.
+/// each group's scales and (where the scheme has an offset) mins beside
+/// the panel. A decode step dequantizes a panel row in registers, `w =
+/// fma(q, scale, min)`, and uses it as an f32 one: the same sums, reading 1
+/// or ½ byte per weight instead of 4. A prefill dequantizes a chunk of a
+/// panel once, into L1, for all its rows of x.
 ///
 /// Every output element is a plain sequential sum over `k`, whatever the
 /// number of rows of x or threads: prefill and decode agree bit for bit.
@@ -670,7 +690,9 @@ enum Panels {
     /// `[panel][k][width]` f32.
     F32(PanelMemory),
     /// `[panel][k][width]` i8 bytes, or `[panel][k / 2][width]` u4 pairs;
-    /// `scales` is `[panel][group][scale, min][width]` f32.
+    /// `scales` is `[panel][group][scale, min][width]` f32, or
+    /// `[panel][group][scale][width]` for a scheme without an offset (see
+    /// [`scale_rows`]).
     Quant {
         scheme: WeightQuant,
         q: PanelMemory,
@@ -812,13 +834,14 @@ impl PackedMatrix {
         // Rows of a panel: k of them (i8), or k / 2 byte pairs (u4).
         let rows = if scheme.bits == 8 { k } else { k / 2 };
         let mut q = PanelMemory::zeroed(count * rows * width);
-        let mut scales = PanelMemory::f32s(count * groups * 2 * width);
+        let per_group = scale_rows(scheme) * width;
+        let mut scales = PanelMemory::f32s(count * groups * per_group);
         q.as_mut_slice::<u8>()
             .par_chunks_mut(rows * width)
             .zip(
                 scales
                     .as_mut_slice::<f32>()
-                    .par_chunks_mut(groups * 2 * width),
+                    .par_chunks_mut(groups * per_group),
             )
             .enumerate()
             .for_each(|(p, (panel, panel_scales))| {
@@ -841,12 +864,10 @@ impl PackedMatrix {
                         }
                     }
                     for g in 0..groups {
-                        let scale = source.scale[j * groups + g];
-                        let min = source
-                            .min
-                            .map_or(scheme.implied_min(scale), |m| m[j * groups + g]);
-                        panel_scales[(g * 2) * width + c] = scale;
-                        panel_scales[(g * 2 + 1) * width + c] = min;
+                        panel_scales[g * per_group + c] = source.scale[j * groups + g];
+                        if let Some(min) = source.min {
+                            panel_scales[g * per_group + width + c] = min[j * groups + g];
+                        }
                     }
                 }
             });
@@ -900,7 +921,7 @@ impl PackedMatrix {
             }
             Panels::Quant { scheme, q, scales } => {
                 let rows = if scheme.bits == 8 { self.k } else { self.k / 2 };
-                let scale_size = scheme.groups(self.k) * 2 * self.width;
+                let scale_size = scheme.groups(self.k) * scale_rows(*scheme) * self.width;
                 Panel::Quant {
                     scheme: *scheme,
                     q: &q.as_slice::<u8>()[p * rows * self.width..(p + 1) * rows * self.width],
@@ -1234,9 +1255,9 @@ fn micro_tile_pair<V: Lanes, const NV: usize, const R: usize>(
             scales: sb,
         }] if scheme == other => {
             if scheme.bits == 8 {
-                stream_tile_i8::<V, NV, R, 2>(x, k, scheme.group_size, [qa, qb], [sa, sb], &[])
+                stream_tile_i8::<V, NV, R, 2>(x, k, scheme, [qa, qb], [sa, sb], &[])
             } else {
-                stream_tile_u4::<V, NV, R, 2>(x, k, scheme.group_size, [qa, qb], [sa, sb], &[])
+                stream_tile_u4::<V, NV, R, 2>(x, k, scheme, [qa, qb], [sa, sb], &[])
             }
         }
         [a, b] => [
@@ -1258,10 +1279,10 @@ fn micro_tile_one<V: Lanes, const NV: usize, const R: usize>(
         Panel::None => [[V::zero(); NV]; R],
         Panel::F32(w) => stream_tile::<V, NV, R, 1>(x, [w], &[])[0],
         Panel::Quant { scheme, q, scales } if scheme.bits == 8 => {
-            stream_tile_i8::<V, NV, R, 1>(x, k, scheme.group_size, [q], [scales], &[])[0]
+            stream_tile_i8::<V, NV, R, 1>(x, k, scheme, [q], [scales], &[])[0]
         }
         Panel::Quant { scheme, q, scales } => {
-            stream_tile_u4::<V, NV, R, 1>(x, k, scheme.group_size, [q], [scales], &[])[0]
+            stream_tile_u4::<V, NV, R, 1>(x, k, scheme, [q], [scales], &[])[0]
         }
     }
 }
@@ -1306,18 +1327,154 @@ fn panel_task<V: Lanes, const NV: usize, const R: usize>(group: &Group, job: usi
             s.weight.panel(p + 1).bytes(),
         ],
     };
-    let mut i = 0;
-    while i + R <= m {
-        row_tile::<V, NV, R>(x, m, k, i, panels, ahead, &mut finish);
-        i += R;
+    // Chunk by chunk of k, each panel's chunk (dequantized once, if
+    // quantized) stays in L1 while every row tile of x runs over it; the
+    // accumulators wait in memory between chunks. Each output is still the
+    // same sequential sum over k.
+    let chunk = chunk_rows(width);
+    let chunks = k.div_ceil(chunk).max(1);
+    let mut accs = [
+        vec![0f32; m * width],
+        vec![0f32; if second.is_some() { m * width } else { 0 }],
+    ];
+    let quantized = panels.iter().any(|p| matches!(p, Panel::Quant { .. }));
+    let mut dequantized = vec![0f32; if quantized { chunk * width } else { 0 }];
+    for (which, acc) in accs.iter_mut().enumerate() {
+        if matches!(panels[which], Panel::None) {
+            continue;
+        }
+        let ahead = ahead[which];
+        let lines = ahead.len() / CACHE_LINE;
+        for c in 0..chunks {
+            let (k0, k1) = (c * chunk, ((c + 1) * chunk).min(k));
+            let w: &[f32] = match panels[which] {
+                Panel::None => unreachable!(),
+                Panel::F32(panel) => &panel[k0 * width..k1 * width],
+                Panel::Quant { scheme, q, scales } => {
+                    dequantize_rows::<V, NV>(scheme, q, scales, k0, k1, &mut dequantized);
+                    &dequantized[..(k1 - k0) * width]
+                }
+            };
+            // This tile's share of the next panel's cache lines, by
+            // progress through the chunks and rows.
+            let share = |i0: usize, rows: usize| {
+                let (at, total) = (c * m + i0, chunks * m);
+                &ahead
+                    [(lines * at / total) * CACHE_LINE..(lines * (at + rows) / total) * CACHE_LINE]
+            };
+            let mut i = 0;
+            while i + R <= m {
+                chunk_tile::<V, NV, R>(x, k, k0, k1, i, w, acc, share(i, R));
+                i += R;
+            }
+            while i + 4 <= m {
+                chunk_tile::<V, NV, 4>(x, k, k0, k1, i, w, acc, share(i, 4));
+                i += 4;
+            }
+            while i < m {
+                chunk_tile::<V, NV, 1>(x, k, k0, k1, i, w, acc, share(i, 1));
+                i += 1;
+            }
+        }
     }
-    while i + 4 <= m {
-        row_tile::<V, NV, 4>(x, m, k, i, panels, ahead, &mut finish);
-        i += 4;
+    let [a, b] = &mut accs;
+    for i in 0..m {
+        let b = if b.is_empty() {
+            &mut [][..]
+        } else {
+            &mut b[i * width..][..width]
+        };
+        finish.row(i, &mut a[i * width..][..width], b);
     }
-    while i < m {
-        row_tile::<V, NV, 1>(x, m, k, i, panels, ahead, &mut finish);
-        i += 1;
+}
+
+/// Rows of k per chunk of a prefill's panels: 8 KiB of f32, a quarter of
+/// an L1 cache, the rest left to x and the accumulators. (Even: a u4
+/// chunk holds whole byte pairs.)
+fn chunk_rows(width: usize) -> usize {
+    (8192 / (4 * width)) & !1
+}
+
+/// Rows `k0..k1` of a quantized panel as f32 rows `[k1 - k0][width]` in
+/// `out`: `w = min + q·scale`, exactly as the decode tiles make them.
+#[inline(always)]
+fn dequantize_rows<V: Lanes, const NV: usize>(
+    scheme: WeightQuant,
+    q: &[u8],
+    scales: &[f32],
+    k0: usize,
+    k1: usize,
+    out: &mut [f32],
+) {
+    let width = NV * V::N;
+    let mut kk = k0;
+    while kk < k1 {
+        let g = kk / scheme.group_size;
+        let end = ((g + 1) * scheme.group_size).min(k1);
+        let (scale, min) = group_scales::<V, NV>(scales, g, scheme);
+        if scheme.bits == 8 {
+            for r in kk..end {
+                let row = &q[r * width..][..width];
+                let dst = &mut out[(r - k0) * width..][..width];
+                for v in 0..NV {
+                    let w = min[v].mul_add(V::load_i8(&row[v * V::N..]), scale[v]);
+                    w.store(&mut dst[v * V::N..]);
+                }
+            }
+        } else {
+            // k0 and the group sizes are even: pairs never straddle either.
+            for r in (kk..end).step_by(2) {
+                let row = &q[r / 2 * width..][..width];
+                let dst = &mut out[(r - k0) * width..][..2 * width];
+                for v in 0..NV {
+                    let (low, high) = V::load_u4(&row[v * V::N..]);
+                    min[v].mul_add(low, scale[v]).store(&mut dst[v * V::N..]);
+                    min[v]
+                        .mul_add(high, scale[v])
+                        .store(&mut dst[width + v * V::N..]);
+                }
+            }
+        }
+        kk = end;
+    }
+}
+
+/// Rows `i0..i0 + R` of x over one chunk `w [k1 - k0][width]` of a panel:
+/// `acc[i][c] += Σ_kk x[i][kk] · w[kk][c]` in order of kk, the accumulators
+/// `[m][width]` loaded and stored around it; meanwhile prefetches `ahead`,
+/// a cache line per step.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn chunk_tile<V: Lanes, const NV: usize, const R: usize>(
+    x: &[f32],
+    k: usize,
+    k0: usize,
+    k1: usize,
+    i0: usize,
+    w: &[f32],
+    acc: &mut [f32],
+    ahead: &[u8],
+) {
+    let width = NV * V::N;
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &x[(i0 + r) * k + k0..(i0 + r) * k + k1]);
+    let mut lanes = [[V::zero(); NV]; R];
+    for r in 0..R {
+        for v in 0..NV {
+            lanes[r][v] = V::load(&acc[(i0 + r) * width + v * V::N..]);
+        }
+    }
+    for (kk, b) in w.chunks_exact(width).enumerate() {
+        prefetch_ahead::<V>(ahead, kk);
+        let mut wv = [V::zero(); NV];
+        for v in 0..NV {
+            wv[v] = V::load(&b[v * V::N..]);
+        }
+        accumulate(&mut lanes, rows, kk, wv);
+    }
+    for r in 0..R {
+        for v in 0..NV {
+            lanes[r][v].store(&mut acc[(i0 + r) * width + v * V::N..]);
+        }
     }
 }
 
@@ -1370,50 +1527,6 @@ impl Finish<'_> {
     }
 }
 
-/// Rows `i0..i0 + R` of one panel of one product (two with a second
-/// panel), handed to `finish`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn row_tile<V: Lanes, const NV: usize, const R: usize>(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    i0: usize,
-    panels: [Panel; 2],
-    ahead: [&[u8]; 2],
-    finish: &mut Finish,
-) {
-    let rows: [&[f32]; R] = std::array::from_fn(|r| &x[(i0 + r) * k..][..k]);
-    // This tile's share of the next panel's cache lines, by rows.
-    let share = |s: &'_ [u8]| -> std::ops::Range<usize> {
-        let lines = s.len() / CACHE_LINE;
-        (lines * i0 / m) * CACHE_LINE..(lines * (i0 + R) / m) * CACHE_LINE
-    };
-    let mut values = [[[0f32; MAX_WIDTH]; R]; 2];
-    for (which, out) in values.iter_mut().enumerate() {
-        let ahead = &ahead[which][share(ahead[which])];
-        let acc = match panels[which] {
-            Panel::None => continue,
-            Panel::F32(panel) => micro_tile::<V, NV, R>(rows, panel, ahead),
-            Panel::Quant { scheme, q, scales } if scheme.bits == 8 => {
-                micro_tile_i8::<V, NV, R>(rows, k, scheme.group_size, q, scales, ahead)
-            }
-            Panel::Quant { scheme, q, scales } => {
-                micro_tile_u4::<V, NV, R>(rows, k, scheme.group_size, q, scales, ahead)
-            }
-        };
-        for (row, lanes) in out.iter_mut().zip(&acc) {
-            for (v, lane) in lanes.iter().enumerate() {
-                lane.store(&mut row[v * V::N..]);
-            }
-        }
-    }
-    let [a, b] = &mut values;
-    for r in 0..R {
-        finish.row(i0 + r, &mut a[r], &mut b[r]);
-    }
-}
-
 const CACHE_LINE: usize = 64;
 
 /// Steps of k that a micro-tile asks for its panel ahead of use.
@@ -1445,43 +1558,31 @@ fn prefetch_ahead<V: Lanes>(ahead: &[u8], step: usize) {
     }
 }
 
-/// `acc[r][v] = Σ_kk x[r][kk] · panel[kk][v·N..(v+1)·N]`, in order of kk;
-/// meanwhile prefetches `ahead`, a cache line per step.
-#[inline(always)]
-fn micro_tile<V: Lanes, const NV: usize, const R: usize>(
-    x: [&[f32]; R],
-    panel: &[f32],
-    ahead: &[u8],
-) -> [[V; NV]; R] {
-    let mut acc = [[V::zero(); NV]; R];
-    for (kk, b) in panel.chunks_exact(NV * V::N).enumerate() {
-        prefetch_ahead::<V>(ahead, kk);
-        // The panel comes from L2 once per row tile: asking for it a few
-        // steps ahead hides the latency better than the L1 prefetchers do
-        // (5% of a prefill, measured).
-        for line in (0..NV * V::N).step_by(16) {
-            V::prefetch_l1(b.as_ptr().wrapping_add(L1_AHEAD * NV * V::N + line));
-        }
-        let b: [V; NV] = std::array::from_fn(|v| V::load(&b[v * V::N..]));
-        for r in 0..R {
-            let a = V::splat(x[r][kk]);
-            for v in 0..NV {
-                acc[r][v] = acc[r][v].mul_add(a, b[v]);
-            }
-        }
-    }
-    acc
+/// Rows of per-column values a quantized panel keeps per group: the scale,
+/// and the min where the scheme has one. A symmetric scheme's min follows
+/// from its scale ([`implied_min`]): computed in registers rather than
+/// read, a decode step reads fewer bytes per weight.
+fn scale_rows(scheme: WeightQuant) -> usize {
+    1 + scheme.offset as usize
 }
 
-/// A group's scales and mins: `[scale, min][width]` at group `g`.
+/// [`WeightQuant::implied_min`] of a vector of scales, bit for bit.
 #[inline(always)]
-fn group_scales<V: Lanes, const NV: usize>(scales: &[f32], g: usize) -> ([V; NV], [V; NV]) {
-    let width = NV * V::N;
-    let at = &scales[g * 2 * width..];
-    (
-        std::array::from_fn(|v| V::load(&at[v * V::N..])),
-        std::array::from_fn(|v| V::load(&at[width + v * V::N..])),
-    )
+fn implied_min<V: Lanes>(scheme: WeightQuant, scale: V) -> V {
+    match scheme.bits {
+        4 => V::splat(-8.0).mul(scale),
+        _ => V::zero(),
+    }
+}
+
+/// A group's scales and mins at group `g` (see [`scale_rows`]).
+#[inline(always)]
+fn group_scales<V: Lanes, const NV: usize>(
+    scales: &[f32],
+    g: usize,
+    scheme: WeightQuant,
+) -> ([V; NV], [V; NV]) {
+    panels_group_scales::<V, NV, 1>([scales], g, scheme)[0]
 }
 
 /// `acc[r][v] += x[r][kk] · w` over one dequantized panel row `w`.
@@ -1500,65 +1601,11 @@ fn accumulate<V: Lanes, const NV: usize, const R: usize>(
     }
 }
 
-/// [`micro_tile`] over an i8 panel `[k][width]`: each row is dequantized,
-/// `w = min + q·scale` (one fused multiply-add), before it is used.
-#[inline(always)]
-fn micro_tile_i8<V: Lanes, const NV: usize, const R: usize>(
-    x: [&[f32]; R],
-    k: usize,
-    group_size: usize,
-    q: &[u8],
-    scales: &[f32],
-    ahead: &[u8],
-) -> [[V; NV]; R] {
-    let width = NV * V::N;
-    let mut acc = [[V::zero(); NV]; R];
-    for (g, k0) in (0..k).step_by(group_size).enumerate() {
-        let (scale, min) = group_scales::<V, NV>(scales, g);
-        for kk in k0..(k0 + group_size).min(k) {
-            prefetch_ahead::<V>(ahead, kk);
-            let row = &q[kk * width..];
-            let w: [V; NV] =
-                std::array::from_fn(|v| min[v].mul_add(V::load_i8(&row[v * V::N..]), scale[v]));
-            accumulate(&mut acc, x, kk, w);
-        }
-    }
-    acc
-}
-
-/// [`micro_tile`] over a u4 panel `[k / 2][width]` (rows `2i` and `2i + 1`
-/// in one byte per column), dequantized as in [`micro_tile_i8`].
-#[inline(always)]
-fn micro_tile_u4<V: Lanes, const NV: usize, const R: usize>(
-    x: [&[f32]; R],
-    k: usize,
-    group_size: usize,
-    q: &[u8],
-    scales: &[f32],
-    ahead: &[u8],
-) -> [[V; NV]; R] {
-    let width = NV * V::N;
-    let mut acc = [[V::zero(); NV]; R];
-    for (g, k0) in (0..k).step_by(group_size).enumerate() {
-        let (scale, min) = group_scales::<V, NV>(scales, g);
-        // Group sizes and k are even: pairs never straddle a group.
-        for kk in (k0..(k0 + group_size).min(k)).step_by(2) {
-            prefetch_ahead::<V>(ahead, kk / 2);
-            let row = &q[kk / 2 * width..];
-            let pairs: [(V, V); NV] = std::array::from_fn(|v| V::load_u4(&row[v * V::N..]));
-            let even = std::array::from_fn(|v| min[v].mul_add(pairs[v].0, scale[v]));
-            let odd = std::array::from_fn(|v| min[v].mul_add(pairs[v].1, scale[v]));
-            accumulate(&mut acc, x, kk, even);
-            accumulate(&mut acc, x, kk + 1, odd);
-        }
-    }
-    acc
-}
-
-/// [`micro_tile`] for a few rows of x (a decode step): `P` panels at once
+/// `acc[p][r][v] = Σ_kk x[r][kk] · panels[p][kk][v·N..(v+1)·N]` in order
+/// of kk, for a few rows of x (a decode step): `P` panels at once
 /// (independent chains for the FMA units), each panel row asked for
-/// [`STREAM_AHEAD`] bytes ahead while `ahead` is empty. (A prefill keeps
-/// the one-panel tiles: this form of the loop is slower there.)
+/// [`STREAM_AHEAD`] bytes ahead while `ahead` is empty. (A prefill takes
+/// [`chunk_tile`]s instead: this form of the loop is slower there.)
 #[inline(always)]
 fn stream_tile<V: Lanes, const NV: usize, const R: usize, const P: usize>(
     x: [&[f32]; R],
@@ -1588,21 +1635,27 @@ fn stream_tile<V: Lanes, const NV: usize, const R: usize, const P: usize>(
     acc
 }
 
-/// Each panel's scales and mins of group `g`: `[scale, min][width]`.
+/// Each panel's scales and mins of group `g` (see [`scale_rows`]).
 /// (Loops, not `array::from_fn`: a closure that the compiler leaves out
 /// of line lacks the kernel's SIMD features, and so does everything in it.)
 #[inline(always)]
 fn panels_group_scales<V: Lanes, const NV: usize, const P: usize>(
     scales: [&[f32]; P],
     g: usize,
+    scheme: WeightQuant,
 ) -> [([V; NV], [V; NV]); P] {
     let width = NV * V::N;
+    let per_group = scale_rows(scheme) * width;
     let mut out = [([V::zero(); NV], [V::zero(); NV]); P];
     for p in 0..P {
-        let at = &scales[p][g * 2 * width..];
+        let at = &scales[p][g * per_group..];
         for v in 0..NV {
-            out[p].0[v] = V::load(&at[v * V::N..]);
-            out[p].1[v] = V::load(&at[width + v * V::N..]);
+            let scale = V::load(&at[v * V::N..]);
+            out[p].0[v] = scale;
+            out[p].1[v] = match scheme.offset {
+                true => V::load(&at[width + v * V::N..]),
+                false => implied_min(scheme, scale),
+            };
         }
     }
     out
@@ -1610,11 +1663,15 @@ fn panels_group_scales<V: Lanes, const NV: usize, const P: usize>(
 
 /// Prefetches each panel's scales and mins [`SCALES_AHEAD`] groups past `g`.
 #[inline(always)]
-fn prefetch_scales<V: Lanes, const NV: usize, const P: usize>(scales: [&[f32]; P], g: usize) {
-    let width = NV * V::N;
+fn prefetch_scales<V: Lanes, const NV: usize, const P: usize>(
+    scales: [&[f32]; P],
+    g: usize,
+    scheme: WeightQuant,
+) {
+    let per_group = scale_rows(scheme) * NV * V::N;
     for panel in scales {
-        let at = panel.as_ptr().wrapping_add((g + SCALES_AHEAD) * 2 * width);
-        for line in (0..2 * width).step_by(16) {
+        let at = panel.as_ptr().wrapping_add((g + SCALES_AHEAD) * per_group);
+        for line in (0..per_group).step_by(16) {
             V::prefetch_l1(at.wrapping_add(line));
         }
     }
@@ -1626,17 +1683,18 @@ fn prefetch_scales<V: Lanes, const NV: usize, const P: usize>(scales: [&[f32]; P
 fn stream_tile_i8<V: Lanes, const NV: usize, const R: usize, const P: usize>(
     x: [&[f32]; R],
     k: usize,
-    group_size: usize,
+    scheme: WeightQuant,
     q: [&[u8]; P],
     scales: [&[f32]; P],
     ahead: &[u8],
 ) -> [[[V; NV]; R]; P] {
+    let group_size = scheme.group_size;
     let width = NV * V::N;
     let mut acc = [[[V::zero(); NV]; R]; P];
     for (g, k0) in (0..k).step_by(group_size).enumerate() {
-        let s = panels_group_scales::<V, NV, P>(scales, g);
+        let s = panels_group_scales::<V, NV, P>(scales, g, scheme);
         if ahead.is_empty() {
-            prefetch_scales::<V, NV, P>(scales, g);
+            prefetch_scales::<V, NV, P>(scales, g, scheme);
         }
         for kk in k0..(k0 + group_size).min(k) {
             prefetch_ahead::<V>(ahead, kk);
@@ -1663,17 +1721,18 @@ fn stream_tile_i8<V: Lanes, const NV: usize, const R: usize, const P: usize>(
 fn stream_tile_u4<V: Lanes, const NV: usize, const R: usize, const P: usize>(
     x: [&[f32]; R],
     k: usize,
-    group_size: usize,
+    scheme: WeightQuant,
     q: [&[u8]; P],
     scales: [&[f32]; P],
     ahead: &[u8],
 ) -> [[[V; NV]; R]; P] {
+    let group_size = scheme.group_size;
     let width = NV * V::N;
     let mut acc = [[[V::zero(); NV]; R]; P];
     for (g, k0) in (0..k).step_by(group_size).enumerate() {
-        let s = panels_group_scales::<V, NV, P>(scales, g);
+        let s = panels_group_scales::<V, NV, P>(scales, g, scheme);
         if ahead.is_empty() {
-            prefetch_scales::<V, NV, P>(scales, g);
+            prefetch_scales::<V, NV, P>(scales, g, scheme);
         }
         // Group sizes and k are even: pairs never straddle a group.
         for kk in (k0..(k0 + group_size).min(k)).step_by(2) {
@@ -1778,12 +1837,12 @@ mod tests {
     fn fused_products_equal_the_separate_ops() {
         use crate::interp::math::silu;
         // Two row counts (tiles of every height, and a decode step), widths
-        // with a partial last panel.
+        // with a partial last panel, k over two of a prefill's chunks.
         for (m, kernel) in [1, 21]
             .into_iter()
             .flat_map(|m| kernels().into_iter().map(move |k| (m, k)))
         {
-            let (k, n) = (40, 70);
+            let (k, n) = (140, 70);
             let x = pseudo_random(m * k, 7);
             let [g, u, v] = [8, 9, 10].map(|seed| pseudo_random(n * k, seed));
             let [pg, pu, pv] = [&g, &u, &v].map(|w| PackedMatrix::for_kernel(w, n, k, kernel));
@@ -1887,9 +1946,21 @@ mod tests {
                     group_size: 64,
                     offset: true,
                 },
+                // Groups that straddle a prefill's chunks of k.
+                WeightQuant {
+                    bits: 4,
+                    group_size: 48,
+                    offset: true,
+                },
+                WeightQuant {
+                    bits: 8,
+                    group_size: 48,
+                    offset: false,
+                },
             ]
         };
-        // K past the last whole group, N odd and below a panel, one row and many.
+        // K past the last whole group, N odd and below a panel, one row and
+        // many, K over several of a prefill's chunks.
         for &(m, k, n) in &[
             (1, 70, 17),
             (5, 96, 50),
@@ -1897,6 +1968,8 @@ mod tests {
             (1, 200, 77),
             (3, 64, 40),
             (29, 40, 49),
+            (7, 300, 33),
+            (24, 260, 40),
         ] {
             let x = pseudo_random(m * k, 21);
             let w = pseudo_random(n * k, 22);
