@@ -76,7 +76,8 @@ pub struct CompileOptions {
     pub board: Option<&'static atc::Board>,
     pub float: FloatType,
     pub opset: i64,
-    /// Force weights into `weights.bin` even for small models.
+    /// Weights in one `weights.bin` the graphs share (else inline in each
+    /// .onnx while below protobuf's 2 GB).
     pub external_data: bool,
     /// Do not run ATC even when it is installed.
     pub skip_atc: bool,

@@ -147,8 +147,13 @@ struct CompileArgs {
     /// ONNX opset (13 to 18; 13 is accepted by every ATC from CANN 5 on).
     #[arg(long, default_value_t = kiln::backend::onnx::DEFAULT_OPSET)]
     opset: i64,
-    /// Keep weights in one weights.bin beside the ONNX files (automatic above 2 GB).
-    #[arg(long)]
+    /// Keep the weights inside each .onnx file instead of one weights.bin
+    /// beside them that the graphs share (each graph then carries its own
+    /// copy; only below 2 GB, protobuf's limit)
+    #[arg(long, conflicts_with = "external_data")]
+    inline_weights: bool,
+    /// One weights.bin shared by the graphs: the default (kept for scripts).
+    #[arg(long, hide = true)]
     external_data: bool,
     /// Do not run ATC even when it is installed.
     #[arg(long)]
@@ -534,7 +539,7 @@ fn compile_command(args: CompileArgs) -> Result<()> {
             DTypeArg::Fp32 => FloatType::F32,
         },
         opset: args.opset,
-        external_data: args.external_data,
+        external_data: !args.inline_weights,
         skip_atc: args.no_atc,
         quant: args.quant.mode()?,
         dequantize_for_atc: args.dequantize_for_atc,
@@ -567,6 +572,13 @@ fn compile_command(args: CompileArgs) -> Result<()> {
     for (name, size) in &report.files {
         kiln_runtime::say!("    {name:<24} {:>10.2} MB", *size as f64 / 1e6);
     }
+    let total: u64 = report.files.iter().map(|(_, size)| size).sum();
+    kiln_runtime::say!(
+        "    {:<24} {:>10.2} MB: all of it goes to the board (build_om.sh converts the .onnx \
+         files there or on any CANN machine; the IR and weights.safetensors serve --backend cpu and diff)",
+        "total",
+        total as f64 / 1e6
+    );
     for (graph, counts) in &report.node_counts {
         let total: usize = counts.values().sum();
         let ops: Vec<String> = counts.iter().map(|(op, n)| format!("{op}×{n}")).collect();
