@@ -47,6 +47,8 @@ pub enum OnnxError {
     NotAllowed(String),
     #[error("{node}: {what} has no form in ATC's own operators (only --quant w8a8 does)")]
     NoAscendForm { node: String, what: String },
+    #[error(transparent)]
+    Kernel(#[from] crate::backend::ascendc::AscendcError),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -55,6 +57,9 @@ pub struct OnnxOptions {
     pub float: FloatType,
     /// How quantized ops are spelled.
     pub quant_ops: QuantOps,
+    /// Lower the nodes that have an Ascend C kernel for this target to
+    /// custom-domain nodes (`ai.kiln`) that the generated package serves.
+    pub kernels: Option<crate::backend::ascendc::Target>,
 }
 
 /// The two spellings of a quantized op: one IR node, lowered twice to the
@@ -80,6 +85,13 @@ pub enum Derived {
     /// `AscendDequant`'s uint64 `deq_scale [N]` from the f16 per-channel
     /// scales `scale [N, 1]` (see [`deq_scale`]), int8 weight offset 0.
     DeqScale { scale: String },
+    /// Rows `start..end` of the store tensor `source` (a column chunk of a
+    /// wide GEMV's weights, scales or mins), as stored when quantized.
+    Rows {
+        source: String,
+        start: usize,
+        end: usize,
+    },
 }
 
 /// A lowered graph: everything but the weight bytes.
@@ -91,6 +103,9 @@ pub struct OnnxGraph {
     pub weights: Vec<String>,
     /// The initializers computed from store tensors, by name.
     pub derived: BTreeMap<String, Derived>,
+    /// The Ascend C kernel instances the custom-domain nodes call, with
+    /// their calls per step (empty without `OnnxOptions::kernels`).
+    pub kernels: crate::backend::ascendc::KernelPlan,
 }
 
 /// `AscendDequant`'s `deq_scale` word for an f32 scale and an int8 weight
@@ -197,8 +212,22 @@ pub fn lower(graph: &Graph, options: &OnnxOptions) -> Result<OnnxGraph, OnnxErro
             .collect(),
         derived: BTreeMap::new(),
     };
-    for node in &graph.nodes {
-        ops::lower_node(&mut cx, graph, node)?;
+    let assigned = match options.kernels {
+        Some(target) => ops::kernels::assign(graph, target)?,
+        None => ops::kernels::Assigned::none(graph),
+    };
+    let mut kernels = crate::backend::ascendc::KernelPlan {
+        skipped: assigned.skipped.clone(),
+        ..Default::default()
+    };
+    for (index, node) in graph.nodes.iter().enumerate() {
+        if assigned.absorbed.contains(&index) {
+            continue; // computed by the Add + RMSNorm kernel of a later node
+        }
+        match &assigned.calls[index] {
+            Some(calls) => ops::kernels::lower(&mut cx, graph, index, calls, &mut kernels)?,
+            None => ops::lower_node(&mut cx, graph, node)?,
+        }
     }
     let io = |ids: &[kiln_runtime::ir::ValueId]| {
         ids.iter()
@@ -222,6 +251,18 @@ pub fn lower(graph: &Graph, options: &OnnxOptions) -> Result<OnnxGraph, OnnxErro
         .collect();
     weights.extend(cx.derived.keys().cloned());
     let derived = std::mem::take(&mut cx.derived);
+    let mut opset_import = vec![OperatorSetIdProto {
+        domain: String::new(),
+        version: options.opset,
+        ..Default::default()
+    }];
+    if !kernels.requests.is_empty() {
+        opset_import.push(OperatorSetIdProto {
+            domain: crate::backend::ascendc::ONNX_DOMAIN.into(),
+            version: crate::backend::ascendc::ONNX_DOMAIN_VERSION,
+            ..Default::default()
+        });
+    }
     let graph_proto = GraphProto {
         name: graph.name.clone(),
         node: cx.b.nodes,
@@ -232,11 +273,7 @@ pub fn lower(graph: &Graph, options: &OnnxOptions) -> Result<OnnxGraph, OnnxErro
     };
     let model = ModelProto {
         ir_version: ir_version(options.opset),
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: options.opset,
-            ..Default::default()
-        }],
+        opset_import,
         producer_name: "kiln".into(),
         producer_version: env!("CARGO_PKG_VERSION").into(),
         graph: Some(graph_proto).into(),
@@ -246,6 +283,7 @@ pub fn lower(graph: &Graph, options: &OnnxOptions) -> Result<OnnxGraph, OnnxErro
         model,
         weights,
         derived,
+        kernels,
     })
 }
 
@@ -284,7 +322,7 @@ impl<'s> Chunk<'s> {
         float: FloatType,
     ) -> Result<Self, OnnxError> {
         if let Some(derived) = derived {
-            let bytes = Cow::Owned(derive(store, derived)?);
+            let bytes = Cow::Owned(derive(store, derived, float)?);
             return Ok(Chunk { name, bytes, store });
         }
         let ty = store.tensor_type(name)?;
@@ -308,7 +346,7 @@ impl<'s> Chunk<'s> {
 }
 
 /// The bytes of a derived initializer.
-fn derive(store: &WeightStore, derived: &Derived) -> Result<Vec<u8>, OnnxError> {
+fn derive(store: &WeightStore, derived: &Derived, float: FloatType) -> Result<Vec<u8>, OnnxError> {
     Ok(match derived {
         Derived::TransposedI8 { source } => {
             let ty = store.tensor_type(source)?;
@@ -332,6 +370,22 @@ fn derive(store: &WeightStore, derived: &Derived) -> Result<Vec<u8>, OnnxError> 
             .iter()
             .flat_map(|&s| deq_scale(s, 0).to_le_bytes())
             .collect(),
+        Derived::Rows { source, start, end } => {
+            let ty = store.tensor_type(source)?;
+            let rows = ty.shape[0].max(1);
+            match ty.dtype {
+                DType::I8 | DType::U4 => {
+                    let q = store.bytes(source)?;
+                    let row = q.len() / rows;
+                    q[start * row..end * row].to_vec()
+                }
+                _ => {
+                    let t = store.to_f32_tensor(source)?;
+                    let row = ty.numel() / rows;
+                    float.encode(&t.f32s()[start * row..end * row])
+                }
+            }
+        }
     })
 }
 
@@ -352,6 +406,11 @@ pub fn initializer_layout(
         Some(Derived::DeqScale { scale }) => {
             let n = store.tensor_type(scale)?.shape[0];
             (vec![n as i64], 8 * n as u64, DataType::UINT64)
+        }
+        Some(Derived::Rows { source, start, end }) => {
+            let mut ty = store.tensor_type(source)?;
+            ty.shape[0] = end - start;
+            initializer_type(&ty, float)
         }
     })
 }
@@ -697,6 +756,7 @@ mod tests {
             opset,
             float: FloatType::F16,
             quant_ops,
+            kernels: None,
         };
         let w8a8 = graph(ActivationQuant::DynamicInt8PerToken);
         let ascend = lower(&w8a8, &options(13, QuantOps::Ascend)).unwrap();
@@ -857,6 +917,7 @@ mod tests {
                     opset: 13,
                     float,
                     quant_ops: QuantOps::Standard,
+                    kernels: None,
                 },
             )
             .unwrap();
@@ -907,6 +968,7 @@ mod tests {
                 opset: 13,
                 float,
                 quant_ops: QuantOps::Standard,
+                kernels: None,
             };
             let lowered = [
                 lower(&graph(false), &options).unwrap(),
