@@ -73,7 +73,11 @@ fn w4a16_compiles_to_kiln_nodes_over_packed_weights_with_their_package() {
     common::assert_fails_with(&refused, &["--kernels ascendc"]);
 
     let dir = tmp.path().join("q4");
-    let o = compile_fixture("qwen3", &dir, &[&quant[..], &["--kernels", "ascendc"]].concat());
+    let o = compile_fixture(
+        "qwen3",
+        &dir,
+        &[&quant[..], &["--kernels", "ascendc"]].concat(),
+    );
     let summary = stdout(&o);
     assert!(summary.contains("per token"), "{summary}");
     assert!(summary.contains("on a CANN machine"), "{summary}");
@@ -112,7 +116,10 @@ fn w4a16_compiles_to_kiln_nodes_over_packed_weights_with_their_package() {
     assert_eq!(graphs["prefill"]["packed_bytes"], 0);
     // The same Linears: fp16 is four times the packed bytes (tied lm_head
     // included in both).
-    assert!(packed > 0 && prefill_fp16 == 4 * packed, "{packed} vs {prefill_fp16}");
+    assert!(
+        packed > 0 && prefill_fp16 == 4 * packed,
+        "{packed} vs {prefill_fp16}"
+    );
 
     // The msopgen layout, for the 310B.
     for path in [
@@ -140,7 +147,10 @@ fn w4a16_compiles_to_kiln_nodes_over_packed_weights_with_their_package() {
         .iter()
         .map(|i| i["bytes_read"].as_u64().unwrap() * i["calls"]["decode"].as_u64().unwrap_or(0))
         .sum();
-    assert_eq!(package["decode_bytes_per_token"].as_u64(), Some(decode_bytes));
+    assert_eq!(
+        package["decode_bytes_per_token"].as_u64(),
+        Some(decode_bytes)
+    );
     // The GEMVs read at least the packed weights once per token.
     assert!(decode_bytes >= packed, "{decode_bytes} < {packed}");
 }

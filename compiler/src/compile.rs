@@ -174,7 +174,12 @@ pub fn compile(
             Some(kernel_target(options.target)?)
         }
     };
-    atc_form(true, &options.quant, options.dequantize_for_atc, options.kernels)?;
+    atc_form(
+        true,
+        &options.quant,
+        options.dequantize_for_atc,
+        options.kernels,
+    )?;
     progress("reading the model");
     let crate::Lowered {
         mut model,
@@ -231,8 +236,13 @@ pub fn compile(
                 let keep: Vec<bool> = (0..g.nodes.len())
                     .map(|i| {
                         let kernel = crate::backend::ascendc::plan::node_kernel(g, i, target)?;
-                        Ok(matches!(g.nodes[i].op, kiln_runtime::ir::Op::QuantLinear(_))
-                            && matches!(kernel, crate::backend::ascendc::plan::NodeKernel::Calls(_)))
+                        Ok(
+                            matches!(g.nodes[i].op, kiln_runtime::ir::Op::QuantLinear(_))
+                                && matches!(
+                                    kernel,
+                                    crate::backend::ascendc::plan::NodeKernel::Calls(_)
+                                ),
+                        )
                     })
                     .collect::<Result<_, CompileError>>()?;
                 let quant_nodes = g
@@ -241,7 +251,8 @@ pub fn compile(
                     .filter(|n| {
                         matches!(
                             n.op,
-                            kiln_runtime::ir::Op::QuantLinear(_) | kiln_runtime::ir::Op::QuantGather(_)
+                            kiln_runtime::ir::Op::QuantLinear(_)
+                                | kiln_runtime::ir::Op::QuantGather(_)
                         )
                     })
                     .count();
@@ -589,7 +600,8 @@ fn kernel_package(
             }
         }
     }
-    let package = crate::backend::ascendc::generate_package(&dir.join(KERNELS_DIR), target, &requests)?;
+    let package =
+        crate::backend::ascendc::generate_package(&dir.join(KERNELS_DIR), target, &requests)?;
     // The graph a decode token runs: `decode`, or the single `step` graph.
     let decode = lowered
         .iter()

@@ -619,7 +619,10 @@ fn compile_command(args: CompileArgs) -> Result<()> {
             println!("  kernels    {node} stays a standard op: {why}");
         }
         if k.skipped.len() > 3 {
-            println!("  kernels    ... and {} more standard ops", k.skipped.len() - 3);
+            println!(
+                "  kernels    ... and {} more standard ops",
+                k.skipped.len() - 3
+            );
         }
     }
     if let Some(q) = &m.quantization {

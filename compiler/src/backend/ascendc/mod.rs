@@ -304,11 +304,7 @@ impl KernelOp {
                 cols,
                 residual,
                 ..
-            } => [
-                rows * cols,
-                cols,
-                if residual { rows * cols } else { cols },
-            ],
+            } => [rows * cols, cols, if residual { rows * cols } else { cols }],
             KernelOp::SwiGlu { len } => [len, 0, len],
             KernelOp::Rope {
                 batch,

@@ -124,4 +124,33 @@ mod tests {
         }
         assert_eq!(list.ops["ReduceMean"].opsets, [8, 16]);
     }
+
+    #[test]
+    fn only_the_kiln_nodes_of_generated_kernels_are_exempt() {
+        use onnx_protobuf::{GraphProto, NodeProto, OperatorSetIdProto};
+        let node = |domain: &str, op: &str| NodeProto {
+            domain: domain.into(),
+            op_type: op.into(),
+            ..Default::default()
+        };
+        let model = |nodes: Vec<NodeProto>| ModelProto {
+            opset_import: vec![OperatorSetIdProto {
+                version: 13,
+                ..Default::default()
+            }],
+            graph: Some(GraphProto {
+                node: nodes,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+        let m = model(vec![node("", "Add"), node("ai.kiln", "KilnRmsNorm")]);
+        assert!(atc().check_with_kernels(&m, "g", &["KilnRmsNorm"]).is_ok());
+        assert!(atc().check_with_kernels(&m, "g", &["KilnSwiGlu"]).is_err());
+        assert!(atc().check(&m, "g").is_err());
+        // A standard op type in the custom domain is not ATC's op.
+        let m = model(vec![node("ai.kiln", "Add")]);
+        assert!(atc().check_with_kernels(&m, "g", &["KilnRmsNorm"]).is_err());
+    }
 }

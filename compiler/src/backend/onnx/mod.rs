@@ -876,7 +876,7 @@ mod tests {
         let scale_bytes = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
         store.insert_bytes("s", DType::F16, vec![n, 1], scale_bytes);
         let t = Derived::TransposedI8 { source: "q".into() };
-        let bytes = derive(&store, &t).unwrap();
+        let bytes = derive(&store, &t, FloatType::F16).unwrap();
         for row in 0..n {
             for kk in 0..k {
                 assert_eq!(bytes[kk * n + row], q[row * k + kk]);
@@ -888,7 +888,7 @@ mod tests {
             (vec![k as i64, n as i64], (n * k) as u64, DataType::INT8)
         );
         let d = Derived::DeqScale { scale: "s".into() };
-        let words = derive(&store, &d).unwrap();
+        let words = derive(&store, &d, FloatType::F16).unwrap();
         assert_eq!(words.len(), 8 * n);
         for (word, s) in words.chunks_exact(8).zip(&scales) {
             let word = u64::from_le_bytes(word.try_into().unwrap());
@@ -896,6 +896,81 @@ mod tests {
         }
         let layout = initializer_layout("s.d", Some(&d), &store, FloatType::F16).unwrap();
         assert_eq!(layout, (vec![n as i64], 8 * n as u64, DataType::UINT64));
+    }
+
+    #[test]
+    fn row_chunks_keep_packed_weights_as_stored() {
+        let (n, k) = (6, 8);
+        let q: Vec<u8> = (0..n * k / 2).map(|i| i as u8).collect();
+        let mut store = WeightStore::default();
+        store.insert_bytes("q", DType::U4, vec![n, k], q.clone());
+        store.insert_f32("s", vec![n, 2], (0..2 * n).map(|i| i as f32).collect());
+        let rows = |source: &str| Derived::Rows {
+            source: source.into(),
+            start: 2,
+            end: 5,
+        };
+        let bytes = derive(&store, &rows("q"), FloatType::F16).unwrap();
+        assert_eq!(bytes, q[2 * k / 2..5 * k / 2]);
+        let layout = initializer_layout("q.r", Some(&rows("q")), &store, FloatType::F16).unwrap();
+        assert_eq!(layout, (vec![3, k as i64 / 2], 12, DataType::UINT8));
+        let scales = derive(&store, &rows("s"), FloatType::F16).unwrap();
+        assert_eq!(
+            scales,
+            FloatType::F16.encode(&[4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
+        );
+    }
+
+    #[test]
+    fn a_wide_gemv_is_column_chunks_concatenated() {
+        use crate::backend::ascendc::{KernelOp, Target};
+        // 34 MB of fp16 weights: over one call's 32 MB, so two chunks.
+        let (k, n) = (4096, 4200);
+        let mut b = GraphBuilder::new("g");
+        let x = b.input("x", TensorType::f32([1, 1, k]));
+        let w = b.weight("lm_head.weight", TensorType::f32([n, k]));
+        let y = b.node("lm_head", Linear, &[x, w]).unwrap();
+        b.output(y, "logits");
+        let graph = b.finish().unwrap();
+        let lowered = lower(
+            &graph,
+            &OnnxOptions {
+                opset: 13,
+                float: FloatType::F16,
+                quant_ops: QuantOps::Standard,
+                kernels: Some(Target::Ascend310b),
+            },
+        )
+        .unwrap();
+        let nodes = &lowered.graph().node;
+        let gemvs: Vec<_> = nodes
+            .iter()
+            .filter(|n| n.op_type == "KilnGemvHalf")
+            .collect();
+        assert!(gemvs.len() >= 2, "{}", gemvs.len());
+        assert!(gemvs.iter().all(|n| n.domain == "ai.kiln"));
+        let concat = nodes.iter().find(|n| n.op_type == "Concat").unwrap();
+        assert_eq!(concat.output, ["logits"]);
+        assert_eq!(concat.input.len(), gemvs.len());
+        // The chunks' rows tile the weight, in order.
+        let mut next = 0;
+        for g in &gemvs {
+            let Derived::Rows { source, start, end } = &lowered.derived[&g.input[1]] else {
+                panic!("{} is not a row chunk", g.input[1]);
+            };
+            assert_eq!((source.as_str(), *start), ("lm_head.weight", next));
+            next = *end;
+        }
+        assert_eq!(next, n);
+        assert!(!lowered.weights.contains(&"lm_head.weight".to_string()));
+        let calls: usize = lowered.kernels.calls.iter().sum();
+        assert_eq!(calls, gemvs.len());
+        assert!(lowered
+            .kernels
+            .requests
+            .iter()
+            .all(|r| matches!(r.op, KernelOp::Gemv { k: 4096, .. })));
+        assert_eq!(lowered.model.opset_import[1].domain, "ai.kiln");
     }
 
     #[test]
