@@ -221,7 +221,7 @@ fn build_om_builds_and_installs_the_package_then_runs_atc_with_it() {
 }
 
 #[test]
-fn kernels_refuse_fp32_and_chips_without_a_family() {
+fn w8a16_for_a_910b_and_refusals_of_fp32_and_chips_without_a_family() {
     let tmp = tempfile::tempdir().unwrap();
     let model = common::model_dir("llama-gqa");
     let run = |extra: &[&str]| {
@@ -238,6 +238,33 @@ fn kernels_refuse_fp32_and_chips_without_a_family() {
         args.extend_from_slice(extra);
         common::kiln(&args)
     };
+    // w8a16 for a 910B chip: the int8 GEMV, in a package for ascend910b.
+    let dir = tmp.path().join("w8");
+    compile_fixture(
+        "llama-gqa",
+        &dir,
+        &[
+            "--kernels",
+            "ascendc",
+            "--quant",
+            "w8a16",
+            "--target",
+            "ascend910b1",
+        ],
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["kernel_package"]["target"], "ascend910b");
+    let types: Vec<&str> = manifest["kernel_package"]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["op_type"].as_str().unwrap())
+        .collect();
+    assert!(types.contains(&"KilnGemvByte"), "{types:?}");
+    let presets = std::fs::read_to_string(dir.join("kernels/CMakePresets.json")).unwrap();
+    assert!(presets.contains("ascend910b"));
+
     common::assert_fails_with(&run(&["--dtype", "fp32"]), &["--dtype fp16"]);
     common::assert_fails_with(&run(&["--target", "ascend310p3"]), &["Ascend310P3"]);
     assert!(!tmp.path().join("x").exists());

@@ -559,6 +559,13 @@ pub fn compile(
         })
         .collect();
     files.sort();
+    // The graph a token runs reads its own weights (with --kernels ascendc
+    // the decode graph's are packed where prefill's are dequantized).
+    let decode_graph = lowered
+        .iter()
+        .find(|(n, _)| n == "decode")
+        .unwrap_or(&lowered[0]);
+    let decode_weight_bytes = initializer_bytes(&decode_graph.1, &model.weights, options.float)?;
     let kv = &manifest.kv_cache;
     let kv_bytes =
         2 * kv.layers * kv.kv_heads * kv.max_len * kv.head_dim * options.float.size_bytes();
@@ -569,7 +576,7 @@ pub fn compile(
             .iter()
             .map(|(n, g)| (n.clone(), g.node_counts()))
             .collect(),
-        decode_bytes_per_token: weight_bytes + kv_bytes as u64,
+        decode_bytes_per_token: decode_weight_bytes + kv_bytes as u64,
         manifest,
         atc: atc_path,
         quant,
