@@ -208,7 +208,7 @@ fn quantization_mistakes_get_clear_errors() {
                 "310B",
                 "--quant w8a8",
                 "natively",
-                "Ascend C kernels",
+                "--kernels ascendc",
                 "--dequantize-for-atc",
                 "fp16 weights",
             ],
