@@ -187,7 +187,7 @@ fn quantization_mistakes_get_clear_errors() {
     assert_fails_with(&bad_skip, &["nothing.*", "matches no layer"]);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    // The options, named: w8a8 (native), Ascend C kernels (later), or
+    // The options, named: w8a8 (native), Kiln's kernels (--kernels ascendc), or
     // dequantized weights; one sentence, no runs of spaces from a broken
     // line continuation.
     for scheme in ["w4a16", "w8a16"] {
@@ -208,7 +208,7 @@ fn quantization_mistakes_get_clear_errors() {
                 "310B",
                 "--quant w8a8",
                 "natively",
-                "Ascend C kernels",
+                "--kernels ascendc",
                 "--dequantize-for-atc",
                 "fp16 weights",
             ],

@@ -54,6 +54,10 @@ pub enum CompileError {
     QuantForAtc(String),
     #[error(transparent)]
     Plan(#[from] crate::plan::PlanError),
+    #[error(transparent)]
+    Kernel(#[from] crate::backend::ascendc::AscendcError),
+    #[error("--kernels ascendc: {0}")]
+    Kernels(String),
     #[error("the {graph} graph contains {op}, which {why}")]
     Avoided {
         graph: String,
@@ -68,6 +72,20 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CompileError + '_ {
         source,
     }
 }
+
+/// What the ATC graphs are made of (`--kernels`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kernels {
+    /// Standard ONNX ops only.
+    #[default]
+    Onnx,
+    /// Custom `ai.kiln` nodes for the ops Kiln generates Ascend C kernels
+    /// for, with the package in `kernels/`.
+    Ascendc,
+}
+
+/// The kernel package's folder inside a compiled directory.
+pub const KERNELS_DIR: &str = "kernels";
 
 pub struct CompileOptions {
     pub shape: ShapeRequest,
@@ -89,6 +107,34 @@ pub struct CompileOptions {
     /// quantized model, which no stock ATC op keeps low-bit on the 310B
     /// (but for `w8a8`, which is lowered to AscendQuant/AscendDequant).
     pub dequantize_for_atc: bool,
+    pub kernels: Kernels,
+}
+
+/// The Ascend C family a target's chip belongs to.
+pub fn kernel_target(target: &Target) -> Result<crate::backend::ascendc::Target, CompileError> {
+    use crate::backend::ascendc::Target as K;
+    let soc = target.soc_version;
+    if soc.starts_with("Ascend310B") {
+        Ok(K::Ascend310b)
+    } else if soc.starts_with("Ascend910B") {
+        Ok(K::Ascend910b)
+    } else {
+        Err(CompileError::Kernels(format!(
+            "Kiln generates Ascend C for the 310B (ascend310b1, ascend310b4) and 910B families, not {soc}; \
+             use --kernels onnx for this target"
+        )))
+    }
+}
+
+/// What `--kernels ascendc` generated, for the summary.
+pub struct KernelsReport {
+    pub target: crate::backend::ascendc::Target,
+    /// Distinct kernel instances in the package.
+    pub instances: usize,
+    /// GM bytes the decode graph's kernels read per token.
+    pub decode_bytes_per_token: u64,
+    /// Decode nodes with a kernel candidate that stayed standard ops, and why.
+    pub skipped: Vec<(String, String)>,
 }
 
 /// What a compile produced, for the closing summary.
@@ -105,6 +151,7 @@ pub struct CompileReport {
     pub quant: Option<crate::passes::quantize::QuantSummary>,
     /// Notes for the summary (e.g. that the .om files hold fp16 weights).
     pub notes: Vec<String>,
+    pub kernels: Option<KernelsReport>,
 }
 
 pub fn compile(
@@ -117,7 +164,23 @@ pub fn compile(
         return Err(CompileError::OutputExists(out.to_path_buf()));
     }
     // A scheme ATC cannot take is refused before a large model is read.
-    atc_form(true, &options.quant, options.dequantize_for_atc)?;
+    let kernel_target = match options.kernels {
+        Kernels::Onnx => None,
+        Kernels::Ascendc => {
+            if options.float != FloatType::F16 {
+                return Err(CompileError::Kernels(
+                    "the kernels compute in float16; use --dtype fp16".into(),
+                ));
+            }
+            Some(kernel_target(options.target)?)
+        }
+    };
+    atc_form(
+        true,
+        &options.quant,
+        options.dequantize_for_atc,
+        options.kernels,
+    )?;
     progress("reading the model");
     let crate::Lowered {
         mut model,
@@ -129,7 +192,12 @@ pub fn compile(
     // ATC's graphs: the IR itself (float, or w8a8 in ATC's own quantization
     // ops), or the same over dequantized weights.
     let quantized = ir.graphs().iter().any(quantize::is_quantized);
-    let atc_form = atc_form(quantized, &options.quant, options.dequantize_for_atc)?;
+    let atc_form = atc_form(
+        quantized,
+        &options.quant,
+        options.dequantize_for_atc,
+        options.kernels,
+    )?;
     let atc_quant_ops = match atc_form {
         AtcForm::Int8 => onnx::QuantOps::Ascend,
         _ => onnx::QuantOps::Standard,
@@ -158,22 +226,84 @@ pub fn compile(
             );
             ir.graphs().to_vec()
         }
+        AtcForm::Kernels => {
+            let target = kernel_target.expect("AtcForm::Kernels comes with --kernels ascendc");
+            // The GEMV kernels read the packed weights; every other quantized
+            // node (a prefill Linear of T > 1 rows: the GEMV is M = 1 only,
+            // or a quantized embedding) gets dequantized weights.
+            let mut names = Default::default();
+            let mut graphs = Vec::new();
+            for g in ir.graphs() {
+                let keep: Vec<bool> = (0..g.nodes.len())
+                    .map(|i| {
+                        let kernel = crate::backend::ascendc::plan::node_kernel(g, i, target)?;
+                        Ok(
+                            matches!(g.nodes[i].op, kiln_runtime::ir::Op::QuantLinear(_))
+                                && matches!(
+                                    kernel,
+                                    crate::backend::ascendc::plan::NodeKernel::Calls(_)
+                                ),
+                        )
+                    })
+                    .collect::<Result<_, CompileError>>()?;
+                let quant_nodes = g
+                    .nodes
+                    .iter()
+                    .filter(|n| {
+                        matches!(
+                            n.op,
+                            kiln_runtime::ir::Op::QuantLinear(_)
+                                | kiln_runtime::ir::Op::QuantGather(_)
+                        )
+                    })
+                    .count();
+                let kept = keep.iter().filter(|&&k| k).count();
+                if quant_nodes > kept {
+                    notes.push(format!(
+                        "{}.onnx: {} of {quant_nodes} quantized layers keep their packed weights in \
+                         GEMV kernels; the other {} (the GEMV takes one row: prefill Linears, \
+                         embeddings) hold weights dequantized to {}",
+                        g.name,
+                        kept,
+                        quant_nodes - kept,
+                        options.float.name()
+                    ));
+                }
+                graphs.push(
+                    quantize::dequantized_except(g, &mut model.weights, &mut names, |i| keep[i])
+                        .map_err(crate::LowerError::from)?,
+                );
+            }
+            graphs
+        }
         AtcForm::Float => ir.graphs().to_vec(),
     };
     let onnx_options = OnnxOptions {
         opset: options.opset,
         float: options.float,
         quant_ops: onnx::QuantOps::Standard,
+        kernels: None,
+    };
+    let onnx_options = OnnxOptions {
+        kernels: None,
+        ..onnx_options
     };
     let atc_options = OnnxOptions {
         quant_ops: atc_quant_ops,
+        kernels: kernel_target,
         ..onnx_options
     };
     progress("lowering to ONNX");
     let mut lowered = Vec::new();
     for graph in &atc_graphs {
         let onnx = onnx::lower(graph, &atc_options)?;
-        allow_list::atc().check(&onnx.model, &graph.name)?;
+        let kernel_ops: Vec<&str> = onnx
+            .kernels
+            .requests
+            .iter()
+            .map(|r| r.op.kind().op_type())
+            .collect();
+        allow_list::atc().check_with_kernels(&onnx.model, &graph.name, &kernel_ops)?;
         for node in &onnx.model.graph.node {
             if let Some(&(op, why)) = AVOID.iter().find(|(op, _)| *op == node.op_type) {
                 return Err(CompileError::Avoided {
@@ -335,8 +465,22 @@ pub fn compile(
         });
         manifest.atc_weights = Some(match atc_form {
             AtcForm::Int8 => "int8 (AscendQuant → int8 MatMul → AscendDequant)".to_string(),
+            AtcForm::Kernels => format!(
+                "packed as quantized where a GEMV kernel reads them (KilnGemvByte: int8, \
+                 KilnGemvNibble/KilnGemvNibbleMin: two int4 per uint8, fp16 scales/mins); \
+                 dequantized to {} elsewhere",
+                options.float.name()
+            ),
             _ => format!("dequantized to {}", options.float.name()),
         });
+    }
+    let mut kernels_report = None;
+    if let Some(target) = kernel_target {
+        progress("generating the Ascend C kernel package");
+        let (_, report, info) = kernel_package(&lowered, target, &tmp.path)?;
+        manifest.kernels = Some("ascendc".to_string());
+        manifest.kernel_package = Some(info);
+        kernels_report = Some(report);
     }
     if let (Some(graph), Some(summary), crate::QuantMode::Quantize(q)) =
         (report_graph, &quant, &options.quant)
@@ -416,6 +560,13 @@ pub fn compile(
         })
         .collect();
     files.sort();
+    // The graph a token runs reads its own weights (with --kernels ascendc
+    // the decode graph's are packed where prefill's are dequantized).
+    let decode_graph = lowered
+        .iter()
+        .find(|(n, _)| n == "decode")
+        .unwrap_or(&lowered[0]);
+    let decode_weight_bytes = initializer_bytes(&decode_graph.1, &model.weights, options.float)?;
     let kv = &manifest.kv_cache;
     let kv_bytes =
         2 * kv.layers * kv.kv_heads * kv.max_len * kv.head_dim * options.float.size_bytes();
@@ -426,12 +577,81 @@ pub fn compile(
             .iter()
             .map(|(n, g)| (n.clone(), g.node_counts()))
             .collect(),
-        decode_bytes_per_token: weight_bytes + kv_bytes as u64,
+        decode_bytes_per_token: decode_weight_bytes + kv_bytes as u64,
         manifest,
         atc: atc_path,
         quant,
         notes,
+        kernels: kernels_report,
     })
+}
+
+/// Writes `<dir>/kernels/`: the package serving every graph's custom nodes.
+fn kernel_package(
+    lowered: &[(String, OnnxGraph)],
+    target: crate::backend::ascendc::Target,
+    dir: &Path,
+) -> Result<
+    (
+        crate::backend::ascendc::Package,
+        KernelsReport,
+        kiln_runtime::compiled::manifest::KernelPackageInfo,
+    ),
+    CompileError,
+> {
+    use kiln_runtime::compiled::manifest::{KernelInstanceInfo, KernelPackageInfo};
+    let mut requests: Vec<crate::backend::ascendc::KernelRequest> = Vec::new();
+    for (_, g) in lowered {
+        for r in &g.kernels.requests {
+            if !requests.iter().any(|have| have.op == r.op) {
+                requests.push(r.clone());
+            }
+        }
+    }
+    let package =
+        crate::backend::ascendc::generate_package(&dir.join(KERNELS_DIR), target, &requests)?;
+    // The graph a decode token runs: `decode`, or the single `step` graph.
+    let decode = lowered
+        .iter()
+        .find(|(n, _)| n == "decode")
+        .or_else(|| lowered.last())
+        .map(|(_, g)| &g.kernels);
+    let decode_bytes = match decode {
+        Some(plan) => plan.bytes_per_step(target)?,
+        None => 0,
+    };
+    let instances = package
+        .kernels
+        .iter()
+        .map(|k| KernelInstanceInfo {
+            op_type: k.op_type.clone(),
+            kernel: k.kernel.clone(),
+            block_dim: k.block_dim,
+            bytes_read: k.bytes_read,
+            calls: lowered
+                .iter()
+                .filter_map(|(name, g)| {
+                    let i = g.kernels.requests.iter().position(|r| r.op == k.op)?;
+                    Some((name.clone(), g.kernels.calls[i]))
+                })
+                .collect(),
+            tiling: serde_json::to_value(&k.tiling).expect("tilings serialize"),
+        })
+        .collect();
+    let info = KernelPackageInfo {
+        dir: KERNELS_DIR.to_string(),
+        manifest: format!("{KERNELS_DIR}/kernels.json"),
+        target: target.compute_unit().to_string(),
+        decode_bytes_per_token: decode_bytes,
+        instances,
+    };
+    let report = KernelsReport {
+        target,
+        instances: package.kernels.len(),
+        decode_bytes_per_token: decode_bytes,
+        skipped: decode.map(|p| p.skipped.clone()).unwrap_or_default(),
+    };
+    Ok((package, report, info))
 }
 
 /// What the ATC graphs make of a model's weights.
@@ -443,6 +663,9 @@ enum AtcForm {
     Int8,
     /// Quantized weights dequantized to the graph's float type.
     Dequantized,
+    /// Weight-only low-bit weights kept packed for the generated GEMV
+    /// kernels (`--kernels ascendc`), dequantized where no kernel reads them.
+    Kernels,
 }
 
 /// Whether the ATC graphs of a model quantized as `quant` hold int8
@@ -452,17 +675,18 @@ pub fn atc_holds_int8(
     dequantize_for_atc: bool,
 ) -> Result<bool, CompileError> {
     let quantized = matches!(quant, crate::QuantMode::Quantize(_));
-    Ok(atc_form(quantized, quant, dequantize_for_atc)? == AtcForm::Int8)
+    Ok(atc_form(quantized, quant, dequantize_for_atc, Kernels::Onnx)? == AtcForm::Int8)
 }
 
 /// How the ATC graphs hold a model's weights, or why they cannot. The 310B
-/// runs `w8a8` natively; weight-only schemes need kernels Kiln does not
-/// write yet, or dequantized weights (asked for, or implied for a GGUF's own
-/// blocks, which no ATC op reads).
+/// runs `w8a8` natively; weight-only schemes need Kiln's generated kernels
+/// (`--kernels ascendc`), or dequantized weights (asked for, or implied for a
+/// GGUF's own blocks, which no ATC op reads).
 fn atc_form(
     quantized: bool,
     quant: &crate::QuantMode,
     dequantize_for_atc: bool,
+    kernels: Kernels,
 ) -> Result<AtcForm, CompileError> {
     use crate::passes::quantize::Scheme;
     if !quantized {
@@ -471,10 +695,11 @@ fn atc_form(
     match quant {
         _ if dequantize_for_atc => Ok(AtcForm::Dequantized),
         crate::QuantMode::Quantize(q) if q.scheme == Scheme::W8A8 => Ok(AtcForm::Int8),
+        crate::QuantMode::Quantize(_) if kernels == Kernels::Ascendc => Ok(AtcForm::Kernels),
         crate::QuantMode::Quantize(q) => Err(CompileError::QuantForAtc(format!(
             "--quant {}: no stock ATC operator keeps weight-only low-bit weights in device memory \
              on the Ascend 310B. Use --quant w8a8 (int8 weights and activations, which ATC runs \
-             natively), wait for Kiln to generate custom Ascend C kernels for these weights, or add \
+             natively), add --kernels ascendc (Kiln's generated GEMV kernels read these weights), or add \
              --dequantize-for-atc (the .om files then hold fp16 weights, fp32 with --dtype fp32; the \
              reference weights and the ONNX Runtime graphs stay quantized)",
             q.scheme.name()
@@ -549,6 +774,8 @@ fn manifest(
         quantization: None,
         memory: None,
         atc_weights: None,
+        kernels: None,
+        kernel_package: None,
     }
 }
 

@@ -170,6 +170,13 @@ struct CompileArgs {
     /// GGUF's own blocks (--quant keep).
     #[arg(long)]
     dequantize_for_atc: bool,
+    /// What the ATC graphs are made of: standard ONNX ops, or custom
+    /// `ai.kiln` nodes for RMSNorm, Add + RMSNorm, SwiGLU, RoPE and the
+    /// decode GEMV (fp16, w8a16, w4a16: the weights stay packed) served by
+    /// Ascend C kernels Kiln generates into <output>/kernels/ (build_om.sh
+    /// builds and installs them; they have run only on Kiln's CPU emulation)
+    #[arg(long, value_enum, default_value = "onnx")]
+    kernels: KernelsArg,
     /// The board's memory (e.g. 8GiB): refuse a model whose device memory
     /// plan (weights once, KV cache, IO) does not fit, and warn when it
     /// leaves less than 1 GiB (or a tenth) for Linux, kiln-run and ACL
@@ -180,6 +187,14 @@ struct CompileArgs {
     /// config.json, the config.json itself, or a .gguf)
     #[arg(long)]
     plan_only: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KernelsArg {
+    /// Standard ONNX ops only.
+    Onnx,
+    /// Custom nodes run by Kiln's generated Ascend C kernels.
+    Ascendc,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -543,6 +558,10 @@ fn compile_command(args: CompileArgs) -> Result<()> {
         skip_atc: args.no_atc,
         quant: args.quant.mode()?,
         dequantize_for_atc: args.dequantize_for_atc,
+        kernels: match args.kernels {
+            KernelsArg::Onnx => kiln::compile::Kernels::Onnx,
+            KernelsArg::Ascendc => kiln::compile::Kernels::Ascendc,
+        },
     };
     let out = match args.output {
         Some(out) => out,
@@ -592,6 +611,32 @@ fn compile_command(args: CompileArgs) -> Result<()> {
         low * 1e9 / bytes,
         high * 1e9 / bytes
     );
+    if let Some(k) = &report.kernels {
+        let bytes = k.decode_bytes_per_token as f64;
+        println!(
+            "  kernels    {} Ascend C kernel instances for {} in {}/kernels (kernels.json: tiling, GM bytes)",
+            k.instances,
+            k.target,
+            report.out.display()
+        );
+        if bytes > 0.0 {
+            println!(
+                "  kernels    decode kernels read {:.1} MB per token: at most {:.1}–{:.1} tok/s at {low}–{high} GB/s",
+                bytes / 1e6,
+                low * 1e9 / bytes,
+                high * 1e9 / bytes
+            );
+        }
+        for (node, why) in k.skipped.iter().take(3) {
+            println!("  kernels    {node} stays a standard op: {why}");
+        }
+        if k.skipped.len() > 3 {
+            println!(
+                "  kernels    ... and {} more standard ops",
+                k.skipped.len() - 3
+            );
+        }
+    }
     if let Some(q) = &m.quantization {
         let sizes = report.quant.as_ref().map_or(String::new(), |s| {
             format!(
@@ -613,6 +658,14 @@ fn compile_command(args: CompileArgs) -> Result<()> {
     }
     if let Some(peak) = run::peak_rss_bytes() {
         kiln_runtime::say!("  memory     peak RSS {:.1} MB", peak as f64 / 1e6);
+    }
+    if report.kernels.is_some() && report.atc.is_none() {
+        println!(
+            "  kernels    no CANN here: on a CANN machine (msopgen, atc on PATH) run {}/build_om.sh, which builds \
+             kernels/ (kernels/build.sh), installs it into opp/ (custom_opp_*.run --install-path), sets \
+             ASCEND_CUSTOM_OPP_PATH and runs atc",
+            report.out.display()
+        );
     }
     match &report.atc {
         Some(atc) => kiln_runtime::say!("  atc        ran {}; the .om models are in {}", atc.display(), report.out.display()),

@@ -227,6 +227,7 @@ pub fn script(jobs: &[AtcJob], target: &Target, precision_mode: &str) -> String 
     let graphs: Vec<String> = jobs.iter().map(|j| format!("'{}'", j.graph)).collect();
     assert!(shell_safe(target.soc_version));
     include_str!("build_om.sh")
+        .replace("@VENDOR@", crate::backend::ascendc::VENDOR)
         .replace("@COMPILED_SOC@", target.soc_version)
         .replace("@GRAPHS@", &graphs.join(" "))
         .replace("@CONVERSIONS@\n", &conversions)

@@ -81,8 +81,46 @@ fi
 command -v atc >/dev/null 2>&1 || { echo "atc not found: install CANN and source its set_env.sh" >&2; exit 127; }
 
 # A fresh start: nothing of an earlier conversion survives.
-rm -rf weight om_soc.txt
+rm -rf weight om_soc.txt opp
 for graph in "${graphs[@]}"; do rm -rf "$graph.weights" ".atc-$graph"; done
+
+# Kiln's Ascend C kernels (kiln compile --kernels ascendc): the graphs hold
+# custom nodes that only this package serves, so build it, install it into
+# opp/ here, and point atc at it with ASCEND_CUSTOM_OPP_PATH.
+if [ -f kernels/build.sh ]; then
+    echo "kernels: building the Ascend C custom-op package, log in kernels-build.log"
+    if ! bash kernels/build.sh >kernels-build.log 2>&1; then
+        echo "building kernels/ failed; see kernels-build.log" >&2
+        tail -n 20 kernels-build.log >&2
+        exit 1
+    fi
+    installers=(kernels/build_out/custom_opp_*.run)
+    if [ "${#installers[@]}" -ne 1 ] || [ ! -f "${installers[0]}" ]; then
+        echo "kernels/build.sh should leave one kernels/build_out/custom_opp_*.run" >&2
+        exit 1
+    fi
+    echo "kernels: installing ${installers[0]##*/} into opp/"
+    chmod +x "${installers[0]}"
+    if ! "${installers[0]}" --install-path="$PWD/opp" >kernels-install.log 2>&1; then
+        echo "installing the kernel package failed; see kernels-install.log" >&2
+        tail -n 20 kernels-install.log >&2
+        exit 1
+    fi
+    vendor_dir="$PWD/opp/vendors/@VENDOR@"
+    if [ -f "$vendor_dir/bin/set_env.bash" ]; then
+        # The installer's own script prepends the package to ASCEND_CUSTOM_OPP_PATH.
+        set +u
+        # shellcheck disable=SC1091
+        . "$vendor_dir/bin/set_env.bash"
+        set -u
+    fi
+    case ":${ASCEND_CUSTOM_OPP_PATH:-}:" in
+        *":$vendor_dir:"*) ;;
+        *) ASCEND_CUSTOM_OPP_PATH="$vendor_dir${ASCEND_CUSTOM_OPP_PATH:+:$ASCEND_CUSTOM_OPP_PATH}" ;;
+    esac
+    export ASCEND_CUSTOM_OPP_PATH
+    echo "kernels: ASCEND_CUSTOM_OPP_PATH=$ASCEND_CUSTOM_OPP_PATH"
+fi
 
 # convert GRAPH OM_BASE ATC_ARGS...: one graph, staged in .atc-GRAPH (ATC
 # writes weight/ beside its --output), then its .om and weight files moved in.

@@ -369,9 +369,23 @@ pub fn dequantized(
     store: &mut WeightStore,
     names: &mut BTreeMap<String, String>,
 ) -> Result<Graph, QuantError> {
+    dequantized_except(graph, store, names, |_| false)
+}
+
+/// [`dequantized`] but for the nodes `keep` picks by index (those a backend
+/// runs on the low-bit weights itself, such as a generated GEMV kernel).
+pub fn dequantized_except(
+    graph: &Graph,
+    store: &mut WeightStore,
+    names: &mut BTreeMap<String, String>,
+    keep: impl Fn(usize) -> bool,
+) -> Result<Graph, QuantError> {
     use kiln_runtime::ir::ops::{Gather, Linear};
     let mut out = graph.clone();
     for index in 0..out.nodes.len() {
+        if keep(index) {
+            continue;
+        }
         let node = out.nodes[index].clone();
         let (scheme, q_slot, min_slot, rest): (WeightQuant, usize, Option<usize>, Vec<_>) =
             match &node.op {

@@ -51,6 +51,40 @@ pub struct Manifest {
     /// (AscendQuant → …)` for `w8a8` or `dequantized to float16`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub atc_weights: Option<String>,
+    /// `ascendc` when the ATC graphs call Kiln's generated Ascend C kernels
+    /// (custom `ai.kiln` nodes, package in [`KernelPackageInfo::dir`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernels: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_package: Option<KernelPackageInfo>,
+}
+
+/// The generated Ascend C package a compiled directory's graphs call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KernelPackageInfo {
+    /// The package's folder (`kernels`); build_om.sh builds and installs it.
+    pub dir: String,
+    /// Its own manifest, with every instance's op and source node.
+    pub manifest: String,
+    /// The Ascend C compute unit (`ascend310b`, `ascend910b`).
+    pub target: String,
+    /// GM bytes the decode graph's kernels read per token (the other nodes'
+    /// reads not counted).
+    pub decode_bytes_per_token: u64,
+    pub instances: Vec<KernelInstanceInfo>,
+}
+
+/// One kernel instance: an op at static shapes, with its tiling.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KernelInstanceInfo {
+    pub op_type: String,
+    pub kernel: String,
+    pub block_dim: u32,
+    /// GM bytes one call reads.
+    pub bytes_read: u64,
+    /// Calls per step, by graph.
+    pub calls: std::collections::BTreeMap<String, usize>,
+    pub tiling: serde_json::Value,
 }
 
 /// Device memory for a model on the NPU, in bytes: what the NPU engine

@@ -298,7 +298,13 @@ impl KernelOp {
     /// of inputs 0 and 1 and the last dimension of input 0.
     fn shape_key(&self) -> [usize; 3] {
         match *self {
-            KernelOp::RmsNorm { rows, cols, .. } => [rows * cols, cols, cols],
+            // Input 1 is gamma, or with the residual Add the residual itself.
+            KernelOp::RmsNorm {
+                rows,
+                cols,
+                residual,
+                ..
+            } => [rows * cols, cols, if residual { rows * cols } else { cols }],
             KernelOp::SwiGlu { len } => [len, 0, len],
             KernelOp::Rope {
                 batch,

@@ -26,7 +26,7 @@ pub struct KernelPlan {
 }
 
 impl KernelPlan {
-    fn add(&mut self, op: KernelOp, source: &str) {
+    pub fn add(&mut self, op: KernelOp, source: &str) {
         match self.requests.iter().position(|r| r.op == op) {
             Some(i) => self.calls[i] += 1,
             None => {

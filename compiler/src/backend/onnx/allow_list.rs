@@ -62,10 +62,28 @@ pub fn atc() -> &'static AllowList {
 impl AllowList {
     /// Every node of `model` must be a listed op at the model's opset.
     pub fn check(&self, model: &ModelProto, graph_name: &str) -> Result<(), OnnxError> {
+        self.check_with_kernels(model, graph_name, &[])
+    }
+
+    /// Like [`Self::check`], but the `ai.kiln` nodes of the op types in
+    /// `kernels` (those Kiln generated a kernel package for) are exempt.
+    pub fn check_with_kernels(
+        &self,
+        model: &ModelProto,
+        graph_name: &str,
+        kernels: &[&str],
+    ) -> Result<(), OnnxError> {
         let opset = model.opset_import.first().map(|o| o.version).unwrap_or(0);
         let mut problems = Vec::new();
         for node in &model.graph.node {
             let op = node.op_type.as_str();
+            if node.domain == crate::backend::ascendc::ONNX_DOMAIN && kernels.contains(&op) {
+                continue;
+            }
+            if !node.domain.is_empty() {
+                problems.push(format!("{}::{op} is not an op ATC knows", node.domain));
+                continue;
+            }
             match self.ops.get(op) {
                 Some(entry) if (entry.opsets[0]..=entry.opsets[1]).contains(&opset) => {}
                 Some(entry) => problems.push(format!(
@@ -105,5 +123,34 @@ mod tests {
             );
         }
         assert_eq!(list.ops["ReduceMean"].opsets, [8, 16]);
+    }
+
+    #[test]
+    fn only_the_kiln_nodes_of_generated_kernels_are_exempt() {
+        use onnx_protobuf::{GraphProto, NodeProto, OperatorSetIdProto};
+        let node = |domain: &str, op: &str| NodeProto {
+            domain: domain.into(),
+            op_type: op.into(),
+            ..Default::default()
+        };
+        let model = |nodes: Vec<NodeProto>| ModelProto {
+            opset_import: vec![OperatorSetIdProto {
+                version: 13,
+                ..Default::default()
+            }],
+            graph: Some(GraphProto {
+                node: nodes,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+        let m = model(vec![node("", "Add"), node("ai.kiln", "KilnRmsNorm")]);
+        assert!(atc().check_with_kernels(&m, "g", &["KilnRmsNorm"]).is_ok());
+        assert!(atc().check_with_kernels(&m, "g", &["KilnSwiGlu"]).is_err());
+        assert!(atc().check(&m, "g").is_err());
+        // A standard op type in the custom domain is not ATC's op.
+        let m = model(vec![node("ai.kiln", "Add")]);
+        assert!(atc().check_with_kernels(&m, "g", &["KilnRmsNorm"]).is_err());
     }
 }

@@ -174,6 +174,19 @@ impl GraphBuilder {
         output.to_string()
     }
 
+    /// Adds a node of a custom domain, without attributes, with several outputs.
+    pub fn custom(&mut self, domain: &str, op_type: &str, inputs: &[&str], outputs: &[&str]) {
+        let name = self.fresh(outputs[0]);
+        self.nodes.push(NodeProto {
+            name,
+            op_type: op_type.to_string(),
+            domain: domain.to_string(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        });
+    }
+
     /// Like [`Self::node`] with a fresh output name under `base`.
     pub fn temp(
         &mut self,

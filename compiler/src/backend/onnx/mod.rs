@@ -47,6 +47,8 @@ pub enum OnnxError {
     NotAllowed(String),
     #[error("{node}: {what} has no form in ATC's own operators (only --quant w8a8 does)")]
     NoAscendForm { node: String, what: String },
+    #[error(transparent)]
+    Kernel(#[from] crate::backend::ascendc::AscendcError),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -55,6 +57,9 @@ pub struct OnnxOptions {
     pub float: FloatType,
     /// How quantized ops are spelled.
     pub quant_ops: QuantOps,
+    /// Lower the nodes that have an Ascend C kernel for this target to
+    /// custom-domain nodes (`ai.kiln`) that the generated package serves.
+    pub kernels: Option<crate::backend::ascendc::Target>,
 }
 
 /// The two spellings of a quantized op: one IR node, lowered twice to the
@@ -80,6 +85,13 @@ pub enum Derived {
     /// `AscendDequant`'s uint64 `deq_scale [N]` from the f16 per-channel
     /// scales `scale [N, 1]` (see [`deq_scale`]), int8 weight offset 0.
     DeqScale { scale: String },
+    /// Rows `start..end` of the store tensor `source` (a column chunk of a
+    /// wide GEMV's weights, scales or mins), as stored when quantized.
+    Rows {
+        source: String,
+        start: usize,
+        end: usize,
+    },
 }
 
 /// A lowered graph: everything but the weight bytes.
@@ -91,6 +103,9 @@ pub struct OnnxGraph {
     pub weights: Vec<String>,
     /// The initializers computed from store tensors, by name.
     pub derived: BTreeMap<String, Derived>,
+    /// The Ascend C kernel instances the custom-domain nodes call, with
+    /// their calls per step (empty without `OnnxOptions::kernels`).
+    pub kernels: crate::backend::ascendc::KernelPlan,
 }
 
 /// `AscendDequant`'s `deq_scale` word for an f32 scale and an int8 weight
@@ -197,8 +212,22 @@ pub fn lower(graph: &Graph, options: &OnnxOptions) -> Result<OnnxGraph, OnnxErro
             .collect(),
         derived: BTreeMap::new(),
     };
-    for node in &graph.nodes {
-        ops::lower_node(&mut cx, graph, node)?;
+    let assigned = match options.kernels {
+        Some(target) => ops::kernels::assign(graph, target)?,
+        None => ops::kernels::Assigned::none(graph),
+    };
+    let mut kernels = crate::backend::ascendc::KernelPlan {
+        skipped: assigned.skipped.clone(),
+        ..Default::default()
+    };
+    for (index, node) in graph.nodes.iter().enumerate() {
+        if assigned.absorbed.contains(&index) {
+            continue; // computed by the Add + RMSNorm kernel of a later node
+        }
+        match &assigned.calls[index] {
+            Some(calls) => ops::kernels::lower(&mut cx, graph, index, calls, &mut kernels)?,
+            None => ops::lower_node(&mut cx, graph, node)?,
+        }
     }
     let io = |ids: &[kiln_runtime::ir::ValueId]| {
         ids.iter()
@@ -222,6 +251,18 @@ pub fn lower(graph: &Graph, options: &OnnxOptions) -> Result<OnnxGraph, OnnxErro
         .collect();
     weights.extend(cx.derived.keys().cloned());
     let derived = std::mem::take(&mut cx.derived);
+    let mut opset_import = vec![OperatorSetIdProto {
+        domain: String::new(),
+        version: options.opset,
+        ..Default::default()
+    }];
+    if !kernels.requests.is_empty() {
+        opset_import.push(OperatorSetIdProto {
+            domain: crate::backend::ascendc::ONNX_DOMAIN.into(),
+            version: crate::backend::ascendc::ONNX_DOMAIN_VERSION,
+            ..Default::default()
+        });
+    }
     let graph_proto = GraphProto {
         name: graph.name.clone(),
         node: cx.b.nodes,
@@ -232,11 +273,7 @@ pub fn lower(graph: &Graph, options: &OnnxOptions) -> Result<OnnxGraph, OnnxErro
     };
     let model = ModelProto {
         ir_version: ir_version(options.opset),
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: options.opset,
-            ..Default::default()
-        }],
+        opset_import,
         producer_name: "kiln".into(),
         producer_version: env!("CARGO_PKG_VERSION").into(),
         graph: Some(graph_proto).into(),
@@ -246,6 +283,7 @@ pub fn lower(graph: &Graph, options: &OnnxOptions) -> Result<OnnxGraph, OnnxErro
         model,
         weights,
         derived,
+        kernels,
     })
 }
 
@@ -284,7 +322,7 @@ impl<'s> Chunk<'s> {
         float: FloatType,
     ) -> Result<Self, OnnxError> {
         if let Some(derived) = derived {
-            let bytes = Cow::Owned(derive(store, derived)?);
+            let bytes = Cow::Owned(derive(store, derived, float)?);
             return Ok(Chunk { name, bytes, store });
         }
         let ty = store.tensor_type(name)?;
@@ -308,7 +346,7 @@ impl<'s> Chunk<'s> {
 }
 
 /// The bytes of a derived initializer.
-fn derive(store: &WeightStore, derived: &Derived) -> Result<Vec<u8>, OnnxError> {
+fn derive(store: &WeightStore, derived: &Derived, float: FloatType) -> Result<Vec<u8>, OnnxError> {
     Ok(match derived {
         Derived::TransposedI8 { source } => {
             let ty = store.tensor_type(source)?;
@@ -332,6 +370,22 @@ fn derive(store: &WeightStore, derived: &Derived) -> Result<Vec<u8>, OnnxError> 
             .iter()
             .flat_map(|&s| deq_scale(s, 0).to_le_bytes())
             .collect(),
+        Derived::Rows { source, start, end } => {
+            let ty = store.tensor_type(source)?;
+            let rows = ty.shape[0].max(1);
+            match ty.dtype {
+                DType::I8 | DType::U4 => {
+                    let q = store.bytes(source)?;
+                    let row = q.len() / rows;
+                    q[start * row..end * row].to_vec()
+                }
+                _ => {
+                    let t = store.to_f32_tensor(source)?;
+                    let row = ty.numel() / rows;
+                    float.encode(&t.f32s()[start * row..end * row])
+                }
+            }
+        }
     })
 }
 
@@ -352,6 +406,11 @@ pub fn initializer_layout(
         Some(Derived::DeqScale { scale }) => {
             let n = store.tensor_type(scale)?.shape[0];
             (vec![n as i64], 8 * n as u64, DataType::UINT64)
+        }
+        Some(Derived::Rows { source, start, end }) => {
+            let mut ty = store.tensor_type(source)?;
+            ty.shape[0] = end - start;
+            initializer_type(&ty, float)
         }
     })
 }
@@ -697,6 +756,7 @@ mod tests {
             opset,
             float: FloatType::F16,
             quant_ops,
+            kernels: None,
         };
         let w8a8 = graph(ActivationQuant::DynamicInt8PerToken);
         let ascend = lower(&w8a8, &options(13, QuantOps::Ascend)).unwrap();
@@ -816,7 +876,7 @@ mod tests {
         let scale_bytes = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
         store.insert_bytes("s", DType::F16, vec![n, 1], scale_bytes);
         let t = Derived::TransposedI8 { source: "q".into() };
-        let bytes = derive(&store, &t).unwrap();
+        let bytes = derive(&store, &t, FloatType::F16).unwrap();
         for row in 0..n {
             for kk in 0..k {
                 assert_eq!(bytes[kk * n + row], q[row * k + kk]);
@@ -828,7 +888,7 @@ mod tests {
             (vec![k as i64, n as i64], (n * k) as u64, DataType::INT8)
         );
         let d = Derived::DeqScale { scale: "s".into() };
-        let words = derive(&store, &d).unwrap();
+        let words = derive(&store, &d, FloatType::F16).unwrap();
         assert_eq!(words.len(), 8 * n);
         for (word, s) in words.chunks_exact(8).zip(&scales) {
             let word = u64::from_le_bytes(word.try_into().unwrap());
@@ -836,6 +896,81 @@ mod tests {
         }
         let layout = initializer_layout("s.d", Some(&d), &store, FloatType::F16).unwrap();
         assert_eq!(layout, (vec![n as i64], 8 * n as u64, DataType::UINT64));
+    }
+
+    #[test]
+    fn row_chunks_keep_packed_weights_as_stored() {
+        let (n, k) = (6, 8);
+        let q: Vec<u8> = (0..n * k / 2).map(|i| i as u8).collect();
+        let mut store = WeightStore::default();
+        store.insert_bytes("q", DType::U4, vec![n, k], q.clone());
+        store.insert_f32("s", vec![n, 2], (0..2 * n).map(|i| i as f32).collect());
+        let rows = |source: &str| Derived::Rows {
+            source: source.into(),
+            start: 2,
+            end: 5,
+        };
+        let bytes = derive(&store, &rows("q"), FloatType::F16).unwrap();
+        assert_eq!(bytes, q[2 * k / 2..5 * k / 2]);
+        let layout = initializer_layout("q.r", Some(&rows("q")), &store, FloatType::F16).unwrap();
+        assert_eq!(layout, (vec![3, k as i64 / 2], 12, DataType::UINT8));
+        let scales = derive(&store, &rows("s"), FloatType::F16).unwrap();
+        assert_eq!(
+            scales,
+            FloatType::F16.encode(&[4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
+        );
+    }
+
+    #[test]
+    fn a_wide_gemv_is_column_chunks_concatenated() {
+        use crate::backend::ascendc::{KernelOp, Target};
+        // 34 MB of fp16 weights: over one call's 32 MB, so two chunks.
+        let (k, n) = (4096, 4200);
+        let mut b = GraphBuilder::new("g");
+        let x = b.input("x", TensorType::f32([1, 1, k]));
+        let w = b.weight("lm_head.weight", TensorType::f32([n, k]));
+        let y = b.node("lm_head", Linear, &[x, w]).unwrap();
+        b.output(y, "logits");
+        let graph = b.finish().unwrap();
+        let lowered = lower(
+            &graph,
+            &OnnxOptions {
+                opset: 13,
+                float: FloatType::F16,
+                quant_ops: QuantOps::Standard,
+                kernels: Some(Target::Ascend310b),
+            },
+        )
+        .unwrap();
+        let nodes = &lowered.graph().node;
+        let gemvs: Vec<_> = nodes
+            .iter()
+            .filter(|n| n.op_type == "KilnGemvHalf")
+            .collect();
+        assert!(gemvs.len() >= 2, "{}", gemvs.len());
+        assert!(gemvs.iter().all(|n| n.domain == "ai.kiln"));
+        let concat = nodes.iter().find(|n| n.op_type == "Concat").unwrap();
+        assert_eq!(concat.output, ["logits"]);
+        assert_eq!(concat.input.len(), gemvs.len());
+        // The chunks' rows tile the weight, in order.
+        let mut next = 0;
+        for g in &gemvs {
+            let Derived::Rows { source, start, end } = &lowered.derived[&g.input[1]] else {
+                panic!("{} is not a row chunk", g.input[1]);
+            };
+            assert_eq!((source.as_str(), *start), ("lm_head.weight", next));
+            next = *end;
+        }
+        assert_eq!(next, n);
+        assert!(!lowered.weights.contains(&"lm_head.weight".to_string()));
+        let calls: usize = lowered.kernels.calls.iter().sum();
+        assert_eq!(calls, gemvs.len());
+        assert!(lowered
+            .kernels
+            .requests
+            .iter()
+            .all(|r| matches!(r.op, KernelOp::Gemv { k: 4096, .. })));
+        assert_eq!(lowered.model.opset_import[1].domain, "ai.kiln");
     }
 
     #[test]
@@ -857,6 +992,7 @@ mod tests {
                     opset: 13,
                     float,
                     quant_ops: QuantOps::Standard,
+                    kernels: None,
                 },
             )
             .unwrap();
@@ -907,6 +1043,7 @@ mod tests {
                 opset: 13,
                 float,
                 quant_ops: QuantOps::Standard,
+                kernels: None,
             };
             let lowered = [
                 lower(&graph(false), &options).unwrap(),

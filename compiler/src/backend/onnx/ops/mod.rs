@@ -4,6 +4,7 @@
 mod attention;
 mod elementwise;
 mod gather;
+pub mod kernels;
 mod linear;
 mod quant;
 mod rms_norm;
