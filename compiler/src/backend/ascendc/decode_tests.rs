@@ -217,6 +217,11 @@ fn decode_with_kernels(fixture: &str, scheme: Option<Scheme>, target: Target) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures/models")
         .join(fixture);
+    decode_model_with_kernels(&dir, scheme, target);
+}
+
+fn decode_model_with_kernels(dir: &Path, scheme: Option<Scheme>, target: Target) {
+    let fixture = dir.display();
     let mut model = HfModel::open(&dir).unwrap();
     let options = GraphOptions::resolve(&model.config, &ShapeRequest::default());
     let mut ir = model.build_ir(&options).unwrap();
@@ -279,16 +284,29 @@ fn decode_with_kernels(fixture: &str, scheme: Option<Scheme>, target: Target) {
     }
 }
 
+/// The qwen3 fixture at w4a16 g32 with mins; or, with
+/// `$KILN_KERNEL_TEST_MODEL` naming a model (SmolLM2's GGUF, say), that
+/// model at `--quant w4a16`'s default (g128, symmetric).
 #[test]
 fn a_w4a16_decode_loop_on_the_310b_kernels_matches_the_interpreter() {
-    decode_with_kernels(
-        "qwen3",
-        Some(Scheme::W4A16 {
-            group_size: 32,
-            asymmetric: true,
-        }),
-        Target::Ascend310b,
-    );
+    match std::env::var_os("KILN_KERNEL_TEST_MODEL") {
+        Some(model) => decode_model_with_kernels(
+            Path::new(&model),
+            Some(Scheme::W4A16 {
+                group_size: 128,
+                asymmetric: false,
+            }),
+            Target::Ascend310b,
+        ),
+        None => decode_with_kernels(
+            "qwen3",
+            Some(Scheme::W4A16 {
+                group_size: 32,
+                asymmetric: true,
+            }),
+            Target::Ascend310b,
+        ),
+    }
 }
 
 #[test]
