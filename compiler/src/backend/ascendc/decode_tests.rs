@@ -222,7 +222,7 @@ fn decode_with_kernels(fixture: &str, scheme: Option<Scheme>, target: Target) {
 
 fn decode_model_with_kernels(dir: &Path, scheme: Option<Scheme>, target: Target) {
     let fixture = dir.display();
-    let mut model = HfModel::open(&dir).unwrap();
+    let mut model = HfModel::open(dir).unwrap();
     let options = GraphOptions::resolve(&model.config, &ShapeRequest::default());
     let mut ir = model.build_ir(&options).unwrap();
     crate::passes::optimize(&mut ir).unwrap();
