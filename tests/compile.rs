@@ -163,12 +163,7 @@ echo om > "$out.om"
 "#,
         record = record.display()
     );
-    std::fs::write(bin.join("atc"), fake).unwrap();
-    Command::new("chmod")
-        .arg("+x")
-        .arg(bin.join("atc"))
-        .status()
-        .unwrap();
+    write_executable(&bin.join("atc"), &fake);
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
     let out = Command::new("bash")
         .arg(dir.join("build_om.sh"))
@@ -261,12 +256,7 @@ echo om > "$out.om"
              +===============================+=================+======================================================+\n\
              EOF\n"
         );
-        std::fs::write(bin.join("npu-smi"), table).unwrap();
-        Command::new("chmod")
-            .arg("+x")
-            .arg(bin.join("npu-smi"))
-            .status()
-            .unwrap();
+        write_executable(&bin.join("npu-smi"), &table);
         Command::new("bash")
             .arg(dir.join("build_om.sh"))
             .args(["--soc", "auto"])

@@ -185,12 +185,7 @@ fn build_om_builds_and_installs_the_package_then_runs_atc_with_it() {
          echo om > \"$out.om\"\n",
         log = log.display()
     );
-    std::fs::write(bin.join("atc"), atc).unwrap();
-    Command::new("chmod")
-        .arg("+x")
-        .arg(bin.join("atc"))
-        .status()
-        .unwrap();
+    common::write_executable(&bin.join("atc"), &atc);
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
     let out = Command::new("bash")
         .arg(dir.join("build_om.sh"))

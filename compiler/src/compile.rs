@@ -317,6 +317,7 @@ pub fn compile(
     }
 
     // The device memory plan, checked before anything is written.
+    // The manifest's graph entries, which the plan's IO sizes come from too.
     let plan_infos: Vec<GraphInfo> = graph_infos(&lowered, &ir);
     let plan = crate::plan::from_graphs(
         &lowered.iter().map(|(_, g)| g).collect::<Vec<_>>(),
@@ -447,7 +448,7 @@ pub fn compile(
     let config_bytes = &model.files.config;
     let mut manifest = manifest(
         &ir,
-        &lowered,
+        plan_infos,
         options,
         format!("{:x}", Sha256::digest(config_bytes)),
         weights_sha256,
@@ -723,7 +724,7 @@ fn initializer_bytes(
 
 fn manifest(
     ir: &ModelIr,
-    lowered: &[(String, OnnxGraph)],
+    graphs: Vec<GraphInfo>,
     options: &CompileOptions,
     config_sha256: String,
     weights_sha256: String,
@@ -762,7 +763,7 @@ fn manifest(
                 .into(),
             hidden: "-inf".into(),
         },
-        graphs: graph_infos(lowered, ir),
+        graphs,
         ir: IR_FILE.to_string(),
         reference_weights: REFERENCE_WEIGHTS.to_string(),
         tokenizer,

@@ -104,15 +104,14 @@ pub fn from_graphs(
         }
     }
     let (io, kv_cache) = io_and_kv(infos);
-    Ok(MemoryPlan {
+    Ok(MemoryPlan::new(
         weights,
         parameters,
         tables,
         kv_cache,
         io,
-        total: weights + tables + kv_cache + io,
-        source: "from the ONNX graphs ATC converts".into(),
-    })
+        "from the ONNX graphs ATC converts",
+    ))
 }
 
 /// One weight tensor of a decoder, as the ATC graphs hold it.
@@ -215,15 +214,14 @@ pub fn from_config(
         })
         .sum();
     let kv_cache = 2 * rows * l * f;
-    MemoryPlan {
+    MemoryPlan::new(
         weights,
         parameters,
         tables,
         kv_cache,
         io,
-        total: weights + tables + kv_cache + io,
-        source: "estimated from config.json alone".into(),
-    }
+        "estimated from config.json alone",
+    )
 }
 
 /// The model's parameter count, for the manifest's plan.

@@ -194,3 +194,10 @@ pub fn compile_fixture(name: &str, out: &Path, extra: &[&str]) -> Output {
     );
     o
 }
+
+/// Writes a stand-in tool (a test double: atc, npu-smi, …) as an executable script.
+pub fn write_executable(path: &Path, script: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, script).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}

@@ -112,6 +112,26 @@ pub struct MemoryPlan {
 }
 
 impl MemoryPlan {
+    /// A plan of these parts; `total` is their sum.
+    pub fn new(
+        weights: u64,
+        parameters: u64,
+        tables: u64,
+        kv_cache: u64,
+        io: u64,
+        source: &str,
+    ) -> MemoryPlan {
+        MemoryPlan {
+            weights,
+            parameters,
+            tables,
+            kv_cache,
+            io,
+            total: weights + tables + kv_cache + io,
+            source: source.to_string(),
+        }
+    }
+
     /// The plan as lines for a summary.
     pub fn lines(&self) -> Vec<String> {
         let mb = |b: u64| b as f64 / 1e6;
