@@ -398,7 +398,10 @@ fn a_compiled_directory_runs_on_the_reference_interpreter_without_the_checkpoint
             record_logits: true,
             sampling: Default::default(),
         };
-        let report = generate(&mut session, &g.prompt_ids, &options, |_| {}).unwrap();
+        let report = generate(&mut session, &g.prompt_ids, &options, |_| {
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
         assert_eq!(report.tokens, g.generated_ids, "{name}");
         let err = max_abs_diff(&report.logits, &g.logits);
         assert!(err <= 1e-4, "{name}: max abs logit error {err:.3e}");
@@ -470,7 +473,10 @@ fn a_single_step_graph_reproduces_transformers_and_the_split_graphs() {
                 record_logits: true,
                 sampling: Default::default(),
             };
-            generate(&mut session, &g.prompt_ids, &options, |_| {}).unwrap()
+            generate(&mut session, &g.prompt_ids, &options, |_| {
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap()
         };
         let (one, two) = (generate(&single), generate(&split));
         assert_eq!(

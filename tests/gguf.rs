@@ -167,7 +167,10 @@ fn a_gguf_compiles_and_imports_into_models_that_match_the_goldens() {
         record_logits: true,
         sampling: Default::default(),
     };
-    let report = generate(&mut session, &g.prompt_ids, &options, |_| {}).unwrap();
+    let report = generate(&mut session, &g.prompt_ids, &options, |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
     assert_eq!(report.tokens, g.generated_ids);
     assert!(max_abs_diff(&report.logits, &g.logits) <= 1e-4);
 }

@@ -147,7 +147,8 @@ fn saved_ir_reloads_and_runs_identically() {
         sampling: Default::default(),
     };
     let mut session = CpuSession::new(&loaded, &model.weights).unwrap();
-    let report = generate(&mut session, &g.prompt_ids, &options, |_| {}).unwrap();
+    let go_on = |_| std::ops::ControlFlow::Continue(());
+    let report = generate(&mut session, &g.prompt_ids, &options, go_on).unwrap();
     assert_eq!(report.tokens, g.generated_ids);
     assert!(max_abs_diff(&report.logits, &g.logits) <= TOLERANCE);
 }

@@ -19,11 +19,14 @@ pub mod om;
 // A compiled directory: its manifest, weights and the checks on its .om files.
 pub mod compiled;
 
-// Using it: generation (sampling, chat templates, tokenizer), CPU-vs-NPU diffs.
+// Using it: generation (sampling, chat templates, tokenizer), CPU-vs-NPU
+// diffs, the OpenAI-compatible server and llama-bench-style benchmarks.
+pub mod bench;
 pub mod console;
 pub mod diff;
 pub mod generate;
 pub mod npy;
+pub mod serve;
 
 /// Helpers the unit tests share.
 #[cfg(test)]

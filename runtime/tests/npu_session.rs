@@ -876,3 +876,118 @@ fn without_cann_that_comes_first_even_before_missing_om_files() {
     assert!(err.is_acl_missing(), "{err}");
     assert!(!err.to_string().contains(".om"), "{err}");
 }
+
+/// A word-level tokenizer for the double's vocabulary: token i is `t{i}`.
+fn write_tokenizer(dir: &Path) {
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..VOCAB)
+        .map(|i| (format!("t{i}"), serde_json::json!(i)))
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0",
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": { "type": "WhitespaceSplit" },
+        "post_processor": null,
+        "decoder": null,
+        "model": { "type": "WordLevel", "vocab": vocab, "unk_token": "t0" },
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let path = dir.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    manifest["tokenizer"] = serde_json::json!("tokenizer.json");
+    std::fs::write(&path, manifest.to_string()).unwrap();
+}
+
+/// One POST over a fresh connection; the reply's status and JSON body.
+fn post(port: u16, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let body = body.to_string();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(body).unwrap())
+}
+
+#[test]
+fn kiln_run_serve_with_backend_npu_reuses_the_device_kv_cache() {
+    let c = compiled_dir("float16");
+    write_tokenizer(&c.dir);
+    let stderr_path = c.dir.join("serve.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln-run"))
+        .args([
+            "serve",
+            c.dir.to_str().unwrap(),
+            "--backend",
+            "npu",
+            "--port",
+            "0",
+        ])
+        .env("KILN_ACL_LIB", &c.lib)
+        .env("KILN_ACL_DOUBLE_LOG", &c.log)
+        .env_remove("KILN_ACL_DOUBLE_RUN_MODE")
+        .env_remove("ASCEND_HOME_PATH")
+        .env_remove("ASCEND_TOOLKIT_HOME")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let marker = "listening on http://127.0.0.1:";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let port: u16 = loop {
+        let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+        if let Some(at) = log.find(marker) {
+            let digits: String = log[at + marker.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            break digits.parse().unwrap();
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("kiln-run serve exited ({status}):\n{log}");
+        }
+        assert!(std::time::Instant::now() < deadline, "no server:\n{log}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let greedy = |prompt: &[u32], n: usize| serde_json::json!({ "prompt": prompt, "max_tokens": n, "temperature": 0 });
+    // Three prompt tokens on prefill.om, then decode.om, through the fake model.
+    let (status, reply) = post(port, "/v1/completions", &greedy(&[3, 1, 4], 2));
+    let first = fake_next(4, 2);
+    let second = fake_next(first, 3);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["choices"][0]["text"], format!("t{first} t{second}"));
+    // The next request extends that conversation: only its new token runs.
+    let (status, reply) = post(
+        port,
+        "/v1/completions",
+        &greedy(&[3, 1, 4, first, second, 7], 1),
+    );
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["usage"]["prompt_tokens_details"]["cached_tokens"], 5);
+    assert_eq!(reply["choices"][0]["text"], format!("t{}", fake_next(7, 5)));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        executed(&calls(&c.log)),
+        [
+            "executed prefill.om past=0",
+            "executed decode.om past=3",
+            // The reply's last token, fed once the reply is out.
+            "executed decode.om past=4",
+            "executed decode.om past=5",
+            "executed decode.om past=6",
+        ]
+    );
+}

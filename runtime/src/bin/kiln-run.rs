@@ -2,11 +2,9 @@
 //! written by `kiln compile` — no compiler, no original checkpoint — and
 //! reads .om files without ACL.
 
-use clap::{Parser, Subcommand, ValueEnum};
-use kiln_runtime::compiled::manifest::Manifest;
+use clap::{Parser, Subcommand};
 use kiln_runtime::compiled::CompiledModel;
-use kiln_runtime::engine::npu::NpuSession;
-use kiln_runtime::engine::{CpuSession, Engine};
+use kiln_runtime::engine::{self, Backend};
 use kiln_runtime::generate::chat::ChatTemplate;
 use kiln_runtime::generate::run::{self, GenerationArgs};
 use kiln_runtime::generate::tokenizer::Tokenizer;
@@ -43,14 +41,12 @@ enum Command {
         /// A directory written by `kiln compile`.
         model: PathBuf,
     },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Backend {
-    /// The reference interpreter on the compiled IR and weights, in f32.
-    Cpu,
-    /// prefill.om and decode.om on an Ascend NPU through ACL (needs CANN).
-    Npu,
+    /// Serve the model over OpenAI's HTTP API (chat and text completions,
+    /// streaming), keeping the last conversation's KV cache for its next turn.
+    Serve(kiln_runtime::serve::ServeArgs),
+    /// Time prompt processing and token generation as llama-bench does
+    /// (ppN / tgN tokens per second, mean ± stddev), as a table or JSON.
+    Bench(kiln_runtime::bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -74,6 +70,15 @@ fn main() {
             .map_err(|e| e.to_string()),
         Command::Check { model } => check(&model),
         Command::Diff(args) => kiln_runtime::diff::diff_command(&args),
+        Command::Serve(args) => kiln_runtime::serve::serve(&args),
+        Command::Bench(args) => kiln_runtime::bench::bench(&args).map(|report| {
+            if args.json {
+                let json = serde_json::to_string_pretty(&report).expect("plain data");
+                kiln_runtime::say!("{json}");
+            } else {
+                kiln_runtime::say_raw!("{}", report.table());
+            }
+        }),
     };
     if let Err(message) = result {
         kiln_runtime::note!("error: {message}");
@@ -121,27 +126,7 @@ fn check(dir: &std::path::Path) -> Result<(), String> {
 
 fn generate(args: GenerateArgs) -> Result<(), String> {
     run::init_threads(args.run.threads)?;
-    // The NPU runs the .om files: it needs the manifest, not the IR and
-    // reference weights the CPU backend loads.
-    let (manifest, mut engine): (Manifest, Box<dyn Engine>) = match args.backend {
-        Backend::Cpu => {
-            let model = CompiledModel::open(&args.model).map_err(|e| e.to_string())?;
-            let engine = CpuSession::new(&model.ir, &model.weights).map_err(|e| e.to_string())?;
-            (model.manifest, Box::new(engine))
-        }
-        Backend::Npu => {
-            let manifest = Manifest::load(&args.model).map_err(|e| e.to_string())?;
-            let engine = NpuSession::open(&args.model, &manifest, args.device).map_err(|e| {
-                if e.is_acl_missing() {
-                    format!("{e}\nhint: `--backend cpu` runs the model without CANN")
-                } else {
-                    e.to_string()
-                }
-            })?;
-            kiln_runtime::note!("kiln-run: {}", engine.allocation().describe());
-            (manifest, Box::new(engine))
-        }
-    };
+    let (manifest, mut engine) = engine::open(&args.model, args.backend, args.device)?;
     let tokenizer = match (&args.run.prompt.prompt, &manifest.tokenizer) {
         (Some(_), Some(file)) => {
             Some(Tokenizer::from_file(&args.model.join(file)).map_err(|e| e.to_string())?)

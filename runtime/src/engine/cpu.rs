@@ -152,9 +152,10 @@ impl Engine for CpuSession {
         self.layout.max_len
     }
 
-    fn reset(&mut self) {
-        // Stale slots are hidden by the mask; no need to clear them.
-        self.past_len = 0;
+    fn truncate(&mut self, len: usize) {
+        // Stale slots are hidden by the mask and overwritten by the next
+        // steps; no need to clear them.
+        self.past_len = self.past_len.min(len);
     }
 
     fn device(&self) -> String {

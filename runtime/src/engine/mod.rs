@@ -8,10 +8,51 @@ pub mod npu;
 
 pub use cpu::CpuSession;
 
+use crate::compiled::manifest::Manifest;
+use crate::compiled::CompiledModel;
 use crate::interp::InterpError;
 use crate::ir::model::pick_graph;
 use crate::ir::KvCacheLayout;
 use std::ops::Range;
+use std::path::Path;
+
+/// Where `kiln-run` runs a compiled model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// The reference interpreter on the compiled IR and weights, in f32.
+    Cpu,
+    /// The .om files on an Ascend NPU through ACL (needs CANN and build_om.sh's output).
+    Npu,
+}
+
+/// Opens a compiled directory on `backend`: its manifest and an engine at
+/// position 0. The NPU runs the .om files; it needs the manifest, not the
+/// IR and reference weights the CPU backend loads.
+pub fn open(
+    dir: &Path,
+    backend: Backend,
+    device: i32,
+) -> Result<(Manifest, Box<dyn Engine>), String> {
+    match backend {
+        Backend::Cpu => {
+            let model = CompiledModel::open(dir).map_err(|e| e.to_string())?;
+            let engine = CpuSession::new(&model.ir, &model.weights).map_err(|e| e.to_string())?;
+            Ok((model.manifest, Box::new(engine)))
+        }
+        Backend::Npu => {
+            let manifest = Manifest::load(dir).map_err(|e| e.to_string())?;
+            let engine = npu::NpuSession::open(dir, &manifest, device).map_err(|e| {
+                if e.is_acl_missing() {
+                    format!("{e}\nhint: `--backend cpu` runs the model without CANN")
+                } else {
+                    e.to_string()
+                }
+            })?;
+            crate::note!("kiln-run: {}", engine.allocation().describe());
+            Ok((manifest, Box::new(engine)))
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -41,8 +82,14 @@ pub trait Engine {
     fn position(&self) -> usize;
     /// Positions the KV cache holds.
     fn capacity(&self) -> usize;
+    /// Keeps the first `len` positions and forgets the rest, so that a
+    /// conversation sharing that prefix continues without recomputing it.
+    /// A `len` past the current position changes nothing.
+    fn truncate(&mut self, len: usize);
     /// Forgets the conversation.
-    fn reset(&mut self);
+    fn reset(&mut self) {
+        self.truncate(0);
+    }
     /// A short description of what runs the model, for reports.
     fn device(&self) -> String;
 }

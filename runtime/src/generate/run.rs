@@ -119,6 +119,7 @@ impl GenerationArgs {
                 top_p: self.top_p,
                 repetition_penalty: self.repetition_penalty,
                 seed: self.seed,
+                ..Sampling::default()
             },
         }
     }
@@ -251,6 +252,7 @@ pub fn run_generation(
         if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
             write_error.get_or_insert(e);
         }
+        std::ops::ControlFlow::Continue(())
     })?;
     if let Some(rest) = stream.as_mut().map(TextStream::finish).transpose()? {
         write!(out, "{rest}")?;

@@ -1,6 +1,7 @@
 //! Choosing the next token from logits: greedy, or sampled with Hugging
 //! Face's processors in their order — repetition penalty, temperature,
 //! top-k, top-p — from a seeded generator, so a seed reproduces a run.
+//! OpenAI's frequency and presence penalties come first when set.
 
 /// How to pick tokens. The default is greedy.
 #[derive(Clone, Debug, PartialEq)]
@@ -13,6 +14,12 @@ pub struct Sampling {
     pub top_p: f32,
     /// > 1 discourages tokens already in the conversation (1: off).
     pub repetition_penalty: f32,
+    /// OpenAI's `frequency_penalty`: subtracted from a token's logit once per
+    /// time it has been generated so far (0: off).
+    pub frequency_penalty: f32,
+    /// OpenAI's `presence_penalty`: subtracted once from every token
+    /// generated so far (0: off).
+    pub presence_penalty: f32,
     pub seed: u64,
 }
 
@@ -23,6 +30,8 @@ impl Default for Sampling {
             top_k: 0,
             top_p: 1.0,
             repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             seed: 0,
         }
     }
@@ -46,6 +55,15 @@ impl Sampling {
                 self.repetition_penalty
             ));
         }
+        for (name, value) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            // OpenAI's documented range.
+            if !(-2.0..=2.0).contains(&value) {
+                return Err(format!("{name} must be between -2 and 2, got {value}"));
+            }
+        }
         Ok(())
     }
 }
@@ -64,6 +82,8 @@ pub fn argmax(logits: &[f32]) -> u32 {
 pub struct Sampler {
     settings: Sampling,
     state: u64,
+    /// How often each token has been picked, for the OpenAI penalties.
+    picked: std::collections::HashMap<u32, u32>,
 }
 
 impl Sampler {
@@ -75,6 +95,7 @@ impl Sampler {
         Sampler {
             settings,
             state: state ^ (state >> 31),
+            picked: Default::default(),
         }
     }
 
@@ -89,8 +110,22 @@ impl Sampler {
 
     /// Picks the next token. `history` is every token so far (prompt included).
     pub fn pick(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let token = self.choose(logits, history);
+        *self.picked.entry(token).or_default() += 1;
+        token
+    }
+
+    fn choose(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let s = &self.settings;
         let mut scores = logits.to_vec();
+        if s.frequency_penalty != 0.0 || s.presence_penalty != 0.0 {
+            // OpenAI counts the tokens sampled so far, not the prompt's.
+            for (&token, &count) in &self.picked {
+                if let Some(score) = scores.get_mut(token as usize) {
+                    *score -= count as f32 * s.frequency_penalty + s.presence_penalty;
+                }
+            }
+        }
         if s.repetition_penalty != 1.0 {
             let mut seen = vec![false; scores.len()];
             for &t in history {
@@ -156,8 +191,8 @@ mod tests {
             temperature,
             top_k,
             top_p,
-            repetition_penalty: 1.0,
             seed,
+            ..Sampling::default()
         }
     }
 
@@ -201,6 +236,36 @@ mod tests {
         };
         assert_eq!(Sampler::new(s.clone()).pick(&[3.0, 2.0, -1.0], &[0]), 1);
         assert_eq!(Sampler::new(s).pick(&[-0.5, -0.8, -3.0], &[0]), 1);
+    }
+
+    #[test]
+    fn openai_penalties_count_generated_tokens_only() {
+        let s = Sampling {
+            frequency_penalty: 1.0,
+            ..Sampling::default()
+        };
+        let mut sampler = Sampler::new(s);
+        // The prompt (history) holds token 0 often: no penalty for it yet.
+        assert_eq!(sampler.pick(&[2.0, 1.5, 0.0], &[0, 0, 0]), 0);
+        // Once generated, token 0 loses 1.0 and token 1 wins.
+        assert_eq!(sampler.pick(&[2.0, 1.5, 0.0], &[0]), 1);
+        // Each has been picked once now: both lose 1.0, 0 leads again.
+        assert_eq!(sampler.pick(&[2.0, 1.5, 0.0], &[0]), 0);
+        let mut sampler = Sampler::new(Sampling {
+            presence_penalty: 0.4,
+            ..Sampling::default()
+        });
+        assert_eq!(sampler.pick(&[2.0, 1.5], &[]), 0);
+        // Presence costs the same however often a token came: 1.6 > 1.5, then 1.6 > 1.5 again.
+        assert_eq!(sampler.pick(&[2.0, 1.5], &[]), 0);
+        assert_eq!(sampler.pick(&[2.0, 1.5], &[]), 0);
+        assert!(Sampling {
+            presence_penalty: 2.5,
+            ..Sampling::default()
+        }
+        .check()
+        .unwrap_err()
+        .contains("presence_penalty"));
     }
 
     #[test]
