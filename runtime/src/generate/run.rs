@@ -249,10 +249,14 @@ pub fn run_generation(
             None => format!(",{token}"),
         };
         first = false;
-        if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
-            write_error.get_or_insert(e);
+        match out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+            Ok(()) => std::ops::ControlFlow::Continue(()),
+            // Nobody reads the rest (a closed pipe): stop generating it.
+            Err(e) => {
+                write_error.get_or_insert(e);
+                std::ops::ControlFlow::Break(())
+            }
         }
-        std::ops::ControlFlow::Continue(())
     })?;
     if let Some(rest) = stream.as_mut().map(TextStream::finish).transpose()? {
         write!(out, "{rest}")?;
