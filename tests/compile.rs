@@ -1323,6 +1323,22 @@ fn a_bundle_unpacked_elsewhere_runs_on_its_own() {
         &g.generated_ids[..8]
     );
 
+    // `kiln compile --bundle` writes the same entries in one go.
+    let again = tmp.path().join("again/qwen3.kiln");
+    let also = tmp.path().join("again/qwen3.tar");
+    let o = compile_fixture("qwen3", &again, &["--bundle", also.to_str().unwrap()]);
+    assert!(stdout(&o).contains("bundle     "), "{}", stdout(&o));
+    let listed = Command::new("tar").arg("-tf").arg(&also).output().unwrap();
+    let mut names: Vec<String> = stdout(&listed)
+        .lines()
+        .filter(|n| *n != "kiln-run") // present if one is built beside kiln
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    let mut wanted = expected.clone();
+    wanted.retain(|n| n != "kiln-run");
+    assert_eq!(names, wanted);
+
     // Bad input: each named, nothing written.
     let out = tmp.path().join("bad/x.tar");
     let bundle = |compiled: &Path, out: &Path, extra: &[&str]| {

@@ -208,6 +208,10 @@ struct CompileArgs {
     /// config.json, the config.json itself, or a .gguf)
     #[arg(long)]
     plan_only: bool,
+    /// Also write the board bundle (as `kiln bundle` does) to this .tar,
+    /// with the aarch64 kiln-run built beside this kiln, if any
+    #[arg(long, value_name = "OUT.tar")]
+    bundle: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -691,7 +695,24 @@ fn compile_command(args: CompileArgs) -> Result<()> {
             report.out.display()
         ),
     }
-    compile_closing(&report.out, &report.files)
+    compile_closing(&report.out, &report.files)?;
+    if let Some(archive) = &args.bundle {
+        let bundled = kiln::bundle::bundle(
+            &report.out,
+            archive,
+            kiln::bundle::find_kiln_run().as_deref(),
+        )?;
+        kiln_runtime::say!(
+            "  bundle     {} ({:.1} MB, {}): copy it to the board, tar xf it there and follow its README.txt",
+            bundled.out.display(),
+            bundled.bytes as f64 / 1e6,
+            match &bundled.kiln_run {
+                Some(k) => format!("with kiln-run from {}", k.display()),
+                None => "no aarch64 kiln-run built yet: see Next above".to_string(),
+            }
+        );
+    }
+    Ok(())
 }
 
 /// The end of the compile summary: the total, what of it the board needs,
