@@ -25,11 +25,15 @@ for prompt in "What is the capital of France?" "Write one sentence about the sea
     "$kiln" generate "$gguf" --backend cpu --chat --prompt "$prompt" --max-new-tokens 48
 done
 
-cat <<'NEXT'
+cat <<NEXT
 
-Next: copy out/smollm2-135m and kiln-run (built for aarch64:
-cargo build --release --target aarch64-unknown-linux-gnu --bin kiln-run) to a
-board with CANN, run out/smollm2-135m/build_om.sh there, then
-  kiln-run generate smollm2-135m --backend npu --chat --prompt "…"
+Next, for the board (aarch64, CANN installed):
+  rustup target add aarch64-unknown-linux-gnu
+  sudo apt-get install gcc-aarch64-linux-gnu   # the linker .cargo/config.toml names
+  cargo build --release -p kiln-runtime --bin kiln-run --target aarch64-unknown-linux-gnu
+  $kiln bundle out/smollm2-135m out/smollm2-135m.tar   # the board's files, kiln-run, README.txt
+then on the board: tar xf smollm2-135m.tar; ./smollm2-135m/build_om.sh --soc auto;
+  ./kiln-run check smollm2-135m
+  ./kiln-run generate smollm2-135m --backend npu --chat --prompt "…"
 (the NPU path has not yet run on hardware; see README "Not on hardware yet").
 NEXT

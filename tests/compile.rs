@@ -1181,3 +1181,221 @@ fn plan_only_answers_whether_a_model_fits_a_board() {
     assert!(!o.status.success());
     assert!(!out.exists());
 }
+
+/// The files under `root`, relative, sorted.
+fn files_under(root: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(root).unwrap();
+                found.push(rel.to_string_lossy().into_owned());
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// `kiln bundle`: the archive (unpacked by GNU tar, not by Kiln) holds
+/// exactly the board's files, byte for byte, with kiln-run and README.txt;
+/// and kiln-run runs from the unpacked copy alone: `check` passes and CPU
+/// generation gives what the original directory gives.
+#[test]
+fn a_bundle_unpacked_elsewhere_runs_on_its_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("qwen3.kiln");
+    compile_fixture("qwen3", &dir, &[]);
+    // A stand-in for a cross-built kiln-run: an aarch64 ELF header, which is
+    // what bundle checks; it is packed, never run here.
+    let aarch64 = tmp.path().join("kiln-run-aarch64");
+    let mut elf = vec![0u8; 64];
+    elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
+    elf[18..20].copy_from_slice(&183u16.to_le_bytes());
+    std::fs::write(&aarch64, &elf).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&aarch64, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let archive = tmp.path().join("out/qwen3.tar");
+    let o = kiln(&[
+        "bundle",
+        dir.to_str().unwrap(),
+        archive.to_str().unwrap(),
+        "--kiln-run",
+        aarch64.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("./kiln-run check qwen3.kiln"),
+        "{}",
+        stdout(&o)
+    );
+    // Nothing but the archive beside it.
+    let beside: Vec<_> = std::fs::read_dir(archive.parent().unwrap())
+        .unwrap()
+        .collect();
+    assert_eq!(beside.len(), 1);
+
+    let board = tmp.path().join("board");
+    std::fs::create_dir(&board).unwrap();
+    let untar = Command::new("tar")
+        .arg("-xf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&board)
+        .output()
+        .unwrap();
+    assert!(untar.status.success(), "{}", stderr(&untar));
+    let model_files = [
+        "build_om.sh",
+        "config.json",
+        "decode.onnx",
+        "generation_config.json",
+        "manifest.json",
+        "model.kiln.json",
+        "prefill.onnx",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "weights.bin",
+        "weights.safetensors",
+    ];
+    let mut expected: Vec<String> = model_files
+        .iter()
+        .map(|f| format!("qwen3.kiln/{f}"))
+        .collect();
+    expected.extend(["README.txt".to_string(), "kiln-run".to_string()]);
+    expected.sort();
+    assert_eq!(files_under(&board), expected);
+    for f in model_files {
+        let (a, b) = (dir.join(f), board.join("qwen3.kiln").join(f));
+        assert!(
+            std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+            "{f}"
+        );
+    }
+    for exe in ["kiln-run", "qwen3.kiln/build_om.sh"] {
+        let mode = std::fs::metadata(board.join(exe))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert!(mode & 0o111 != 0, "{exe}: mode {mode:o}");
+    }
+    let readme = std::fs::read_to_string(board.join("README.txt")).unwrap();
+    for command in [
+        "./qwen3.kiln/build_om.sh --soc auto",
+        "./kiln-run check qwen3.kiln",
+        "./kiln-run generate qwen3.kiln --backend npu",
+        "./kiln-run diff qwen3.kiln --a cpu --b npu",
+    ] {
+        assert!(readme.contains(command), "{command}:\n{readme}");
+    }
+
+    // The unpacked copy alone: the original is moved away first.
+    let kiln_run = kiln_run_binary();
+    let g = golden("qwen3");
+    let ids = join_ids(&g.prompt_ids);
+    let generate = |model: &Path| {
+        let o = Command::new(&kiln_run)
+            .arg("generate")
+            .arg(model)
+            .args(["--backend", "cpu", "--token-ids", &ids])
+            .args(["--max-new-tokens", "8", "--ignore-eos"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let original = generate(&dir);
+    let moved = tmp.path().join("moved");
+    std::fs::rename(&dir, &moved).unwrap();
+    let unpacked = board.join("qwen3.kiln");
+    let check = Command::new(&kiln_run)
+        .arg("check")
+        .arg(&unpacked)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", stderr(&check));
+    let bundled = generate(&unpacked);
+    eprintln!("kiln-run generate on the unpacked bundle: {bundled}");
+    assert_eq!(bundled, original);
+    // The reference interpreter reproduces transformers' greedy ids there.
+    assert!(
+        bundled.contains(&join_ids(&g.generated_ids[..8])),
+        "{bundled} vs {:?}",
+        &g.generated_ids[..8]
+    );
+
+    // `kiln compile --bundle` writes the same entries in one go.
+    let again = tmp.path().join("again/qwen3.kiln");
+    let also = tmp.path().join("again/qwen3.tar");
+    let o = compile_fixture("qwen3", &again, &["--bundle", also.to_str().unwrap()]);
+    assert!(stdout(&o).contains("bundle     "), "{}", stdout(&o));
+    let listed = Command::new("tar").arg("-tf").arg(&also).output().unwrap();
+    let mut names: Vec<String> = stdout(&listed)
+        .lines()
+        .filter(|n| *n != "kiln-run") // present if one is built beside kiln
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    let mut wanted = expected.clone();
+    wanted.retain(|n| n != "kiln-run");
+    assert_eq!(names, wanted);
+
+    // Bad input: each named, nothing written.
+    let out = tmp.path().join("bad/x.tar");
+    let bundle = |compiled: &Path, out: &Path, extra: &[&str]| {
+        let mut args = vec!["bundle", compiled.to_str().unwrap(), out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        kiln(&args)
+    };
+    let missing = tmp.path().join("nope");
+    assert_fails_with(
+        &bundle(&missing, &out, &[]),
+        &["nope", "is not a `kiln compile` output (it does not exist)"],
+    );
+    let plain = tmp.path().join("plain");
+    std::fs::create_dir(&plain).unwrap();
+    std::fs::write(plain.join("model.safetensors"), b"x").unwrap();
+    assert_fails_with(
+        &bundle(&plain, &out, &[]),
+        &[
+            "plain",
+            "it has no manifest.json",
+            "kiln compile MODEL -o DIR",
+        ],
+    );
+    assert_fails_with(
+        &bundle(&plain.join("model.safetensors"), &out, &[]),
+        &["it is a file, not a directory"],
+    );
+    // A target that cannot be written: its parent is a file.
+    let blocked = plain.join("model.safetensors/x.tar");
+    assert_fails_with(&bundle(&moved, &blocked, &[]), &["model.safetensors/x.tar"]);
+    assert_fails_with(&bundle(&moved, &board, &[]), &["is a directory"]);
+    // Not an aarch64 executable: this machine's kiln-run.
+    assert_fails_with(
+        &bundle(&moved, &out, &["--kiln-run", kiln_run.to_str().unwrap()]),
+        &[
+            "is not an aarch64 Linux executable",
+            "--target aarch64-unknown-linux-gnu",
+        ],
+    );
+    // A manifest naming a file outside the directory.
+    let manifest_path = moved.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest_path).unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+    manifest["tokenizer"] = "../../etc/passwd".into();
+    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    assert_fails_with(
+        &bundle(&moved, &out, &[]),
+        &["`../../etc/passwd` is not a plain relative path"],
+    );
+    std::fs::write(&manifest_path, &text).unwrap();
+    std::fs::remove_file(moved.join("model.kiln.json")).unwrap();
+    assert_fails_with(&bundle(&moved, &out, &[]), &["model.kiln.json is missing"]);
+    assert!(!tmp.path().join("bad").exists() || files_under(&tmp.path().join("bad")).is_empty());
+}

@@ -129,6 +129,53 @@ fn quantized_weights_are_int8_initializers_and_the_reference_weights_stay_small(
             .unwrap();
         assert_eq!(stdout(&out).trim(), want, "{}", stderr(&out));
     }
+
+    // The ONNX Runtime graphs keep no weights of their own but the f16
+    // scales they read as f32 (at --dtype fp32): each other initializer
+    // points into the reference weights (quantized tensors as stored) or
+    // ATC's weights.bin, and onnx's loader reads there the very bytes a copy
+    // inside the graph holds.
+    let inline = tmp.path().join("w4-inline");
+    compile_fixture(
+        "llama-gqa",
+        &inline,
+        &[
+            "--dtype",
+            "fp32",
+            "--quant",
+            "w4a16",
+            "--group-size",
+            "32",
+            "--dequantize-for-atc",
+            "--inline-weights",
+        ],
+    );
+    let script = "import onnx, sys, collections\n\
+                  shared = onnx.load(sys.argv[1])\n\
+                  inline = {i.name: i.raw_data for i in onnx.load(sys.argv[2]).graph.initializer}\n\
+                  places = collections.Counter()\n\
+                  for i in onnx.load(sys.argv[1], load_external_data=False).graph.initializer:\n\
+                  \x20   if i.data_location == onnx.TensorProto.EXTERNAL:\n\
+                  \x20       place = {e.key: e.value for e in i.external_data}['location']\n\
+                  \x20       places[place if place != 'weights.ort.bin' or i.name.endswith('.scales') else 'other'] += 1\n\
+                  same = all(i.raw_data == inline[i.name] for i in shared.graph.initializer)\n\
+                  print(same, len(shared.graph.initializer) == len(inline), sorted(places.items()))\n";
+    for graph in ["prefill.ort.onnx", "decode.ort.onnx"] {
+        let out = Command::new(&python)
+            .args(["-c", script])
+            .arg(w4.join(graph))
+            .arg(inline.join(graph))
+            .output()
+            .unwrap();
+        let printed = stdout(&out);
+        assert!(
+            printed.starts_with("True True [('weights.ort.bin', 14), ('weights.safetensors', 23)]")
+                && !printed.contains("other"),
+            "{graph}: {printed}{}",
+            stderr(&out)
+        );
+    }
+    assert!(!inline.join("weights.bin").exists() && !inline.join("weights.ort.bin").exists());
 }
 
 #[test]
@@ -240,6 +287,13 @@ fn w8a8_atc_graphs_keep_int8_weights_and_compute_what_onnx_runtime_runs() {
         let mut args = vec!["--quant", "w8a8"];
         args.extend_from_slice(extra);
         let summary = stdout(&compile_fixture(name, &dir, &args));
+        // At fp16 the .ort.onnx graphs' weights are all in weights.bin and
+        // weights.safetensors already (the f16 scales as stored).
+        assert_eq!(
+            dir.join("weights.ort.bin").exists(),
+            extra.contains(&"fp32"),
+            "{name}"
+        );
         assert!(
             summary.contains("AscendQuant") && !summary.contains("dequantized"),
             "{name}: {summary}"

@@ -25,7 +25,10 @@ pub const IR_FILE: &str = "model.kiln.json";
 pub const EXTERNAL_DATA_FILE: &str = "weights.bin";
 pub const BUILD_SCRIPT: &str = "build_om.sh";
 pub const REFERENCE_WEIGHTS: &str = "weights.safetensors";
-/// The external data of the ONNX Runtime graphs of a quantized model.
+/// The external data of the ONNX Runtime graphs of a quantized model that
+/// neither `weights.safetensors` nor `weights.bin` holds as the graphs read
+/// it (none, for the models Kiln compiles today: the file is made only if
+/// needed).
 pub const ORT_EXTERNAL_DATA_FILE: &str = "weights.ort.bin";
 
 /// Above this many weight bytes the ONNX files keep their weights in an
@@ -390,8 +393,9 @@ pub fn compile(
             .expect("the reference weights writer panicked");
         (written, reference)
     });
-    let weights_sha256 = written?.weights_sha256;
-    reference?;
+    let written = written?;
+    let weights_sha256 = written.weights_sha256;
+    let reference = reference?;
 
     // ONNX Runtime's graphs over the quantized weights, beside ATC's.
     let mut ort_names = Vec::new();
@@ -409,8 +413,22 @@ pub fn compile(
             .collect::<Result<_, CompileError>>()?;
         let ort_bytes = initializer_bytes(&ort[0].1, &model.weights, options.float)?;
         let ort_external = tmp.path.join(ORT_EXTERNAL_DATA_FILE);
+        // Their weights are already written: the quantized tensors as stored
+        // in the reference weights, the float ones (norms, tables) as ATC's
+        // graphs read them in weights.bin. The graphs point at those bytes.
+        let existing = stored_elsewhere(
+            &ort,
+            &lowered,
+            &written.stored,
+            &reference,
+            &model.weights,
+            options.float,
+        )?;
         let placement = if external || ort_bytes > INLINE_LIMIT {
-            WeightPlacement::External(&ort_external)
+            WeightPlacement::Reuse {
+                existing: &existing,
+                rest: &ort_external,
+            }
         } else {
             WeightPlacement::Inline
         };
@@ -780,6 +798,38 @@ fn manifest(
     }
 }
 
+/// For each weight of the ONNX Runtime graphs `ort`, where the same bytes
+/// already are: in the reference weights when the initializer is the store
+/// tensor unchanged, else in ATC's external data when ATC's graphs hold the
+/// same initializer (same name, same derivation, same float type).
+fn stored_elsewhere(
+    ort: &[(String, OnnxGraph)],
+    atc: &[(String, OnnxGraph)],
+    atc_stored: &std::collections::HashMap<String, onnx::StoredBytes>,
+    reference: &std::collections::HashMap<String, onnx::StoredBytes>,
+    store: &WeightStore,
+    float: FloatType,
+) -> Result<std::collections::HashMap<String, onnx::StoredBytes>, CompileError> {
+    let mut existing = std::collections::HashMap::new();
+    for (_, graph) in ort {
+        for name in &graph.weights {
+            let derived = graph.derived.get(name);
+            let len = onnx::initializer_layout(name, derived, store, float)?.1;
+            let as_stored = derived.is_none() && onnx::stored_as_is(store, name, float);
+            let same_in_atc = atc.iter().all(|(_, g)| g.derived.get(name) == derived);
+            let place = match (reference.get(name), atc_stored.get(name)) {
+                (Some(r), _) if as_stored => Some(r),
+                (_, Some(a)) if same_in_atc => Some(a),
+                _ => None,
+            };
+            if let Some(place) = place.filter(|p| p.len == len) {
+                existing.insert(name.clone(), place.clone());
+            }
+        }
+    }
+    Ok(existing)
+}
+
 /// The manifest's entry for each lowered graph.
 fn graph_infos(lowered: &[(String, OnnxGraph)], ir: &ModelIr) -> Vec<GraphInfo> {
     let tensors = |sig: Vec<(String, &'static str, Vec<usize>)>| {
@@ -811,11 +861,12 @@ fn graph_infos(lowered: &[(String, OnnxGraph)], ir: &ModelIr) -> Vec<GraphInfo> 
 /// as `safetensors::serialize` would. Tensors read from a checkpoint are
 /// copied from its file inside the kernel (`copy_file_range`: the bytes never
 /// pass through this process); tensors Kiln computed are written from memory.
+/// Returns where each tensor's bytes are in the file.
 fn write_reference_weights(
     names: &[&str],
     store: &WeightStore,
     path: &Path,
-) -> Result<(), CompileError> {
+) -> Result<std::collections::HashMap<String, onnx::StoredBytes>, CompileError> {
     use safetensors::tensor::{Metadata, TensorInfo};
     use safetensors::Dtype;
     use std::io::{Read, Seek, Write};
@@ -875,6 +926,25 @@ fn write_reference_weights(
     let metadata = Metadata::new(extra, infos).map_err(|e| io(std::io::Error::other(e)))?;
     let mut header = serde_json::to_vec(&metadata).map_err(|e| io(e.into()))?;
     header.resize(header.len().next_multiple_of(8), b' ');
+    let data_start = 8 + header.len() as u64;
+    let file_name = path
+        .file_name()
+        .expect("a file path")
+        .to_string_lossy()
+        .into_owned();
+    let places = metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| {
+            let (start, end) = info.data_offsets;
+            let place = onnx::StoredBytes {
+                file: file_name.clone(),
+                offset: data_start + start as u64,
+                len: (end - start) as u64,
+            };
+            (name, place)
+        })
+        .collect();
 
     let sources = checkpoint_offsets(store, tensors.iter().map(|t| t.0));
     let file = std::fs::File::create(path).map_err(io_err(path))?;
@@ -904,7 +974,8 @@ fn write_reference_weights(
                 .map_err(io_err(path))?,
         }
     }
-    out.flush().map_err(io_err(path))
+    out.flush().map_err(io_err(path))?;
+    Ok(places)
 }
 
 /// For each named tensor the store maps from a safetensors file: that file,
@@ -1000,7 +1071,15 @@ mod tests {
 
         let names = ["a", "b", "bf", "computed", "h", "replaced"];
         let path = tmp.path().join("weights.safetensors");
-        write_reference_weights(&names, &store, &path).unwrap();
+        let places = write_reference_weights(&names, &store, &path).unwrap();
+        // Each tensor's place in the file holds its bytes (the ONNX Runtime
+        // graphs read them there).
+        let file = std::fs::read(&path).unwrap();
+        for name in names {
+            let p = &places[name];
+            let at = p.offset as usize..(p.offset + p.len) as usize;
+            assert!(p.file == "weights.safetensors" && file[at] == *store.bytes(name).unwrap());
+        }
         let views: Vec<(&str, TensorView)> = names
             .iter()
             .map(|&name| {

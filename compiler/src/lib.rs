@@ -3,6 +3,7 @@
 //! `main.rs` is a thin layer over this.
 
 pub mod backend;
+pub mod bundle;
 pub mod calibrate;
 pub mod compile;
 pub mod eval;

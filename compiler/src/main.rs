@@ -35,6 +35,12 @@ enum Command {
     /// Compile a model into prefill/decode ONNX graphs for ATC, with a
     /// build_om.sh that turns them into .om models and a manifest.
     Compile(CompileArgs),
+    /// Pack what a board needs from a compiled directory into one tar
+    /// archive: the ATC graphs and weights with build_om.sh, the manifest,
+    /// tokenizer, IR and reference weights, kernels/ and any .om files, an
+    /// aarch64 kiln-run when one is built, and a README.txt of the commands
+    /// to run there.
+    Bundle(BundleArgs),
     /// Write a model (a .gguf file, say) as a plain Hugging Face directory:
     /// config.json, model.safetensors, tokenizer.json, tokenizer_config.json.
     Import(ImportArgs),
@@ -49,6 +55,21 @@ enum Command {
     /// with its weights so (keep: a GGUF's blocks; w8a16, w4a16, w8a8), and
     /// how closely its logits follow the same model in float.
     Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct BundleArgs {
+    /// A directory `kiln compile` wrote.
+    compiled: PathBuf,
+    /// The archive to write (a .tar file; replaced whole if it exists).
+    out: PathBuf,
+    /// The aarch64 kiln-run to pack [default: the one `cargo build --release
+    /// --target aarch64-unknown-linux-gnu` left beside this kiln, if any]
+    #[arg(long, value_name = "PATH", conflicts_with = "without_kiln_run")]
+    kiln_run: Option<PathBuf>,
+    /// Pack no kiln-run, even when one is built.
+    #[arg(long)]
+    without_kiln_run: bool,
 }
 
 #[derive(Args)]
@@ -187,6 +208,10 @@ struct CompileArgs {
     /// config.json, the config.json itself, or a .gguf)
     #[arg(long)]
     plan_only: bool,
+    /// Also write the board bundle (as `kiln bundle` does) to this .tar,
+    /// with the aarch64 kiln-run built beside this kiln, if any
+    #[arg(long, value_name = "OUT.tar")]
+    bundle: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -415,6 +440,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate_command(args),
         Command::Tokenize(args) => tokenize_command(args),
         Command::Import(args) => import_command(args),
+        Command::Bundle(args) => bundle_command(args),
         Command::Compile(args) => compile_command(args),
         Command::Diff(args) => kiln_runtime::diff::diff_command(&args).map_err(anyhow::Error::msg),
         Command::Eval(args) => eval_command(args),
@@ -591,13 +617,6 @@ fn compile_command(args: CompileArgs) -> Result<()> {
     for (name, size) in &report.files {
         kiln_runtime::say!("    {name:<24} {:>10.2} MB", *size as f64 / 1e6);
     }
-    let total: u64 = report.files.iter().map(|(_, size)| size).sum();
-    kiln_runtime::say!(
-        "    {:<24} {:>10.2} MB: all of it goes to the board (build_om.sh converts the .onnx \
-         files there or on any CANN machine; the IR and weights.safetensors serve --backend cpu and diff)",
-        "total",
-        total as f64 / 1e6
-    );
     for (graph, counts) in &report.node_counts {
         let total: usize = counts.values().sum();
         let ops: Vec<String> = counts.iter().map(|(op, n)| format!("{op}×{n}")).collect();
@@ -676,6 +695,96 @@ fn compile_command(args: CompileArgs) -> Result<()> {
             report.out.display()
         ),
     }
+    compile_closing(&report.out, &report.files)?;
+    if let Some(archive) = &args.bundle {
+        let bundled = kiln::bundle::bundle(
+            &report.out,
+            archive,
+            kiln::bundle::find_kiln_run().as_deref(),
+        )?;
+        kiln_runtime::say!(
+            "  bundle     {} ({:.1} MB, {}): copy it to the board, tar xf it there and follow its README.txt",
+            bundled.out.display(),
+            bundled.bytes as f64 / 1e6,
+            match &bundled.kiln_run {
+                Some(k) => format!("with kiln-run from {}", k.display()),
+                None => "no aarch64 kiln-run built yet: see Next above".to_string(),
+            }
+        );
+    }
+    Ok(())
+}
+
+/// The end of the compile summary: the total, what of it the board needs,
+/// and the next commands, the cross-build's prerequisites included.
+fn compile_closing(out: &std::path::Path, files: &[(String, u64)]) -> Result<()> {
+    let mb = |b: u64| b as f64 / 1e6;
+    let total: u64 = files.iter().map(|(_, size)| size).sum();
+    let board = kiln::bundle::board_files(out)?;
+    let board_bytes: u64 = board.iter().map(|f| f.bytes).sum();
+    let names: Vec<&str> = board.iter().map(|f| f.name.as_str()).collect();
+    let left: Vec<&str> = files
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| !names.contains(n))
+        .collect();
+    kiln_runtime::say!(
+        "  board      {:.1} MB: {} (build_om.sh converts the .onnx files there or on any CANN machine; the IR \
+         and {} serve --backend cpu and diff){}",
+        mb(board_bytes),
+        names.join(", "),
+        kiln::compile::REFERENCE_WEIGHTS,
+        if left.is_empty() {
+            String::new()
+        } else {
+            format!("; not needed there: {} (ONNX Runtime, for kiln diff --b onnxruntime here)", left.join(", "))
+        }
+    );
+    kiln_runtime::say!("  total      {:.1} MB in {}", mb(total), out.display());
+    let dir = out.display();
+    let leaf = out.file_name().unwrap_or_default().to_string_lossy();
+    let [target, linker, build] = kiln::bundle::cross_build_steps();
+    let steps = [
+        format!("kiln-run generate {dir} --chat --prompt \"What is the capital of France?\"   # on this CPU"),
+        format!("kiln diff {dir} --b onnxruntime --prompt \"The capital of France is\"   # needs a Python with onnxruntime (--python)"),
+        "# kiln-run for the board (aarch64), once:".to_string(),
+        target,
+        linker,
+        build,
+        format!("kiln bundle {dir} {dir}.tar   # the board's files, that kiln-run and a README.txt in one archive"),
+        format!("# on the board: tar xf {leaf}.tar; ./{leaf}/build_om.sh --soc auto; ./kiln-run check {leaf}"),
+        format!("# ./kiln-run generate {leaf} --backend npu --chat --prompt \"…\"   (README.txt in the archive lists them)"),
+    ];
+    kiln_runtime::say!("Next:");
+    for step in steps {
+        kiln_runtime::say!("  {step}");
+    }
+    Ok(())
+}
+
+fn bundle_command(args: BundleArgs) -> Result<()> {
+    let kiln_run = match (&args.kiln_run, args.without_kiln_run) {
+        (Some(path), _) => Some(path.clone()),
+        (None, true) => None,
+        (None, false) => kiln::bundle::find_kiln_run(),
+    };
+    let report = kiln::bundle::bundle(&args.compiled, &args.out, kiln_run.as_deref())?;
+    kiln_runtime::say!(
+        "wrote {} ({:.1} MB): {}/ with {} entries{}",
+        report.out.display(),
+        report.bytes as f64 / 1e6,
+        report.root,
+        report.files.len(),
+        match &report.kiln_run {
+            Some(k) => format!(", kiln-run from {}", k.display()),
+            None => ", no kiln-run (README.txt says how to build one)".to_string(),
+        }
+    );
+    kiln_runtime::say!(
+        "On the board: tar xf {} && cat README.txt\n",
+        report.out.file_name().unwrap_or_default().to_string_lossy()
+    );
+    kiln_runtime::say!("{}", report.readme.trim_end());
     Ok(())
 }
 

@@ -49,6 +49,45 @@ impl Drop for StagedDir {
     }
 }
 
+/// A file written in a temporary place beside its target, renamed over it
+/// when done and removed if not.
+pub struct StagedFile {
+    /// Where to write now.
+    pub path: PathBuf,
+    target: PathBuf,
+    done: bool,
+}
+
+impl StagedFile {
+    /// A fresh temporary file beside `target` (whose parent is created),
+    /// open for writing.
+    pub fn beside(target: &Path) -> std::io::Result<(StagedFile, std::fs::File)> {
+        let path = temporary_beside(target)?;
+        let file = std::fs::File::create(&path)?;
+        let staged = StagedFile {
+            path,
+            target: target.to_path_buf(),
+            done: false,
+        };
+        Ok((staged, file))
+    }
+
+    /// Moves the finished file into place, replacing an old one.
+    pub fn commit(mut self) -> std::io::Result<()> {
+        std::fs::rename(&self.path, &self.target)?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// `.<name>.kiln-tmp-<pid>` beside `target`, its parent created.
 fn temporary_beside(target: &Path) -> std::io::Result<PathBuf> {
     let parent = parent_of(target);

@@ -201,3 +201,22 @@ pub fn write_executable(path: &Path, script: &str) {
     std::fs::write(path, script).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
+
+/// The x86_64 `kiln-run` beside the `kiln` binary: `cargo test --workspace`
+/// builds it; `cargo test -p kiln` does not, so it is built here then.
+pub fn kiln_run_binary() -> PathBuf {
+    let exe = Path::new(env!("CARGO_BIN_EXE_kiln")).with_file_name("kiln-run");
+    if !exe.is_file() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "kiln-runtime", "--bin", "kiln-run"])
+            .current_dir(repo_root())
+            .status()
+            .expect("cargo runs");
+        assert!(
+            status.success() && exe.is_file(),
+            "building kiln-run failed"
+        );
+    }
+    exe
+}

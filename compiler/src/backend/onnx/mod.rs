@@ -295,6 +295,27 @@ pub enum WeightPlacement<'a> {
     /// In one external data file at this path, which every graph references
     /// by its file name: each tensor is written there once.
     External(&'a Path),
+    /// The initializers `existing` names reference those bytes, already in
+    /// files beside the graphs; the others go into one external data file at
+    /// `rest`, made only when there are any.
+    Reuse {
+        existing: &'a HashMap<String, StoredBytes>,
+        rest: &'a Path,
+    },
+}
+
+/// Where an initializer's bytes are in an external data file beside the
+/// graphs (ONNX's `location`, `offset` and `length`:
+/// https://onnx.ai/onnx/repo-docs/ExternalData.html). ONNX Runtime reads
+/// unaligned offsets too; it memory-maps only those aligned to the page
+/// size, and copies the others (`ModelSavingOptions` in
+/// https://github.com/microsoft/onnxruntime/blob/main/include/onnxruntime/core/graph/model_saving_options.h).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredBytes {
+    /// The file's name, in the graphs' directory.
+    pub file: String,
+    pub offset: u64,
+    pub len: u64,
 }
 
 /// What writing the graphs produced.
@@ -302,8 +323,24 @@ pub struct Written {
     /// Bytes of converted weights, each tensor counted once.
     pub weight_bytes: u64,
     /// SHA-256 of the converted weight bytes in the order written: the first
-    /// graph's weights, then those only later graphs read.
+    /// graph's weights, then those only later graphs read (with
+    /// `WeightPlacement::Reuse`, only those not already stored).
     pub weights_sha256: String,
+    /// Each weight's place in the external data (empty when inline).
+    pub stored: HashMap<String, StoredBytes>,
+}
+
+/// Whether a weight's initializer holds the store tensor's bytes unchanged
+/// (so a file that holds the tensor as stored can serve the graph).
+pub fn stored_as_is(store: &WeightStore, name: &str, float: FloatType) -> bool {
+    let Ok(ty) = store.tensor_type(name) else {
+        return false;
+    };
+    match (ty.dtype, float) {
+        (DType::I8 | DType::U4, _) => true,
+        (DType::F32, FloatType::F32) | (DType::F16, FloatType::F16) => store.bytes(name).is_ok(),
+        _ => false,
+    }
 }
 
 /// One weight converted to the model's float type (borrowed from the store
@@ -325,21 +362,15 @@ impl<'s> Chunk<'s> {
             let bytes = Cow::Owned(derive(store, derived, float)?);
             return Ok(Chunk { name, bytes, store });
         }
-        let ty = store.tensor_type(name)?;
-        let bytes = match (ty.dtype, float) {
-            // Quantized weights go as stored; so do floats already in the
-            // graph's type (unless computed when read, as dequantized ones are).
-            (DType::I8 | DType::U4, _) => Cow::Borrowed(store.bytes(name)?),
-            (DType::F32, FloatType::F32) | (DType::F16, FloatType::F16)
-                if store.bytes(name).is_ok() =>
-            {
-                Cow::Borrowed(store.bytes(name)?)
-            }
-            _ => {
-                let converted = float.encode(store.to_f32_tensor(name)?.f32s());
-                store.release(name);
-                Cow::Owned(converted)
-            }
+        // Quantized weights go as stored; so do floats already in the
+        // graph's type (unless computed when read, as dequantized ones are).
+        let bytes = if stored_as_is(store, name, float) {
+            Cow::Borrowed(store.bytes(name)?)
+        } else {
+            store.tensor_type(name)?;
+            let converted = float.encode(store.to_f32_tensor(name)?.f32s());
+            store.release(name);
+            Cow::Owned(converted)
         };
         Ok(Chunk { name, bytes, store })
     }
@@ -499,11 +530,8 @@ const MODEL_GRAPH_FIELD: u32 = 7;
 const GRAPH_INITIALIZER_FIELD: u32 = 5;
 const TENSOR_RAW_DATA_FIELD: u32 = 9;
 
-/// The external data file's name and each weight's offset in it.
-struct ExternalLayout<'a> {
-    location: String,
-    offsets: HashMap<&'a str, u64>,
-}
+/// Each external weight's file and offset.
+type ExternalLayout = HashMap<String, StoredBytes>;
 
 /// A graph's file without the weight bytes.
 struct FileLayout<'a> {
@@ -546,9 +574,11 @@ fn layout<'a>(
             None => *len,
             Some(external) => {
                 tensor.data_location = DataLocation::EXTERNAL.into();
+                let stored = &external[name.as_str()];
+                debug_assert_eq!(stored.len, *len, "{name}");
                 for (key, value) in [
-                    ("location", external.location.clone()),
-                    ("offset", external.offsets[name.as_str()].to_string()),
+                    ("location", stored.file.clone()),
+                    ("offset", stored.offset.to_string()),
                     ("length", len.to_string()),
                 ] {
                     tensor.external_data.push(StringStringEntryProto {
@@ -629,23 +659,49 @@ pub fn write(
         let layout = initializer_layout(name, derived.get(name).copied(), store, float)?;
         shapes.insert(name, layout);
     }
-    let external = match placement {
-        WeightPlacement::Inline => None,
-        WeightPlacement::External(path) => {
-            let mut offsets = HashMap::with_capacity(order.len());
-            let mut offset = 0;
-            for &name in &order {
-                offsets.insert(name, offset);
-                offset += shapes[name].1;
-            }
-            let location = path
-                .file_name()
-                .expect("a file path")
-                .to_string_lossy()
-                .into_owned();
-            Some(ExternalLayout { location, offsets })
-        }
+    // The external data: weights already stored elsewhere keep their place;
+    // the others (the ones streamed below) follow each other in one file.
+    let (external_file, existing) = match placement {
+        WeightPlacement::Inline => (None, None),
+        WeightPlacement::External(path) => (Some(path), None),
+        WeightPlacement::Reuse { existing, rest } => (Some(rest), Some(existing)),
     };
+    if let Some(existing) = existing {
+        for &name in &order {
+            if let Some(stored) = existing.get(name) {
+                if stored.len != shapes[name].1 {
+                    return Err(OnnxError::Io {
+                        path: PathBuf::from(&stored.file),
+                        source: std::io::Error::other(format!(
+                            "`{name}` is stored as {} bytes, its initializer has {}",
+                            stored.len, shapes[name].1
+                        )),
+                    });
+                }
+            }
+        }
+        order.retain(|name| !existing.contains_key(*name));
+    }
+    let external: Option<ExternalLayout> = external_file.map(|path| {
+        let file = path
+            .file_name()
+            .expect("a file path")
+            .to_string_lossy()
+            .into_owned();
+        let mut layout = existing.cloned().unwrap_or_default();
+        let mut offset = 0;
+        for &name in &order {
+            let len = shapes[name].1;
+            let stored = StoredBytes {
+                file: file.clone(),
+                offset,
+                len,
+            };
+            layout.insert(name.to_string(), stored);
+            offset += len;
+        }
+        layout
+    });
 
     let mut sinks = vec![Sink::Hash(Sha256::new())];
     for &(path, graph) in graphs {
@@ -654,7 +710,7 @@ pub fn write(
         out.write_all(&prefix).map_err(io_err(path))?;
         match placement {
             WeightPlacement::Inline => sinks.push(Sink::Inline { out, path, entries }),
-            WeightPlacement::External(_) => {
+            WeightPlacement::External(_) | WeightPlacement::Reuse { .. } => {
                 for name in &graph.weights {
                     out.write_all(&entries[name.as_str()])
                         .map_err(io_err(path))?;
@@ -663,7 +719,7 @@ pub fn write(
             }
         }
     }
-    if let WeightPlacement::External(path) = placement {
+    if let Some(path) = external_file.filter(|_| !order.is_empty()) {
         sinks.push(Sink::External {
             out: create(path)?,
             path,
@@ -712,8 +768,9 @@ pub fn write(
         Ok::<_, OnnxError>(hash.expect("the hasher finishes with a hash"))
     })?;
     Ok(Written {
-        weight_bytes: shapes.values().map(|(_, len, _)| len).sum(),
+        weight_bytes: order.iter().map(|name| shapes[name].1).sum(),
         weights_sha256,
+        stored: external.unwrap_or_default(),
     })
 }
 
@@ -1086,7 +1143,7 @@ mod tests {
                         }
                         let bytes = match placement {
                             WeightPlacement::Inline => t.raw_data.clone(),
-                            WeightPlacement::External(_) => {
+                            WeightPlacement::External(_) | WeightPlacement::Reuse { .. } => {
                                 let field = |key: &str| -> usize {
                                     let e = t.external_data.iter().find(|e| e.key == key);
                                     e.unwrap().value.parse().unwrap()
@@ -1107,5 +1164,131 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Weights already in another file are referenced where they are; only
+    /// the others go to the rest file, which is not made when none do.
+    #[test]
+    fn reused_weights_point_into_their_file_and_only_the_rest_is_written() {
+        let mut b = GraphBuilder::new("g");
+        let x = b.input("x", TensorType::f32([1, 2, 8]));
+        let w = b.weight("proj.weight", TensorType::f32([8, 8]));
+        let h = b.node("proj", Linear, &[x, w]).unwrap();
+        let norm = b.weight("norm.weight", TensorType::f32([8]));
+        let out = b.node("norm", RmsNorm { eps: 1e-6 }, &[h, norm]).unwrap();
+        b.output(out, "out");
+        let graph = b.finish().unwrap();
+        let mut store = WeightStore::default();
+        let proj: Vec<f32> = (0..64).map(|i| i as f32 - 20.0).collect();
+        let norm: Vec<f32> = (0..8).map(|i| 0.5 + i as f32).collect();
+        store.insert_f32("proj.weight", vec![8, 8], proj.clone());
+        store.insert_f32("norm.weight", vec![8], norm.clone());
+        let options = OnnxOptions {
+            opset: 13,
+            float: FloatType::F32,
+            quant_ops: QuantOps::Standard,
+            kernels: None,
+        };
+        let lowered = lower(&graph, &options).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        // proj.weight's bytes, 3 bytes into another file.
+        let mut other = vec![7u8; 3];
+        other.extend(FloatType::F32.encode(&proj));
+        std::fs::write(tmp.path().join("other.bin"), &other).unwrap();
+        let stored = StoredBytes {
+            file: "other.bin".into(),
+            offset: 3,
+            len: 256,
+        };
+        let path = tmp.path().join("g.onnx");
+        let rest = tmp.path().join("rest.bin");
+        let read = |name: &str| {
+            let model = ModelProto::parse_from_bytes(&std::fs::read(&path).unwrap()).unwrap();
+            let t = model
+                .graph
+                .initializer
+                .iter()
+                .find(|t| t.name == name)
+                .unwrap()
+                .clone();
+            let field = |key: &str| {
+                t.external_data
+                    .iter()
+                    .find(|e| e.key == key)
+                    .unwrap()
+                    .value
+                    .clone()
+            };
+            let (offset, len): (usize, usize) = (
+                field("offset").parse().unwrap(),
+                field("length").parse().unwrap(),
+            );
+            let data = std::fs::read(tmp.path().join(field("location"))).unwrap();
+            data[offset..offset + len].to_vec()
+        };
+        let mut existing = HashMap::from([("proj.weight".to_string(), stored.clone())]);
+        let placement = WeightPlacement::Reuse {
+            existing: &existing,
+            rest: &rest,
+        };
+        let written = write(
+            &[(&path, &lowered)],
+            &store,
+            FloatType::F32,
+            placement,
+            |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(read("proj.weight"), FloatType::F32.encode(&proj));
+        assert_eq!(read("norm.weight"), FloatType::F32.encode(&norm));
+        assert_eq!(std::fs::read(&rest).unwrap(), FloatType::F32.encode(&norm));
+        assert_eq!(written.weight_bytes, 32);
+        assert_eq!(written.stored["proj.weight"], stored);
+
+        // Everything stored already: no rest file.
+        std::fs::remove_file(&rest).unwrap();
+        other.extend(FloatType::F32.encode(&norm));
+        std::fs::write(tmp.path().join("other.bin"), &other).unwrap();
+        existing.insert(
+            "norm.weight".into(),
+            StoredBytes {
+                file: "other.bin".into(),
+                offset: 259,
+                len: 32,
+            },
+        );
+        let placement = WeightPlacement::Reuse {
+            existing: &existing,
+            rest: &rest,
+        };
+        write(
+            &[(&path, &lowered)],
+            &store,
+            FloatType::F32,
+            placement,
+            |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(read("norm.weight"), FloatType::F32.encode(&norm));
+        assert!(!rest.exists());
+
+        // A stored length that is not the initializer's is refused.
+        existing.get_mut("norm.weight").unwrap().len = 16;
+        let placement = WeightPlacement::Reuse {
+            existing: &existing,
+            rest: &rest,
+        };
+        let err = write(
+            &[(&path, &lowered)],
+            &store,
+            FloatType::F32,
+            placement,
+            |_, _| {},
+        );
+        assert!(err
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("`norm.weight` is stored as 16 bytes"));
     }
 }
