@@ -722,7 +722,9 @@ mod tests {
         let graph = om.graphs().unwrap()[0];
         let matmuls = graph.matmul_weight_dtypes();
         assert_eq!(matmuls.len(), 2);
-        assert!(matmuls.iter().all(|(_, d)| *d == model_def::GeDataType::INT8));
+        assert!(matmuls
+            .iter()
+            .all(|(_, d)| *d == model_def::GeDataType::INT8));
         assert_eq!(
             graph.weight_dtypes()[&model_def::GeDataType::INT8],
             (2, 2 * 64 * 96)
@@ -731,7 +733,9 @@ mod tests {
         let om = OmFile::parse(&sample_with_graph(&graph_ops(false, true, false))).unwrap();
         let graph = om.graphs().unwrap()[0];
         assert_eq!(graph.ai_cpu_ops()[0].name, "argmax");
-        assert!(graph.to_string().contains("ArgMaxV2                     1  AI CPU   <-- AI CPU FALLBACK"));
+        assert!(graph
+            .to_string()
+            .contains("ArgMaxV2                     1  AI CPU   <-- AI CPU FALLBACK"));
 
         let om = OmFile::parse(&sample_with_graph(&graph_ops(true, false, true))).unwrap();
         let graph = om.graphs().unwrap()[0];
@@ -747,7 +751,10 @@ mod tests {
         // Not protobuf (the old stand-in text).
         let om = OmFile::parse(&sample(true, true)).unwrap();
         let err = om.graphs().unwrap_err();
-        assert!(err.contains("MODEL_DEF partition: not a GE ModelDef"), "{err}");
+        assert!(
+            err.contains("MODEL_DEF partition: not a GE ModelDef"),
+            "{err}"
+        );
         // Every truncation of a valid ModelDef, in a well-formed file.
         let def = model_def("decode", "Ascend310B4", &graph_ops(true, true, true));
         for len in 0..def.len() {

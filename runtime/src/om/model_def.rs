@@ -379,11 +379,15 @@ impl AttrNames {
                 let digit = u64::from(digit)
                     .checked_sub(1)
                     .filter(|&d| d < 127)
-                    .ok_or_else(|| format!("op `{}`: a compressed attr name is malformed", op.name))?;
+                    .ok_or_else(|| {
+                        format!("op `{}`: a compressed attr name is malformed", op.name)
+                    })?;
                 let weight = u32::try_from(i)
                     .ok()
                     .and_then(|i| 127u64.checked_pow(i))
-                    .ok_or_else(|| format!("op `{}`: a compressed attr name is too long", op.name))?;
+                    .ok_or_else(|| {
+                        format!("op `{}`: a compressed attr name is too long", op.name)
+                    })?;
                 index = digit
                     .checked_mul(weight)
                     .and_then(|d| index.checked_add(d))
@@ -398,7 +402,9 @@ impl AttrNames {
                 )
             })?;
             let value = match (self.use_string.get(at), value) {
-                (Some(true), AttrValue::I(i)) => AttrValue::S(self.value(*i, &op.name)?.into_bytes()),
+                (Some(true), AttrValue::I(i)) => {
+                    AttrValue::S(self.value(*i, &op.name)?.into_bytes())
+                }
                 (Some(true), AttrValue::List(l)) => AttrValue::List(ListValue {
                     s: l.i
                         .iter()
@@ -463,7 +469,10 @@ fn element_bytes(dtype: GeDataType, dims: &[i64]) -> Option<u64> {
 }
 
 fn dims_of(desc: &TensorDescriptor) -> Vec<i64> {
-    desc.shape.as_ref().map(|s| s.dim.clone()).unwrap_or_default()
+    desc.shape
+        .as_ref()
+        .map(|s| s.dim.clone())
+        .unwrap_or_default()
 }
 
 fn weight_of(op: &OpDef, attrs: &BTreeMap<String, AttrValue>) -> Option<OmWeight> {
@@ -588,12 +597,18 @@ impl OmGraph {
 
     /// The ops GE put on the AI CPU.
     pub fn ai_cpu_ops(&self) -> Vec<&OmOp> {
-        self.ops.iter().filter(|op| op.engine == Engine::AiCpu).collect()
+        self.ops
+            .iter()
+            .filter(|op| op.engine == Engine::AiCpu)
+            .collect()
     }
 
     /// The ops that ran as custom operators.
     pub fn custom_ops(&self) -> Vec<&OmOp> {
-        self.ops.iter().filter(|op| op.engine == Engine::Custom).collect()
+        self.ops
+            .iter()
+            .filter(|op| op.engine == Engine::Custom)
+            .collect()
     }
 
     /// Weight bytes and counts by dtype (embedded and external together).
@@ -712,7 +727,10 @@ impl fmt::Display for OmGraph {
         }
         let files = self.external_files();
         if files.is_empty() {
-            writeln!(f, "  external weight files: none (weights embedded in the .om)")?;
+            writeln!(
+                f,
+                "  external weight files: none (weights embedded in the .om)"
+            )?;
         } else {
             writeln!(f, "  external weight files: {}", files.len())?;
             for (file, bytes) in files {
@@ -864,7 +882,11 @@ mod tests {
         assert_eq!(graph.ops[0].engine, Engine::GeLocal);
         let ai_cpu: Vec<&str> = graph.ai_cpu_ops().iter().map(|o| o.name.as_str()).collect();
         assert_eq!(ai_cpu, ["topk"]);
-        let custom: Vec<&str> = graph.custom_ops().iter().map(|o| o.op_type.as_str()).collect();
+        let custom: Vec<&str> = graph
+            .custom_ops()
+            .iter()
+            .map(|o| o.op_type.as_str())
+            .collect();
         assert_eq!(custom, ["KilnGemvW4"]);
         let weights = graph.weight_dtypes();
         assert_eq!(weights[&GeDataType::INT8], (1, 64 * 32));
@@ -904,7 +926,10 @@ mod tests {
         values[130] = "aicpu_tf_kernel".into();
         let model_attr = vec![
             AttrEntry::new("om_compress_version", AttrValue::I(1)),
-            AttrEntry::new("attr_name_enum", list(vec!["other", ATTR_KERNEL_LIB], vec![])),
+            AttrEntry::new(
+                "attr_name_enum",
+                list(vec!["other", ATTR_KERNEL_LIB], vec![]),
+            ),
             AttrEntry::new(
                 "attr_value_enum",
                 list(values.iter().map(String::as_str).collect(), vec![]),
@@ -939,7 +964,10 @@ mod tests {
         let mut bad = ModelDef::decode(bytes.as_slice()).unwrap();
         bad.graph[0].op[0].attr = vec![compressed(vec![0, 4, 2], 0)];
         let err = OmGraph::decode(&bad.encode_to_vec()).unwrap_err();
-        assert!(err.contains("op `where`") && err.contains("attr_name_enum has 2"), "{err}");
+        assert!(
+            err.contains("op `where`") && err.contains("attr_name_enum has 2"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -958,7 +986,10 @@ mod tests {
             ..ModelDef::default()
         }
         .encode_to_vec();
-        assert_eq!(OmGraph::decode(&bytes).unwrap().ops[0].engine, Engine::AiCpu);
+        assert_eq!(
+            OmGraph::decode(&bytes).unwrap().ops[0].engine,
+            Engine::AiCpu
+        );
     }
 
     #[test]
