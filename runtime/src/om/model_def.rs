@@ -797,6 +797,24 @@ pub mod writer {
         }
     }
 
+    /// A ModelDef whose only ops are FileConstants reading `files`: what
+    /// the ACL test double needs to find a model's external weights.
+    pub fn file_constants<S: AsRef<str>>(name: &str, files: &[S]) -> Vec<u8> {
+        let ops: Vec<OpSpec> = files
+            .iter()
+            .enumerate()
+            .map(|(i, file)| OpSpec {
+                file_constant: Some((file.as_ref().to_string(), GeDataType::UINT8.0, vec![1])),
+                ..OpSpec::new(
+                    &format!("weight_{i}"),
+                    "FileConstant",
+                    "DNN_VM_GE_LOCAL_OP_STORE",
+                )
+            })
+            .collect();
+        model_def(name, "Ascend310B1", &ops)
+    }
+
     /// A ModelDef of one graph holding `ops`, as ATC records it.
     pub fn model_def(name: &str, soc_version: &str, ops: &[OpSpec]) -> Vec<u8> {
         let op = ops
