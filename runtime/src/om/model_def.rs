@@ -40,6 +40,10 @@
 //! - The chip: the model attr `soc_version`, which ATC sets and the loader
 //!   checks against the device (hicann/ge `compiler/api/generator/ge_generator.cc`,
 //!   `base/common/helper/om_file_helper.cc`); `atc_version`, `opp_version`.
+//! - Checked by hand (not committed: CANN license) on the .om files GE's own
+//!   tests ship (hicann/ge `tests/ge/st/st_run_data/origin_model/*.om`): op
+//!   names and types, `aicpu_ascend_kernel` ops, Const weights and the model
+//!   attr `opp_version` read back as GE wrote them.
 //! - Compressed attr names (`om_compress_version` set): op attr names that
 //!   start with a NUL byte are indices into the model attr `attr_name_enum`
 //!   (base 127, each digit + 1, least significant first), and the value of
@@ -648,7 +652,16 @@ impl OmGraph {
 pub fn is_matmul(op_type: &str) -> bool {
     matches!(
         op_type,
-        "MatMul" | "MatMulV2" | "MatMulV3" | "BatchMatMul" | "BatchMatMulV2" | "Gemm"
+        "MatMul"
+            | "MatMulV2"
+            | "MatMulV3"
+            | "BatchMatMul"
+            | "BatchMatMulV2"
+            | "BatchMatMulV3"
+            | "Gemm"
+            | "QuantBatchMatmul"
+            | "QuantBatchMatmulV3"
+            | "WeightQuantBatchMatmulV2"
     )
 }
 
@@ -732,9 +745,19 @@ impl fmt::Display for OmGraph {
                 "  external weight files: none (weights embedded in the .om)"
             )?;
         } else {
-            writeln!(f, "  external weight files: {}", files.len())?;
-            for (file, bytes) in files {
+            let total: u64 = files.values().sum();
+            writeln!(
+                f,
+                "  external weight files: {} ({})",
+                files.len(),
+                mb(total)
+            )?;
+            const SHOWN: usize = 12;
+            for (file, bytes) in files.iter().take(SHOWN) {
                 writeln!(f, "    {file} ({bytes} bytes)")?;
+            }
+            if files.len() > SHOWN {
+                writeln!(f, "    … and {} more", files.len() - SHOWN)?;
             }
         }
         let custom = self.custom_ops();
