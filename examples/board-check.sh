@@ -129,7 +129,7 @@ if [ -n "$acl_lib" ] && grep -qa "KILN ACL TEST DOUBLE" -- "$acl_lib" 2>/dev/nul
     standins+=("ACL (KILN_ACL_LIB is Kiln's ACL test double)")
 fi
 if [ "$have_npu_smi" = 1 ] && grep -qs "stand-in" "$logs/npu-smi-before.txt"; then
-    standins+=("npu-smi")
+    standins+=("npu-smi (its table says stand-in)")
 fi
 acl_double=0
 for s in "${standins[@]}"; do case "$s" in ACL*) acl_double=1 ;; esac; done
@@ -213,13 +213,24 @@ if [ "$have_npu_smi" = 1 ]; then
     aicore=$(awk -F'|' '/^---/ { s++ } $2 ~ /^ *[0-9]+ +[0-9]+ *$/ { split($4, f, " "); if (f[1] ~ /^[0-9.]+$/) { n++; sum += f[1]; if (f[1] > max) max = f[1]; if (f[1] > 0) busy++ } if (f[2] > mem) mem = f[2] }
         END { if (n) printf "%d samples over %d tables: AI Core busy in %d, max %s%%, mean %.1f%%; device memory used up to %s MB", n, s, busy, max, sum / n, mem; else print "no AICore(%) column found in npu-smi info (see the first sample below)" }' \
         "$logs/npu-smi-samples.txt" 2>/dev/null || echo "no samples taken")
+    # The fastllm lesson: an NPU run whose AI Core never shows busy did not
+    # compute on the NPU, whatever the timings say.
+    busy=$(awk -F'|' '$2 ~ /^ *[0-9]+ +[0-9]+ *$/ { split($4, f, " "); if (f[1] ~ /^[0-9.]+$/ && f[1] > 0) n++ } END { print n + 0 }' \
+        "$logs/npu-smi-samples.txt" 2>/dev/null || echo 0)
+    if [ "$busy" -gt 0 ]; then
+        record "AI Core busy (npu-smi)" PASS "$aicore"
+    else
+        record "AI Core busy (npu-smi)" FAIL "AI Core at 0% in every sample: the NPU did not visibly compute ($aicore)"
+    fi
+else
+    record "AI Core busy (npu-smi)" "NOT SAMPLED" "npu-smi not found"
 fi
 
 # --- The report -----------------------------------------------------------
 if [ "${#standins[@]}" -eq 0 ]; then
     ran_on="real hardware: CANN's atc and ACL, npu-smi of this board"
 else
-    ran_on="STAND-INS, NOT AN NPU: $(IFS=';'; echo "${standins[*]}") — no number below was computed by an Ascend NPU"
+    ran_on="STAND-INS, NOT AN NPU: $(printf '%s; ' "${standins[@]}")no number below was computed by an Ascend NPU"
 fi
 tmp_report=$(mktemp "$report_dir/.board-check-report.XXXXXX")
 {
@@ -283,7 +294,7 @@ tmp_report=$(mktemp "$report_dir/.board-check-report.XXXXXX")
     echo
     echo "Allocated by kiln-run on the device: ${memory:-not reported (see the generate log)}"
     echo
-    echo "## AI Core during decode (npu-smi info, every 0.5 s)"
+    echo "## AI Core during the NPU run (npu-smi info, every 0.5 s)"
     echo
     echo "$aicore"
     echo

@@ -122,7 +122,7 @@ fn board_check_runs_end_to_end_on_the_stand_ins_and_says_so() {
         "## CPU vs NPU (kiln-run diff, 8 steps each)",
         "## Benchmark",
         "## Memory",
-        "## AI Core during decode",
+        "## AI Core during the NPU run",
         "## Logs",
     ] {
         assert!(report.contains(section), "{section:?} missing:\n{report}");
@@ -137,6 +137,7 @@ fn board_check_runs_end_to_end_on_the_stand_ins_and_says_so() {
     assert!(row(&report, "kiln-run")[1].starts_with("kiln-run "));
     assert_eq!(row(&report, "build_om.sh")[1], "PASS");
     assert_eq!(row(&report, "kiln-run check")[1], "PASS");
+    assert_eq!(row(&report, "AI Core busy (npu-smi)")[1], "PASS");
     // What ATC built, read back from MODEL_DEF: int8 weights, engines.
     assert!(
         report.contains("decode.om: ") && report.contains("int8") && report.contains("AI Core"),
