@@ -579,14 +579,12 @@ fn npu_session_runs_a_compiled_directory_on_the_acl_test_double() {
             })
             .collect();
         let (inputs, outputs) = specs.split_at(info.inputs.len());
-        // The double's stand-in for GE's FileConstants (see its header).
-        let model_def = format!("kiln-double-weights\n{}\n", reads[&info.name].join("\n"));
+        // GE's FileConstants, which the double reads (see its header).
+        let model_def =
+            kiln_runtime::om::model_def::writer::file_constants(&info.name, &reads[&info.name]);
         let bytes = om_file(
             &info.name,
-            &[
-                (0, model_def.into_bytes()),
-                (8, inout_info(inputs, outputs)),
-            ],
+            &[(0, model_def), (8, inout_info(inputs, outputs))],
             true,
         );
         std::fs::write(dir.join(&info.om), bytes).unwrap();

@@ -399,6 +399,12 @@ struct InspectArgs {
     /// Print the prefill and decode graphs.
     #[arg(long)]
     ir: bool,
+    /// For an .om file: decode its MODEL_DEF (GE's ModelDef) and print the
+    /// op types with counts, the engine of each (AI CPU fallbacks flagged),
+    /// weight dtypes and bytes, external weight files, custom ops and the
+    /// chip ATC built for.
+    #[arg(long)]
+    graph: bool,
     /// Write the IR as JSON to this file.
     #[arg(long, value_name = "FILE")]
     save_ir: Option<PathBuf>,
@@ -846,7 +852,21 @@ fn inspect(args: InspectArgs) -> Result<()> {
     if args.model.is_file() && !kiln::frontend::is_gguf(&args.model) {
         let om = kiln_runtime::om::OmFile::open(&args.model)?;
         kiln_runtime::say_raw!("{om}");
+        if args.graph {
+            let graphs = om
+                .graphs()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", args.model.display()))?;
+            for graph in graphs {
+                kiln_runtime::say_raw!("{graph}");
+            }
+        }
         return Ok(());
+    }
+    if args.graph {
+        anyhow::bail!(
+            "--graph reads an .om file's MODEL_DEF; {} is a model (use --ir for Kiln's graphs)",
+            args.model.display()
+        );
     }
     let (model, ir) = kiln::lower(&args.model, &args.shape.request()?)?;
     let c = &model.config;

@@ -104,7 +104,7 @@ fn write_om(dir: &Path, manifest: &Manifest, graph: &str, kv_len: Option<i64>) {
 }
 
 /// [`write_om`] for a model whose constants are the external weight files
-/// `weights` (the double's stand-in for GE's FileConstants, see its header).
+/// `weights` (GE's FileConstants in MODEL_DEF, which the double reads).
 fn write_om_reading(
     dir: &Path,
     manifest: &Manifest,
@@ -144,7 +144,7 @@ fn write_om_reading(
     let model_def = if weights.is_empty() {
         vec![0; 8]
     } else {
-        format!("kiln-double-weights\n{}\n", weights.join("\n")).into_bytes()
+        kiln_runtime::om::model_def::writer::file_constants(graph, weights)
     };
     let bytes = om_file(
         graph,

@@ -30,6 +30,11 @@ enum Command {
     Inspect {
         /// An .om file.
         om: PathBuf,
+        /// Also decode MODEL_DEF: op types and counts, the engine of each
+        /// (AI CPU fallbacks flagged), weight dtypes, external weight files,
+        /// custom ops, the chip ATC built for.
+        #[arg(long)]
+        graph: bool,
     },
     /// Run the same tokens through two backends and compare their logits
     /// step by step; exits 1 when a step is past the thresholds.
@@ -65,9 +70,7 @@ struct GenerateArgs {
 fn main() {
     let result = match Cli::parse().command {
         Command::Generate(args) => generate(args),
-        Command::Inspect { om } => OmFile::open(&om)
-            .map(|om| kiln_runtime::say_raw!("{om}"))
-            .map_err(|e| e.to_string()),
+        Command::Inspect { om, graph } => inspect(&om, graph),
         Command::Check { model } => check(&model),
         Command::Diff(args) => kiln_runtime::diff::diff_command(&args),
         Command::Serve(args) => kiln_runtime::serve::serve(&args),
@@ -84,6 +87,20 @@ fn main() {
         kiln_runtime::note!("error: {message}");
         std::process::exit(1);
     }
+}
+
+fn inspect(path: &std::path::Path, graph: bool) -> Result<(), String> {
+    let om = OmFile::open(path).map_err(|e| e.to_string())?;
+    kiln_runtime::say_raw!("{om}");
+    if graph {
+        for graph in om
+            .graphs()
+            .map_err(|e| format!("{}: {e}", path.display()))?
+        {
+            kiln_runtime::say_raw!("{graph}");
+        }
+    }
+    Ok(())
 }
 
 fn check(dir: &std::path::Path) -> Result<(), String> {
@@ -120,6 +137,29 @@ fn check(dir: &std::path::Path) -> Result<(), String> {
              Kiln's build_om.sh again (atc --external_weight=1) for one shared copy"
         ),
         None => {}
+    }
+    // What ATC built, read back from each .om's MODEL_DEF.
+    let expected_soc = kiln_runtime::engine::npu::converted_for(dir, &model.manifest);
+    let mut problems = Vec::new();
+    for graph in model
+        .check_graphs(&expected_soc)
+        .map_err(|e| e.to_string())?
+    {
+        kiln_runtime::say!("{}", graph.summary);
+        for warning in &graph.warnings {
+            kiln_runtime::say!("warning: {warning}");
+        }
+        for problem in &graph.problems {
+            kiln_runtime::say!("error: {problem}");
+        }
+        problems.extend(graph.problems);
+    }
+    if !problems.is_empty() {
+        return Err(format!(
+            "{}: {} problem(s) in what ATC built (above)",
+            dir.display(),
+            problems.len()
+        ));
     }
     Ok(())
 }

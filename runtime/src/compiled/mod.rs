@@ -178,3 +178,197 @@ impl CompiledModel {
         self.manifest.tokenizer.as_ref().map(|t| self.dir.join(t))
     }
 }
+
+/// What an .om's MODEL_DEF says against what the compiled directory
+/// promises: `problems` make `kiln-run check` fail, `warnings` do not.
+#[derive(Debug, Default)]
+pub struct GraphCheck {
+    /// One line on what ATC built.
+    pub summary: String,
+    pub warnings: Vec<String>,
+    pub problems: Vec<String>,
+}
+
+/// Compares an .om's MODEL_DEF with the compiled directory: the chip it
+/// was built for, no op on the AI CPU, int8 matmul weights where the
+/// manifest says the ATC graphs hold int8 (`w8a8`), Kiln's custom kernels
+/// present.
+pub fn check_graph(
+    om_name: &str,
+    graph: &crate::om::model_def::OmGraph,
+    expected_soc: &str,
+    quant_linears: usize,
+    manifest: &Manifest,
+) -> GraphCheck {
+    use crate::om::model_def::{Engine, GeDataType};
+    let mut check = GraphCheck::default();
+    let mut engines: std::collections::BTreeMap<String, usize> = Default::default();
+    for op in &graph.ops {
+        *engines.entry(op.engine.to_string()).or_default() += 1;
+    }
+    let engines: Vec<String> = engines.iter().map(|(e, n)| format!("{e} {n}")).collect();
+    let weights: Vec<String> = graph
+        .weight_dtypes()
+        .iter()
+        .map(|(d, (_, bytes))| format!("{d} {:.1} MB", *bytes as f64 / 1e6))
+        .collect();
+    check.summary = format!(
+        "{om_name}: {} ops (engines: {}); weights {}; {} external weight file(s); built for {}",
+        graph.ops.len(),
+        engines.join(", "),
+        if weights.is_empty() {
+            "none".to_string()
+        } else {
+            weights.join(", ")
+        },
+        graph.external_files().len(),
+        graph.soc_version.as_deref().unwrap_or("an unrecorded chip")
+    );
+    match &graph.soc_version {
+        Some(soc) if soc != expected_soc => check.problems.push(format!(
+            "{om_name} was built for {soc} but this directory expects {expected_soc} \
+             (om_soc.txt, else the compile target): run ./build_om.sh --soc {expected_soc} \
+             (or --soc auto on the board)"
+        )),
+        _ => {}
+    }
+    let ai_cpu = graph.ai_cpu_ops();
+    if !ai_cpu.is_empty() {
+        let names: Vec<String> = ai_cpu
+            .iter()
+            .take(8)
+            .map(|op| format!("{} ({})", op.name, op.op_type))
+            .collect();
+        check.warnings.push(format!(
+            "{om_name}: {} op(s) fell back to the AI CPU, which runs them on the board's \
+             control cores, far slower than the AI Core: {}{}. See the graph's atc-*.log for \
+             why ATC placed them there, and report the op types in a Kiln issue",
+            ai_cpu.len(),
+            names.join(", "),
+            if ai_cpu.len() > names.len() {
+                ", …"
+            } else {
+                ""
+            }
+        ));
+    }
+    if manifest
+        .atc_weights
+        .as_deref()
+        .is_some_and(|w| w.starts_with("int8"))
+    {
+        let matmuls = graph.matmul_weight_dtypes();
+        let int8 = matmuls
+            .iter()
+            .filter(|(_, d)| *d == GeDataType::INT8)
+            .count();
+        if int8 < quant_linears {
+            let mut others: std::collections::BTreeMap<String, usize> = Default::default();
+            for (_, d) in matmuls.iter().filter(|(_, d)| *d != GeDataType::INT8) {
+                *others.entry(d.to_string()).or_default() += 1;
+            }
+            let others: Vec<String> = others.iter().map(|(d, n)| format!("{d} ×{n}")).collect();
+            check.problems.push(format!(
+                "{om_name}: manifest.json says the ATC graphs keep int8 matmul weights ({}), \
+                 and the IR has {quant_linears} int8 Linears, but only {int8} of the .om's {} \
+                 matmuls read int8 weights (the others: {}): ATC made float copies, so the \
+                 model takes more memory and is not computed as checked. Convert again with \
+                 this Kiln's build_om.sh and look in atc-*.log for the quantized ops ATC refused",
+                manifest.quantization.as_deref().unwrap_or("w8a8"),
+                matmuls.len(),
+                if others.is_empty() {
+                    "none".to_string()
+                } else {
+                    others.join(", ")
+                }
+            ));
+        }
+    }
+    if let Some(package) = &manifest.kernel_package {
+        let present: std::collections::BTreeSet<&str> =
+            graph.ops.iter().map(|op| op.op_type.as_str()).collect();
+        let mut missing: Vec<&str> = package
+            .instances
+            .iter()
+            .filter(|k| k.calls.get(graph_name(om_name)).is_some_and(|&n| n > 0))
+            .map(|k| k.op_type.as_str())
+            .filter(|t| !present.contains(t))
+            .collect();
+        missing.dedup();
+        if !missing.is_empty() {
+            check.problems.push(format!(
+                "{om_name}: Kiln's Ascend C kernels {} are not in the .om: ATC did not use \
+                 the kernel package; rerun build_om.sh and check kernels-build.log",
+                missing.join(", ")
+            ));
+        }
+        let on_cpu: Vec<&str> = graph
+            .ops
+            .iter()
+            .filter(|op| op.engine == Engine::AiCpu)
+            .filter(|op| package.instances.iter().any(|k| k.op_type == op.op_type))
+            .map(|op| op.op_type.as_str())
+            .collect();
+        if !on_cpu.is_empty() {
+            check.problems.push(format!(
+                "{om_name}: Kiln's kernels {} run on the AI CPU, not the AI Core",
+                on_cpu.join(", ")
+            ));
+        }
+    }
+    check
+}
+
+fn graph_name(om_name: &str) -> &str {
+    om_name.strip_suffix(".om").unwrap_or(om_name)
+}
+
+impl CompiledModel {
+    /// Reads back what ATC built for each graph whose .om exists, and checks
+    /// it against this directory (see [`check_graph`]). A graph whose .om has
+    /// no readable MODEL_DEF gets a warning saying so.
+    pub fn check_graphs(&self, expected_soc: &str) -> Result<Vec<GraphCheck>, CompiledError> {
+        let mut out = Vec::new();
+        for info in &self.manifest.graphs {
+            let path = self.dir.join(&info.om);
+            if !path.is_file() {
+                continue;
+            }
+            let om = OmFile::open(&path)?;
+            let graph = match om.graphs() {
+                Ok(graphs) => graphs[0].clone(),
+                Err(e) => {
+                    out.push(GraphCheck {
+                        summary: format!("{}: what ATC built is unknown", info.om),
+                        warnings: vec![format!(
+                            "{}: {e}; cannot confirm the engines and weight dtypes ATC chose \
+                             (`kiln-run inspect {} --graph` shows the partitions)",
+                            info.om, info.om
+                        )],
+                        problems: Vec::new(),
+                    });
+                    continue;
+                }
+            };
+            let quant_linears = self
+                .ir
+                .graph(&info.name)
+                .map(|g| {
+                    g.op_counts()
+                        .iter()
+                        .filter(|(op, _)| *op == "QuantLinear")
+                        .map(|(_, n)| n)
+                        .sum()
+                })
+                .unwrap_or(0);
+            out.push(check_graph(
+                &info.om,
+                &graph,
+                expected_soc,
+                quant_linears,
+                &self.manifest,
+            ));
+        }
+        Ok(out)
+    }
+}
