@@ -144,6 +144,25 @@ struct CompileArgs {
     target: String,
     #[arg(long, value_enum, default_value = "fp16")]
     dtype: DTypeArg,
+    /// The residual stream's type in an fp16 model: f32 keeps the embedding's
+    /// output and every residual Add in f32 around the fp16 blocks (each
+    /// block's output is cast up and added in f32; its RMSNorm reads the f32
+    /// stream). Default f32, fp16 with --kernels ascendc
+    #[arg(
+        long,
+        value_enum,
+        value_name = "DTYPE",
+        long_help = "The residual stream's type in an fp16 model [default: f32; fp16 with --kernels ascendc]. \
+              f32 keeps the embedding's output and every residual Add in f32 around the fp16 blocks: each \
+              block's output is cast to f32 and added in f32, and each RMSNorm reads the f32 stream \
+              (its square and mean already ran in f32). Real models carry outlier activations in a few \
+              residual channels that grow layer after layer; in fp16 they pass 65504 and turn into \
+              inf, then NaN, with no warning. The cost is small: the same number of Casts in the graph \
+              (the norms' input Casts move to the blocks' outputs) plus one after the embedding, a few \
+              f32 adds of [tokens, hidden], and no change to the weights or the KV cache. fp16 is \
+              the old behaviour; --kernels ascendc needs it (its Add + RMSNorm kernel works in fp16)"
+    )]
+    residual_dtype: Option<ResidualArg>,
     /// ONNX opset (13 to 18; 13 is accepted by every ATC from CANN 5 on).
     #[arg(long, default_value_t = kiln::backend::onnx::DEFAULT_OPSET)]
     opset: i64,
@@ -187,6 +206,14 @@ struct CompileArgs {
     /// config.json, the config.json itself, or a .gguf)
     #[arg(long)]
     plan_only: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ResidualArg {
+    /// The residual stream in f32 around the fp16 blocks.
+    F32,
+    /// Everything in fp16.
+    Fp16,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -562,6 +589,10 @@ fn compile_command(args: CompileArgs) -> Result<()> {
             KernelsArg::Onnx => kiln::compile::Kernels::Onnx,
             KernelsArg::Ascendc => kiln::compile::Kernels::Ascendc,
         },
+        residual: args.residual_dtype.map(|r| match r {
+            ResidualArg::F32 => FloatType::F32,
+            ResidualArg::Fp16 => FloatType::F16,
+        }),
     };
     let out = match args.output {
         Some(out) => out,
