@@ -183,6 +183,67 @@ fn fp16_onnx_parity_with_transformers() {
     }
 }
 
+/// fp16 parity on a real model: `$KILN_FP16_TEST_MODEL` names
+/// SmolLM2-135M-Instruct's Q4_1 GGUF (examples/fetch_smollm2.sh; its sha256
+/// is checked against the goldens' source), compiled at fp16 and run by ONNX
+/// Runtime on the two prompts of tests/fixtures/gguf/smollm2-135m-instruct
+/// (transformers' GGUF loader): the goldens' greedy ids, cosine ≥ 0.9999 and
+/// max abs ≤ 2e-3 × max |logit| at every step. Skipped without the variable.
+#[test]
+fn fp16_onnx_parity_on_smollm2() {
+    use sha2::Digest;
+    let Some(model) = std::env::var_os("KILN_FP16_TEST_MODEL") else {
+        eprintln!("KILN_FP16_TEST_MODEL is not set: SmolLM2's fp16 parity not checked");
+        return;
+    };
+    let model = std::path::PathBuf::from(model);
+    let dir = repo_root().join("tests/fixtures/gguf/smollm2-135m-instruct");
+    let goldens: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("goldens.json")).unwrap()).unwrap();
+    let sha = format!("{:x}", sha2::Sha256::digest(std::fs::read(&model).unwrap()));
+    assert_eq!(
+        sha,
+        goldens["source"]["gguf_sha256"].as_str().unwrap(),
+        "{} is not the GGUF the goldens were made from",
+        model.display()
+    );
+    let python = python();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("smollm2");
+    let o = kiln(&[
+        "compile",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--no-atc",
+        "--dtype",
+        "fp16",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for run in ["chat", "story"] {
+        let g = &goldens["generation"][run];
+        let ids = |v: &serde_json::Value| -> Vec<u32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i.as_u64().unwrap() as u32)
+                .collect()
+        };
+        let golden = Golden {
+            prompt: g["prompt"].as_str().unwrap().to_string(),
+            prompt_ids: ids(&g["prompt_ids"]),
+            generated_ids: ids(&g["generated_ids"]),
+            generated_text: String::new(),
+            logits: read_rows(&dir.join(g["logits_file"].as_str().unwrap())),
+        };
+        let (got, logits) = run_ort(&python, &out, &golden);
+        let worst = assert_fp16_parity(run, &got, &logits, &golden, FP16_RELATIVE);
+        eprintln!(
+            "smollm2 {run} (fp16): ids match, worst step max abs error {worst:.2e} × max |logit|"
+        );
+    }
+}
+
 /// The outlier fixture (its residual stream reaches 1.05e5 in transformers,
 /// every weight and block output within fp16's range): with an fp16
 /// residual the stream becomes inf and the logits NaN; with an f32 residual
@@ -206,12 +267,18 @@ fn an_fp16_residual_overflows_where_an_f32_residual_matches_transformers() {
     let stream_max = json["max_abs_residual"].as_f64().unwrap();
     assert!(stream_max > 65504.0, "{stream_max}");
     let stream = "model.layers.1.mlp_residual";
+    // The prefill alone shows the overflow.
+    let prefill = Golden {
+        generated_ids: g.generated_ids[..1].to_vec(),
+        logits: g.logits[..1].to_vec(),
+        ..golden(OUTLIERS)
+    };
     let dump_max = |dir: &Path| -> f32 {
         let dumps = dir.join("dumps");
         let _ = run_ort_with(
             &python,
             dir,
-            &g,
+            &prefill,
             &["--dump", stream, "--dump-dir", dumps.to_str().unwrap()],
         );
         match kiln_runtime::npy::read(&dumps.join(format!("step0/{stream}.npy"))).unwrap() {
@@ -230,7 +297,7 @@ fn an_fp16_residual_overflows_where_an_f32_residual_matches_transformers() {
     let narrow = tmp.path().join("fp16");
     compile_fixture(OUTLIERS, &narrow, &["--residual-dtype", "fp16"]);
     assert_eq!(residual_dtype(&narrow).as_deref(), Some("float16"));
-    let (_, logits) = run_ort_with(&python, &narrow, &g, &["--engine", "onnx-reference"]);
+    let (_, logits) = run_ort_with(&python, &narrow, &prefill, &["--engine", "onnx-reference"]);
     let finite = logits.iter().flatten().filter(|v| v.is_finite()).count();
     assert_eq!(finite, 0, "fp16 residual: {finite} finite logits");
     assert_eq!(

@@ -157,10 +157,13 @@ struct CompileArgs {
               block's output is cast to f32 and added in f32, and each RMSNorm reads the f32 stream \
               (its square and mean already ran in f32). Real models carry outlier activations in a few \
               residual channels that grow layer after layer; in fp16 they pass 65504 and turn into \
-              inf, then NaN, with no warning. The cost is small: the same number of Casts in the graph \
-              (the norms' input Casts move to the blocks' outputs) plus one after the embedding, a few \
-              f32 adds of [tokens, hidden], and no change to the weights or the KV cache. fp16 is \
-              the old behaviour; --kernels ascendc needs it (its Add + RMSNorm kernel works in fp16)"
+              inf, then NaN, with no warning; the 310B even computes in saturation mode, where an \
+              overflow silently becomes 65504 (SmolLM2-135M's stream reaches 24,812 from layer 11 \
+              on, where one fp16 step is 16). The cost is nil in the graph: as many nodes and Casts (each \
+              norm's input Cast becomes one Cast of a block's output, plus one after the embedding), \
+              f32 adds of [tokens, hidden] instead of fp16 ones, the same weights, KV cache and inputs; \
+              ONNX Runtime decodes SmolLM2 no slower. fp16 is the old behaviour; --kernels ascendc \
+              needs it (its Add + RMSNorm kernel works in fp16)"
     )]
     residual_dtype: Option<ResidualArg>,
     /// ONNX opset (13 to 18; 13 is accepted by every ATC from CANN 5 on).

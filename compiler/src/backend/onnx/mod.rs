@@ -1050,6 +1050,72 @@ mod tests {
         assert_eq!(lowered.model.opset_import[1].domain, "ai.kiln");
     }
 
+    /// `--residual-dtype f32`: the embedding's output is cast up, the
+    /// residual Add adds the block's output cast up, the norms read the
+    /// stream without a Cast, and the graph output stays fp16.
+    #[test]
+    fn an_f32_residual_stream_is_cast_around_the_blocks() {
+        use kiln_runtime::ir::ops::Gather;
+        let mut b = GraphBuilder::new("g");
+        let ids = b.input("input_ids", TensorType::new(DType::I64, [1, 2]));
+        let table = b.weight("embed", TensorType::f32([10, 8]));
+        let norm = b.weight("norm.weight", TensorType::f32([8]));
+        let w = b.weight("proj.weight", TensorType::f32([8, 8]));
+        let x = b.node("embed", Gather, &[table, ids]).unwrap();
+        let h = b.node("norm", RmsNorm { eps: 1e-6 }, &[x, norm]).unwrap();
+        let p = b.node("proj", Linear, &[h, w]).unwrap();
+        let r = b.node("residual", Add, &[x, p]).unwrap();
+        let out = b
+            .node("final_norm", RmsNorm { eps: 1e-6 }, &[r, norm])
+            .unwrap();
+        b.output(out, "out");
+        let graph = b.finish().unwrap();
+        let lower_with = |residual| {
+            let options = OnnxOptions {
+                opset: 13,
+                float: FloatType::F16,
+                quant_ops: QuantOps::Standard,
+                kernels: None,
+                residual,
+            };
+            lower(&graph, &options).unwrap().graph().node.clone()
+        };
+        let casts_to = |nodes: &[onnx_protobuf::NodeProto], to: DataType| {
+            nodes
+                .iter()
+                .filter(|n| n.op_type == "Cast" && n.attribute[0].i == to as i64)
+                .map(|n| n.input[0].clone())
+                .collect::<Vec<_>>()
+        };
+        let wide = lower_with(FloatType::F32);
+        let producer = |name: &str| {
+            wide.iter()
+                .find(|n| n.output.contains(&name.to_string()))
+                .unwrap()
+        };
+        assert_eq!(producer("embed").op_type, "Cast");
+        let add = producer("residual");
+        assert_eq!(add.op_type, "Add");
+        assert_eq!(add.input[0], "embed");
+        assert_eq!(producer(&add.input[1]).op_type, "Cast");
+        assert_eq!(producer(&add.input[1]).input, ["proj"]);
+        // Up-casts: the embedding's gather and the block's output only.
+        let up = casts_to(&wide, DataType::FLOAT);
+        assert_eq!(up.len(), 2, "{up:?}");
+        assert!(up.contains(&"proj".to_string()), "{up:?}");
+        // The old form casts each norm's input instead: as many Casts.
+        let narrow = lower_with(FloatType::F16);
+        assert_eq!(
+            casts_to(&narrow, DataType::FLOAT),
+            ["embed".to_string(), "residual".to_string()]
+        );
+        assert_eq!(wide.len(), narrow.len());
+        assert_eq!(
+            casts_to(&wide, DataType::FLOAT16).len(),
+            casts_to(&narrow, DataType::FLOAT16).len()
+        );
+    }
+
     #[test]
     fn every_ir_value_keeps_its_name_in_onnx() {
         let mut b = GraphBuilder::new("g");

@@ -2,7 +2,10 @@
 //! around the fp16 blocks. Real models carry outlier activations in a few
 //! channels of the residual stream that grow layer after layer; in fp16 they
 //! pass 65504 and become inf (then NaN in the next RMSNorm) with no warning,
-//! while each block's own output stays in range.
+//! while each block's own output stays in range. On the 310B it is worse
+//! than NaN: the Atlas 200I/500 A2 products compute only in saturation mode,
+//! where an overflow becomes 65504 and a NaN 0, silently
+//! (<https://www.hiascend.com/document/detail/zh/CANNCommunityEdition/910beta3/API/runtimeapi/aclcppdevg_03_1389.html>).
 //!
 //! - the embedding's output is cast to f32;
 //! - a residual `Add` (an `Add` with an f32 input) casts its other input, the
