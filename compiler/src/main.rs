@@ -632,6 +632,12 @@ fn compile_command(args: CompileArgs) -> Result<()> {
         "total",
         total as f64 / 1e6
     );
+    match (&m.residual_dtype, m.dtype.as_str()) {
+        (Some(residual), dtype) if residual != dtype => kiln_runtime::say!(
+            "  precision  {dtype}, the residual stream in {residual} (--residual-dtype)"
+        ),
+        (_, dtype) => kiln_runtime::say!("  precision  {dtype}"),
+    }
     for (graph, counts) in &report.node_counts {
         let total: usize = counts.values().sum();
         let ops: Vec<String> = counts.iter().map(|(op, n)| format!("{op}×{n}")).collect();
