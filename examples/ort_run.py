@@ -47,10 +47,10 @@ def with_outputs(path: Path, names: list, float_type, options: "ort.SessionOptio
     if missing:
         sys.exit(f"{path.name} computes no value named {', '.join(missing)}")
     outputs = {o.name for o in graph.output}
-    dtype = onnx.TensorProto.FLOAT16 if float_type == np.float16 else onnx.TensorProto.FLOAT
+    types = value_types(model, float_type)
     for name in names:
         if name not in outputs:
-            graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, None))
+            graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, types[None]), None))
     # Created from bytes, ORT needs to be told where external weights live.
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent.resolve()))
     try:
@@ -59,12 +59,48 @@ def with_outputs(path: Path, names: list, float_type, options: "ort.SessionOptio
         model = onnx.load(str(path))
         for name in names:
             if name not in outputs:
-                model.graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, None))
+                model.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, types[None]), None))
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def value_types(model, float_type) -> dict:
+    """Each value's element type as onnx's shape inference finds it (an fp16
+    model's residual stream is f32 with --residual-dtype f32); under None the
+    model's float type, for values inference leaves untyped."""
+    import onnx
+
+    types = {None: onnx.TensorProto.FLOAT16 if float_type == np.float16 else onnx.TensorProto.FLOAT}
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for value in inferred.graph.value_info:
+        if value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    return types
+
+
+class ReferenceSession:
+    """onnx's own reference evaluator (numpy) behind ORT's `run`: every value
+    in the type the graph gives it. ONNX Runtime's CPU provider has no fp16
+    kernels for most ops and runs them in f32 between inserted Casts, so an
+    fp16 value that overflows inside the graph may never become inf there
+    (https://github.com/microsoft/onnxruntime/issues/11831); this engine
+    shows what a device computing in fp16 computes. Slow: tiny models only."""
+
+    def __init__(self, path: Path):
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        self.evaluator = ReferenceEvaluator(onnx.load(str(path)))
+
+    def run(self, names, feeds):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # overflow is what it may be asked to show
+            return self.evaluator.run(names, feeds)
+
+
 class OrtSession:
-    def __init__(self, directory: Path, dump: "list[str] | None" = None):
+    def __init__(self, directory: Path, dump: "list[str] | None" = None, engine: str = "onnxruntime"):
         self.manifest = json.loads((directory / "manifest.json").read_text())
         m = self.manifest
         self.float = {"float32": np.float32, "float16": np.float16}[m["dtype"]]
@@ -77,7 +113,11 @@ class OrtSession:
             # A quantized model's graphs for ONNX Runtime keep the quantized
             # weights (graph["onnx"] is ATC's, with them dequantized).
             path = directory / (graph.get("ort_onnx") or graph["onnx"])
-            if self.dump:
+            if engine == "onnx-reference":
+                if self.dump:
+                    sys.exit("--dump needs --engine onnxruntime")
+                session = ReferenceSession(path)
+            elif self.dump:
                 session = with_outputs(path, self.dump, self.float, options)
             else:
                 session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -145,12 +185,18 @@ def main() -> None:
     parser.add_argument("--follow-ids", help="feed these generated ids instead of the argmax (for diffs: both sides see the same tokens)")
     parser.add_argument("--dump", nargs="+", metavar="NAME[,NAME...]", help="save these IR values of every step (needs --dump-dir)")
     parser.add_argument("--dump-dir", type=Path, help="where --dump writes step<N>/<name>.npy")
+    parser.add_argument(
+        "--engine",
+        choices=["onnxruntime", "onnx-reference"],
+        default="onnxruntime",
+        help="onnx-reference: onnx's own numpy evaluator, every value in its graph type (fp16 overflow shows); tiny models only",
+    )
     args = parser.parse_args()
     dump = [n for arg in args.dump or [] for n in arg.split(",") if n]
     if dump and not args.dump_dir:
         parser.error("--dump needs --dump-dir")
 
-    session = OrtSession(args.compiled_dir, dump)
+    session = OrtSession(args.compiled_dir, dump, args.engine)
     prompt = [int(t) for t in args.token_ids.split(",")]
     eos = set() if args.ignore_eos else set(session.manifest["generation"]["eos_token_ids"])
 
@@ -181,7 +227,8 @@ def main() -> None:
     if args.save_logits:
         np.save(args.save_logits, np.stack(rows).astype(np.float32))
     print(f"prefill: {len(prompt)} tokens in {prefill * 1e3:.1f} ms; decode: {len(tokens) - 1} tokens in {decode * 1e3:.1f} ms "
-          f"(onnxruntime {ort.__version__}, {session.manifest['dtype']})", file=sys.stderr)
+          f"({'onnx reference evaluator' if args.engine == 'onnx-reference' else 'onnxruntime ' + ort.__version__}, "
+          f"{session.manifest['dtype']})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,22 @@ pub struct CompileOptions {
     /// (but for `w8a8`, which is lowered to AscendQuant/AscendDequant).
     pub dequantize_for_atc: bool,
     pub kernels: Kernels,
+    /// The residual stream's type in an fp16 model (`--residual-dtype`);
+    /// `None` for the default, [`default_residual`].
+    pub residual: Option<FloatType>,
+}
+
+/// The residual stream's type when none is asked for: f32 in an fp16 model
+/// (outlier activations in the residual stream pass fp16's 65504 in real
+/// models; keeping it in f32 costs one Cast per graph and f32 adds, see
+/// `backend/onnx/ops/residual.rs`), but fp16 with `--kernels ascendc`, whose
+/// Add + RMSNorm kernel computes in fp16. An f32 model is f32 throughout.
+pub fn default_residual(float: FloatType, kernels: Kernels) -> FloatType {
+    match (float, kernels) {
+        (FloatType::F32, _) => FloatType::F32,
+        (FloatType::F16, Kernels::Ascendc) => FloatType::F16,
+        (FloatType::F16, Kernels::Onnx) => FloatType::F32,
+    }
 }
 
 /// The Ascend C family a target's chip belongs to.
@@ -184,6 +200,14 @@ pub fn compile(
         options.dequantize_for_atc,
         options.kernels,
     )?;
+    let residual = match (options.float, options.residual) {
+        (FloatType::F32, _) => FloatType::F32,
+        (FloatType::F16, Some(FloatType::F32)) if options.kernels == Kernels::Ascendc => {
+            return Err(onnx::OnnxError::ResidualWithKernels.into());
+        }
+        (FloatType::F16, Some(asked)) => asked,
+        (FloatType::F16, None) => default_residual(options.float, options.kernels),
+    };
     progress("reading the model");
     let crate::Lowered {
         mut model,
@@ -286,6 +310,7 @@ pub fn compile(
         float: options.float,
         quant_ops: onnx::QuantOps::Standard,
         kernels: None,
+        residual,
     };
     let onnx_options = OnnxOptions {
         kernels: None,
@@ -474,6 +499,7 @@ pub fn compile(
         tokenizer_config,
     );
     manifest.memory = Some(plan);
+    manifest.residual_dtype = Some(residual.name().to_string());
     for (graph, ort) in manifest.graphs.iter_mut().zip(&ort_names) {
         graph.ort_onnx = Some(ort.clone());
     }
@@ -795,6 +821,7 @@ fn manifest(
         atc_weights: None,
         kernels: None,
         kernel_package: None,
+        residual_dtype: None,
     }
 }
 

@@ -165,6 +165,28 @@ struct CompileArgs {
     target: String,
     #[arg(long, value_enum, default_value = "fp16")]
     dtype: DTypeArg,
+    /// The residual stream's type in an fp16 model: f32 keeps the embedding's
+    /// output and every residual Add in f32 around the fp16 blocks (each
+    /// block's output is cast up and added in f32; its RMSNorm reads the f32
+    /// stream). Default f32, fp16 with --kernels ascendc
+    #[arg(
+        long,
+        value_enum,
+        value_name = "DTYPE",
+        long_help = "The residual stream's type in an fp16 model [default: f32; fp16 with --kernels ascendc]. \
+              f32 keeps the embedding's output and every residual Add in f32 around the fp16 blocks: each \
+              block's output is cast to f32 and added in f32, and each RMSNorm reads the f32 stream \
+              (its square and mean already ran in f32). Real models carry outlier activations in a few \
+              residual channels that grow layer after layer; in fp16 they pass 65504 and turn into \
+              inf, then NaN, with no warning; the 310B even computes in saturation mode, where an \
+              overflow silently becomes 65504 (SmolLM2-135M's stream reaches 24,812 from layer 11 \
+              on, where one fp16 step is 16). The cost is nil in the graph: as many nodes and Casts (each \
+              norm's input Cast becomes one Cast of a block's output, plus one after the embedding), \
+              f32 adds of [tokens, hidden] instead of fp16 ones, the same weights, KV cache and inputs; \
+              ONNX Runtime decodes SmolLM2 no slower. fp16 is the old behaviour; --kernels ascendc \
+              needs it (its Add + RMSNorm kernel works in fp16)"
+    )]
+    residual_dtype: Option<ResidualArg>,
     /// ONNX opset (13 to 18; 13 is accepted by every ATC from CANN 5 on).
     #[arg(long, default_value_t = kiln::backend::onnx::DEFAULT_OPSET)]
     opset: i64,
@@ -212,6 +234,14 @@ struct CompileArgs {
     /// with the aarch64 kiln-run built beside this kiln, if any
     #[arg(long, value_name = "OUT.tar")]
     bundle: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ResidualArg {
+    /// The residual stream in f32 around the fp16 blocks.
+    F32,
+    /// Everything in fp16.
+    Fp16,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -594,6 +624,10 @@ fn compile_command(args: CompileArgs) -> Result<()> {
             KernelsArg::Onnx => kiln::compile::Kernels::Onnx,
             KernelsArg::Ascendc => kiln::compile::Kernels::Ascendc,
         },
+        residual: args.residual_dtype.map(|r| match r {
+            ResidualArg::F32 => FloatType::F32,
+            ResidualArg::Fp16 => FloatType::F16,
+        }),
     };
     let out = match args.output {
         Some(out) => out,
@@ -622,6 +656,12 @@ fn compile_command(args: CompileArgs) -> Result<()> {
     kiln_runtime::say!("  output     {}", report.out.display());
     for (name, size) in &report.files {
         kiln_runtime::say!("    {name:<24} {:>10.2} MB", *size as f64 / 1e6);
+    }
+    match (&m.residual_dtype, m.dtype.as_str()) {
+        (Some(residual), dtype) if residual != dtype => kiln_runtime::say!(
+            "  precision  {dtype}, the residual stream in {residual} (--residual-dtype)"
+        ),
+        (_, dtype) => kiln_runtime::say!("  precision  {dtype}"),
     }
     for (graph, counts) in &report.node_counts {
         let total: usize = counts.values().sum();

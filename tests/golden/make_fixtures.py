@@ -5,7 +5,9 @@ transformers' own outputs for them: the goldens Kiln is tested against.
 Run it from the repository root (needs tests/golden/requirements.txt, ~6 GB):
 
     python3 -m venv /tmp/ref && /tmp/ref/bin/pip install -r tests/golden/requirements.txt
-    /tmp/ref/bin/python tests/golden/make_fixtures.py
+    /tmp/ref/bin/python tests/golden/make_fixtures.py [NAME...]
+
+(names rebuild only those fixtures).
 
 It writes tests/fixtures/models/<name>/ (config.json, safetensors, tokenizer)
 and tests/fixtures/golden/<name>/ (golden.json, logits.npy). Everything is
@@ -105,6 +107,79 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(1.5 / p.shape[1] ** 0.5 * noise)
 
 
+# The outlier fixture: a residual stream that passes fp16's largest finite
+# value (65504) while every weight and every block's output stays in range.
+FP16_MAX = 65504.0
+OUTLIER_SCALE = 1000.0  # the residual stream's typical magnitude
+OUTLIER_START = 20000.0  # channel 0 of every embedding row
+OUTLIER_GAIN = 700.0  # down_proj's weight from the outlier unit to channel 0
+
+
+def make_outliers(model: torch.nn.Module) -> None:
+    """Gives a randomized Llama the "massive activation" real models have: one
+    residual channel that every layer's MLP pushes further, as the outlier
+    channels of LLMs grow layer after layer.
+
+    The residual stream runs at OUTLIER_SCALE (embeddings, o_proj and
+    down_proj scaled up, so every block matters at that scale), channel 0
+    starts at OUTLIER_START in every embedding row, and each MLP has one
+    unit (0), the only one reading channel 0 of its normalized input (about sqrt(hidden))
+    through gate and up and writing OUTLIER_GAIN times its square into
+    channel 0 alone: about +30000 per layer, so the stream passes 65504 in
+    the second layer while each block's output stays near 31000. The LM head
+    ignores channel 0 (it carries no token information)."""
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(OUTLIER_SCALE)
+        model.model.embed_tokens.weight[:, 0] = OUTLIER_START
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(OUTLIER_SCALE)
+            mlp = layer.mlp
+            mlp.down_proj.weight.mul_(OUTLIER_SCALE)
+            layer.post_attention_layernorm.weight[0] = 1.0
+            # Only the outlier unit reads channel 0 (elsewhere it would add
+            # the same large term for every token and drown the rest).
+            attn = layer.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                proj.weight[:, 0] = 0.0
+            for proj in (mlp.gate_proj, mlp.up_proj):
+                proj.weight[0, :] = 0.0
+                proj.weight[0, 0] = 1.0
+            mlp.down_proj.weight[:, 0] = 0.0
+            mlp.down_proj.weight[0, 0] = OUTLIER_GAIN
+        model.lm_head.weight[:, 0] = 0.0
+
+
+def check_outliers(model: torch.nn.Module, ids: list[int]) -> None:
+    """The outlier fixture does what it is for: weights and block outputs
+    within fp16's range, the residual stream well beyond it."""
+    for name, p in model.named_parameters():
+        assert p.abs().max() < FP16_MAX / 2, f"{name} reaches {p.abs().max():.0f}"
+    block_max = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: block_max.append(float((out[0] if isinstance(out, tuple) else out).abs().max())))
+        for layer in model.model.layers
+        for m in (layer.self_attn, layer.mlp)
+    ]
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    for h in hooks:
+        h.remove()
+    assert max(block_max) < FP16_MAX * 0.75, f"a block's output reaches {max(block_max):.0f}"
+    # hidden_states[-1] is after the final norm: the stream is the one before.
+    stream = max(float(h.abs().max()) for h in hidden[:-1])
+    print(f"outliers: blocks' outputs up to {max(block_max):.0f}, residual stream up to {stream:.0f} before the last layer")
+
+
+def residual_max(model: torch.nn.Module, ids: list[int]) -> float:
+    """The largest |value| of the residual stream, final layer's output included."""
+    seen = []
+    hook = model.model.layers[-1].register_forward_hook(lambda _m, _i, out: seen.append(float((out[0] if isinstance(out, tuple) else out).abs().max())))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids]))
+    hook.remove()
+    return seen[0]
+
+
 def to_old_config_form(config_path: Path) -> None:
     """Rewrites a transformers-5 config.json the way hub checkpoints from
     transformers 4.x look: top-level rope_theta / rope_scaling, torch_dtype,
@@ -150,6 +225,7 @@ FIXTURES = [
     ),
     ("mistral-sharded", MistralConfig(**SMALL, sliding_window=None), {"max_shard_size": "100KB"}),
     ("qwen3", Qwen3Config(**{**SMALL, "head_dim": 32}), {}),
+    ("llama-outliers", LlamaConfig(**SMALL), {"outliers": True}),
 ]
 
 
@@ -185,6 +261,8 @@ def build(name: str, config, options: dict, tokenizer, seed: int) -> bool:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     randomize(model, seed)
+    if options.get("outliers"):
+        make_outliers(model)
     if "dtype" in options:
         model = model.to(options["dtype"])
     model.eval()
@@ -197,6 +275,11 @@ def build(name: str, config, options: dict, tokenizer, seed: int) -> bool:
     loaded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     loaded.eval()
     ids = tokenizer(PROMPT)["input_ids"]
+    extra = {}
+    if options.get("outliers"):
+        check_outliers(loaded, ids)
+        extra["max_abs_residual"] = residual_max(loaded, ids)
+        assert extra["max_abs_residual"] > 1.1 * FP16_MAX, extra
     chosen, logits, margin = greedy_with_logits(loaded, ids)
     if margin < MIN_MARGIN:
         print(f"{name}: seed {seed} gives a greedy margin of {margin:.2e}; trying another")
@@ -212,6 +295,7 @@ def build(name: str, config, options: dict, tokenizer, seed: int) -> bool:
         "seed": seed,
         "min_top2_margin": margin,
         "max_abs_logit": float(np.abs(logits).max()),
+        **extra,
         "reference": {
             "transformers": transformers.__version__,
             "torch": torch.__version__,
@@ -228,7 +312,13 @@ def build(name: str, config, options: dict, tokenizer, seed: int) -> bool:
 def main() -> None:
     torch.use_deterministic_algorithms(True)
     tokenizer = make_tokenizer()
+    only = set(sys.argv[1:])  # fixture names to rebuild; all by default
+    unknown = only - {name for name, _, _ in FIXTURES}
+    if unknown:
+        sys.exit(f"no fixture named {', '.join(sorted(unknown))}")
     for index, (name, config, options) in enumerate(FIXTURES, start=1):
+        if only and name not in only:
+            continue
         # Seeds are tried in a fixed order, so reruns pick the same one.
         for seed in range(index, index + 1000, 100):
             if build(name, config, options, tokenizer, seed):

@@ -57,6 +57,11 @@ pub struct Manifest {
     pub kernels: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_package: Option<KernelPackageInfo>,
+    /// The residual stream's type (`float32` or `float16`): in an fp16 model
+    /// `float32` keeps the embedding's output and every residual Add in f32
+    /// around the fp16 blocks (`kiln compile --residual-dtype`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residual_dtype: Option<String>,
 }
 
 /// The generated Ascend C package a compiled directory's graphs call.

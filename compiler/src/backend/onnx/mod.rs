@@ -49,6 +49,22 @@ pub enum OnnxError {
     NoAscendForm { node: String, what: String },
     #[error(transparent)]
     Kernel(#[from] crate::backend::ascendc::AscendcError),
+    #[error(
+        "{file}: weight `{tensor}` has max |value| {max_abs:e}, outside float16's range (largest \
+         finite value 65504): the graphs hold their weights in float16 (--dtype fp16), where it \
+         would be inf. Compile with --dtype fp32, or, for a Linear layer's weight, --quant w8a8 (its int8 \
+         weights keep float16 scales, up to 127 × 65504)"
+    )]
+    OutOfHalfRange {
+        tensor: String,
+        max_abs: f32,
+        file: PathBuf,
+    },
+    #[error(
+        "--residual-dtype f32 cannot be used with --kernels ascendc: the Add + RMSNorm kernel \
+         keeps the residual stream in float16 (use --residual-dtype fp16, or --kernels onnx)"
+    )]
+    ResidualWithKernels,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -60,6 +76,9 @@ pub struct OnnxOptions {
     /// Lower the nodes that have an Ascend C kernel for this target to
     /// custom-domain nodes (`ai.kiln`) that the generated package serves.
     pub kernels: Option<crate::backend::ascendc::Target>,
+    /// The residual stream's type: `F32` keeps it in f32 around the blocks
+    /// of an fp16 graph (see `ops/residual.rs`); ignored in an f32 graph.
+    pub residual: FloatType,
 }
 
 /// The two spellings of a quantized op: one IR node, lowered twice to the
@@ -201,7 +220,13 @@ pub fn lower(graph: &Graph, options: &OnnxOptions) -> Result<OnnxGraph, OnnxErro
     if !(MIN_OPSET..=MAX_OPSET).contains(&options.opset) {
         return Err(OnnxError::Opset(options.opset));
     }
+    let residual_f32 = options.float == FloatType::F16 && options.residual == FloatType::F32;
+    if residual_f32 && options.kernels.is_some() {
+        return Err(OnnxError::ResidualWithKernels);
+    }
     let mut cx = ops::Cx {
+        residual_f32,
+        wide: HashSet::new(),
         b: GraphBuilder::default(),
         float: options.float,
         opset: options.opset,
@@ -362,17 +387,65 @@ impl<'s> Chunk<'s> {
             let bytes = Cow::Owned(derive(store, derived, float)?);
             return Ok(Chunk { name, bytes, store });
         }
-        // Quantized weights go as stored; so do floats already in the
-        // graph's type (unless computed when read, as dequantized ones are).
+        // Quantized weights go as stored (their f16 scales were checked
+        // when quantized); so do floats already in the graph's type (unless
+        // computed when read, as dequantized ones are). Whatever becomes
+        // fp16 is checked against its range.
+        let ty = store.tensor_type(name)?;
         let bytes = if stored_as_is(store, name, float) {
-            Cow::Borrowed(store.bytes(name)?)
+            let bytes = store.bytes(name)?;
+            if ty.dtype == DType::F16 {
+                check_half_bits(store, name, bytes)?;
+            }
+            Cow::Borrowed(bytes)
         } else {
-            store.tensor_type(name)?;
-            let converted = float.encode(store.to_f32_tensor(name)?.f32s());
+            let tensor = store.to_f32_tensor(name)?;
+            if float == FloatType::F16 {
+                check_half_range(store, name, tensor.f32s())?;
+            }
+            let converted = float.encode(tensor.f32s());
             store.release(name);
             Cow::Owned(converted)
         };
         Ok(Chunk { name, bytes, store })
+    }
+}
+
+/// Refuses a weight that float16 cannot hold: a |value| above 65504 (it
+/// would be inf, or round to the largest finite value and silently change
+/// the model) or one that is not finite.
+fn check_half_range(store: &WeightStore, name: &str, values: &[f32]) -> Result<(), OnnxError> {
+    let max_abs = values.iter().fold(0f32, |m, v| {
+        if m.is_nan() || v.is_nan() {
+            f32::NAN
+        } else {
+            m.max(v.abs())
+        }
+    });
+    // Written so that NaN fails it too.
+    if max_abs <= half::f16::MAX.to_f32() {
+        return Ok(());
+    }
+    Err(OnnxError::OutOfHalfRange {
+        tensor: name.to_string(),
+        max_abs,
+        file: store.origin(name),
+    })
+}
+
+/// [`check_half_range`] for a tensor stored as f16: no inf or NaN.
+fn check_half_bits(store: &WeightStore, name: &str, bytes: &[u8]) -> Result<(), OnnxError> {
+    let bad = bytes
+        .chunks_exact(2)
+        .map(|b| half::f16::from_le_bytes([b[0], b[1]]))
+        .find(|h| !h.is_finite());
+    match bad {
+        None => Ok(()),
+        Some(h) => Err(OnnxError::OutOfHalfRange {
+            tensor: name.to_string(),
+            max_abs: h.to_f32().abs(),
+            file: store.origin(name),
+        }),
     }
 }
 
@@ -413,7 +486,11 @@ fn derive(store: &WeightStore, derived: &Derived, float: FloatType) -> Result<Ve
                 _ => {
                     let t = store.to_f32_tensor(source)?;
                     let row = ty.numel() / rows;
-                    float.encode(&t.f32s()[start * row..end * row])
+                    let values = &t.f32s()[start * row..end * row];
+                    if float == FloatType::F16 {
+                        check_half_range(store, source, values)?;
+                    }
+                    float.encode(values)
                 }
             }
         }
@@ -814,6 +891,7 @@ mod tests {
             float: FloatType::F16,
             quant_ops,
             kernels: None,
+            residual: FloatType::F32,
         };
         let w8a8 = graph(ActivationQuant::DynamicInt8PerToken);
         let ascend = lower(&w8a8, &options(13, QuantOps::Ascend)).unwrap();
@@ -996,6 +1074,7 @@ mod tests {
                 float: FloatType::F16,
                 quant_ops: QuantOps::Standard,
                 kernels: Some(Target::Ascend310b),
+                residual: FloatType::F16,
             },
         )
         .unwrap();
@@ -1030,6 +1109,72 @@ mod tests {
         assert_eq!(lowered.model.opset_import[1].domain, "ai.kiln");
     }
 
+    /// `--residual-dtype f32`: the embedding's output is cast up, the
+    /// residual Add adds the block's output cast up, the norms read the
+    /// stream without a Cast, and the graph output stays fp16.
+    #[test]
+    fn an_f32_residual_stream_is_cast_around_the_blocks() {
+        use kiln_runtime::ir::ops::Gather;
+        let mut b = GraphBuilder::new("g");
+        let ids = b.input("input_ids", TensorType::new(DType::I64, [1, 2]));
+        let table = b.weight("embed", TensorType::f32([10, 8]));
+        let norm = b.weight("norm.weight", TensorType::f32([8]));
+        let w = b.weight("proj.weight", TensorType::f32([8, 8]));
+        let x = b.node("embed", Gather, &[table, ids]).unwrap();
+        let h = b.node("norm", RmsNorm { eps: 1e-6 }, &[x, norm]).unwrap();
+        let p = b.node("proj", Linear, &[h, w]).unwrap();
+        let r = b.node("residual", Add, &[x, p]).unwrap();
+        let out = b
+            .node("final_norm", RmsNorm { eps: 1e-6 }, &[r, norm])
+            .unwrap();
+        b.output(out, "out");
+        let graph = b.finish().unwrap();
+        let lower_with = |residual| {
+            let options = OnnxOptions {
+                opset: 13,
+                float: FloatType::F16,
+                quant_ops: QuantOps::Standard,
+                kernels: None,
+                residual,
+            };
+            lower(&graph, &options).unwrap().graph().node.clone()
+        };
+        let casts_to = |nodes: &[onnx_protobuf::NodeProto], to: DataType| {
+            nodes
+                .iter()
+                .filter(|n| n.op_type == "Cast" && n.attribute[0].i == to as i64)
+                .map(|n| n.input[0].clone())
+                .collect::<Vec<_>>()
+        };
+        let wide = lower_with(FloatType::F32);
+        let producer = |name: &str| {
+            wide.iter()
+                .find(|n| n.output.contains(&name.to_string()))
+                .unwrap()
+        };
+        assert_eq!(producer("embed").op_type, "Cast");
+        let add = producer("residual");
+        assert_eq!(add.op_type, "Add");
+        assert_eq!(add.input[0], "embed");
+        assert_eq!(producer(&add.input[1]).op_type, "Cast");
+        assert_eq!(producer(&add.input[1]).input, ["proj"]);
+        // Up-casts: the embedding's gather and the block's output only.
+        let up = casts_to(&wide, DataType::FLOAT);
+        assert_eq!(up.len(), 2, "{up:?}");
+        assert!(up.contains(&"proj".to_string()), "{up:?}");
+        // The old form casts each norm's input instead: as many Casts.
+        let narrow = lower_with(FloatType::F16);
+        assert_eq!(
+            casts_to(&narrow, DataType::FLOAT),
+            ["embed".to_string(), "residual".to_string()]
+        );
+        assert_eq!(wide.len(), narrow.len());
+        assert_eq!(
+            casts_to(&wide, DataType::FLOAT16).len(),
+            casts_to(&narrow, DataType::FLOAT16).len()
+        );
+    }
+
     #[test]
     fn every_ir_value_keeps_its_name_in_onnx() {
         let mut b = GraphBuilder::new("g");
@@ -1050,6 +1195,7 @@ mod tests {
                     float,
                     quant_ops: QuantOps::Standard,
                     kernels: None,
+                    residual: FloatType::F32,
                 },
             )
             .unwrap();
@@ -1101,6 +1247,7 @@ mod tests {
                 float,
                 quant_ops: QuantOps::Standard,
                 kernels: None,
+                residual: FloatType::F32,
             };
             let lowered = [
                 lower(&graph(false), &options).unwrap(),

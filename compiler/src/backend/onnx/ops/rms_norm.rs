@@ -8,8 +8,10 @@ use onnx_protobuf::tensor_proto::DataType;
 
 pub fn lower(cx: &mut Cx, io: &NodeIo, eps: f32) {
     let (x, w) = (io.inputs[0], io.inputs[1]);
+    // An f32 residual stream (`--residual-dtype f32`) is read as it is.
     let x32 = match cx.float {
         FloatType::F32 => x.to_string(),
+        FloatType::F16 if cx.wide.contains(x) => x.to_string(),
         FloatType::F16 => cx.b.temp(
             "Cast",
             &[x],
