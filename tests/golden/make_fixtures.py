@@ -5,7 +5,7 @@ transformers' own outputs for them: the goldens Kiln is tested against.
 Run it from the repository root (needs tests/golden/requirements.txt, ~6 GB):
 
     python3 -m venv /tmp/ref && /tmp/ref/bin/pip install -r tests/golden/requirements.txt
-    /tmp/ref/bin/python tests/golden/make_fixtures.py
+    /tmp/ref/bin/python tests/golden/make_fixtures.py [fixture names: only those]
 
 It writes tests/fixtures/models/<name>/ (config.json, safetensors, tokenizer)
 and tests/fixtures/golden/<name>/ (golden.json, logits.npy). Everything is
@@ -27,6 +27,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    GemmaConfig,
     LlamaConfig,
     MistralConfig,
     PreTrainedTokenizerFast,
@@ -88,17 +89,23 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 def randomize(model: torch.nn.Module, seed: int) -> None:
     """Replaces transformers' tiny initial weights with larger ones, so that
     activations are O(1) and greedy choices are clear rather than near-ties.
-    Norm weights and biases are random too, so that applying them is tested."""
+    Norm weights and biases are random too, so that applying them is tested.
+    Gemma's norms apply 1 + w: their stored weights are offsets from 1; its
+    embeddings are multiplied by sqrt(hidden), so they are drawn that much
+    smaller (else the residual stream only echoes the last token)."""
     gen = torch.Generator().manual_seed(seed)
+    gemma = model.config.model_type.startswith("gemma")
+    norm_offset = 0.0 if gemma else 1.0
+    embed_std = 0.5 / model.config.hidden_size**0.5 if gemma else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * noise)
+                p.copy_(norm_offset + 0.2 * noise)
             elif name.endswith(".bias"):
                 p.copy_(0.3 * noise)
             elif "embed_tokens" in name:
-                p.copy_(noise)
+                p.copy_(embed_std * noise)
             elif name == "lm_head.weight":
                 p.copy_(0.5 * noise)
             else:
@@ -150,6 +157,12 @@ FIXTURES = [
     ),
     ("mistral-sharded", MistralConfig(**SMALL, sliding_window=None), {"max_shard_size": "100KB"}),
     ("qwen3", Qwen3Config(**{**SMALL, "head_dim": 32}), {}),
+    # GeGLU (tanh GELU), RMSNorm over 1 + w, embeddings times sqrt(hidden), tied lm_head.
+    (
+        "gemma",
+        GemmaConfig(**{**SMALL, "head_dim": 16, "hidden_act": "gelu_pytorch_tanh"}),
+        {},
+    ),
 ]
 
 
@@ -226,9 +239,17 @@ def build(name: str, config, options: dict, tokenizer, seed: int) -> bool:
 
 
 def main() -> None:
+    """With fixture names as arguments, builds only those (each keeps the
+    seeds its place in FIXTURES gives it, so the others stay as committed)."""
+    only = set(sys.argv[1:])
+    unknown = only - {name for name, _, _ in FIXTURES}
+    if unknown:
+        sys.exit(f"no such fixtures: {', '.join(sorted(unknown))}")
     torch.use_deterministic_algorithms(True)
     tokenizer = make_tokenizer()
     for index, (name, config, options) in enumerate(FIXTURES, start=1):
+        if only and name not in only:
+            continue
         # Seeds are tried in a fixed order, so reruns pick the same one.
         for seed in range(index, index + 1000, 100):
             if build(name, config, options, tokenizer, seed):

@@ -366,13 +366,22 @@ impl HfModel {
         self.weights
             .insert_f32(&sin_name, vec![cache.max_len, c.head_dim], sin);
 
-        let spec = c.architecture.decoder_spec(c);
-        let weights = decoder::Weights {
+        let family = c.family()?;
+        family.prepare_weights(&mut self.weights)?;
+        let weights = decoder::WeightSource::Store(decoder::Weights {
             store: &self.weights,
             quantized: &self.quantized,
-        };
+        });
         let graph = |name: &str, tokens: usize| {
-            decoder::build_graph(name, c, spec, weights, tokens, &cache, options.logits)
+            decoder::build_graph(
+                name,
+                c,
+                family.as_ref(),
+                weights,
+                tokens,
+                &cache,
+                options.logits,
+            )
         };
         let graphs = match options.layout {
             GraphLayout::Split => vec![graph("prefill", options.prefill_len)?, graph("decode", 1)?],
