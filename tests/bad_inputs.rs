@@ -195,7 +195,7 @@ fn unsupported_architecture() {
                 "config.json",
                 &format!("`{class}` is not supported"),
                 "LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, Qwen3ForCausalLM, \
-                 GemmaForCausalLM",
+                 GemmaForCausalLM, Phi3ForCausalLM",
             ],
         );
     }

@@ -29,6 +29,7 @@ from transformers import (
     AutoModelForCausalLM,
     GemmaConfig,
     LlamaConfig,
+    Phi3Config,
     MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -163,6 +164,8 @@ FIXTURES = [
         GemmaConfig(**{**SMALL, "head_dim": 16, "hidden_act": "gelu_pytorch_tanh"}),
         {},
     ),
+    # Fused qkv_proj and gate_up_proj.
+    ("phi3", Phi3Config(**SMALL, sliding_window=None), {}),
 ]
 
 

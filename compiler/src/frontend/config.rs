@@ -345,7 +345,12 @@ impl ModelConfig {
                 ));
             }
         }
-        if let Some(p) = p.opt_f64("partial_rotary_factor")? {
+        // rope_parameters (transformers ≥ 5) or the top level (older files).
+        let partial = match p.opt_f64("partial_rotary_factor")? {
+            Some(p) => Some(p),
+            None => f.opt_f64("partial_rotary_factor")?,
+        };
+        if let Some(p) = partial {
             if p != 1.0 {
                 return Err(f.invalid(format!(
                     "partial_rotary_factor {p} is not supported (only 1.0)"

@@ -341,6 +341,10 @@ impl HfModel {
             max_len: options.max_seq_len,
             head_dim: c.head_dim,
         };
+        // Fused projections are split, 1 + w norms added, before the checks
+        // below read the tensors the decoder will.
+        let family = c.family()?;
+        family.prepare_weights(&mut self.weights)?;
         // The weights must bear out the config's sizes before anything is
         // allocated from them: a config claiming 2^40 layers or a huge head
         // is refused here, naming the tensor, not by the allocator.
@@ -366,8 +370,6 @@ impl HfModel {
         self.weights
             .insert_f32(&sin_name, vec![cache.max_len, c.head_dim], sin);
 
-        let family = c.family()?;
-        family.prepare_weights(&mut self.weights)?;
         let weights = decoder::WeightSource::Store(decoder::Weights {
             store: &self.weights,
             quantized: &self.quantized,

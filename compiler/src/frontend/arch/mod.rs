@@ -5,6 +5,7 @@
 mod gemma;
 mod llama;
 mod mistral;
+mod phi3;
 mod qwen2;
 mod qwen3;
 
@@ -108,15 +109,17 @@ pub enum Architecture {
     Mistral,
     Qwen3,
     Gemma,
+    Phi3,
 }
 
 impl Architecture {
-    pub const ALL: [Architecture; 5] = [
+    pub const ALL: [Architecture; 6] = [
         Architecture::Llama,
         Architecture::Qwen2,
         Architecture::Mistral,
         Architecture::Qwen3,
         Architecture::Gemma,
+        Architecture::Phi3,
     ];
 
     /// The class name in `config.json`'s `architectures`.
@@ -127,6 +130,7 @@ impl Architecture {
             Architecture::Mistral => mistral::HF_NAME,
             Architecture::Qwen3 => qwen3::HF_NAME,
             Architecture::Gemma => gemma::HF_NAME,
+            Architecture::Phi3 => phi3::HF_NAME,
         }
     }
 
@@ -138,6 +142,7 @@ impl Architecture {
             Architecture::Mistral => mistral::MODEL_TYPE,
             Architecture::Qwen3 => qwen3::MODEL_TYPE,
             Architecture::Gemma => gemma::MODEL_TYPE,
+            Architecture::Phi3 => phi3::MODEL_TYPE,
         }
     }
 
@@ -172,6 +177,7 @@ impl Architecture {
             Architecture::Mistral => Box::new(mistral::Mistral),
             Architecture::Qwen3 => Box::new(qwen3::Qwen3::new(config)),
             Architecture::Gemma => Box::new(gemma::Gemma::new(config, keys)?),
+            Architecture::Phi3 => Box::new(phi3::Phi3::new(config)),
         })
     }
 }
