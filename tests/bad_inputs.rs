@@ -182,15 +182,40 @@ fn unsupported_architecture() {
     let path = dir.join("config.json");
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    config["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
-    config["model_type"] = "gpt2".into();
+    for (class, model_type) in [
+        ("GPT2LMHeadModel", "gpt2"),
+        ("GPTBigCodeForCausalLM", "gpt_bigcode"),
+    ] {
+        config["architectures"] = serde_json::json!([class]);
+        config["model_type"] = model_type.into();
+        std::fs::write(&path, config.to_string()).unwrap();
+        assert_fails_with(
+            &generate(&dir, &[]),
+            &[
+                "config.json",
+                &format!("`{class}` is not supported"),
+                "LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, Qwen3ForCausalLM, \
+                 GemmaForCausalLM, Phi3ForCausalLM",
+            ],
+        );
+    }
+}
+
+/// A Gemma config whose MLP activation Kiln does not implement is refused
+/// by name, not lowered with the wrong function.
+#[test]
+fn gemma_with_another_activation() {
+    let (_tmp, dir) = copy_fixture("gemma");
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["hidden_act"] = "relu".into();
     std::fs::write(&path, config.to_string()).unwrap();
     assert_fails_with(
         &generate(&dir, &[]),
         &[
             "config.json",
-            "`GPT2LMHeadModel` is not supported",
-            "LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, Qwen3ForCausalLM",
+            "hidden activation \"relu\" is not supported for Gemma",
         ],
     );
 }

@@ -74,11 +74,8 @@ fn every_ggml_type_dequantizes_as_llama_cpps_python_package_does() {
         assert_eq!(info.shape, vec![4, 512], "{}", info.name);
         let mut values = vec![0f32; info.numel()];
         quant::dequantize(info.ggml_type, file.tensor_bytes(info), &mut values);
-        let scale = expected.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let err = values
-            .iter()
-            .zip(expected)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let scale = max_magnitude(expected);
+        let err = max_abs(&values, expected);
         assert!(
             err <= 1e-6 * scale.max(1.0),
             "{}: max abs error {err:e} against gguf.quants.dequantize (scale {scale})",

@@ -44,7 +44,7 @@ fn generate_ids(name: &str, extra: &[&str]) -> (Vec<u32>, Vec<Vec<f32>>) {
 
 #[test]
 fn every_fixture_matches_transformers() {
-    for name in FIXTURES {
+    for name in FIXTURES.iter().chain(&FAMILY_FIXTURES) {
         let g = golden(name);
         let (ids, logits) = generate_ids(name, &[]);
         assert_eq!(ids, g.generated_ids, "{name}: greedy ids differ");

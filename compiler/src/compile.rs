@@ -352,7 +352,7 @@ pub fn compile(
         &plan_infos,
         &model.weights,
         options.float,
-        crate::plan::parameters(&model.config),
+        crate::plan::parameters(&model.config)?,
     )?;
     if let Some(memory) = options.device_memory {
         if let Some(warning) = crate::plan::check_fits(&plan, memory)? {

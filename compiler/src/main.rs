@@ -856,7 +856,7 @@ fn plan_only(
         DTypeArg::Fp32 => FloatType::F32,
     };
     let int8 = kiln::compile::atc_holds_int8(&args.quant.mode()?, args.dequantize_for_atc)?;
-    let plan = kiln::plan::from_config(&config, &options, float, int8);
+    let plan = kiln::plan::from_config(&config, &options, float, int8)?;
     kiln_runtime::say!(
         "device memory plan for {} ({}, {}{}, {} graphs, {}-token KV cache) on {}:",
         args.model.display(),

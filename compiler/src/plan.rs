@@ -11,7 +11,7 @@
 use crate::backend::onnx::builder::FloatType;
 use crate::backend::onnx::{self, OnnxError, OnnxGraph};
 use crate::frontend::config::ModelConfig;
-use crate::frontend::GraphOptions;
+use crate::frontend::{FrontendError, GraphOptions};
 use kiln_runtime::compiled::external_weights::registered_size;
 use kiln_runtime::compiled::manifest::{GraphInfo, MemoryPlan};
 use kiln_runtime::ir::GraphLayout;
@@ -117,60 +117,29 @@ pub fn from_graphs(
 /// One weight tensor of a decoder, as the ATC graphs hold it.
 struct Tensor {
     elements: u64,
-    /// A Linear's weight `[out, in]`, quantized by `w8a8` unless skipped.
-    linear: Option<(u64, u64, &'static str)>,
+    /// A Linear's weight `[out, in]`, quantized by `w8a8` unless it is
+    /// `lm_head` (the bool).
+    linear: Option<(u64, u64, bool)>,
 }
 
-/// Every parameter tensor of a decoder built from `config`, as
-/// `frontend::decoder` reads them.
-fn inventory(config: &ModelConfig) -> Vec<Tensor> {
-    let spec = config.architecture.decoder_spec(config);
-    let c = config;
-    let (h, i, d) = (
-        c.hidden_size as u64,
-        c.intermediate_size as u64,
-        c.head_dim as u64,
-    );
-    let (q, kv) = (c.num_heads as u64 * d, c.num_kv_heads as u64 * d);
-    let plain = |elements| Tensor {
-        elements,
-        linear: None,
-    };
-    let linear = |out: u64, input: u64, name: &'static str| Tensor {
-        elements: out * input,
-        linear: Some((out, input, name)),
-    };
-    let mut list = vec![plain(c.vocab_size as u64 * h), plain(h)];
-    for _ in 0..c.num_layers {
-        list.extend([plain(h), plain(h)]);
-        list.extend([
-            linear(q, h, "q_proj"),
-            linear(kv, h, "k_proj"),
-            linear(kv, h, "v_proj"),
-            linear(h, q, "o_proj"),
-        ]);
-        if spec.qkv_bias {
-            list.extend([plain(q), plain(kv), plain(kv)]);
-        }
-        if spec.o_bias {
-            list.push(plain(h));
-        }
-        if spec.qk_norm {
-            list.extend([plain(d), plain(d)]);
-        }
-        list.extend([
-            linear(i, h, "gate_proj"),
-            linear(i, h, "up_proj"),
-            linear(h, i, "down_proj"),
-        ]);
-        if spec.mlp_bias {
-            list.extend([plain(i), plain(i), plain(h)]);
-        }
-    }
-    if !c.tie_word_embeddings {
-        list.push(linear(c.vocab_size as u64, h, "lm_head"));
-    }
-    list
+/// Every parameter tensor of a decoder built from `config`: the weights of
+/// its decode graph, built over config.json alone (so each family's own
+/// tensors are counted as its decoder reads them).
+fn inventory(config: &ModelConfig) -> Result<Vec<Tensor>, FrontendError> {
+    let weights = crate::frontend::arch::weight_inventory(config)?;
+    Ok(weights
+        .into_iter()
+        .map(|(name, shape, linear)| Tensor {
+            elements: shape.iter().map(|&d| d as u64).product(),
+            linear: linear.then(|| {
+                (
+                    shape[0] as u64,
+                    shape[1] as u64,
+                    name == "lm_head.weight" || name == "model.embed_tokens.weight",
+                )
+            }),
+        })
+        .collect())
 }
 
 /// The plan from config.json alone: the same tensors the compile would
@@ -183,14 +152,14 @@ pub fn from_config(
     options: &GraphOptions,
     float: FloatType,
     int8_linears: bool,
-) -> MemoryPlan {
+) -> Result<MemoryPlan, FrontendError> {
     let f = float.size_bytes() as u64;
-    let tensors = inventory(config);
+    let tensors = inventory(config)?;
     let parameters = tensors.iter().map(|t| t.elements).sum();
     let weights = tensors
         .iter()
         .map(|t| match t.linear {
-            Some((out, input, name)) if int8_linears && name != "lm_head" => {
+            Some((out, input, false)) if int8_linears => {
                 // The int8 [in, out] weight and one u64 deq_scale per output.
                 registered_size(out * input) + registered_size(out * 8)
             }
@@ -214,19 +183,19 @@ pub fn from_config(
         })
         .sum();
     let kv_cache = 2 * rows * l * f;
-    MemoryPlan::new(
+    Ok(MemoryPlan::new(
         weights,
         parameters,
         tables,
         kv_cache,
         io,
         "estimated from config.json alone",
-    )
+    ))
 }
 
 /// The model's parameter count, for the manifest's plan.
-pub fn parameters(config: &ModelConfig) -> u64 {
-    inventory(config).iter().map(|t| t.elements).sum()
+pub fn parameters(config: &ModelConfig) -> Result<u64, FrontendError> {
+    Ok(inventory(config)?.iter().map(|t| t.elements).sum())
 }
 
 /// What the board's Linux, kiln-run and ACL's work memory need besides

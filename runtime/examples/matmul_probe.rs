@@ -62,12 +62,8 @@ fn main() {
         .map(|c| (0..n * k).map(|i| ((i + c) % 5) as f32 * 0.1).collect())
         .collect();
     let reference = gemm_crate(&x, &ws[0], m, k, n);
-    let diff = |out: &[f32]| {
-        out.iter()
-            .zip(&reference)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max)
-    };
+    // Closeness counts a NaN as an infinite difference (f32::max would drop it).
+    let diff = |out: &[f32]| kiln_runtime::diff::Closeness::of(out, &reference).max_abs;
 
     let packed: Vec<PackedMatrix> = ws.iter().map(|w| PackedMatrix::new(w, n, k)).collect();
     let err = diff(&packed[0].matmul(&x, m));

@@ -3,7 +3,7 @@
 //! hub checkpoints carry (`rope_theta`, `rope_scaling`, `torch_dtype`),
 //! normalized into one [`ModelConfig`].
 
-use super::arch::Architecture;
+use super::arch::{Architecture, Family, FamilyConfig};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
@@ -75,6 +75,10 @@ pub struct ModelConfig {
     pub declared_dtype: Option<String>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// The file it was read from, for errors about family-specific keys.
+    pub path: PathBuf,
+    /// The whole config.json object: each family reads its own keys.
+    pub json: Map<String, Value>,
 }
 
 /// Reads keys from the config object, naming the file and key in errors.
@@ -207,7 +211,7 @@ impl ModelConfig {
             .and_then(|v| v.as_str())
             .map(str::to_string);
 
-        Ok(ModelConfig {
+        let config = ModelConfig {
             architecture,
             vocab_size: f.positive("vocab_size")?,
             hidden_size,
@@ -227,14 +231,31 @@ impl ModelConfig {
             },
             rope,
             max_position_embeddings,
-            tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+            tie_word_embeddings: f.bool_or(
+                "tie_word_embeddings",
+                architecture.ties_embeddings_by_default(),
+            )?,
             attention_bias: f.bool_or("attention_bias", false)?,
             mlp_bias: f.bool_or("mlp_bias", false)?,
             sliding_window,
             declared_dtype,
             bos_token_id: f.token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: f.token_ids("eos_token_id")?,
-        })
+            path: path.to_path_buf(),
+            json: map.clone(),
+        };
+        // The family's own keys are checked now, naming the file.
+        config.family()?;
+        Ok(config)
+    }
+
+    /// The family's decoder for this config.
+    pub fn family(&self) -> Result<Box<dyn Family>, ConfigError> {
+        let keys = FamilyConfig {
+            path: &self.path,
+            json: &self.json,
+        };
+        self.architecture.family(self, &keys)
     }
 
     fn architecture(f: &Fields) -> Result<Architecture, ConfigError> {
@@ -324,7 +345,12 @@ impl ModelConfig {
                 ));
             }
         }
-        if let Some(p) = p.opt_f64("partial_rotary_factor")? {
+        // rope_parameters (transformers ≥ 5) or the top level (older files).
+        let partial = match p.opt_f64("partial_rotary_factor")? {
+            Some(p) => Some(p),
+            None => f.opt_f64("partial_rotary_factor")?,
+        };
+        if let Some(p) = partial {
             if p != 1.0 {
                 return Err(f.invalid(format!(
                     "partial_rotary_factor {p} is not supported (only 1.0)"

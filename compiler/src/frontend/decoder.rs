@@ -1,16 +1,19 @@
-//! The decoder-only transformer that every supported architecture is a
-//! variant of, lowered into one IR graph of a fixed number of tokens.
+//! The shared pieces every decoder-only family is built from, and the
+//! graph around them.
 //!
-//! Per layer: `x += o_proj(attention(rope(q), rope(k), v))` on the
-//! RMS-normalized input, then `x += down_proj(silu(gate_proj(h)) · up_proj(h))`
-//! on the RMS-normalized result. The KV cache is read through the layer's
-//! slice of the shared cache input; the new rows leave as graph outputs.
+//! [`build_graph`] makes the step inputs (ids, positions, mask, KV cache),
+//! the embedding lookup, the RoPE rows, the final norm and the logits; each
+//! family (`arch/<family>.rs`, a [`Family`]) says what its embedding
+//! scaling, layers and logits post-processing are, from the pieces of
+//! [`DecoderBuilder`]: RMSNorm, projections, self-attention over the cache,
+//! gated MLPs. The Llama layout is the default of every hook.
 
+use super::arch::Family;
 use super::config::ModelConfig;
 use super::FrontendError;
 use kiln_runtime::ir::ops::{
-    Add, Attention, Concat, Gather, Linear, Mul, QuantGather, QuantLinear, Reshape, RmsNorm, Rope,
-    Silu, Slice, Transpose,
+    Add, Attention, Concat, Gather, GeluTanh, Linear, Mul, QuantGather, QuantLinear, Reshape,
+    RmsNorm, Rope, Silu, Slice, Transpose,
 };
 use kiln_runtime::ir::quant::ActivationQuant;
 use kiln_runtime::ir::{
@@ -19,19 +22,6 @@ use kiln_runtime::ir::{
 use kiln_runtime::weights::QuantTensors;
 use kiln_runtime::weights::WeightStore;
 use std::collections::BTreeMap;
-
-/// How an architecture's layers differ from the plain Llama layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DecoderSpec {
-    /// Biases on the q, k and v projections.
-    pub qkv_bias: bool,
-    /// A bias on the output projection.
-    pub o_bias: bool,
-    /// Biases on the gate, up and down projections.
-    pub mlp_bias: bool,
-    /// RMSNorm over each head of q and k before RoPE (Qwen3).
-    pub qk_norm: bool,
-}
 
 /// Which positions' logits a graph outputs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -64,16 +54,124 @@ pub struct Weights<'a> {
     pub quantized: &'a BTreeMap<String, QuantTensors>,
 }
 
-/// Builds a graph over the weight store, checking every weight's shape.
-struct DecoderBuilder<'a> {
-    b: GraphBuilder,
-    store: &'a WeightStore,
-    quantized: &'a BTreeMap<String, QuantTensors>,
+/// Where weight types come from: a real store, or config.json alone (every
+/// weight takes the shape the decoder asks for, in `dtype`), which is how
+/// the memory plan lists the tensors a compile would write.
+#[derive(Clone, Copy)]
+pub enum WeightSource<'a> {
+    Store(Weights<'a>),
+    ShapesOnly(DType),
 }
 
-impl DecoderBuilder<'_> {
-    fn weight(&mut self, name: &str, shape: &[usize]) -> Result<ValueId, FrontendError> {
-        let ty = self.store.expect(name, shape)?;
+/// How a family's RMSNorm applies its weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormStyle {
+    /// `norm(x) · w` (Llama and most families).
+    Weight,
+    /// `norm(x) · (1 + w)` (Gemma): the frontend adds `1 + w`, computed in
+    /// f32 as transformers does, to the store as [`unit_offset_weight`].
+    UnitOffsetWeight,
+}
+
+/// The store name of `1 + w` for norm weight `name` ([`NormStyle::UnitOffsetWeight`]).
+pub fn unit_offset_weight(name: &str) -> String {
+    format!("{name}.plus_one")
+}
+
+/// Adds `1 + w` for every norm weight (`…norm.weight`) in the store.
+pub fn add_unit_offset_weights(store: &mut WeightStore) -> Result<(), FrontendError> {
+    let names: Vec<String> = store
+        .names()
+        .filter(|n| n.ends_with("norm.weight"))
+        .map(str::to_string)
+        .collect();
+    for name in names {
+        let w = store.to_f32_tensor(&name)?;
+        let plus_one = w.f32s().iter().map(|v| 1.0 + v).collect();
+        store.insert_f32(&unit_offset_weight(&name), w.shape().to_vec(), plus_one);
+    }
+    Ok(())
+}
+
+/// One layer's self-attention, as a family configures it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SelfAttention {
+    /// Biases on the q, k and v projections.
+    pub qkv_bias: bool,
+    /// A bias on the output projection.
+    pub o_bias: bool,
+    /// RMSNorm over each head of q and k before RoPE (Qwen3).
+    pub qk_norm: bool,
+    /// Multiplies `q·k`; `1/sqrt(head_dim)` unless the family says otherwise.
+    pub scale: f32,
+}
+
+impl SelfAttention {
+    /// No biases, no q/k norms, `1/sqrt(head_dim)`.
+    pub fn plain(config: &ModelConfig) -> SelfAttention {
+        SelfAttention {
+            qkv_bias: false,
+            o_bias: false,
+            qk_norm: false,
+            scale: 1.0 / (config.head_dim as f32).sqrt(),
+        }
+    }
+}
+
+/// The activation of a gated MLP, `down(act(gate(h)) · up(h))`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateActivation {
+    /// SwiGLU (Llama, Qwen, Mistral).
+    Silu,
+    /// GeGLU with GELU's tanh approximation (Gemma).
+    GeluTanh,
+}
+
+/// The step inputs every layer reads.
+struct StepValues {
+    mask: ValueId,
+    k_cache: ValueId,
+    v_cache: ValueId,
+    cos: ValueId,
+    sin: ValueId,
+}
+
+/// Builds a graph over the weights, checking every weight's shape, and
+/// offers the pieces families build their layers from.
+pub struct DecoderBuilder<'a> {
+    b: GraphBuilder,
+    weights: WeightSource<'a>,
+    config: &'a ModelConfig,
+    tokens: usize,
+    cache: &'a KvCacheLayout,
+    norm_style: NormStyle,
+    step: Option<StepValues>,
+    new_keys: Vec<ValueId>,
+    new_values: Vec<ValueId>,
+}
+
+impl<'a> DecoderBuilder<'a> {
+    pub fn config(&self) -> &'a ModelConfig {
+        self.config
+    }
+
+    /// Tokens per step of the graph being built.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    fn quantized(&self, name: &str) -> Option<QuantTensors> {
+        match self.weights {
+            WeightSource::Store(w) => w.quantized.get(name).cloned(),
+            WeightSource::ShapesOnly(_) => None,
+        }
+    }
+
+    pub fn weight(&mut self, name: &str, shape: &[usize]) -> Result<ValueId, FrontendError> {
+        let ty = match self.weights {
+            WeightSource::Store(w) => w.store.expect(name, shape)?,
+            WeightSource::ShapesOnly(dtype) => TensorType::new(dtype, shape.to_vec()),
+        };
         Ok(self.b.weight(name, ty))
     }
 
@@ -95,9 +193,18 @@ impl DecoderBuilder<'_> {
         Ok(values)
     }
 
+    fn features(&self, x: ValueId) -> usize {
+        *self
+            .b
+            .ty(x)
+            .shape
+            .last()
+            .expect("activations have rank ≥ 1")
+    }
+
     /// `x · Wᵀ` for weight `name [out, in]`: a `Linear`, or a
     /// `QuantLinear` when the weight is stored quantized.
-    fn product(
+    pub fn product(
         &mut self,
         node: &str,
         x: ValueId,
@@ -105,13 +212,8 @@ impl DecoderBuilder<'_> {
         out: usize,
         bias: Option<ValueId>,
     ) -> Result<ValueId, FrontendError> {
-        let features = *self
-            .b
-            .ty(x)
-            .shape
-            .last()
-            .expect("activations have rank ≥ 1");
-        match self.quantized.get(name).cloned() {
+        let features = self.features(x);
+        match self.quantized(name) {
             Some(q) => {
                 let mut inputs = vec![x];
                 inputs.extend(self.quantized_weight(&q, [out, features])?);
@@ -132,7 +234,7 @@ impl DecoderBuilder<'_> {
         }
     }
 
-    fn node(
+    pub fn node(
         &mut self,
         name: impl Into<String>,
         op: impl Into<kiln_runtime::ir::Op>,
@@ -142,7 +244,7 @@ impl DecoderBuilder<'_> {
     }
 
     /// `x · Wᵀ (+ b)` with `W = {prefix}.weight [out, in]` and `{prefix}.bias [out]`.
-    fn linear(
+    pub fn linear(
         &mut self,
         x: ValueId,
         prefix: &str,
@@ -156,35 +258,208 @@ impl DecoderBuilder<'_> {
         self.product(prefix, x, &format!("{prefix}.weight"), out, bias)
     }
 
-    fn rms_norm(&mut self, x: ValueId, weight: &str, eps: f32) -> Result<ValueId, FrontendError> {
-        let dim = *self
-            .b
-            .ty(x)
-            .shape
-            .last()
-            .expect("activations have rank ≥ 1");
-        let w = self.weight(weight, &[dim])?;
+    /// RMSNorm over the last axis with norm weight `weight`, applied in the
+    /// family's [`NormStyle`]. The node is named after the weight.
+    pub fn rms_norm(&mut self, x: ValueId, weight: &str) -> Result<ValueId, FrontendError> {
+        let dim = self.features(x);
+        let stored = match self.norm_style {
+            NormStyle::Weight => weight.to_string(),
+            NormStyle::UnitOffsetWeight => unit_offset_weight(weight),
+        };
+        let w = self.weight(&stored, &[dim])?;
+        let eps = self.config.rms_norm_eps;
         self.node(weight.trim_end_matches(".weight"), RmsNorm { eps }, &[x, w])
     }
+
+    /// `x + y`, named `name`.
+    pub fn residual(
+        &mut self,
+        name: impl Into<String>,
+        x: ValueId,
+        y: ValueId,
+    ) -> Result<ValueId, FrontendError> {
+        self.node(name, Add, &[x, y])
+    }
+
+    fn step(&self) -> &StepValues {
+        self.step
+            .as_ref()
+            .expect("the step inputs exist before any layer")
+    }
+
+    /// Layer `layer`'s self-attention on the normalized hidden states `h`,
+    /// output projection included: `o_proj(attention(rope(q), rope(k), v))`
+    /// over the layer's slice of the KV cache followed by the new tokens.
+    /// The new K/V rows become the graph's `k_new`/`v_new` outputs.
+    pub fn self_attention(
+        &mut self,
+        layer: usize,
+        h: ValueId,
+        spec: &SelfAttention,
+    ) -> Result<ValueId, FrontendError> {
+        let c = self.config;
+        let tokens = self.tokens;
+        let (heads, kv_heads, head_dim, hidden) =
+            (c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size);
+        let p = format!("model.layers.{layer}");
+        let (cos, sin) = (self.step().cos, self.step().sin);
+
+        // [1, T, n·D] → [1, T, n, D] (→ per-head norm) → [1, n, T, D] (→ RoPE)
+        let project = |d: &mut DecoderBuilder,
+                       what: &str,
+                       n: usize,
+                       rotate: bool|
+         -> Result<ValueId, FrontendError> {
+            let proj = format!("{p}.self_attn.{what}_proj");
+            let y = d.linear(h, &proj, n * head_dim, spec.qkv_bias)?;
+            let mut y = d.node(
+                format!("{proj}.heads"),
+                Reshape {
+                    shape: vec![1, tokens, n, head_dim],
+                },
+                &[y],
+            )?;
+            if spec.qk_norm && rotate {
+                y = d.rms_norm(y, &format!("{p}.self_attn.{what}_norm.weight"))?;
+            }
+            let y = d.node(
+                format!("{proj}.transposed"),
+                Transpose {
+                    perm: vec![0, 2, 1, 3],
+                },
+                &[y],
+            )?;
+            if rotate {
+                d.node(format!("{proj}.rope"), Rope, &[y, cos, sin])
+            } else {
+                Ok(y)
+            }
+        };
+        let q = project(self, "q", heads, true)?;
+        let k = project(self, "k", kv_heads, true)?;
+        let v = project(self, "v", kv_heads, false)?;
+
+        let cache_shape = vec![1, kv_heads, self.cache.max_len, head_dim];
+        let layer_cache = |d: &mut DecoderBuilder,
+                           which: ValueId,
+                           what: &str|
+         -> Result<ValueId, FrontendError> {
+            let slice = d.node(
+                format!("{p}.{what}_cache"),
+                Slice {
+                    axis: 0,
+                    start: layer,
+                    end: layer + 1,
+                },
+                &[which],
+            )?;
+            d.node(
+                format!("{p}.{what}_cache.heads"),
+                Reshape {
+                    shape: cache_shape.clone(),
+                },
+                &[slice],
+            )
+        };
+        let (k_cache, v_cache, mask) = (self.step().k_cache, self.step().v_cache, self.step().mask);
+        let kc = layer_cache(self, k_cache, "k")?;
+        let vc = layer_cache(self, v_cache, "v")?;
+        let attn = self.node(
+            format!("{p}.self_attn"),
+            Attention { scale: spec.scale },
+            &[q, k, v, kc, vc, mask],
+        )?;
+        let attn = self.node(
+            format!("{p}.self_attn.merged"),
+            Transpose {
+                perm: vec![0, 2, 1, 3],
+            },
+            &[attn],
+        )?;
+        let attn = self.node(
+            format!("{p}.self_attn.flat"),
+            Reshape {
+                shape: vec![1, tokens, heads * head_dim],
+            },
+            &[attn],
+        )?;
+        let o = self.linear(attn, &format!("{p}.self_attn.o_proj"), hidden, spec.o_bias)?;
+
+        let rows = vec![1, 1, kv_heads, tokens, head_dim];
+        let k_new = self.node(
+            format!("{p}.k_new"),
+            Reshape {
+                shape: rows.clone(),
+            },
+            &[k],
+        )?;
+        let v_new = self.node(format!("{p}.v_new"), Reshape { shape: rows }, &[v])?;
+        self.new_keys.push(k_new);
+        self.new_values.push(v_new);
+        Ok(o)
+    }
+
+    /// Layer `layer`'s gated MLP on `h`:
+    /// `down_proj(act(gate_proj(h)) · up_proj(h))`.
+    pub fn gated_mlp(
+        &mut self,
+        layer: usize,
+        h: ValueId,
+        activation: GateActivation,
+        bias: bool,
+    ) -> Result<ValueId, FrontendError> {
+        let c = self.config;
+        let p = format!("model.layers.{layer}.mlp");
+        let gate = self.linear(h, &format!("{p}.gate_proj"), c.intermediate_size, bias)?;
+        let up = self.linear(h, &format!("{p}.up_proj"), c.intermediate_size, bias)?;
+        let act = match activation {
+            GateActivation::Silu => self.node(format!("{p}.act"), Silu, &[gate])?,
+            GateActivation::GeluTanh => self.node(format!("{p}.act"), GeluTanh, &[gate])?,
+        };
+        let act = self.node(format!("{p}.gated"), Mul, &[act, up])?;
+        self.linear(act, &format!("{p}.down_proj"), c.hidden_size, bias)
+    }
+}
+
+/// The Llama layer, which most families keep: pre-norm attention and MLP,
+/// each added to the residual stream.
+pub fn pre_norm_layer(
+    family: &(impl Family + ?Sized),
+    d: &mut DecoderBuilder,
+    layer: usize,
+    x: ValueId,
+) -> Result<ValueId, FrontendError> {
+    let p = format!("model.layers.{layer}");
+    let h = d.rms_norm(x, &format!("{p}.input_layernorm.weight"))?;
+    let o = d.self_attention(layer, h, &family.attention(d.config(), layer))?;
+    let x = d.residual(format!("{p}.attn_residual"), x, o)?;
+    let h = d.rms_norm(x, &format!("{p}.post_attention_layernorm.weight"))?;
+    let down = family.mlp(d, layer, h)?;
+    d.residual(format!("{p}.mlp_residual"), x, down)
 }
 
 /// Lowers the model into a graph over `tokens` positions per step.
 pub fn build_graph(
     name: &str,
     config: &ModelConfig,
-    spec: DecoderSpec,
-    weights: Weights,
+    family: &dyn Family,
+    weights: WeightSource,
     tokens: usize,
     cache: &KvCacheLayout,
     logits_output: LogitsOutput,
 ) -> Result<Graph, FrontendError> {
     let c = config;
-    let (heads, kv_heads, head_dim, hidden) =
-        (c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size);
+    let (head_dim, hidden) = (c.head_dim, c.hidden_size);
     let mut d = DecoderBuilder {
         b: GraphBuilder::new(name),
-        store: weights.store,
-        quantized: weights.quantized,
+        weights,
+        config,
+        tokens,
+        cache,
+        norm_style: family.norm_style(),
+        step: None,
+        new_keys: Vec::with_capacity(c.num_layers),
+        new_values: Vec::with_capacity(c.num_layers),
     };
 
     let ids = d.b.input(
@@ -209,9 +484,9 @@ pub fn build_graph(
     let v_cache = d.b.input(GraphNames::V_CACHE, cache.cache_type());
 
     let embed_name = "model.embed_tokens.weight";
-    let mut x = match weights.quantized.get(embed_name) {
+    let x = match d.quantized(embed_name) {
         Some(q) => {
-            let mut inputs = d.quantized_weight(q, [c.vocab_size, hidden])?;
+            let mut inputs = d.quantized_weight(&q, [c.vocab_size, hidden])?;
             inputs.push(ids);
             d.node("embed", QuantGather { weights: q.scheme }, &inputs)?
         }
@@ -220,139 +495,26 @@ pub fn build_graph(
             d.node("embed", Gather, &[embed, ids])?
         }
     };
+    let mut x = family.embed(&mut d, x)?;
 
     let (cos_name, sin_name) = rope_tables(cache.max_len);
     let cos_table = d.weight(&cos_name, &[cache.max_len, head_dim])?;
     let sin_table = d.weight(&sin_name, &[cache.max_len, head_dim])?;
     let cos = d.node("rope.cos", Gather, &[cos_table, positions])?;
     let sin = d.node("rope.sin", Gather, &[sin_table, positions])?;
+    d.step = Some(StepValues {
+        mask,
+        k_cache,
+        v_cache,
+        cos,
+        sin,
+    });
 
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    let mut new_keys = Vec::with_capacity(c.num_layers);
-    let mut new_values = Vec::with_capacity(c.num_layers);
     for layer in 0..c.num_layers {
-        let p = format!("model.layers.{layer}");
-        let h = d.rms_norm(x, &format!("{p}.input_layernorm.weight"), c.rms_norm_eps)?;
-
-        // [1, T, n·D] → [1, T, n, D] (→ per-head norm) → [1, n, T, D] (→ RoPE)
-        let project = |d: &mut DecoderBuilder,
-                       what: &str,
-                       n: usize,
-                       rotate: bool|
-         -> Result<ValueId, FrontendError> {
-            let proj = format!("{p}.self_attn.{what}_proj");
-            let y = d.linear(h, &proj, n * head_dim, spec.qkv_bias)?;
-            let mut y = d.node(
-                format!("{proj}.heads"),
-                Reshape {
-                    shape: vec![1, tokens, n, head_dim],
-                },
-                &[y],
-            )?;
-            if spec.qk_norm && rotate {
-                y = d.rms_norm(
-                    y,
-                    &format!("{p}.self_attn.{what}_norm.weight"),
-                    c.rms_norm_eps,
-                )?;
-            }
-            let y = d.node(
-                format!("{proj}.transposed"),
-                Transpose {
-                    perm: vec![0, 2, 1, 3],
-                },
-                &[y],
-            )?;
-            if rotate {
-                d.node(format!("{proj}.rope"), Rope, &[y, cos, sin])
-            } else {
-                Ok(y)
-            }
-        };
-        let q = project(&mut d, "q", heads, true)?;
-        let k = project(&mut d, "k", kv_heads, true)?;
-        let v = project(&mut d, "v", kv_heads, false)?;
-
-        let cache_shape = vec![1, kv_heads, cache.max_len, head_dim];
-        let layer_cache = |d: &mut DecoderBuilder,
-                           which: ValueId,
-                           what: &str|
-         -> Result<ValueId, FrontendError> {
-            let slice = d.node(
-                format!("{p}.{what}_cache"),
-                Slice {
-                    axis: 0,
-                    start: layer,
-                    end: layer + 1,
-                },
-                &[which],
-            )?;
-            d.node(
-                format!("{p}.{what}_cache.heads"),
-                Reshape {
-                    shape: cache_shape.clone(),
-                },
-                &[slice],
-            )
-        };
-        let kc = layer_cache(&mut d, k_cache, "k")?;
-        let vc = layer_cache(&mut d, v_cache, "v")?;
-        let attn = d.node(
-            format!("{p}.self_attn"),
-            Attention { scale },
-            &[q, k, v, kc, vc, mask],
-        )?;
-        let attn = d.node(
-            format!("{p}.self_attn.merged"),
-            Transpose {
-                perm: vec![0, 2, 1, 3],
-            },
-            &[attn],
-        )?;
-        let attn = d.node(
-            format!("{p}.self_attn.flat"),
-            Reshape {
-                shape: vec![1, tokens, heads * head_dim],
-            },
-            &[attn],
-        )?;
-        let o = d.linear(attn, &format!("{p}.self_attn.o_proj"), hidden, spec.o_bias)?;
-        x = d.node(format!("{p}.attn_residual"), Add, &[x, o])?;
-
-        let h = d.rms_norm(
-            x,
-            &format!("{p}.post_attention_layernorm.weight"),
-            c.rms_norm_eps,
-        )?;
-        let gate = d.linear(
-            h,
-            &format!("{p}.mlp.gate_proj"),
-            c.intermediate_size,
-            spec.mlp_bias,
-        )?;
-        let up = d.linear(
-            h,
-            &format!("{p}.mlp.up_proj"),
-            c.intermediate_size,
-            spec.mlp_bias,
-        )?;
-        let act = d.node(format!("{p}.mlp.act"), Silu, &[gate])?;
-        let act = d.node(format!("{p}.mlp.gated"), Mul, &[act, up])?;
-        let down = d.linear(act, &format!("{p}.mlp.down_proj"), hidden, spec.mlp_bias)?;
-        x = d.node(format!("{p}.mlp_residual"), Add, &[x, down])?;
-
-        let rows = vec![1, 1, kv_heads, tokens, head_dim];
-        new_keys.push(d.node(
-            format!("{p}.k_new"),
-            Reshape {
-                shape: rows.clone(),
-            },
-            &[k],
-        )?);
-        new_values.push(d.node(format!("{p}.v_new"), Reshape { shape: rows }, &[v])?);
+        x = family.layer(&mut d, layer, x)?;
     }
 
-    let mut x = d.rms_norm(x, "model.norm.weight", c.rms_norm_eps)?;
+    let mut x = d.rms_norm(x, "model.norm.weight")?;
     if let Some(logits_index) = logits_index {
         // Only one position's logits are needed per step: pick its hidden
         // state before the (large) vocabulary projection.
@@ -371,6 +533,17 @@ pub fn build_graph(
         "lm_head.weight"
     };
     let logits = d.product("lm_head", x, lm_head, c.vocab_size, None)?;
+    let logits = family.logits(&mut d, logits)?;
+    if d.new_keys.len() != c.num_layers {
+        return Err(FrontendError::Options(format!(
+            "the {} decoder made {} attention layers for {} layers",
+            c.architecture.hf_name(),
+            d.new_keys.len(),
+            c.num_layers
+        )));
+    }
+    let new_keys = std::mem::take(&mut d.new_keys);
+    let new_values = std::mem::take(&mut d.new_values);
     let k_new = d.node("k_new.all", Concat { axis: 0 }, &new_keys)?;
     let v_new = d.node("v_new.all", Concat { axis: 0 }, &new_values)?;
     d.b.output(logits, GraphNames::LOGITS);

@@ -341,6 +341,10 @@ impl HfModel {
             max_len: options.max_seq_len,
             head_dim: c.head_dim,
         };
+        // Fused projections are split, 1 + w norms added, before the checks
+        // below read the tensors the decoder will.
+        let family = c.family()?;
+        family.prepare_weights(&mut self.weights)?;
         // The weights must bear out the config's sizes before anything is
         // allocated from them: a config claiming 2^40 layers or a huge head
         // is refused here, naming the tensor, not by the allocator.
@@ -366,13 +370,20 @@ impl HfModel {
         self.weights
             .insert_f32(&sin_name, vec![cache.max_len, c.head_dim], sin);
 
-        let spec = c.architecture.decoder_spec(c);
-        let weights = decoder::Weights {
+        let weights = decoder::WeightSource::Store(decoder::Weights {
             store: &self.weights,
             quantized: &self.quantized,
-        };
+        });
         let graph = |name: &str, tokens: usize| {
-            decoder::build_graph(name, c, spec, weights, tokens, &cache, options.logits)
+            decoder::build_graph(
+                name,
+                c,
+                family.as_ref(),
+                weights,
+                tokens,
+                &cache,
+                options.logits,
+            )
         };
         let graphs = match options.layout {
             GraphLayout::Split => vec![graph("prefill", options.prefill_len)?, graph("decode", 1)?],

@@ -2,17 +2,32 @@
 //! (`q_norm`, `k_norm`, weights of shape `[head_dim]`) before RoPE.
 //! `attention_bias` adds biases to q, k, v and o, as in Llama.
 
+use super::Family;
 use crate::frontend::config::ModelConfig;
-use crate::frontend::decoder::DecoderSpec;
+use crate::frontend::decoder::SelfAttention;
 
 pub const HF_NAME: &str = "Qwen3ForCausalLM";
 pub const MODEL_TYPE: &str = "qwen3";
 
-pub fn decoder_spec(config: &ModelConfig) -> DecoderSpec {
-    DecoderSpec {
-        qkv_bias: config.attention_bias,
-        o_bias: config.attention_bias,
-        mlp_bias: false,
-        qk_norm: true,
+pub struct Qwen3 {
+    attention_bias: bool,
+}
+
+impl Qwen3 {
+    pub fn new(config: &ModelConfig) -> Qwen3 {
+        Qwen3 {
+            attention_bias: config.attention_bias,
+        }
+    }
+}
+
+impl Family for Qwen3 {
+    fn attention(&self, config: &ModelConfig, _layer: usize) -> SelfAttention {
+        SelfAttention {
+            qkv_bias: self.attention_bias,
+            o_bias: self.attention_bias,
+            qk_norm: true,
+            ..SelfAttention::plain(config)
+        }
     }
 }

@@ -9,12 +9,14 @@ mod attention;
 mod binary;
 mod concat;
 mod gather;
+pub mod gelu_tanh;
 mod linear;
 mod quant_gather;
 mod quant_linear;
 mod reshape;
 mod rms_norm;
 mod rope;
+mod scale;
 mod silu;
 mod slice;
 mod swiglu;
@@ -24,12 +26,14 @@ pub use attention::Attention;
 pub use binary::{Add, Mul};
 pub use concat::Concat;
 pub use gather::Gather;
+pub use gelu_tanh::{gelu_tanh, GeluTanh};
 pub use linear::Linear;
 pub use quant_gather::QuantGather;
 pub use quant_linear::{QuantLinear, QuantLinearInputs};
 pub use reshape::Reshape;
 pub use rms_norm::RmsNorm;
 pub use rope::Rope;
+pub use scale::Scale;
 pub use silu::Silu;
 pub use slice::Slice;
 pub use swiglu::SwiGlu;
@@ -105,6 +109,8 @@ op_set!(
     Rope,
     Attention,
     Silu,
+    GeluTanh,
+    Scale,
     SwiGlu,
     Reshape,
     Transpose,

@@ -1,5 +1,5 @@
 //! Elementwise ops: `Add`, `Mul` as themselves; `Silu` as `x · Sigmoid(x)`;
-//! `SwiGlu` as `gate · Sigmoid(gate) · up`.
+//! `SwiGlu` as `gate · Sigmoid(gate) · up`; `GeluTanh` and `Scale` below.
 
 use super::{Cx, NodeIo};
 
@@ -18,4 +18,37 @@ pub fn swiglu(cx: &mut Cx, io: &NodeIo) {
     let s = cx.b.temp("Sigmoid", &[gate], io.name, vec![]);
     let act = cx.b.temp("Mul", &[gate, &s], io.name, vec![]);
     cx.b.node("Mul", &[&act, up], io.output, vec![]);
+}
+
+/// `GeluTanh` as `x · Sigmoid(2√(2/π) · (x + 0.044715 · x³))`: the tanh
+/// form is `0.5 · x · (1 + tanh(u))`, and `0.5 · (1 + tanh(u)) =
+/// sigmoid(2u)` exactly, so no Tanh (which ATC's list lacks) is needed.
+pub fn gelu_tanh(cx: &mut Cx, io: &NodeIo) {
+    use kiln_runtime::ir::ops::gelu_tanh::{CUBIC, SQRT_2_OVER_PI};
+    let x = io.inputs[0];
+    let dt = cx.float.data_type();
+    let cubic =
+        cx.b.const_float(&format!("{}/cubic", io.name), dt, &[], &[CUBIC]);
+    let slope = cx.b.const_float(
+        &format!("{}/slope", io.name),
+        dt,
+        &[],
+        &[2.0 * SQRT_2_OVER_PI],
+    );
+    let x2 = cx.b.temp("Mul", &[x, x], io.name, vec![]);
+    let x3 = cx.b.temp("Mul", &[&x2, x], io.name, vec![]);
+    let term = cx.b.temp("Mul", &[&x3, &cubic], io.name, vec![]);
+    let inner = cx.b.temp("Add", &[x, &term], io.name, vec![]);
+    let u = cx.b.temp("Mul", &[&inner, &slope], io.name, vec![]);
+    let s = cx.b.temp("Sigmoid", &[&u], io.name, vec![]);
+    cx.b.node("Mul", &[x, &s], io.output, vec![]);
+}
+
+/// `Scale` as `Mul` by a scalar in the graph's float type (so an fp16 graph
+/// rounds the factor to fp16, as transformers does in half precision).
+pub fn scale(cx: &mut Cx, io: &NodeIo, factor: f32) {
+    let dt = cx.float.data_type();
+    let f =
+        cx.b.const_float(&format!("{}/factor", io.name), dt, &[], &[factor]);
+    cx.b.node("Mul", &[io.inputs[0], &f], io.output, vec![]);
 }

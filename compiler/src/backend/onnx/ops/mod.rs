@@ -75,6 +75,8 @@ fn lower_io(cx: &mut Cx, node: &Node, io: &NodeIo) -> Result<(), OnnxError> {
         Op::Mul(_) => elementwise::binary(cx, io, "Mul"),
         Op::Silu(_) => elementwise::silu(cx, io),
         Op::SwiGlu(_) => elementwise::swiglu(cx, io),
+        Op::GeluTanh(_) => elementwise::gelu_tanh(cx, io),
+        Op::Scale(op) => elementwise::scale(cx, io, op.factor),
         Op::RmsNorm(op) => rms_norm::lower(cx, io, op.eps),
         Op::Rope(_) => rope::lower(cx, io),
         Op::Attention(op) => attention::lower(cx, io, op.scale),
