@@ -391,6 +391,9 @@ mod tests {
             "a\\..\\b",
             "..",
             "a/./b",
+            "a//b",
+            "a/",
+            "a\0b",
         ] {
             assert!(!is_plain_relative(bad), "{bad}");
         }
