@@ -155,10 +155,13 @@ enum Need {
     IfPresent,
 }
 
-/// A path of normal components only: no root, no `.` or `..`, not empty.
+/// A path of normal components only: no root, no `.` or `..`, no empty
+/// component, no backslash or NUL.
 fn is_plain_relative(name: &str) -> bool {
-    !name.is_empty()
-        && !name.contains('\\')
+    !name.contains(['\\', '\0'])
+        && name
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
         && Path::new(name)
             .components()
             .all(|c| matches!(c, Component::Normal(_)))
@@ -388,6 +391,9 @@ mod tests {
             "a\\..\\b",
             "..",
             "a/./b",
+            "a//b",
+            "a/",
+            "a\0b",
         ] {
             assert!(!is_plain_relative(bad), "{bad}");
         }

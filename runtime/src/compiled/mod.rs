@@ -372,3 +372,106 @@ impl CompiledModel {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::om::model_def::writer::{model_def, OpSpec};
+    use crate::om::model_def::OmGraph;
+
+    fn manifest(atc_weights: Option<&str>, kernel: Option<&str>) -> Manifest {
+        let mut m = serde_json::json!({
+            "format": 1, "kiln_version": "test", "architecture": "TestForCausalLM",
+            "config_sha256": "", "weights_sha256": "",
+            "target": { "name": "310b", "soc_version": "Ascend310B1" },
+            "dtype": "float16", "opset": 17, "vocab_size": 8, "prefill_len": 4,
+            "kv_cache": { "layers": 1, "kv_heads": 1, "max_len": 8, "head_dim": 4,
+                          "layout": "", "update": "" },
+            "mask": { "layout": "", "hidden": "-inf" },
+            "graphs": [], "ir": "model.kiln.json", "reference_weights": "w.safetensors",
+            "tokenizer": null, "tokenizer_config": null,
+            "generation": { "bos_token_id": null, "eos_token_ids": [] },
+        });
+        if let Some(w) = atc_weights {
+            m["quantization"] = "w8a8".into();
+            m["atc_weights"] = w.into();
+        }
+        if let Some(op) = kernel {
+            m["kernels"] = "ascendc".into();
+            m["kernel_package"] = serde_json::json!({
+                "dir": "kernels", "manifest": "kernels/kernels.json", "target": "ascend310b",
+                "decode_bytes_per_token": 0,
+                "instances": [{ "op_type": op, "kernel": "k", "block_dim": 1, "bytes_read": 0,
+                                "calls": { "decode": 2 }, "tiling": {} }],
+            });
+        }
+        serde_json::from_value(m).unwrap()
+    }
+
+    fn graph(weight_dtype: i64, extra: &[OpSpec]) -> OmGraph {
+        let mut ops: Vec<OpSpec> = (0..2)
+            .map(|i| OpSpec {
+                input_dtypes: vec![weight_dtype, weight_dtype],
+                ..OpSpec::new(&format!("mm{i}"), "MatMulV2", "AIcoreEngine")
+            })
+            .collect();
+        ops.extend_from_slice(extra);
+        OmGraph::decode(&model_def("decode", "Ascend310B1", &ops)).unwrap()
+    }
+
+    #[test]
+    fn int8_chip_ai_cpu_and_kernels_are_checked() {
+        let w8a8 = manifest(
+            Some("int8 (AscendQuant → int8 MatMul → AscendDequant)"),
+            None,
+        );
+        let ok = check_graph("decode.om", &graph(3, &[]), "Ascend310B1", 2, &w8a8);
+        assert!(ok.problems.is_empty() && ok.warnings.is_empty(), "{ok:?}");
+        assert!(
+            ok.summary.contains("built for Ascend310B1"),
+            "{}",
+            ok.summary
+        );
+
+        // fp16 copies of int8 weights.
+        let copies = check_graph("decode.om", &graph(2, &[]), "Ascend310B1", 2, &w8a8);
+        assert!(
+            copies.problems[0].contains("only 0 of the .om's 2 matmuls read int8 weights")
+                && copies.problems[0].contains("float16 ×2"),
+            "{copies:?}"
+        );
+        // Not w8a8: float matmuls are what is expected.
+        let plain = check_graph(
+            "decode.om",
+            &graph(2, &[]),
+            "Ascend310B1",
+            0,
+            &manifest(None, None),
+        );
+        assert!(plain.problems.is_empty(), "{plain:?}");
+
+        // Another chip, and an op on the AI CPU.
+        let cpu = [OpSpec::new("argmax", "ArgMaxV2", "aicpu_tf_kernel")];
+        let c = check_graph("decode.om", &graph(3, &cpu), "Ascend310B4", 2, &w8a8);
+        assert!(
+            c.problems[0].contains("built for Ascend310B1 but this directory expects Ascend310B4")
+        );
+        assert!(c.problems[0].contains("./build_om.sh --soc Ascend310B4"));
+        assert!(
+            c.warnings[0].contains("1 op(s) fell back to the AI CPU")
+                && c.warnings[0].contains("argmax (ArgMaxV2)")
+        );
+
+        // Kiln's kernel missing from the .om, then present but on the AI CPU.
+        let kernels = manifest(None, Some("KilnGemvByte"));
+        let missing = check_graph("decode.om", &graph(2, &[]), "Ascend310B1", 0, &kernels);
+        assert!(
+            missing.problems[0].contains("KilnGemvByte are not in the .om"),
+            "{missing:?}"
+        );
+        let on_cpu = [OpSpec::new("gemv", "KilnGemvByte", "aicpu_ascend_kernel")];
+        let c = check_graph("decode.om", &graph(2, &on_cpu), "Ascend310B1", 0, &kernels);
+        assert_eq!(c.problems.len(), 1, "{c:?}");
+        assert!(c.problems[0].contains("KilnGemvByte run on the AI CPU"));
+    }
+}
