@@ -1335,6 +1335,7 @@ mod tests {
             float: FloatType::F32,
             quant_ops: QuantOps::Standard,
             kernels: None,
+            residual: FloatType::F32,
         };
         let lowered = lower(&graph, &options).unwrap();
         let tmp = tempfile::tempdir().unwrap();
