@@ -725,7 +725,7 @@ fn a_compiled_directory_runs_on_the_reference_interpreter_without_the_checkpoint
     use kiln_runtime::generate::{generate, GenerationOptions};
 
     let tmp = tempfile::tempdir().unwrap();
-    for name in FIXTURES {
+    for name in all_fixtures() {
         let dir = tmp.path().join(name);
         compile_fixture(name, &dir, &[]);
         // What kiln-run does on the board: only the compiled directory.

@@ -29,6 +29,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     GemmaConfig,
     LlamaConfig,
     Phi3Config,
@@ -241,6 +242,21 @@ FIXTURES = [
     ),
     # Fused qkv_proj and gate_up_proj.
     ("phi3", Phi3Config(**SMALL, sliding_window=None), {}),
+    # Soft-capped attention scores and logits (caps small enough to bite),
+    # query_pre_attn_scalar, sandwich norms. The window is the whole cache:
+    # Kiln refuses a longer cache (no sliding-window masks yet).
+    (
+        "gemma2",
+        Gemma2Config(
+            **{**SMALL, "head_dim": 16},
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=4.0,
+            final_logit_softcapping=5.0,
+            sliding_window=256,
+        ),
+        {},
+    ),
     # Seeded from place 7, where it was built before the families above came.
     ("llama-outliers", LlamaConfig(**SMALL), {"outliers": True, "seed_index": 7}),
 ]

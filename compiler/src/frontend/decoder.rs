@@ -104,6 +104,8 @@ pub struct SelfAttention {
     pub qk_norm: bool,
     /// Multiplies `q·k`; `1/sqrt(head_dim)` unless the family says otherwise.
     pub scale: f32,
+    /// Soft-capping of the scaled scores, `c · tanh(s / c)` (Gemma 2).
+    pub logit_softcap: Option<f32>,
 }
 
 impl SelfAttention {
@@ -114,6 +116,7 @@ impl SelfAttention {
             o_bias: false,
             qk_norm: false,
             scale: 1.0 / (config.head_dim as f32).sqrt(),
+            logit_softcap: None,
         }
     }
 }
@@ -366,7 +369,10 @@ impl<'a> DecoderBuilder<'a> {
         let vc = layer_cache(self, v_cache, "v")?;
         let attn = self.node(
             format!("{p}.self_attn"),
-            Attention { scale: spec.scale },
+            Attention {
+                scale: spec.scale,
+                softcap: spec.logit_softcap,
+            },
             &[q, k, v, kc, vc, mask],
         )?;
         let attn = self.node(

@@ -13,7 +13,7 @@
 
 use super::linalg::{add_weighted_rows, dot_rows_of_rows, SharedOut};
 use super::math::exp;
-use crate::ir::ops::KernelError;
+use crate::ir::ops::{Attention, KernelError};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 
@@ -55,7 +55,7 @@ pub(super) fn mask_runs(mask: &Tensor, cache_len: usize) -> Result<Vec<Vec<Run>>
 
 /// `Attention { scale }` on the op's inputs `[q, k, v, k_cache, v_cache,
 /// mask]`, with `runs` the mask's [`mask_runs`].
-pub(super) fn attention<'a>(scale: f32, inputs: &[&'a Tensor], runs: &[Vec<Run>]) -> Tensor {
+pub(super) fn attention<'a>(op: &Attention, inputs: &[&'a Tensor], runs: &[Vec<Run>]) -> Tensor {
     let [_, heads, tokens, dim] = inputs[0].shape().try_into().expect("rank checked");
     let kv_heads = inputs[1].shape()[1];
     let cache_len = inputs[3].shape()[2];
@@ -111,7 +111,7 @@ pub(super) fn attention<'a>(scale: f32, inputs: &[&'a Tensor], runs: &[Vec<Run>]
             union: &union,
             runs: &runs[t0..t1],
             mask: &mask[t0 * width..t1 * width],
-            scale,
+            op,
         };
         let values = |run: Run| rows(v_cache, v, run);
         // A decode step's single row takes one lane, not a vector of them.
@@ -134,7 +134,7 @@ struct Block<'a> {
     runs: &'a [Vec<Run>],
     /// The rows of the mask.
     mask: &'a [f32],
-    scale: f32,
+    op: &'a Attention,
 }
 
 impl Block<'_> {
@@ -163,7 +163,7 @@ impl Block<'_> {
                 let offset = base + a - self.union[u].0;
                 row_offsets.push(offset);
                 for (j, &mm) in (offset..offset + b - a).zip(&mask_row[a..b]) {
-                    logits[j][i] = self.scores[j * m + i] * self.scale + mm;
+                    logits[j][i] = self.op.logit(self.scores[j * m + i], mm);
                     keep[j][i] = 1.0;
                 }
             }
@@ -256,7 +256,7 @@ fn softmax<const L: usize>(logits: &mut [[f32; L]], keep: &[[f32; L]]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ir::ops::{Attention, OpSpec};
+    use crate::ir::ops::OpSpec;
 
     fn pseudo_random(len: usize, seed: u32) -> Vec<f32> {
         let mut s = seed;
@@ -285,9 +285,10 @@ mod tests {
         ];
         let args: Vec<&Tensor> = inputs.iter().collect();
         let scale = 0.37;
-        let want = Attention { scale }.eval(&args).unwrap();
+        let op = Attention::scaled(scale);
+        let want = op.eval(&args).unwrap();
         let runs = mask_runs(&inputs[5], cache).unwrap();
-        let got = attention(scale, &args, &runs);
+        let got = attention(&op, &args, &runs);
         assert_eq!(got.shape(), want.shape());
         assert_eq!(
             got.f32s(),

@@ -501,7 +501,7 @@ impl Interpreter {
                                 &masks[masks.len() - 1].2
                             }),
                         };
-                        runs.map(|runs| attention::attention(op.scale, &args, runs))
+                        runs.map(|runs| attention::attention(op, &args, runs))
                     }
                     _ => node.op.eval(&args),
                 };

@@ -3,6 +3,7 @@
 //! `decoder.rs`, whose defaults are the Llama layout.
 
 mod gemma;
+mod gemma2;
 mod llama;
 mod mistral;
 mod phi3;
@@ -109,16 +110,18 @@ pub enum Architecture {
     Mistral,
     Qwen3,
     Gemma,
+    Gemma2,
     Phi3,
 }
 
 impl Architecture {
-    pub const ALL: [Architecture; 6] = [
+    pub const ALL: [Architecture; 7] = [
         Architecture::Llama,
         Architecture::Qwen2,
         Architecture::Mistral,
         Architecture::Qwen3,
         Architecture::Gemma,
+        Architecture::Gemma2,
         Architecture::Phi3,
     ];
 
@@ -130,6 +133,7 @@ impl Architecture {
             Architecture::Mistral => mistral::HF_NAME,
             Architecture::Qwen3 => qwen3::HF_NAME,
             Architecture::Gemma => gemma::HF_NAME,
+            Architecture::Gemma2 => gemma2::HF_NAME,
             Architecture::Phi3 => phi3::HF_NAME,
         }
     }
@@ -142,6 +146,7 @@ impl Architecture {
             Architecture::Mistral => mistral::MODEL_TYPE,
             Architecture::Qwen3 => qwen3::MODEL_TYPE,
             Architecture::Gemma => gemma::MODEL_TYPE,
+            Architecture::Gemma2 => gemma2::MODEL_TYPE,
             Architecture::Phi3 => phi3::MODEL_TYPE,
         }
     }
@@ -161,7 +166,7 @@ impl Architecture {
     /// `tie_word_embeddings` when config.json leaves it out (transformers'
     /// default for the class).
     pub fn ties_embeddings_by_default(self) -> bool {
-        matches!(self, Architecture::Gemma)
+        matches!(self, Architecture::Gemma | Architecture::Gemma2)
     }
 
     /// The family's decoder, from the parsed config and the family's own
@@ -177,6 +182,7 @@ impl Architecture {
             Architecture::Mistral => Box::new(mistral::Mistral),
             Architecture::Qwen3 => Box::new(qwen3::Qwen3::new(config)),
             Architecture::Gemma => Box::new(gemma::Gemma::new(config, keys)?),
+            Architecture::Gemma2 => Box::new(gemma2::Gemma2::new(config, keys)?),
             Architecture::Phi3 => Box::new(phi3::Phi3::new(config)),
         })
     }

@@ -26,6 +26,29 @@ use serde::{Deserialize, Serialize};
 pub struct Attention {
     /// Multiplies `q·k` before the mask; usually `1/sqrt(D)`.
     pub scale: f32,
+    /// Gemma 2's attention-logit soft-capping: the scaled scores become
+    /// `c · tanh(s / c)` before the mask is added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub softcap: Option<f32>,
+}
+
+impl Attention {
+    /// Plain scaled dot-product attention.
+    pub fn scaled(scale: f32) -> Attention {
+        Attention {
+            scale,
+            softcap: None,
+        }
+    }
+
+    /// One score: `q·k · scale`, soft-capped if the op says so, plus the mask.
+    #[inline(always)]
+    pub fn logit(&self, dot: f32, mask: f32) -> f32 {
+        match self.softcap {
+            None => dot * self.scale + mask,
+            Some(cap) => super::soft_cap::soft_cap(dot * self.scale, cap) + mask,
+        }
+    }
 }
 
 impl OpSpec for Attention {
@@ -67,6 +90,9 @@ impl OpSpec for Attention {
             ));
         }
         let mask = [1, 1, tokens, cache_len + tokens];
+        if let Some(cap) = self.softcap.filter(|c| !(c.is_finite() && *c > 0.0)) {
+            return Err(format!("softcap must be a positive number, got {cap}"));
+        }
         if inputs[5].shape != mask {
             return Err(format!("mask must be {mask:?}, got {}", inputs[5]));
         }
@@ -141,7 +167,7 @@ impl Attention {
                     let run = &mut scores[at..at + b - a];
                     dot_rows(query, rows(k_cache, k, (a, b)), run);
                     for (s, &m) in run.iter_mut().zip(&mask_row[a..b]) {
-                        *s = *s * self.scale + m;
+                        *s = self.logit(*s, m);
                     }
                     at += b - a;
                 }
@@ -202,7 +228,7 @@ mod tests {
             0., 0., inf, 0., 0.,
         ]);
         let scale = 0.7;
-        let out = Attention { scale }
+        let out = Attention::scaled(scale)
             .eval(&[&q, &k, &v, &kc, &vc, &mask])
             .unwrap();
         let qs = q.f32s();
@@ -242,7 +268,7 @@ mod tests {
     fn a_fully_hidden_row_is_an_error() {
         let t = |shape: [usize; 4]| Tensor::from_f32(shape, vec![0.0; shape.iter().product()]);
         let mask = Tensor::from_f32([1, 1, 1, 2], vec![f32::NEG_INFINITY; 2]);
-        let err = Attention { scale: 1.0 }
+        let err = Attention::scaled(1.0)
             .eval(&[
                 &t([1, 1, 1, 2]),
                 &t([1, 1, 1, 2]),

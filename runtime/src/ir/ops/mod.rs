@@ -19,6 +19,7 @@ mod rope;
 mod scale;
 mod silu;
 mod slice;
+pub mod soft_cap;
 mod swiglu;
 mod transpose;
 
@@ -36,6 +37,7 @@ pub use rope::Rope;
 pub use scale::Scale;
 pub use silu::Silu;
 pub use slice::Slice;
+pub use soft_cap::SoftCap;
 pub use swiglu::SwiGlu;
 pub use transpose::Transpose;
 
@@ -111,6 +113,7 @@ op_set!(
     Silu,
     GeluTanh,
     Scale,
+    SoftCap,
     SwiGlu,
     Reshape,
     Transpose,

@@ -12,7 +12,7 @@ use super::{Cx, NodeIo};
 use crate::backend::onnx::builder::{Attr, FloatType};
 use onnx_protobuf::tensor_proto::DataType;
 
-pub fn lower(cx: &mut Cx, io: &NodeIo, scale: f32) {
+pub fn lower(cx: &mut Cx, io: &NodeIo, scale: f32, softcap: Option<f32>) {
     let [q, k, v, k_cache, v_cache, mask] = io.inputs[..] else {
         unreachable!("Attention has 6 inputs (checked by the IR)")
     };
@@ -66,6 +66,10 @@ pub fn lower(cx: &mut Cx, io: &NodeIo, scale: f32) {
         name,
         vec![("axis", Attr::Int(4))],
     );
+    let scores = match softcap {
+        None => scores,
+        Some(cap) => super::elementwise::soft_cap_of(cx, &scores, name, cap, None),
+    };
     let mask5_shape = shape(cx, &[1, 1, 1, t, l + t]);
     let mask5 = cx.b.temp("Reshape", &[mask, &mask5_shape], name, vec![]);
     let scores = cx.b.temp("Add", &[&scores, &mask5], name, vec![]);

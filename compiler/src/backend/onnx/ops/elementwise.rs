@@ -52,3 +52,26 @@ pub fn scale(cx: &mut Cx, io: &NodeIo, factor: f32) {
         cx.b.const_float(&format!("{}/factor", io.name), dt, &[], &[factor]);
     cx.b.node("Mul", &[io.inputs[0], &f], io.output, vec![]);
 }
+
+/// `cap · tanh(x / cap)` as `cap · (2 · Sigmoid(2x / cap) − 1)`
+/// (`tanh(u) = 2 · sigmoid(2u) − 1`; ATC's list has no Tanh), written to
+/// `output` or to a fresh value. Returns the result's name.
+pub fn soft_cap_of(cx: &mut Cx, x: &str, base: &str, cap: f32, output: Option<&str>) -> String {
+    let dt = cx.float.data_type();
+    let into =
+        cx.b.const_float(&format!("{base}/cap_in"), dt, &[], &[2.0 / cap]);
+    let out =
+        cx.b.const_float(&format!("{base}/cap_out"), dt, &[], &[2.0 * cap]);
+    let shift =
+        cx.b.const_float(&format!("{base}/cap_shift"), dt, &[], &[cap]);
+    let u = cx.b.temp("Mul", &[x, &into], base, vec![]);
+    let s = cx.b.temp("Sigmoid", &[&u], base, vec![]);
+    let y = cx.b.temp("Mul", &[&s, &out], base, vec![]);
+    match output {
+        Some(out) => {
+            cx.b.node("Sub", &[&y, &shift], out, vec![]);
+            out.to_string()
+        }
+        None => cx.b.temp("Sub", &[&y, &shift], base, vec![]),
+    }
+}

@@ -77,9 +77,12 @@ fn lower_io(cx: &mut Cx, node: &Node, io: &NodeIo) -> Result<(), OnnxError> {
         Op::SwiGlu(_) => elementwise::swiglu(cx, io),
         Op::GeluTanh(_) => elementwise::gelu_tanh(cx, io),
         Op::Scale(op) => elementwise::scale(cx, io, op.factor),
+        Op::SoftCap(op) => {
+            elementwise::soft_cap_of(cx, io.inputs[0], io.name, op.cap, Some(io.output));
+        }
         Op::RmsNorm(op) => rms_norm::lower(cx, io, op.eps),
         Op::Rope(_) => rope::lower(cx, io),
-        Op::Attention(op) => attention::lower(cx, io, op.scale),
+        Op::Attention(op) => attention::lower(cx, io, op.scale, op.softcap),
         Op::Reshape(op) => shape::reshape(cx, io, &op.shape),
         Op::Transpose(op) => shape::transpose(cx, io, &op.perm),
         Op::Concat(op) => shape::concat(cx, io, op.axis),

@@ -1,0 +1,109 @@
+//! Gemma 2: Gemma's pieces (GeGLU with tanh GELU, RMSNorm over `1 + w`,
+//! embeddings times √hidden, tied `lm_head`) in a "sandwich" layer —
+//!
+//! ```text
+//! x += post_attention_layernorm(attention(input_layernorm(x)))
+//! x += post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))
+//! ```
+//!
+//! — with attention scores scaled by `query_pre_attn_scalar^-1/2` and
+//! soft-capped (`attn_logit_softcapping`), and the final logits soft-capped
+//! (`final_logit_softcapping`), each `c · tanh(x / c)`.
+//!
+//! Every other layer attends over a sliding window (`sliding_window`); the
+//! frontend refuses a KV cache longer than the window (see
+//! `GraphOptions::check`), within which the window changes nothing.
+//! Source: transformers' `models/gemma2/modeling_gemma2.py`
+//! (https://github.com/huggingface/transformers/tree/main/src/transformers/models/gemma2).
+
+use super::gemma::check_gelu_tanh;
+use super::{Family, FamilyConfig};
+use crate::frontend::config::{ConfigError, ModelConfig};
+use crate::frontend::decoder::{DecoderBuilder, GateActivation, NormStyle, SelfAttention};
+use crate::frontend::FrontendError;
+use kiln_runtime::ir::ops::{Scale, SoftCap};
+use kiln_runtime::ir::ValueId;
+
+pub const HF_NAME: &str = "Gemma2ForCausalLM";
+pub const MODEL_TYPE: &str = "gemma2";
+
+pub struct Gemma2 {
+    attention_bias: bool,
+    embed_scale: f32,
+    attention_scale: f32,
+    attention_softcap: Option<f32>,
+    final_softcap: Option<f32>,
+}
+
+impl Gemma2 {
+    pub fn new(config: &ModelConfig, keys: &FamilyConfig) -> Result<Gemma2, ConfigError> {
+        check_gelu_tanh(keys)?;
+        // transformers' Gemma2Config defaults.
+        let scalar = keys.positive_f64("query_pre_attn_scalar")?.unwrap_or(256.0);
+        Ok(Gemma2 {
+            attention_bias: config.attention_bias,
+            embed_scale: (config.hidden_size as f64).sqrt() as f32,
+            attention_scale: scalar.powf(-0.5) as f32,
+            attention_softcap: keys
+                .positive_f64("attn_logit_softcapping")?
+                .map(|c| c as f32),
+            final_softcap: keys
+                .positive_f64("final_logit_softcapping")?
+                .map(|c| c as f32),
+        })
+    }
+}
+
+impl Family for Gemma2 {
+    fn norm_style(&self) -> NormStyle {
+        NormStyle::UnitOffsetWeight
+    }
+
+    fn embed(&self, d: &mut DecoderBuilder, x: ValueId) -> Result<ValueId, FrontendError> {
+        let factor = self.embed_scale;
+        d.node("embed.scaled", Scale { factor }, &[x])
+    }
+
+    fn attention(&self, config: &ModelConfig, _layer: usize) -> SelfAttention {
+        SelfAttention {
+            qkv_bias: self.attention_bias,
+            o_bias: self.attention_bias,
+            scale: self.attention_scale,
+            logit_softcap: self.attention_softcap,
+            ..SelfAttention::plain(config)
+        }
+    }
+
+    fn mlp(
+        &self,
+        d: &mut DecoderBuilder,
+        layer: usize,
+        h: ValueId,
+    ) -> Result<ValueId, FrontendError> {
+        d.gated_mlp(layer, h, GateActivation::GeluTanh, false)
+    }
+
+    fn layer(
+        &self,
+        d: &mut DecoderBuilder,
+        layer: usize,
+        x: ValueId,
+    ) -> Result<ValueId, FrontendError> {
+        let p = format!("model.layers.{layer}");
+        let h = d.rms_norm(x, &format!("{p}.input_layernorm.weight"))?;
+        let o = d.self_attention(layer, h, &self.attention(d.config(), layer))?;
+        let o = d.rms_norm(o, &format!("{p}.post_attention_layernorm.weight"))?;
+        let x = d.residual(format!("{p}.attn_residual"), x, o)?;
+        let h = d.rms_norm(x, &format!("{p}.pre_feedforward_layernorm.weight"))?;
+        let m = self.mlp(d, layer, h)?;
+        let m = d.rms_norm(m, &format!("{p}.post_feedforward_layernorm.weight"))?;
+        d.residual(format!("{p}.mlp_residual"), x, m)
+    }
+
+    fn logits(&self, d: &mut DecoderBuilder, logits: ValueId) -> Result<ValueId, FrontendError> {
+        match self.final_softcap {
+            Some(cap) => d.node("logits.capped", SoftCap { cap }, &[logits]),
+            None => Ok(logits),
+        }
+    }
+}
