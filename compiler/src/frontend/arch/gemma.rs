@@ -27,8 +27,8 @@ pub struct Gemma {
 }
 
 /// Checks that the MLP activation is GELU's tanh form, which is all Gemma
-/// checkpoints use. Shared with the later Gemma generations.
-pub fn check_gelu_tanh(keys: &FamilyConfig) -> Result<(), ConfigError> {
+/// checkpoints use (Gemma 2 builds on [`Gemma::new`], so it checks too).
+fn check_gelu_tanh(keys: &FamilyConfig) -> Result<(), ConfigError> {
     let act = keys
         .str("hidden_activation")
         .or_else(|| keys.str("hidden_act"))

@@ -16,20 +16,20 @@
 //! Source: transformers' `models/gemma2/modeling_gemma2.py`
 //! (https://github.com/huggingface/transformers/tree/main/src/transformers/models/gemma2).
 
-use super::gemma::check_gelu_tanh;
+use super::gemma::Gemma;
 use super::{Family, FamilyConfig};
 use crate::frontend::config::{ConfigError, ModelConfig};
-use crate::frontend::decoder::{DecoderBuilder, GateActivation, NormStyle, SelfAttention};
+use crate::frontend::decoder::{DecoderBuilder, NormStyle, SelfAttention};
 use crate::frontend::FrontendError;
-use kiln_runtime::ir::ops::{Scale, SoftCap};
+use kiln_runtime::ir::ops::SoftCap;
 use kiln_runtime::ir::ValueId;
 
 pub const HF_NAME: &str = "Gemma2ForCausalLM";
 pub const MODEL_TYPE: &str = "gemma2";
 
+/// Gemma, with what the second generation changes.
 pub struct Gemma2 {
-    attention_bias: bool,
-    embed_scale: f32,
+    gemma: Gemma,
     attention_scale: f32,
     attention_softcap: Option<f32>,
     final_softcap: Option<f32>,
@@ -37,12 +37,10 @@ pub struct Gemma2 {
 
 impl Gemma2 {
     pub fn new(config: &ModelConfig, keys: &FamilyConfig) -> Result<Gemma2, ConfigError> {
-        check_gelu_tanh(keys)?;
         // transformers' Gemma2Config defaults.
         let scalar = keys.positive_f64("query_pre_attn_scalar")?.unwrap_or(256.0);
         Ok(Gemma2 {
-            attention_bias: config.attention_bias,
-            embed_scale: (config.hidden_size as f64).sqrt() as f32,
+            gemma: Gemma::new(config, keys)?,
             attention_scale: scalar.powf(-0.5) as f32,
             attention_softcap: keys
                 .positive_f64("attn_logit_softcapping")?
@@ -56,21 +54,18 @@ impl Gemma2 {
 
 impl Family for Gemma2 {
     fn norm_style(&self) -> NormStyle {
-        NormStyle::UnitOffsetWeight
+        self.gemma.norm_style()
     }
 
     fn embed(&self, d: &mut DecoderBuilder, x: ValueId) -> Result<ValueId, FrontendError> {
-        let factor = self.embed_scale;
-        d.node("embed.scaled", Scale { factor }, &[x])
+        self.gemma.embed(d, x)
     }
 
-    fn attention(&self, config: &ModelConfig, _layer: usize) -> SelfAttention {
+    fn attention(&self, config: &ModelConfig, layer: usize) -> SelfAttention {
         SelfAttention {
-            qkv_bias: self.attention_bias,
-            o_bias: self.attention_bias,
             scale: self.attention_scale,
             logit_softcap: self.attention_softcap,
-            ..SelfAttention::plain(config)
+            ..self.gemma.attention(config, layer)
         }
     }
 
@@ -80,7 +75,7 @@ impl Family for Gemma2 {
         layer: usize,
         h: ValueId,
     ) -> Result<ValueId, FrontendError> {
-        d.gated_mlp(layer, h, GateActivation::GeluTanh, false)
+        self.gemma.mlp(d, layer, h)
     }
 
     fn layer(
