@@ -3,7 +3,7 @@
 //! `0.5 · x · (1 + tanh(√(2/π) · (x + 0.044715 · x³)))`.
 //! Source: https://pytorch.org/docs/stable/generated/torch.nn.GELU.html
 
-use super::{expect_f32, expect_inputs, KernelError, OpSpec};
+use super::{elementwise_type, map_elements, KernelError, OpSpec};
 use crate::ir::TensorType;
 use crate::tensor::Tensor;
 use serde::{Deserialize, Serialize};
@@ -25,17 +25,11 @@ impl OpSpec for GeluTanh {
     const NAME: &'static str = "GeluTanh";
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<TensorType, String> {
-        expect_inputs(inputs, 1..=1)?;
-        expect_f32(inputs[0], "x")?;
-        Ok(inputs[0].clone())
+        elementwise_type(inputs)
     }
 
     fn eval(&self, inputs: &[&Tensor]) -> Result<Tensor, KernelError> {
-        let x = inputs[0];
-        Ok(Tensor::from_f32(
-            x.shape().to_vec(),
-            x.f32s().iter().map(|&v| gelu_tanh(v)).collect(),
-        ))
+        Ok(map_elements(inputs[0], gelu_tanh))
     }
 }
 

@@ -170,3 +170,16 @@ pub(crate) fn expect_f32(ty: &TensorType, what: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The type rule of an op applied to each element of one f32 tensor: the
+/// input's own type.
+pub(crate) fn elementwise_type(inputs: &[&TensorType]) -> Result<TensorType, String> {
+    expect_inputs(inputs, 1..=1)?;
+    expect_f32(inputs[0], "x")?;
+    Ok(inputs[0].clone())
+}
+
+/// The reference of such an op: `f` on every element.
+pub(crate) fn map_elements(x: &Tensor, f: impl Fn(f32) -> f32) -> Tensor {
+    Tensor::from_f32(x.shape().to_vec(), x.f32s().iter().map(|&v| f(v)).collect())
+}

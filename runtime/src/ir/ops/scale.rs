@@ -1,7 +1,7 @@
 //! `Scale`: `x · factor` for a constant `factor` (Gemma's embeddings times
 //! √hidden). Backends hold the factor in the activation dtype.
 
-use super::{expect_f32, expect_inputs, KernelError, OpSpec};
+use super::{elementwise_type, map_elements, KernelError, OpSpec};
 use crate::ir::TensorType;
 use crate::tensor::Tensor;
 use serde::{Deserialize, Serialize};
@@ -15,20 +15,14 @@ impl OpSpec for Scale {
     const NAME: &'static str = "Scale";
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<TensorType, String> {
-        expect_inputs(inputs, 1..=1)?;
-        expect_f32(inputs[0], "x")?;
         if !self.factor.is_finite() {
             return Err(format!("factor {} is not finite", self.factor));
         }
-        Ok(inputs[0].clone())
+        elementwise_type(inputs)
     }
 
     fn eval(&self, inputs: &[&Tensor]) -> Result<Tensor, KernelError> {
-        let x = inputs[0];
-        Ok(Tensor::from_f32(
-            x.shape().to_vec(),
-            x.f32s().iter().map(|&v| v * self.factor).collect(),
-        ))
+        Ok(map_elements(inputs[0], |v| v * self.factor))
     }
 }
 

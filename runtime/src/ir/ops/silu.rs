@@ -1,6 +1,6 @@
 //! `Silu`: `x · sigmoid(x)`.
 
-use super::{expect_f32, expect_inputs, KernelError, OpSpec};
+use super::{elementwise_type, map_elements, KernelError, OpSpec};
 use crate::ir::TensorType;
 use crate::tensor::Tensor;
 use serde::{Deserialize, Serialize};
@@ -14,17 +14,11 @@ impl OpSpec for Silu {
     const NAME: &'static str = "Silu";
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<TensorType, String> {
-        expect_inputs(inputs, 1..=1)?;
-        expect_f32(inputs[0], "x")?;
-        Ok(inputs[0].clone())
+        elementwise_type(inputs)
     }
 
     fn eval(&self, inputs: &[&Tensor]) -> Result<Tensor, KernelError> {
-        let x = inputs[0];
-        Ok(Tensor::from_f32(
-            x.shape().to_vec(),
-            x.f32s().iter().map(|&v| silu(v)).collect(),
-        ))
+        Ok(map_elements(inputs[0], silu))
     }
 }
 

@@ -3,7 +3,7 @@
 //! transformers' `models/gemma2/modeling_gemma2.py`
 //! (https://github.com/huggingface/transformers/tree/main/src/transformers/models/gemma2).
 
-use super::{expect_f32, expect_inputs, KernelError, OpSpec};
+use super::{elementwise_type, map_elements, KernelError, OpSpec};
 use crate::ir::TensorType;
 use crate::tensor::Tensor;
 use serde::{Deserialize, Serialize};
@@ -23,20 +23,14 @@ impl OpSpec for SoftCap {
     const NAME: &'static str = "SoftCap";
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<TensorType, String> {
-        expect_inputs(inputs, 1..=1)?;
-        expect_f32(inputs[0], "x")?;
         if !(self.cap.is_finite() && self.cap > 0.0) {
             return Err(format!("cap must be a positive number, got {}", self.cap));
         }
-        Ok(inputs[0].clone())
+        elementwise_type(inputs)
     }
 
     fn eval(&self, inputs: &[&Tensor]) -> Result<Tensor, KernelError> {
-        let x = inputs[0];
-        Ok(Tensor::from_f32(
-            x.shape().to_vec(),
-            x.f32s().iter().map(|&v| soft_cap(v, self.cap)).collect(),
-        ))
+        Ok(map_elements(inputs[0], |v| soft_cap(v, self.cap)))
     }
 }
 
