@@ -109,6 +109,16 @@ pub struct SelfAttention {
 }
 
 impl SelfAttention {
+    /// Llama's: `plain`, with `config.attention_bias` adding biases to q, k,
+    /// v *and* o (as Llama, Qwen3 and Gemma read it).
+    pub fn with_config_biases(config: &ModelConfig) -> SelfAttention {
+        SelfAttention {
+            qkv_bias: config.attention_bias,
+            o_bias: config.attention_bias,
+            ..SelfAttention::plain(config)
+        }
+    }
+
     /// No biases, no q/k norms, `1/sqrt(head_dim)`.
     pub fn plain(config: &ModelConfig) -> SelfAttention {
         SelfAttention {

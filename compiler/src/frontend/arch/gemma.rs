@@ -21,7 +21,6 @@ pub const HF_NAME: &str = "GemmaForCausalLM";
 pub const MODEL_TYPE: &str = "gemma";
 
 pub struct Gemma {
-    attention_bias: bool,
     /// √hidden, rounded to f32 (the IR's activation dtype).
     embed_scale: f32,
 }
@@ -45,7 +44,6 @@ impl Gemma {
     pub fn new(config: &ModelConfig, keys: &FamilyConfig) -> Result<Gemma, ConfigError> {
         check_gelu_tanh(keys)?;
         Ok(Gemma {
-            attention_bias: config.attention_bias,
             embed_scale: (config.hidden_size as f64).sqrt() as f32,
         })
     }
@@ -62,11 +60,7 @@ impl Family for Gemma {
     }
 
     fn attention(&self, config: &ModelConfig, _layer: usize) -> SelfAttention {
-        SelfAttention {
-            qkv_bias: self.attention_bias,
-            o_bias: self.attention_bias,
-            ..SelfAttention::plain(config)
-        }
+        SelfAttention::with_config_biases(config)
     }
 
     fn mlp(

@@ -13,14 +13,12 @@ pub const HF_NAME: &str = "LlamaForCausalLM";
 pub const MODEL_TYPE: &str = "llama";
 
 pub struct Llama {
-    attention_bias: bool,
     mlp_bias: bool,
 }
 
 impl Llama {
     pub fn new(config: &ModelConfig) -> Llama {
         Llama {
-            attention_bias: config.attention_bias,
             mlp_bias: config.mlp_bias,
         }
     }
@@ -28,11 +26,7 @@ impl Llama {
 
 impl Family for Llama {
     fn attention(&self, config: &ModelConfig, _layer: usize) -> SelfAttention {
-        SelfAttention {
-            qkv_bias: self.attention_bias,
-            o_bias: self.attention_bias,
-            ..SelfAttention::plain(config)
-        }
+        SelfAttention::with_config_biases(config)
     }
 
     fn mlp(

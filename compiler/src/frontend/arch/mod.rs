@@ -180,7 +180,7 @@ impl Architecture {
             Architecture::Llama => Box::new(llama::Llama::new(config)),
             Architecture::Qwen2 => Box::new(qwen2::Qwen2),
             Architecture::Mistral => Box::new(mistral::Mistral),
-            Architecture::Qwen3 => Box::new(qwen3::Qwen3::new(config)),
+            Architecture::Qwen3 => Box::new(qwen3::Qwen3),
             Architecture::Gemma => Box::new(gemma::Gemma::new(config, keys)?),
             Architecture::Gemma2 => Box::new(gemma2::Gemma2::new(config, keys)?),
             Architecture::Phi3 => Box::new(phi3::Phi3::new(config)),

@@ -9,25 +9,13 @@ use crate::frontend::decoder::SelfAttention;
 pub const HF_NAME: &str = "Qwen3ForCausalLM";
 pub const MODEL_TYPE: &str = "qwen3";
 
-pub struct Qwen3 {
-    attention_bias: bool,
-}
-
-impl Qwen3 {
-    pub fn new(config: &ModelConfig) -> Qwen3 {
-        Qwen3 {
-            attention_bias: config.attention_bias,
-        }
-    }
-}
+pub struct Qwen3;
 
 impl Family for Qwen3 {
     fn attention(&self, config: &ModelConfig, _layer: usize) -> SelfAttention {
         SelfAttention {
-            qkv_bias: self.attention_bias,
-            o_bias: self.attention_bias,
             qk_norm: true,
-            ..SelfAttention::plain(config)
+            ..SelfAttention::with_config_biases(config)
         }
     }
 }
