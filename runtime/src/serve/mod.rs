@@ -67,6 +67,8 @@ pub struct ServeArgs {
 /// Runs the server until the process is stopped.
 pub fn serve(args: &ServeArgs) -> Result<(), String> {
     init_threads(args.threads)?;
+    // Read before the engine opens (loading .om files takes a while), so a
+    // model the server cannot take is refused at once.
     let manifest = Manifest::load(&args.model).map_err(|e| e.to_string())?;
     let tokenizer_file = manifest.tokenizer.as_ref().ok_or_else(|| {
         format!(
