@@ -1,6 +1,6 @@
 //! Times `x · Wᵀ` for one shape, Kiln's kernels against the `gemm` crate,
 //! on weights too large to stay in cache (each call reads a cold copy).
-//!     cargo run --release -p kiln-runtime --example matmul_probe -- 64 576 1536
+//!     cargo run --release -p kiln-runtime --features gemm-probe --example matmul_probe -- 64 576 1536
 use kiln_runtime::interp::linalg::{matmul_transposed, PackedMatrix};
 use std::time::Instant;
 
