@@ -151,6 +151,23 @@ fn sentencepiece_vocabularies_tokenize_as_transformers_gguf_loader_does() {
             );
         }
     }
+
+    // Without merges, a Llama-style vocabulary's merges come from its
+    // scores; without those either, it is refused by name.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(gguf_fixture("spm-llama.gguf")).unwrap();
+    let key = b"tokenizer.ggml.scores";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap();
+    bytes[at + key.len() - 1] = b'z';
+    let path = tmp.path().join("no-scores.gguf");
+    std::fs::write(&path, &bytes).unwrap();
+    let err = tokenizer::build(&GgufFile::open(&path).unwrap())
+        .err()
+        .expect("a vocabulary without merges or scores is refused");
+    assert!(
+        err.contains("neither tokenizer.ggml.merges nor tokenizer.ggml.scores"),
+        "{err}"
+    );
 }
 
 /// Gemma and Gemma 2 from GGUF (llama.cpp's tensor names, its `1 + w` norms,
