@@ -31,8 +31,9 @@ It writes into tests/fixtures/gguf/:
   embeddings stay as they are), byte fallback, Gemma's special ids.
 - spm-llama.gguf, spm-phi3.gguf: the same vocabulary alone (no tensors) under
   the `llama` and `phi3` architectures, for which transformers builds
-  sentencepiece tokenizers differently (a prefix space, no merges order
-  from the file's order).
+  sentencepiece tokenizers differently (a prefix space, merges ordered by
+  score); spm-llama.gguf also asks for EOS, spm-phi3.gguf has no add-BOS
+  key (older files), which means BOS.
 
 Names on the command line build only those files (`quant`, `llama-gqa`,
 `qwen3`, `gemma`, `gemma2`, `spm`).
@@ -374,8 +375,9 @@ def make_gemma(fixture: str, work: Path):
     writer.close()
 
 
-def make_spm_only(arch_name: str, work: Path):
-    """The vocabulary alone, under another architecture's name."""
+def make_spm_only(arch_name: str, work: Path, add_bos, add_eos):
+    """The vocabulary alone, under another architecture's name, with the
+    add-BOS/EOS flags given (None: no key, as in older files)."""
     tokens, scores, types = sentencepiece_vocab(work, SPM_VOCAB)
     writer = gguf.GGUFWriter(str(OUT / f"spm-{arch_name}.gguf"), arch_name)
     writer.add_name(f"spm-{arch_name}")
@@ -384,7 +386,9 @@ def make_spm_only(arch_name: str, work: Path):
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    gguf.SpecialVocab(work, n_vocab=len(tokens)).add_to_gguf(writer)
+    special = gguf.SpecialVocab(work, n_vocab=len(tokens))
+    special.add_special_token = {k: v for k, v in (("bos", add_bos), ("eos", add_eos)) if v is not None}
+    special.add_to_gguf(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -409,8 +413,9 @@ def main():
                 make_gemma(fixture, work)
         if "spm" in wanted:
             (work / "config.json").unlink(missing_ok=True)
-            for arch_name in ("llama", "phi3"):
-                make_spm_only(arch_name, work)
+            # Between them, the flags' other cases: EOS added; no add-BOS key.
+            make_spm_only("llama", work, add_bos=True, add_eos=True)
+            make_spm_only("phi3", work, add_bos=None, add_eos=None)
     print(f"wrote {sorted(p.name for p in OUT.iterdir())} (gguf {gguf.__name__})")
 
 

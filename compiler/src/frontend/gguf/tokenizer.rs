@@ -580,11 +580,13 @@ fn generate_merges<'a>(
         local.sort_by_key(|(l, r, _)| (vocab[l], vocab[r]));
         merges.extend(local);
     }
-    // Python's stable sort with reverse=True: descending, ties kept in order.
+    // Python's stable sort with reverse=True: descending, ties kept in order
+    // (and -0.0 ties with 0.0, as Python compares them; no score is NaN).
     let key = |(l, r, s): &(&str, &str, f64)| (*s, l.chars().count(), r.chars().count());
     merges.sort_by(|a, b| {
         let (ka, kb) = (key(a), key(b));
-        kb.0.total_cmp(&ka.0)
+        kb.0.partial_cmp(&ka.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
             .then(kb.1.cmp(&ka.1))
             .then(kb.2.cmp(&ka.2))
     });
