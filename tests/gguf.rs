@@ -103,6 +103,122 @@ fn gguf_fixtures_match_the_transformers_goldens_of_their_checkpoints() {
     }
 }
 
+fn spm_goldens() -> Value {
+    let path = gguf_fixture("spm/goldens.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Sentencepiece vocabularies (Gemma's, and the same one under the `llama`
+/// and `phi3` architectures, which transformers builds differently): Kiln's
+/// tokenizer.json is the one transformers' GGUF loader builds, and encodes
+/// and decodes every text as transformers did (tests/golden/make_gguf_spm_goldens.py).
+#[test]
+fn sentencepiece_vocabularies_tokenize_as_transformers_gguf_loader_does() {
+    use kiln::frontend::gguf::tokenizer;
+    use kiln_runtime::generate::tokenizer::Tokenizer;
+    let goldens = spm_goldens();
+    for (file, g) in goldens["tokenizers"].as_object().unwrap() {
+        let path = gguf_fixture(file);
+        let files = tokenizer::build(&GgufFile::open(&path).unwrap()).unwrap();
+        let ours: Value = serde_json::from_str(&files.tokenizer_json).unwrap();
+        let stem = file.trim_end_matches(".gguf");
+        let theirs: Value = serde_json::from_str(
+            &std::fs::read_to_string(gguf_fixture(&format!("spm/tokenizer_{stem}.json"))).unwrap(),
+        )
+        .unwrap();
+        for (part, expected) in theirs.as_object().unwrap() {
+            assert_eq!(&ours[part], expected, "{file}: tokenizer.json `{part}`");
+        }
+        let config: Value = serde_json::from_str(&files.tokenizer_config_json).unwrap();
+        assert_eq!(config["add_bos_token"], g["add_bos_token"], "{file}");
+        assert_eq!(config["add_eos_token"], g["add_eos_token"], "{file}");
+
+        let tok = Tokenizer::from_bytes(files.tokenizer_json.as_bytes(), &path).unwrap();
+        for case in g["cases"].as_array().unwrap() {
+            let (name, text) = (&case["name"], case["text"].as_str().unwrap());
+            let ids = tok.encode(text).unwrap();
+            assert_eq!(ids, ids_of(&case["ids"]), "{file} {name}: ids of {text:?}");
+            let plain = tok.encode_plain(text).unwrap();
+            assert_eq!(
+                plain,
+                ids_of(&case["ids_plain"]),
+                "{file} {name}: plain ids"
+            );
+            assert_eq!(
+                tok.decode(&ids).unwrap(),
+                case["decoded"].as_str().unwrap(),
+                "{file} {name}: decoded"
+            );
+        }
+    }
+
+    // Without merges, a Llama-style vocabulary's merges come from its
+    // scores; without those either, it is refused by name.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(gguf_fixture("spm-llama.gguf")).unwrap();
+    let key = b"tokenizer.ggml.scores";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap();
+    bytes[at + key.len() - 1] = b'z';
+    let path = tmp.path().join("no-scores.gguf");
+    std::fs::write(&path, &bytes).unwrap();
+    let err = tokenizer::build(&GgufFile::open(&path).unwrap())
+        .err()
+        .expect("a vocabulary without merges or scores is refused");
+    assert!(
+        err.contains("neither tokenizer.ggml.merges nor tokenizer.ggml.scores"),
+        "{err}"
+    );
+}
+
+/// Gemma and Gemma 2 from GGUF (llama.cpp's tensor names, its `1 + w` norms,
+/// Gemma 2's soft-cap and window keys): the prompt tokenizes as transformers
+/// did, and the logits are transformers' (gemma: of the checkpoint the file
+/// holds, which transformers' GGUF loader refuses; gemma2: of its loader, with
+/// the soft caps and attention scale llama.cpp reads). gemma.gguf also
+/// reproduces the goldens of the HF fixture it was written from.
+#[test]
+fn gemma_ggufs_match_transformers() {
+    let goldens = spm_goldens();
+    for file in ["gemma.gguf", "gemma2.gguf"] {
+        let g = &goldens["generation"][file];
+        let model = gguf_fixture(file);
+        let prompt_ids = ids_of(&g["prompt_ids"]);
+        let out = kiln(&[
+            "tokenize",
+            model.to_str().unwrap(),
+            "--prompt",
+            g["prompt"].as_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(parse_ids(&stdout(&out)), prompt_ids, "{file}: prompt ids");
+
+        let expected_ids = ids_of(&g["generated_ids"]);
+        let expected = read_rows(&gguf_fixture(&format!(
+            "spm/{}",
+            g["logits_file"].as_str().unwrap()
+        )));
+        let (ids, logits) = kiln_generate(&model, &prompt_ids, expected_ids.len());
+        assert_eq!(ids, expected_ids, "{file}: greedy ids");
+        let err = max_abs_diff(&logits, &expected);
+        assert!(err <= 1e-4, "{file}: max abs logit error {err:e}");
+    }
+    let g = golden("gemma");
+    let (ids, logits) = kiln_generate(
+        &gguf_fixture("gemma.gguf"),
+        &g.prompt_ids,
+        g.generated_ids.len(),
+    );
+    assert_eq!(
+        ids, g.generated_ids,
+        "gemma.gguf vs the gemma fixture's goldens"
+    );
+    let err = max_abs_diff(&logits, &g.logits);
+    assert!(
+        err <= 1e-4,
+        "gemma.gguf vs the gemma fixture's goldens: {err:e}"
+    );
+}
+
 #[test]
 fn a_gguf_compiles_and_imports_into_models_that_match_the_goldens() {
     let g = golden("llama-gqa");

@@ -18,9 +18,31 @@ It writes into tests/fixtures/gguf/:
   interleaved RoPE, and the byte-level BPE tokenizer as `tokenizer.ggml.*`
   arrays. Weights stay F32, so Kiln must reproduce the transformers goldens
   of those fixtures (tests/fixtures/golden/) from the GGUF alone.
+- gemma.gguf, gemma2.gguf: the `gemma` and `gemma2` fixtures as llama.cpp's
+  GemmaModel / Gemma2Model converters write them (convert_hf_to_gguf.py):
+  its tensor names, every `*norm.weight` stored with 1 added, no Q/K
+  permutation, the soft-cap and sliding-window keys for Gemma 2, and a
+  sentencepiece vocabulary (`tokenizer.ggml.model = llama`) as its
+  `_set_vocab_sentencepiece` writes one: tokens, scores and token types read
+  from a `tokenizer.model`, user-defined and control tokens from the
+  tokenizer_config.json beside it (multi-space pieces spelled with real
+  spaces). That model is trained here with the `sentencepiece` package on a
+  generated text: BPE, 320 pieces (the fixtures' vocabulary size, so their
+  embeddings stay as they are), byte fallback, Gemma's special ids.
+- spm-llama.gguf, spm-phi3.gguf: the same vocabulary alone (no tensors) under
+  the `llama` and `phi3` architectures, for which transformers builds
+  sentencepiece tokenizers differently (a prefix space, merges ordered by
+  score); spm-llama.gguf also asks for EOS, spm-phi3.gguf has no add-BOS
+  key (older files), which means BOS.
+
+Names on the command line build only those files (`quant`, `llama-gqa`,
+`qwen3`, `gemma`, `gemma2`, `spm`).
 """
 
 import json
+import random
+import sys
+import tempfile
 from pathlib import Path
 
 import gguf
@@ -171,11 +193,229 @@ def make_model(fixture, arch):
     writer.close()
 
 
+# ---- sentencepiece vocabularies (Gemma) ----
+
+SPM_VOCAB = 320
+SPM_LINES = [
+    "kiln is an ahead of time graph compiler for language models on ascend boards.\n",
+    "the prefill graph reads the prompt; the decode graph adds one token at a time.\n",
+    "a cache of fixed length keeps the keys and the values of every layer.\n",
+    "static shapes let the compiler plan memory before the model ever runs.\n",
+    "    def forward(self, x):\n",
+    "        return self.norm(x) + x\n",
+    "the caf\u00e9 serves tea to the reader at the table.\n",
+    "\n",
+]
+# Gemma's layout: pad, eos, bos, unk first, then its turn markers and some of
+# the newline and space runs it keeps whole.
+SPM_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
+SPM_CONTROL = ["<start_of_turn>", "<end_of_turn>"]
+SPM_USER = ["\n", "\n\n", "\u2581\u2581", "\u2581\u2581\u2581\u2581"]
+# A template of the same shape as Gemma's: turns between markers.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>"
+    "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def train_sentencepiece(work: Path) -> Path:
+    """A Gemma-shaped BPE sentencepiece model: no dummy prefix, whitespace
+    kept as it is, digits split, unknown characters as byte pieces."""
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    text = work / "train.txt"
+    text.write_text("".join(rng.choice(SPM_LINES) for _ in range(400)), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(text),
+        model_prefix=str(work / "tokenizer"),
+        model_type="bpe",
+        vocab_size=SPM_VOCAB,
+        byte_fallback=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        normalization_rule_name="identity",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        user_defined_symbols=SPM_CONTROL + SPM_USER,
+        character_coverage=0.995,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return work / "tokenizer.model"
+
+
+def write_hf_tokenizer_files(work: Path) -> None:
+    """What a Gemma repository carries beside tokenizer.model and the
+    converter reads: tokenizer_config.json (special tokens, add-BOS, the
+    chat template, the added tokens) and tokenizer.json's added tokens."""
+    added = [
+        {"id": i, "content": t, "special": True}
+        for i, t in enumerate(SPM_SPECIAL + SPM_CONTROL)
+    ] + [
+        {"id": len(SPM_SPECIAL + SPM_CONTROL) + i, "content": t, "special": False}
+        for i, t in enumerate(SPM_USER)
+    ]
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "chat_template": CHAT_TEMPLATE,
+        "added_tokens_decoder": {str(a["id"]): a for a in added},
+    }
+    (work / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    (work / "tokenizer.json").write_text(json.dumps({"added_tokens": added}), encoding="utf-8")
+
+
+def sentencepiece_vocab(work: Path, vocab_size: int):
+    """tokens, scores and token types as convert_hf_to_gguf.py's
+    `_create_vocab_sentencepiece` reads them: each piece's score and kind
+    from the model, then the tokenizer_config.json's added tokens as control
+    (special) or user-defined tokens, the latter with `\u2581` spelled as a
+    space."""
+    from sentencepiece import SentencePieceProcessor
+
+    T = gguf.TokenType
+    sp = SentencePieceProcessor(model_file=str(work / "tokenizer.model"))
+    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [T.UNUSED] * vocab_size
+    for i in range(min(sp.vocab_size(), vocab_size)):
+        kind = T.NORMAL
+        if sp.IsUnknown(i):
+            kind = T.UNKNOWN
+        elif sp.IsControl(i):
+            kind = T.CONTROL
+        elif sp.IsUnused(i):
+            kind = T.UNUSED
+        elif sp.IsByte(i):
+            kind = T.BYTE
+        tokens[i], scores[i], types[i] = sp.IdToPiece(i).encode(), sp.GetScore(i), kind
+    config = json.loads((work / "tokenizer_config.json").read_text(encoding="utf-8"))
+    for key, token in config["added_tokens_decoder"].items():
+        i, content = int(key), token["content"]
+        if token.get("special"):
+            types[i] = T.CONTROL
+        else:
+            content = content.replace("\u2581", " ")
+            types[i] = T.USER_DEFINED
+        scores[i], tokens[i] = -1000.0, content.encode()
+    return tokens, scores, types
+
+
+def make_gemma(fixture: str, work: Path):
+    """The HF fixture `fixture` as GemmaModel / Gemma2Model write it."""
+    src = MODELS / fixture
+    config = json.loads((src / "config.json").read_text())
+    arch = {"gemma": gguf.MODEL_ARCH.GEMMA, "gemma2": gguf.MODEL_ARCH.GEMMA2}[config["model_type"]]
+    # The converter reads bos/eos/pad ids from config.json; a Gemma one has them.
+    (work / "config.json").write_text(json.dumps({"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}))
+    tokens, scores, types = sentencepiece_vocab(work, config["vocab_size"])
+
+    writer = gguf.GGUFWriter(str(OUT / f"{fixture}.gguf"), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_name(fixture)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if arch == gguf.MODEL_ARCH.GEMMA2:
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+        writer.add_sliding_window(config["sliding_window"])
+
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(work, n_vocab=len(tokens)).add_to_gguf(writer)
+    if arch == gguf.MODEL_ARCH.GEMMA:
+        # GemmaModel marks CodeGemma's infill tokens by these ids whatever the
+        # vocabulary; copied here as it writes them.
+        special = gguf.SpecialVocab(
+            work, load_merges=False, special_token_types=["prefix", "suffix", "middle", "fsep", "eot"]
+        )
+        for kind, token_id in [("prefix", 67), ("suffix", 69), ("middle", 68), ("fsep", 70), ("eot", 107)]:
+            special._set_special_token(kind, token_id)
+        special.chat_template = None
+        special.add_to_gguf(writer)
+    writer.add_add_space_prefix(False)
+
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    weights = load_file(src / "model.safetensors")
+    for name, w in sorted(weights.items()):
+        if name == "lm_head.weight":
+            continue  # tied; the converter skips it
+        w = w.astype(np.float32)
+        if name.endswith("norm.weight"):
+            w = w + 1  # Gemma's RMSNorm multiplies by 1 + w; llama.cpp stores 1 + w
+        base, suffix = name.rsplit(".", 1)
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(w))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def make_spm_only(arch_name: str, work: Path, add_bos, add_eos):
+    """The vocabulary alone, under another architecture's name, with the
+    add-BOS/EOS flags given (None: no key, as in older files)."""
+    tokens, scores, types = sentencepiece_vocab(work, SPM_VOCAB)
+    writer = gguf.GGUFWriter(str(OUT / f"spm-{arch_name}.gguf"), arch_name)
+    writer.add_name(f"spm-{arch_name}")
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(work, n_vocab=len(tokens))
+    special.add_special_token = {k: v for k, v in (("bos", add_bos), ("eos", add_eos)) if v is not None}
+    special.add_to_gguf(writer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
-    make_quant()
-    make_model("llama-gqa", "llama")
-    make_model("qwen3", "qwen3")
+    wanted = set(sys.argv[1:]) or {"quant", "llama-gqa", "qwen3", "gemma", "gemma2", "spm"}
+    if "quant" in wanted:
+        make_quant()
+    if "llama-gqa" in wanted:
+        make_model("llama-gqa", "llama")
+    if "qwen3" in wanted:
+        make_model("qwen3", "qwen3")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        train_sentencepiece(work)
+        write_hf_tokenizer_files(work)
+        for fixture in ("gemma", "gemma2"):
+            if fixture in wanted:
+                make_gemma(fixture, work)
+        if "spm" in wanted:
+            (work / "config.json").unlink(missing_ok=True)
+            # Between them, the flags' other cases: EOS added; no add-BOS key.
+            make_spm_only("llama", work, add_bos=True, add_eos=True)
+            make_spm_only("phi3", work, add_bos=None, add_eos=None)
     print(f"wrote {sorted(p.name for p in OUT.iterdir())} (gguf {gguf.__name__})")
 
 

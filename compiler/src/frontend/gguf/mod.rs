@@ -4,7 +4,8 @@
 //!
 //! - [`reader`] parses the container; [`quant`] dequantizes ggml blocks.
 //! - Here: llama.cpp's metadata keys → config.json keys, its tensor names →
-//!   transformers' names, and the Q/K row order llama.cpp changes for Llama.
+//!   transformers' names, the Q/K row order llama.cpp changes for Llama, and
+//!   the `1 +` it adds to Gemma's norm weights.
 //! - [`tokenizer`] rebuilds tokenizer.json and tokenizer_config.json.
 
 pub mod quant;
@@ -28,11 +29,13 @@ pub enum GgufModelError {
 
 /// llama.cpp architecture name → (transformers class, whether llama.cpp
 /// permuted the Q/K rows for its interleaved RoPE).
-const ARCHITECTURES: [(&str, &str, bool); 4] = [
+const ARCHITECTURES: [(&str, &str, bool); 6] = [
     ("llama", "LlamaForCausalLM", true),
     ("mistral", "MistralForCausalLM", true),
     ("qwen2", "Qwen2ForCausalLM", false),
     ("qwen3", "Qwen3ForCausalLM", false),
+    ("gemma", "GemmaForCausalLM", false),
+    ("gemma2", "Gemma2ForCausalLM", false),
 ];
 
 /// A weight of a GGUF file: dequantized, or kept in its blocks.
@@ -86,7 +89,8 @@ impl GgufModel {
         let mut names = std::collections::BTreeMap::new();
         let mut tensors = Vec::with_capacity(file.tensors.len());
         for info in &file.tensors {
-            let name = hf_name(&info.name).ok_or_else(|| {
+            let name = arch_hf_name(&arch, &info.name).or_else(|| hf_name(&info.name));
+            let name = name.ok_or_else(|| {
                 unsupported(format!(
                     "it holds tensor `{}`, which Kiln does not know how to map{}",
                     info.name,
@@ -131,6 +135,12 @@ impl GgufModel {
                 _ => None,
             };
             let data = match kept {
+                Some(_) if norm_offset(&arch, &name) != 0.0 => {
+                    return Err(unsupported(format!(
+                        "norm tensor `{}` is quantized; Kiln reads Gemma norms in float only",
+                        info.name
+                    )))
+                }
                 Some(mut q) => {
                     if let Some(heads) = permuted_heads {
                         q.q = unpermute_rows(info, &q.q, heads).map_err(unsupported)?;
@@ -146,6 +156,10 @@ impl GgufModel {
                     quant::dequantize(info.ggml_type, file.tensor_bytes(info), &mut data);
                     if let Some(heads) = permuted_heads {
                         data = unpermute_rows(info, &data, heads).map_err(unsupported)?;
+                    }
+                    let offset = norm_offset(&arch, &name);
+                    if offset != 0.0 {
+                        data.iter_mut().for_each(|w| *w -= offset);
                     }
                     GgufTensor::Float(data)
                 }
@@ -231,6 +245,7 @@ fn config_json(file: &GgufFile, arch: &str, class: &str) -> Result<Value, String
         "attention_bias": has("blk.0.attn_q.bias"),
         "torch_dtype": "float32",
     });
+    arch_config(arch, &mut config, key, positive)?;
     if let Some(kind) = key("rope.scaling.type").and_then(MetaValue::as_str) {
         if kind != "none" {
             let factor = key("rope.scaling.factor").and_then(MetaValue::as_f64);
@@ -249,6 +264,78 @@ fn config_json(file: &GgufFile, arch: &str, class: &str) -> Result<Value, String
         }
     }
     Ok(config)
+}
+
+/// config.json keys one architecture adds, from its own metadata keys (or
+/// the defaults llama.cpp assumes without them).
+fn arch_config<'a>(
+    arch: &str,
+    config: &mut Value,
+    key: impl Fn(&str) -> Option<&'a MetaValue>,
+    positive: impl Fn(&str, f64) -> Result<f64, String>,
+) -> Result<(), String> {
+    match arch {
+        "gemma" => config["hidden_act"] = json!("gelu_pytorch_tanh"),
+        // llama.cpp's LLM_ARCH_GEMMA2 hyperparameters (src/llama-model.cpp,
+        // https://github.com/ggml-org/llama.cpp): every other layer slides,
+        // the first included; the caps default to Gemma 2's; and a GGUF
+        // carries no query_pre_attn_scalar: the scale is 1/sqrt(key_length),
+        // but 1/sqrt(hidden / heads) for the 46-layer 27B.
+        "gemma2" => {
+            let layers = config["num_hidden_layers"].as_u64().unwrap_or(0);
+            let window = match key("attention.sliding_window") {
+                None => 4096,
+                Some(v) => v.as_u64().filter(|&w| w > 0).ok_or_else(|| {
+                    format!("{arch}.attention.sliding_window is {v}; it must be a positive integer")
+                })?,
+            };
+            let scalar = if layers == 46 {
+                let heads = config["num_attention_heads"].as_u64().unwrap_or(1).max(1);
+                config["hidden_size"].as_u64().unwrap_or(0) / heads
+            } else {
+                config["head_dim"].as_u64().unwrap_or(0)
+            };
+            config["hidden_activation"] = json!("gelu_pytorch_tanh");
+            config["attn_logit_softcapping"] = json!(positive("attn_logit_softcapping", 50.0)?);
+            config["final_logit_softcapping"] = json!(positive("final_logit_softcapping", 30.0)?);
+            config["query_pre_attn_scalar"] = json!(scalar);
+            config["sliding_window"] = json!(window);
+            config["layer_types"] = (0..layers)
+                .map(|l| match l % 2 {
+                    0 => "sliding_attention",
+                    _ => "full_attention",
+                })
+                .collect();
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// What llama.cpp added to a norm weight of `arch`: Gemma's converters store
+/// `1 + w` for the `w` transformers' Gemma RMSNorm multiplies by `1 + w`
+/// (convert_hf_to_gguf.py, GemmaModel and Gemma2Model `modify_tensors`), so
+/// `hf_name`'s weight gets it taken off again.
+fn norm_offset(arch: &str, hf_name: &str) -> f32 {
+    match arch {
+        "gemma" | "gemma2" if hf_name.ends_with("norm.weight") => 1.0,
+        _ => 0.0,
+    }
+}
+
+/// transformers' name for a tensor whose llama.cpp name means something
+/// else in `arch` than in [`hf_name`]'s Llama layout.
+fn arch_hf_name(arch: &str, gguf: &str) -> Option<String> {
+    let (block, module) = gguf.strip_prefix("blk.")?.split_once('.')?;
+    let hf = match (arch, module) {
+        // Gemma 2's four norms (gguf's tensor map for MODEL_ARCH.GEMMA2).
+        ("gemma2", "post_attention_norm.weight") => "post_attention_layernorm.weight",
+        ("gemma2", "ffn_norm.weight") => "pre_feedforward_layernorm.weight",
+        ("gemma2", "post_ffw_norm.weight") => "post_feedforward_layernorm.weight",
+        _ => return None,
+    };
+    let layer: usize = block.parse().ok()?;
+    Some(format!("model.layers.{layer}.{hf}"))
 }
 
 /// The layer a transformers tensor name belongs to.
@@ -352,6 +439,38 @@ mod tests {
         assert_eq!(hf_name("rope_freqs.weight"), None);
         assert_eq!(hf_name("blk.x.attn_q.weight"), None);
         assert_eq!(hf_name("blk.0.attn_q.scale"), None);
+    }
+
+    #[test]
+    fn maps_gemma2_norms_and_shifts_gemma_norms() {
+        let name = |gguf: &str| arch_hf_name("gemma2", gguf).or_else(|| hf_name(gguf));
+        assert_eq!(
+            name("blk.1.ffn_norm.weight").as_deref(),
+            Some("model.layers.1.pre_feedforward_layernorm.weight")
+        );
+        assert_eq!(
+            name("blk.1.post_ffw_norm.weight").as_deref(),
+            Some("model.layers.1.post_feedforward_layernorm.weight")
+        );
+        assert_eq!(
+            name("blk.0.post_attention_norm.weight").as_deref(),
+            Some("model.layers.0.post_attention_layernorm.weight")
+        );
+        assert_eq!(
+            arch_hf_name("gemma", "blk.0.ffn_norm.weight"),
+            None,
+            "Gemma 1 keeps Llama's names"
+        );
+        assert_eq!(norm_offset("gemma", "model.norm.weight"), 1.0);
+        assert_eq!(
+            norm_offset("gemma2", "model.layers.0.post_feedforward_layernorm.weight"),
+            1.0
+        );
+        assert_eq!(
+            norm_offset("gemma2", "model.layers.0.mlp.up_proj.weight"),
+            0.0
+        );
+        assert_eq!(norm_offset("llama", "model.norm.weight"), 0.0);
     }
 
     /// llama.cpp's permutation, written as its converter does it (reshape to
