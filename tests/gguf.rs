@@ -84,12 +84,15 @@ fn every_ggml_type_dequantizes_as_llama_cpps_python_package_does() {
     }
 }
 
-/// The GGUF forms of two fixtures (llama.cpp's names, metadata, Q/K row
-/// order and tokenizer arrays) reproduce transformers' goldens for the
-/// original checkpoints, and tokenize their prompts to the same ids.
+/// The GGUF forms of fixtures (llama.cpp's names, metadata, Q/K row order
+/// and tokenizer arrays) reproduce transformers' goldens for the original
+/// checkpoints, and tokenize their prompts to the same ids. llama3-rope
+/// carries `rope_freqs.weight` (Llama 3.1/3.2); phi3 is architecture
+/// `phi3` (fused attn_qkv and ffn_up), phi3-longrope adds partial rotary
+/// and `rope_factors_long/short.weight`.
 #[test]
 fn gguf_fixtures_match_the_transformers_goldens_of_their_checkpoints() {
-    for name in ["llama-gqa", "qwen3"] {
+    for name in ["llama-gqa", "qwen3", "llama3-rope", "phi3", "phi3-longrope"] {
         let g = golden(name);
         let model = gguf_fixture(&format!("{name}.gguf"));
         let (ids, logits) = kiln_generate(&model, &g.prompt_ids, g.generated_ids.len());
@@ -100,6 +103,19 @@ fn gguf_fixtures_match_the_transformers_goldens_of_their_checkpoints() {
         let out = kiln(&["tokenize", model.to_str().unwrap(), "--prompt", &g.prompt]);
         assert!(out.status.success(), "{}", stderr(&out));
         assert_eq!(parse_ids(&stdout(&out)), g.prompt_ids, "{name}: prompt ids");
+
+        // The RoPE factors travel into the imported config.json (as
+        // transformers' `longrope`), so the directory is the same model.
+        if name == "llama3-rope" || name == "phi3-longrope" {
+            let tmp = tempfile::tempdir().unwrap();
+            let hf = tmp.path().join("hf");
+            let out = kiln(&["import", model.to_str().unwrap(), hf.to_str().unwrap()]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            let (ids, logits) = kiln_generate(&hf, &g.prompt_ids, g.generated_ids.len());
+            assert_eq!(ids, g.generated_ids, "{name} imported: greedy ids");
+            let err = max_abs_diff(&logits, &g.logits);
+            assert!(err <= 1e-4, "{name} imported: max abs logit error {err:e}");
+        }
     }
 }
 
