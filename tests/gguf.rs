@@ -40,19 +40,32 @@ fn parse_ids(text: &str) -> Vec<u32> {
 
 /// `kiln generate` greedy over `prompt`: (ids, logits rows).
 fn kiln_generate(model: &Path, prompt: &[u32], new_tokens: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    kiln_generate_with(model, prompt, new_tokens, &[])
+}
+
+fn kiln_generate_with(
+    model: &Path,
+    prompt: &[u32],
+    new_tokens: usize,
+    extra: &[&str],
+) -> (Vec<u32>, Vec<Vec<f32>>) {
     let dir = tempfile::tempdir().unwrap();
     let logits = dir.path().join("logits.npy");
-    let out = kiln(&[
+    let ids = join_ids(prompt);
+    let new_tokens = new_tokens.to_string();
+    let mut args = vec![
         "generate",
         model.to_str().unwrap(),
         "--token-ids",
-        &join_ids(prompt),
+        &ids,
         "--max-new-tokens",
-        &new_tokens.to_string(),
+        &new_tokens,
         "--ignore-eos",
         "--save-logits",
         logits.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let out = kiln(&args);
     assert!(out.status.success(), "{}", stderr(&out));
     (parse_ids(&stdout(&out)), read_rows(&logits))
 }
@@ -117,6 +130,31 @@ fn gguf_fixtures_match_the_transformers_goldens_of_their_checkpoints() {
             assert!(err <= 1e-4, "{name} imported: max abs logit error {err:e}");
         }
     }
+}
+
+/// Phi-3's fused attn_qkv and ffn_up in Q8_0 blocks: kept in their blocks
+/// (split by rows at load), the model computes what it computes with every
+/// block dequantized to f32 first.
+#[test]
+fn phi3s_fused_matrices_stay_in_their_blocks() {
+    let g = golden("phi3");
+    let model = gguf_fixture("phi3-q8_0.gguf");
+    let n = g.generated_ids.len();
+    let (kept_ids, kept) = kiln_generate_with(&model, &g.prompt_ids, n, &["--quant", "keep"]);
+    let (float_ids, float) = kiln_generate_with(&model, &g.prompt_ids, n, &["--quant", "none"]);
+    assert_eq!(kept_ids, float_ids);
+    let err = max_abs_diff(&kept, &float);
+    assert!(
+        err <= 1e-4,
+        "kept blocks vs dequantized: max abs logit error {err:e}"
+    );
+    let out = kiln(&["inspect", model.to_str().unwrap(), "--ir"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ir = stdout(&out);
+    assert!(
+        ir.contains("QuantLinear") && ir.contains("model.layers.0.self_attn.k_proj.qweight"),
+        "{ir}"
+    );
 }
 
 #[test]

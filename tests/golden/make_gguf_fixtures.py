@@ -31,6 +31,9 @@ It writes into tests/fixtures/gguf/:
     (The converter would take a Phi-3 vocabulary from tokenizer.model, which
     these fixtures do not have; their byte-level BPE is stored as for the
     others.)
+- phi3-q8_0.gguf: phi3.gguf with every matrix in Q8_0 blocks
+  (`gguf.quants.quantize`), as `llama-quantize` leaves them, so the fused
+  matrices Kiln keeps in blocks are split in their blocks.
 """
 
 import json
@@ -162,7 +165,7 @@ def llama3_rope_freqs(config):
     return torch.tensor(factors, dtype=torch.float32).numpy()
 
 
-def make_model(fixture, arch):
+def make_model(fixture, arch, out_name=None, matrix_type=None):
     src = MODELS / fixture
     config = json.loads((src / "config.json").read_text())
     tok = json.loads((src / "tokenizer.json").read_text())
@@ -170,7 +173,7 @@ def make_model(fixture, arch):
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     theta = (config.get("rope_parameters") or {}).get("rope_theta") or config.get("rope_theta", 10000.0)
 
-    writer = gguf.GGUFWriter(str(OUT / f"{fixture}.gguf"), arch)
+    writer = gguf.GGUFWriter(str(OUT / f"{out_name or fixture}.gguf"), arch)
     writer.add_name(fixture)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -238,7 +241,12 @@ def make_model(fixture, arch):
                 w = llama_cpp_permute(w, heads)
             elif arch == "llama" and rest == "self_attn.k_proj.weight":
                 w = llama_cpp_permute(w, kv_heads)
-        writer.add_tensor(gguf_name, np.ascontiguousarray(w))
+        w = np.ascontiguousarray(w)
+        if matrix_type is not None and w.ndim == 2:
+            raw = gguf.quants.quantize(w, matrix_type)
+            writer.add_tensor(gguf_name, raw, raw_shape=raw.shape, raw_dtype=matrix_type)
+        else:
+            writer.add_tensor(gguf_name, w)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -253,6 +261,7 @@ def main():
     make_model("llama3-rope", "llama")
     make_model("phi3", "phi3")
     make_model("phi3-longrope", "phi3")
+    make_model("phi3", "phi3", out_name="phi3-q8_0", matrix_type=Q.Q8_0)
     print(f"wrote {sorted(p.name for p in OUT.iterdir())} (gguf {gguf.__name__})")
 
 

@@ -401,12 +401,16 @@ impl ModelConfig {
             None => head_dim,
             Some(1.0) => head_dim,
             Some(r) if phi3 && r > 0.0 && r < 1.0 => {
-                // transformers: `int(head_dim * partial_rotary_factor)`
-                // frequencies over every second dimension of those, so
-                // cos/sin (and the rotation) span the even number of
-                // dimensions at or above it.
+                // transformers: `int(head_dim * partial_rotary_factor)`.
                 let dims = (head_dim as f64 * r) as usize;
-                dims.div_ceil(2) * 2
+                if dims % 2 == 1 {
+                    // transformers would rotate dims + 1 of them with
+                    // frequencies spaced for dims: no model is made so.
+                    return Err(f.invalid(format!(
+                        "partial_rotary_factor {r} rotates an odd {dims} of the {head_dim} dimensions of a head; RoPE rotates pairs"
+                    )));
+                }
+                dims
             }
             Some(r) if phi3 => {
                 return Err(f.invalid(format!(
@@ -578,6 +582,114 @@ mod tests {
             err.to_string().contains("\"yarn\" is not supported"),
             "{err}"
         );
+    }
+
+    fn phi3(extra: Value) -> Value {
+        let mut base = llama(json!({"architectures": ["Phi3ForCausalLM"]}));
+        base.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        base
+    }
+
+    #[test]
+    fn reads_longrope_as_phi3config_does() {
+        // Phi-3-mini-128k's form: the old "su" name, the original length at
+        // the top level, the attention factor left to its default.
+        let short: Vec<f64> = (0..8).map(|i| 1.0 + i as f64 / 10.0).collect();
+        let long: Vec<f64> = (0..8).map(|i| 2.0 + i as f64).collect();
+        let c = parse(phi3(json!({
+            "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+            "rope_scaling": {"type": "su", "short_factor": short, "long_factor": long},
+        })))
+        .unwrap();
+        let expected = (1.0 + 32f64.ln() / 4096f64.ln()).sqrt();
+        assert_eq!(
+            c.rope.scaling,
+            RopeScaling::LongRope {
+                short_factor: short.clone(),
+                long_factor: long.clone(),
+                original_max_position_embeddings: 4096.0,
+                attention_factor: expected,
+            }
+        );
+        assert_eq!(c.rotary_dim, 16);
+        // Phi3Config's own original length (4096 unless the top level says
+        // otherwise) wins over one inside the rope parameters; an explicit
+        // attention factor is kept.
+        let c = parse(phi3(json!({
+            "max_position_embeddings": 8192,
+            "rope_parameters": {"rope_type": "longrope", "short_factor": short, "long_factor": long,
+                "original_max_position_embeddings": 2048, "attention_factor": 1.25},
+        })))
+        .unwrap();
+        let RopeScaling::LongRope {
+            original_max_position_embeddings,
+            attention_factor,
+            ..
+        } = c.rope.scaling
+        else {
+            panic!("{:?}", c.rope.scaling)
+        };
+        assert_eq!(
+            (original_max_position_embeddings, attention_factor),
+            (4096.0, 1.25)
+        );
+        // Factors must match the rotated dimensions.
+        let err = parse(phi3(json!({
+            "rope_parameters": {"rope_type": "longrope", "short_factor": [1.0], "long_factor": long},
+        })))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("\"short_factor\" has 1 factors") && err.contains("need 8"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn partial_rotary_is_phi3s() {
+        let c = parse(phi3(json!({
+            "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.75},
+        })))
+        .unwrap();
+        assert_eq!((c.head_dim, c.rotary_dim), (16, 12));
+        // Older files: at the top level; transformers truncates (16 · 0.3).
+        let c = parse(phi3(json!({"partial_rotary_factor": 0.3}))).unwrap();
+        assert_eq!(c.rotary_dim, 4);
+        let err = parse(phi3(json!({"partial_rotary_factor": 0.35})))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("odd 5 of the 16"), "{err}");
+        let err = parse(llama(json!({"partial_rotary_factor": 0.5})))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("partial_rotary_factor 0.5") && err.contains("LlamaForCausalLM"),
+            "{err}"
+        );
+        let err = parse(phi3(json!({"partial_rotary_factor": 0.01})))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("leaves no dimension"), "{err}");
+    }
+
+    #[test]
+    fn a_top_level_original_length_wins_for_llama3() {
+        let c = parse(llama(json!({
+            "original_max_position_embeddings": 1024,
+            "rope_parameters": {"rope_type": "llama3", "factor": 8.0,
+                "original_max_position_embeddings": 8192},
+        })))
+        .unwrap();
+        let RopeScaling::Llama3 {
+            original_max_position_embeddings,
+            ..
+        } = c.rope.scaling
+        else {
+            panic!()
+        };
+        assert_eq!(original_max_position_embeddings, 1024.0);
     }
 
     #[test]

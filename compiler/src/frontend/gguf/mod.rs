@@ -559,6 +559,40 @@ mod tests {
         assert_eq!(hf_name("blk.1.attn_qkv.weight", "llama"), None);
     }
 
+    /// A fused matrix kept in blocks splits into row blocks that stand
+    /// for the same rows of the dequantized whole.
+    #[test]
+    fn quantized_rows_split_like_the_dequantized_matrix() {
+        let parts = fused_parts("model.layers.3.self_attn.qkv_proj.weight", 2, 1, 2, 0).unwrap();
+        let rows: Vec<usize> = parts.iter().map(|p| p.1).collect();
+        assert_eq!(parts[1].0, "model.layers.3.self_attn.k_proj.weight");
+        assert_eq!(rows, [4, 2, 2]);
+        let up = fused_parts("model.layers.0.mlp.gate_up_proj.weight", 1, 1, 1, 3).unwrap();
+        assert_eq!(
+            up[0],
+            ("model.layers.0.mlp.gate_proj.weight".to_string(), 3)
+        );
+        assert!(fused_parts("model.layers.0.mlp.down_proj.weight", 1, 1, 1, 3).is_none());
+
+        // Q4_1 (scales and mins), 8 rows of 64: 2 blocks of 20 bytes a row.
+        let (n, k) = (8, 64);
+        let mut bytes = Vec::new();
+        for b in 0..n * k / 32 {
+            bytes.extend(half::f16::from_f32(0.01 * (b + 1) as f32).to_le_bytes());
+            bytes.extend(half::f16::from_f32(-0.1 * b as f32).to_le_bytes());
+            bytes.extend((0..16).map(|i| (b * 7 + i * 13) as u8));
+        }
+        let whole = quant::to_quantized(quant::GgmlType::Q4_1, &bytes, n, k).unwrap();
+        let full = whole.dequantize();
+        let mut at = 0;
+        for rows in rows {
+            let part = split_quantized(&whole, at, rows);
+            assert_eq!((part.n, part.k), (rows, k));
+            assert_eq!(part.dequantize(), full[at * k..(at + rows) * k]);
+            at += rows;
+        }
+    }
+
     /// llama.cpp's permutation, written as its converter does it (reshape to
     /// heads × 2 × half, swap the last two axes), must be undone exactly.
     #[test]
