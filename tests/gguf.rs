@@ -40,19 +40,32 @@ fn parse_ids(text: &str) -> Vec<u32> {
 
 /// `kiln generate` greedy over `prompt`: (ids, logits rows).
 fn kiln_generate(model: &Path, prompt: &[u32], new_tokens: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    kiln_generate_with(model, prompt, new_tokens, &[])
+}
+
+fn kiln_generate_with(
+    model: &Path,
+    prompt: &[u32],
+    new_tokens: usize,
+    extra: &[&str],
+) -> (Vec<u32>, Vec<Vec<f32>>) {
     let dir = tempfile::tempdir().unwrap();
     let logits = dir.path().join("logits.npy");
-    let out = kiln(&[
+    let ids = join_ids(prompt);
+    let new_tokens = new_tokens.to_string();
+    let mut args = vec![
         "generate",
         model.to_str().unwrap(),
         "--token-ids",
-        &join_ids(prompt),
+        &ids,
         "--max-new-tokens",
-        &new_tokens.to_string(),
+        &new_tokens,
         "--ignore-eos",
         "--save-logits",
         logits.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let out = kiln(&args);
     assert!(out.status.success(), "{}", stderr(&out));
     (parse_ids(&stdout(&out)), read_rows(&logits))
 }
@@ -84,12 +97,15 @@ fn every_ggml_type_dequantizes_as_llama_cpps_python_package_does() {
     }
 }
 
-/// The GGUF forms of two fixtures (llama.cpp's names, metadata, Q/K row
-/// order and tokenizer arrays) reproduce transformers' goldens for the
-/// original checkpoints, and tokenize their prompts to the same ids.
+/// The GGUF forms of fixtures (llama.cpp's names, metadata, Q/K row order
+/// and tokenizer arrays) reproduce transformers' goldens for the original
+/// checkpoints, and tokenize their prompts to the same ids. llama3-rope
+/// carries `rope_freqs.weight` (Llama 3.1/3.2); phi3 is architecture
+/// `phi3` (fused attn_qkv and ffn_up), phi3-longrope adds partial rotary
+/// and `rope_factors_long/short.weight`.
 #[test]
 fn gguf_fixtures_match_the_transformers_goldens_of_their_checkpoints() {
-    for name in ["llama-gqa", "qwen3"] {
+    for name in ["llama-gqa", "qwen3", "llama3-rope", "phi3", "phi3-longrope"] {
         let g = golden(name);
         let model = gguf_fixture(&format!("{name}.gguf"));
         let (ids, logits) = kiln_generate(&model, &g.prompt_ids, g.generated_ids.len());
@@ -100,6 +116,19 @@ fn gguf_fixtures_match_the_transformers_goldens_of_their_checkpoints() {
         let out = kiln(&["tokenize", model.to_str().unwrap(), "--prompt", &g.prompt]);
         assert!(out.status.success(), "{}", stderr(&out));
         assert_eq!(parse_ids(&stdout(&out)), g.prompt_ids, "{name}: prompt ids");
+
+        // The RoPE factors travel into the imported config.json (as
+        // transformers' `longrope`), so the directory is the same model.
+        if name == "llama3-rope" || name == "phi3-longrope" {
+            let tmp = tempfile::tempdir().unwrap();
+            let hf = tmp.path().join("hf");
+            let out = kiln(&["import", model.to_str().unwrap(), hf.to_str().unwrap()]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            let (ids, logits) = kiln_generate(&hf, &g.prompt_ids, g.generated_ids.len());
+            assert_eq!(ids, g.generated_ids, "{name} imported: greedy ids");
+            let err = max_abs_diff(&logits, &g.logits);
+            assert!(err <= 1e-4, "{name} imported: max abs logit error {err:e}");
+        }
     }
 }
 
@@ -216,6 +245,31 @@ fn gemma_ggufs_match_transformers() {
     assert!(
         err <= 1e-4,
         "gemma.gguf vs the gemma fixture's goldens: {err:e}"
+    );
+}
+
+/// Phi-3's fused attn_qkv and ffn_up in Q8_0 blocks: kept in their blocks
+/// (split by rows at load), the model computes what it computes with every
+/// block dequantized to f32 first.
+#[test]
+fn phi3s_fused_matrices_stay_in_their_blocks() {
+    let g = golden("phi3");
+    let model = gguf_fixture("phi3-q8_0.gguf");
+    let n = g.generated_ids.len();
+    let (kept_ids, kept) = kiln_generate_with(&model, &g.prompt_ids, n, &["--quant", "keep"]);
+    let (float_ids, float) = kiln_generate_with(&model, &g.prompt_ids, n, &["--quant", "none"]);
+    assert_eq!(kept_ids, float_ids);
+    let err = max_abs_diff(&kept, &float);
+    assert!(
+        err <= 1e-4,
+        "kept blocks vs dequantized: max abs logit error {err:e}"
+    );
+    let out = kiln(&["inspect", model.to_str().unwrap(), "--ir"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ir = stdout(&out);
+    assert!(
+        ir.contains("QuantLinear") && ir.contains("model.layers.0.self_attn.k_proj.qweight"),
+        "{ir}"
     );
 }
 

@@ -929,7 +929,13 @@ fn inspect(args: InspectArgs) -> Result<()> {
         ),
         n => kiln_runtime::say!("weights    {} ({n} files)", ir.info.weight_dtype),
     }
-    kiln_runtime::say!("rope       theta {} {:?}", c.rope.theta, c.rope.scaling);
+    kiln_runtime::say!(
+        "rope       theta {}, {}, {} of {} dimensions rotated",
+        c.rope.theta,
+        c.rope.scaling.describe(),
+        c.rotary_dim,
+        c.head_dim
+    );
     kiln_runtime::say!(
         "graphs     prefill {} tokens/step, decode 1 token/step, KV cache {} positions",
         ir.prefill_len,

@@ -168,8 +168,8 @@ pub fn from_config(
         .sum();
     let l = options.max_seq_len as u64;
     let d = config.head_dim as u64;
-    // cos and sin, [max_len, head_dim] each, in the graphs' float type.
-    let tables = 2 * registered_size(l * d * f);
+    // cos and sin, [max_len, rotary_dim] each, in the graphs' float type.
+    let tables = 2 * registered_size(l * config.rotary_dim as u64 * f);
     let graphs: Vec<u64> = match options.layout {
         GraphLayout::Split => vec![options.prefill_len as u64, 1],
         GraphLayout::Single => vec![options.prefill_len as u64],

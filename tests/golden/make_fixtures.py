@@ -259,6 +259,27 @@ FIXTURES = [
     ),
     # Seeded from place 7, where it was built before the families above came.
     ("llama-outliers", LlamaConfig(**SMALL), {"outliers": True, "seed_index": 7}),
+    # Phi-4-mini's RoPE in small: longrope over the first 3/4 of each head
+    # (partial rotary), the rest passed through. The prompt (44 tokens) is
+    # longer than original_max_position_embeddings, so transformers uses the
+    # long factors from the prefill on, as Kiln does for any KV cache longer
+    # than that; the attention factor is the default sqrt(1 + ln 8 / ln 32).
+    (
+        "phi3-longrope",
+        Phi3Config(
+            **SMALL,
+            sliding_window=None,
+            original_max_position_embeddings=32,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.75,
+                "short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.3],
+                "long_factor": [1.0, 1.5, 3.0, 6.0, 12.0, 24.0],
+            },
+        ),
+        {"seed_index": 11},
+    ),
 ]
 
 

@@ -12,12 +12,28 @@ It writes into tests/fixtures/gguf/:
   (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) made of random blocks, and
   what `gguf.quants.dequantize` makes of each, stacked in file order
   ([8, 4, 512]).
-- llama-gqa.gguf, qwen3.gguf: the Hugging Face fixtures of the same names
-  (tests/fixtures/models/) as llama.cpp's converter would store them: its
-  tensor names, its metadata keys, Llama's Q/K rows permuted for
-  interleaved RoPE, and the byte-level BPE tokenizer as `tokenizer.ggml.*`
-  arrays. Weights stay F32, so Kiln must reproduce the transformers goldens
-  of those fixtures (tests/fixtures/golden/) from the GGUF alone.
+- llama-gqa.gguf, qwen3.gguf, llama3-rope.gguf, phi3.gguf,
+  phi3-longrope.gguf: the Hugging Face fixtures of the same names
+  (tests/fixtures/models/) as llama.cpp's converter (convert_hf_to_gguf.py,
+  https://github.com/ggml-org/llama.cpp) would store them: its tensor names,
+  its metadata keys, Llama's Q/K rows permuted for interleaved RoPE, and the
+  byte-level BPE tokenizer as `tokenizer.ggml.*` arrays. Weights stay F32,
+  so Kiln must reproduce the transformers goldens of those fixtures
+  (tests/fixtures/golden/) from the GGUF alone.
+  - llama3-rope: `rope_freqs.weight`, the per-frequency divisors the
+    converter computes from `llama3` rope scaling (LlamaModel.
+    generate_extra_tensors), computed here as it does.
+  - phi3, phi3-longrope: architecture `phi3` (Phi3MiniModel): fused
+    `attn_qkv` and `ffn_up` (gate then up) as transformers stores them,
+    `rope.dimension_count` the rotated part of a head,
+    `rope.scaling.original_context_length`, and for longrope
+    `rope_factors_long/short.weight` with `rope.scaling.attn_factor`.
+    (The converter would take a Phi-3 vocabulary from tokenizer.model, which
+    these fixtures do not have; their byte-level BPE is stored as for the
+    others.)
+- phi3-q8_0.gguf: phi3.gguf with every matrix in Q8_0 blocks
+  (`gguf.quants.quantize`), as `llama-quantize` leaves them, so the fused
+  matrices Kiln keeps in blocks are split in their blocks.
 - gemma.gguf, gemma2.gguf: the `gemma` and `gemma2` fixtures as llama.cpp's
   GemmaModel / Gemma2Model converters write them (convert_hf_to_gguf.py):
   its tensor names, every `*norm.weight` stored with 1 added, no Q/K
@@ -36,10 +52,12 @@ It writes into tests/fixtures/gguf/:
   key (older files), which means BOS.
 
 Names on the command line build only those files (`quant`, `llama-gqa`,
-`qwen3`, `gemma`, `gemma2`, `spm`).
+`qwen3`, `llama3-rope`, `phi3`, `phi3-longrope`, `phi3-q8_0`, `gemma`,
+`gemma2`, `spm`).
 """
 
 import json
+import math
 import random
 import sys
 import tempfile
@@ -129,10 +147,48 @@ GGUF_NAMES = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    # Phi-3's fused projections (llama.cpp's tensor_mapping.py maps
+    # qkv_proj to ATTN_QKV and gate_up_proj to FFN_UP).
+    "self_attn.qkv_proj.weight": "attn_qkv.weight",
+    "mlp.gate_up_proj.weight": "ffn_up.weight",
 }
 
 
-def make_model(fixture, arch):
+def llama3_rope_freqs(config):
+    """LlamaModel.generate_extra_tensors of llama.cpp's converter: one divisor
+    per frequency, computed in the converter's order and dtypes. The
+    converter reads original_max_position_embeddings from the config's top
+    level, defaulting to 8192 (Llama 3.1/3.2's value, which their configs
+    also give inside rope_scaling). transformers-5 configs keep it inside
+    rope_parameters only, so for this fixture (64) the converter would fall
+    back to 8192 and store the divisors of a different model than the
+    fixture is; the fixture's own value is taken here instead."""
+    import torch
+
+    rope = config["rope_parameters"]
+    base = rope.get("rope_theta", 10000.0)
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low_freq_factor = rope.get("low_freq_factor", 1.0)
+    high_freq_factor = rope.get("high_freq_factor", 4.0)
+    old_context_len = config.get("original_max_position_embeddings", rope["original_max_position_embeddings"])
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32).numpy()
+
+
+def make_model(fixture, arch, out_name=None, matrix_type=None):
     src = MODELS / fixture
     config = json.loads((src / "config.json").read_text())
     tok = json.loads((src / "tokenizer.json").read_text())
@@ -140,7 +196,7 @@ def make_model(fixture, arch):
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     theta = (config.get("rope_parameters") or {}).get("rope_theta") or config.get("rope_theta", 10000.0)
 
-    writer = gguf.GGUFWriter(str(OUT / f"{fixture}.gguf"), arch)
+    writer = gguf.GGUFWriter(str(OUT / f"{out_name or fixture}.gguf"), arch)
     writer.add_name(fixture)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -150,10 +206,30 @@ def make_model(fixture, arch):
     writer.add_head_count_kv(kv_heads)
     writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_vocab_size(config["vocab_size"])
+    extra_tensors = {}
+    if arch == "phi3":
+        # Phi3MiniModel.set_gguf_parameters / generate_extra_tensors.
+        rope = config["rope_parameters"]
+        n_embd, max_pos = config["hidden_size"], config["max_position_embeddings"]
+        orig_max_pos = rope.get("original_max_position_embeddings", config.get("original_max_position_embeddings"))
+        rope_dims = int(rope.get("partial_rotary_factor", 1.0) * n_embd) // heads
+        writer.add_rope_scaling_orig_ctx_len(orig_max_pos)
+        writer.add_rope_dimension_count(rope_dims)
+        writer.add_sliding_window(config.get("sliding_window") or 0)
+        if rope.get("long_factor"):
+            scale = max_pos / orig_max_pos
+            attn_factor = math.sqrt(1 + math.log(scale) / math.log(orig_max_pos)) if scale > 1.0 else 1.0
+            writer.add_rope_scaling_attn_factors(attn_factor)
+            assert len(rope["long_factor"]) == len(rope["short_factor"]) == rope_dims // 2
+            extra_tensors["rope_factors_long.weight"] = np.array(rope["long_factor"], dtype=np.float32)
+            extra_tensors["rope_factors_short.weight"] = np.array(rope["short_factor"], dtype=np.float32)
+    else:
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_vocab_size(config["vocab_size"])
+        if (config.get("rope_parameters") or {}).get("rope_type") == "llama3":
+            extra_tensors["rope_freqs.weight"] = llama3_rope_freqs(config)
 
     vocab = tok["model"]["vocab"]
     tokens = [None] * len(vocab)
@@ -170,6 +246,8 @@ def make_model(fixture, arch):
         writer.add_eos_token_id(config["eos_token_id"])
     writer.add_add_bos_token(False)
 
+    for name, w in extra_tensors.items():
+        writer.add_tensor(name, w)
     weights = load_file(src / "model.safetensors")
     for name, w in sorted(weights.items()):
         w = w.astype(np.float32)
@@ -186,7 +264,12 @@ def make_model(fixture, arch):
                 w = llama_cpp_permute(w, heads)
             elif arch == "llama" and rest == "self_attn.k_proj.weight":
                 w = llama_cpp_permute(w, kv_heads)
-        writer.add_tensor(gguf_name, np.ascontiguousarray(w))
+        w = np.ascontiguousarray(w)
+        if matrix_type is not None and w.ndim == 2:
+            raw = gguf.quants.quantize(w, matrix_type)
+            writer.add_tensor(gguf_name, raw, raw_shape=raw.shape, raw_dtype=matrix_type)
+        else:
+            writer.add_tensor(gguf_name, w)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -397,13 +480,23 @@ def make_spm_only(arch_name: str, work: Path, add_bos, add_eos):
 
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
-    wanted = set(sys.argv[1:]) or {"quant", "llama-gqa", "qwen3", "gemma", "gemma2", "spm"}
+    everything = {"quant", "llama-gqa", "qwen3", "llama3-rope", "phi3", "phi3-longrope"}
+    everything |= {"phi3-q8_0", "gemma", "gemma2", "spm"}
+    wanted = set(sys.argv[1:]) or everything
     if "quant" in wanted:
         make_quant()
     if "llama-gqa" in wanted:
         make_model("llama-gqa", "llama")
     if "qwen3" in wanted:
         make_model("qwen3", "qwen3")
+    if "llama3-rope" in wanted:
+        make_model("llama3-rope", "llama")
+    if "phi3" in wanted:
+        make_model("phi3", "phi3")
+    if "phi3-longrope" in wanted:
+        make_model("phi3-longrope", "phi3")
+    if "phi3-q8_0" in wanted:
+        make_model("phi3", "phi3", out_name="phi3-q8_0", matrix_type=Q.Q8_0)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         train_sentencepiece(work)

@@ -45,6 +45,44 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini): every frequency divided
+    /// by its own factor, `short_factor` for sequences up to
+    /// `original_max_position_embeddings` and `long_factor` beyond, and cos
+    /// and sin multiplied by `attention_factor`. Which set a static graph
+    /// uses is decided by its KV-cache length (see `rope::factors`).
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: f64,
+        attention_factor: f64,
+    },
+}
+
+impl RopeScaling {
+    /// A one-line summary (the factor lists of `longrope` are long).
+    pub fn describe(&self) -> String {
+        match self {
+            RopeScaling::None => "default".into(),
+            RopeScaling::Linear { factor } => format!("linear ×{factor}"),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => format!(
+                "llama3 ×{factor} (low {low_freq_factor}, high {high_freq_factor}, original {original_max_position_embeddings})"
+            ),
+            RopeScaling::LongRope {
+                short_factor,
+                original_max_position_embeddings,
+                attention_factor,
+                ..
+            } => format!(
+                "longrope, {} factors per set, original {original_max_position_embeddings}, attention ×{attention_factor}",
+                short_factor.len()
+            ),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -63,6 +101,9 @@ pub struct ModelConfig {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// The leading dimensions of each head that RoPE rotates (`head_dim`
+    /// unless Phi-3's `partial_rotary_factor` < 1); the rest pass through.
+    pub rotary_dim: usize,
     pub rms_norm_eps: f32,
     pub rope: RopeConfig,
     pub max_position_embeddings: usize,
@@ -204,7 +245,7 @@ impl ModelConfig {
         let num_layers = f.positive("num_hidden_layers")?;
         let max_position_embeddings = f.opt_usize("max_position_embeddings")?.unwrap_or(2048);
         let sliding_window = Self::sliding_window(&f, num_layers)?;
-        let rope = Self::rope(&f, max_position_embeddings)?;
+        let (rope, rotary_dim) = Self::rope(&f, architecture, head_dim, max_position_embeddings)?;
         let declared_dtype = f
             .get("dtype")
             .or_else(|| f.get("torch_dtype"))
@@ -220,6 +261,7 @@ impl ModelConfig {
             num_heads,
             num_kv_heads,
             head_dim,
+            rotary_dim,
             rms_norm_eps: match f.opt_f64("rms_norm_eps")? {
                 None => 1e-6,
                 Some(eps) if eps.is_finite() && eps > 0.0 => eps as f32,
@@ -285,8 +327,16 @@ impl ModelConfig {
     }
 
     /// The RoPE base and scaling, from `rope_parameters` (transformers ≥ 5)
-    /// or from `rope_theta` + `rope_scaling` (older files).
-    fn rope(f: &Fields, max_position_embeddings: usize) -> Result<RopeConfig, ConfigError> {
+    /// or from `rope_theta` + `rope_scaling` (older files), and how many of
+    /// each head's dimensions it rotates. Read as transformers' config
+    /// classes read them (`modeling_rope_utils.py`: `standardize_rope_params`,
+    /// `_compute_*_parameters`; `models/phi3/configuration_phi3.py`).
+    fn rope(
+        f: &Fields,
+        architecture: Architecture,
+        head_dim: usize,
+        max_position_embeddings: usize,
+    ) -> Result<(RopeConfig, usize), ConfigError> {
         let params = f.get("rope_parameters").or_else(|| f.get("rope_scaling"));
         let empty = Map::new();
         let params = match params {
@@ -307,15 +357,79 @@ impl ModelConfig {
                 "\"rope_theta\" must be a positive number, got {theta}"
             )));
         }
+        let phi3 = architecture == Architecture::Phi3;
         let kind = p
             .get("rope_type")
             .or_else(|| p.get("type"))
             .and_then(|v| v.as_str())
             .unwrap_or("default");
+        // Phi3Config renames the types early Phi-3 files used.
+        let kind = match kind {
+            "su" | "yarn" if phi3 => "longrope",
+            other => other,
+        };
         let factor = || {
             p.opt_f64("factor")?
                 .ok_or_else(|| f.invalid(format!("rope scaling \"{kind}\" needs a \"factor\"")))
         };
+        // The pretraining length: a top-level key wins over the rope
+        // parameters' (and Phi3Config always has one, 4096 by default).
+        let original = || -> Result<f64, ConfigError> {
+            let top = match f.opt_f64("original_max_position_embeddings")? {
+                None if phi3 => Some(4096.0),
+                top => top,
+            };
+            let value = match top {
+                Some(v) => v,
+                None => p
+                    .opt_f64("original_max_position_embeddings")?
+                    .unwrap_or(max_position_embeddings as f64),
+            };
+            if !(value.is_finite() && value >= 1.0) {
+                return Err(f.invalid(format!(
+                    "\"original_max_position_embeddings\" must be a positive number, got {value}"
+                )));
+            }
+            Ok(value)
+        };
+        // rope_parameters (transformers ≥ 5) or the top level (older files).
+        let partial = match p.opt_f64("partial_rotary_factor")? {
+            Some(p) => Some(p),
+            None => f.opt_f64("partial_rotary_factor")?,
+        };
+        let rotary_dim = match partial {
+            None => head_dim,
+            Some(1.0) => head_dim,
+            Some(r) if phi3 && r > 0.0 && r < 1.0 => {
+                // transformers: `int(head_dim * partial_rotary_factor)`.
+                let dims = (head_dim as f64 * r) as usize;
+                if dims % 2 == 1 {
+                    // transformers would rotate dims + 1 of them with
+                    // frequencies spaced for dims: no model is made so.
+                    return Err(f.invalid(format!(
+                        "partial_rotary_factor {r} rotates an odd {dims} of the {head_dim} dimensions of a head; RoPE rotates pairs"
+                    )));
+                }
+                dims
+            }
+            Some(r) if phi3 => {
+                return Err(f.invalid(format!(
+                    "partial_rotary_factor must be in (0, 1], got {r}"
+                )))
+            }
+            Some(r) => {
+                return Err(f.invalid(format!(
+                    "partial_rotary_factor {r} is not supported for {} (only Phi3ForCausalLM rotates part of a head)",
+                    architecture.hf_name()
+                )))
+            }
+        };
+        if rotary_dim == 0 {
+            return Err(f.invalid(format!(
+                "partial_rotary_factor {} leaves no dimension of the {head_dim} to rotate",
+                partial.unwrap_or(1.0)
+            )));
+        }
         let scaling = match kind {
             "default" => RopeScaling::None,
             "linear" => RopeScaling::Linear { factor: factor()? },
@@ -323,13 +437,58 @@ impl ModelConfig {
                 factor: factor()?,
                 low_freq_factor: p.opt_f64("low_freq_factor")?.unwrap_or(1.0),
                 high_freq_factor: p.opt_f64("high_freq_factor")?.unwrap_or(4.0),
-                original_max_position_embeddings: p
-                    .opt_f64("original_max_position_embeddings")?
-                    .unwrap_or(max_position_embeddings as f64),
+                original_max_position_embeddings: original()?,
             },
+            "longrope" => {
+                let original = original()?;
+                let factors = |key: &str| -> Result<Vec<f64>, ConfigError> {
+                    let list = p
+                        .get(key)
+                        .and_then(Value::as_array)
+                        .ok_or_else(|| f.invalid(format!("rope scaling \"longrope\" needs a \"{key}\" list")))?;
+                    let values: Option<Vec<f64>> = list.iter().map(Value::as_f64).collect();
+                    let values = values
+                        .filter(|v| v.iter().all(|x| x.is_finite() && *x > 0.0))
+                        .ok_or_else(|| f.invalid(format!("\"{key}\" must be a list of positive numbers")))?;
+                    if values.len() != rotary_dim / 2 {
+                        return Err(f.invalid(format!(
+                            "\"{key}\" has {} factors; the {rotary_dim} rotated dimensions need {}",
+                            values.len(),
+                            rotary_dim / 2
+                        )));
+                    }
+                    Ok(values)
+                };
+                // `factor` defaults to the ratio of the two lengths, and the
+                // attention factor to LongRoPE's sqrt(1 + ln s / ln L).
+                let factor = p
+                    .opt_f64("factor")?
+                    .unwrap_or(max_position_embeddings as f64 / original);
+                let attention_factor = match p.opt_f64("attention_factor")? {
+                    Some(a) if a.is_finite() && a > 0.0 => a,
+                    Some(a) => {
+                        return Err(f.invalid(format!(
+                            "\"attention_factor\" must be a positive number, got {a}"
+                        )))
+                    }
+                    None if factor <= 1.0 => 1.0,
+                    None => (1.0 + factor.ln() / original.ln()).sqrt(),
+                };
+                if !attention_factor.is_finite() {
+                    return Err(f.invalid(format!(
+                        "longrope's attention factor sqrt(1 + ln {factor} / ln {original}) is not finite; give \"attention_factor\""
+                    )));
+                }
+                RopeScaling::LongRope {
+                    short_factor: factors("short_factor")?,
+                    long_factor: factors("long_factor")?,
+                    original_max_position_embeddings: original,
+                    attention_factor,
+                }
+            }
             other => {
                 return Err(f.invalid(format!(
-                    "rope scaling \"{other}\" is not supported (Kiln supports default, linear and llama3)"
+                    "rope scaling \"{other}\" is not supported (Kiln supports default, linear, llama3 and longrope)"
                 )))
             }
         };
@@ -345,19 +504,7 @@ impl ModelConfig {
                 ));
             }
         }
-        // rope_parameters (transformers ≥ 5) or the top level (older files).
-        let partial = match p.opt_f64("partial_rotary_factor")? {
-            Some(p) => Some(p),
-            None => f.opt_f64("partial_rotary_factor")?,
-        };
-        if let Some(p) = partial {
-            if p != 1.0 {
-                return Err(f.invalid(format!(
-                    "partial_rotary_factor {p} is not supported (only 1.0)"
-                )));
-            }
-        }
-        Ok(RopeConfig { theta, scaling })
+        Ok((RopeConfig { theta, scaling }, rotary_dim))
     }
 
     /// The window of the layers that use sliding-window attention, if any do.
@@ -435,6 +582,114 @@ mod tests {
             err.to_string().contains("\"yarn\" is not supported"),
             "{err}"
         );
+    }
+
+    fn phi3(extra: Value) -> Value {
+        let mut base = llama(json!({"architectures": ["Phi3ForCausalLM"]}));
+        base.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        base
+    }
+
+    #[test]
+    fn reads_longrope_as_phi3config_does() {
+        // Phi-3-mini-128k's form: the old "su" name, the original length at
+        // the top level, the attention factor left to its default.
+        let short: Vec<f64> = (0..8).map(|i| 1.0 + i as f64 / 10.0).collect();
+        let long: Vec<f64> = (0..8).map(|i| 2.0 + i as f64).collect();
+        let c = parse(phi3(json!({
+            "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+            "rope_scaling": {"type": "su", "short_factor": short, "long_factor": long},
+        })))
+        .unwrap();
+        let expected = (1.0 + 32f64.ln() / 4096f64.ln()).sqrt();
+        assert_eq!(
+            c.rope.scaling,
+            RopeScaling::LongRope {
+                short_factor: short.clone(),
+                long_factor: long.clone(),
+                original_max_position_embeddings: 4096.0,
+                attention_factor: expected,
+            }
+        );
+        assert_eq!(c.rotary_dim, 16);
+        // Phi3Config's own original length (4096 unless the top level says
+        // otherwise) wins over one inside the rope parameters; an explicit
+        // attention factor is kept.
+        let c = parse(phi3(json!({
+            "max_position_embeddings": 8192,
+            "rope_parameters": {"rope_type": "longrope", "short_factor": short, "long_factor": long,
+                "original_max_position_embeddings": 2048, "attention_factor": 1.25},
+        })))
+        .unwrap();
+        let RopeScaling::LongRope {
+            original_max_position_embeddings,
+            attention_factor,
+            ..
+        } = c.rope.scaling
+        else {
+            panic!("{:?}", c.rope.scaling)
+        };
+        assert_eq!(
+            (original_max_position_embeddings, attention_factor),
+            (4096.0, 1.25)
+        );
+        // Factors must match the rotated dimensions.
+        let err = parse(phi3(json!({
+            "rope_parameters": {"rope_type": "longrope", "short_factor": [1.0], "long_factor": long},
+        })))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("\"short_factor\" has 1 factors") && err.contains("need 8"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn partial_rotary_is_phi3s() {
+        let c = parse(phi3(json!({
+            "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.75},
+        })))
+        .unwrap();
+        assert_eq!((c.head_dim, c.rotary_dim), (16, 12));
+        // Older files: at the top level; transformers truncates (16 · 0.3).
+        let c = parse(phi3(json!({"partial_rotary_factor": 0.3}))).unwrap();
+        assert_eq!(c.rotary_dim, 4);
+        let err = parse(phi3(json!({"partial_rotary_factor": 0.35})))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("odd 5 of the 16"), "{err}");
+        let err = parse(llama(json!({"partial_rotary_factor": 0.5})))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("partial_rotary_factor 0.5") && err.contains("LlamaForCausalLM"),
+            "{err}"
+        );
+        let err = parse(phi3(json!({"partial_rotary_factor": 0.01})))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("leaves no dimension"), "{err}");
+    }
+
+    #[test]
+    fn a_top_level_original_length_wins_for_llama3() {
+        let c = parse(llama(json!({
+            "original_max_position_embeddings": 1024,
+            "rope_parameters": {"rope_type": "llama3", "factor": 8.0,
+                "original_max_position_embeddings": 8192},
+        })))
+        .unwrap();
+        let RopeScaling::Llama3 {
+            original_max_position_embeddings,
+            ..
+        } = c.rope.scaling
+        else {
+            panic!()
+        };
+        assert_eq!(original_max_position_embeddings, 1024.0);
     }
 
     #[test]

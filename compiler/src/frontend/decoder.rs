@@ -314,6 +314,7 @@ impl<'a> DecoderBuilder<'a> {
         let tokens = self.tokens;
         let (heads, kv_heads, head_dim, hidden) =
             (c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size);
+        let rotary_dim = c.rotary_dim;
         let p = format!("model.layers.{layer}");
         let (cos, sin) = (self.step().cos, self.step().sin);
 
@@ -342,10 +343,36 @@ impl<'a> DecoderBuilder<'a> {
                 },
                 &[y],
             )?;
-            if rotate {
-                d.node(format!("{proj}.rope"), Rope, &[y, cos, sin])
-            } else {
-                Ok(y)
+            match rotate {
+                false => Ok(y),
+                true if rotary_dim == head_dim => {
+                    d.node(format!("{proj}.rope"), Rope, &[y, cos, sin])
+                }
+                // Partial rotary (Phi-3's `partial_rotary_factor`): the
+                // first `rotary_dim` dimensions rotate (rotate-half among
+                // themselves), the rest pass through, as transformers'
+                // `apply_rotary_pos_emb` in models/phi3/modeling_phi3.py.
+                true => {
+                    let part = |d: &mut DecoderBuilder, what: &str, start, end| {
+                        d.node(
+                            format!("{proj}.{what}"),
+                            Slice {
+                                axis: 3,
+                                start,
+                                end,
+                            },
+                            &[y],
+                        )
+                    };
+                    let rot = part(d, "rotary", 0, rotary_dim)?;
+                    let pass = part(d, "pass", rotary_dim, head_dim)?;
+                    let rot = d.node(format!("{proj}.rope"), Rope, &[rot, cos, sin])?;
+                    d.node(
+                        format!("{proj}.rope.joined"),
+                        Concat { axis: 3 },
+                        &[rot, pass],
+                    )
+                }
             }
         };
         let q = project(self, "q", heads, true)?;
@@ -465,7 +492,7 @@ pub fn build_graph(
     logits_output: LogitsOutput,
 ) -> Result<Graph, FrontendError> {
     let c = config;
-    let (head_dim, hidden) = (c.head_dim, c.hidden_size);
+    let hidden = c.hidden_size;
     let mut d = DecoderBuilder {
         b: GraphBuilder::new(name),
         weights,
@@ -514,8 +541,8 @@ pub fn build_graph(
     let mut x = family.embed(&mut d, x)?;
 
     let (cos_name, sin_name) = rope_tables(cache.max_len);
-    let cos_table = d.weight(&cos_name, &[cache.max_len, head_dim])?;
-    let sin_table = d.weight(&sin_name, &[cache.max_len, head_dim])?;
+    let cos_table = d.weight(&cos_name, &[cache.max_len, c.rotary_dim])?;
+    let sin_table = d.weight(&sin_name, &[cache.max_len, c.rotary_dim])?;
     let cos = d.node("rope.cos", Gather, &[cos_table, positions])?;
     let sin = d.node("rope.sin", Gather, &[sin_table, positions])?;
     d.step = Some(StepValues {

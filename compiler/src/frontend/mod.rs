@@ -363,12 +363,12 @@ impl HfModel {
             "model.layers.0.self_attn.q_proj.weight",
             &[c.num_heads * c.head_dim, c.hidden_size],
         )?;
-        let (cos, sin) = rope::tables(&c.rope, c.head_dim, cache.max_len);
+        let (cos, sin) = rope::tables(&c.rope, c.rotary_dim, cache.max_len);
         let (cos_name, sin_name) = decoder::rope_tables(cache.max_len);
         self.weights
-            .insert_f32(&cos_name, vec![cache.max_len, c.head_dim], cos);
+            .insert_f32(&cos_name, vec![cache.max_len, c.rotary_dim], cos);
         self.weights
-            .insert_f32(&sin_name, vec![cache.max_len, c.head_dim], sin);
+            .insert_f32(&sin_name, vec![cache.max_len, c.rotary_dim], sin);
 
         let weights = decoder::WeightSource::Store(decoder::Weights {
             store: &self.weights,

@@ -5,8 +5,10 @@
 //! - `mlp.gate_up_proj.weight [2·I, hidden]` → rows `gate_proj`, then
 //!   `up_proj` (transformers' `chunk(2, dim=-1)`: gate first).
 //!
-//! No biases. RoPE over part of the head (`partial_rotary_factor` < 1) and
-//! `longrope` scaling are refused by the config reader, by name.
+//! No biases. What else Phi-3 changes is RoPE, read by the config reader
+//! and built by the shared pieces: `longrope` scaling (Phi-3 128k,
+//! Phi-3.5, Phi-4-mini; `rope.rs`) and rotation of only the first
+//! `partial_rotary_factor · head_dim` dimensions (`decoder.rs`).
 //! Source: transformers' `models/phi3/modeling_phi3.py`
 //! (https://github.com/huggingface/transformers/tree/main/src/transformers/models/phi3).
 
@@ -50,8 +52,15 @@ fn split_rows(
     parts: &[(String, usize)],
     cols: usize,
 ) -> Result<(), WeightError> {
-    if !store.contains(fused) && parts.iter().all(|(name, _)| store.contains(name)) {
-        return Ok(()); // split by an earlier build of this model
+    // Split by an earlier build of this model, or by the GGUF reader when
+    // it keeps the blocks (stored as `<prefix>.qweight`, see
+    // `WeightStore::insert_quantized`).
+    let present = |name: &str| {
+        let prefix = name.strip_suffix(".weight").unwrap_or(name);
+        store.contains(name) || store.contains(&format!("{prefix}.qweight"))
+    };
+    if !store.contains(fused) && parts.iter().all(|(name, _)| present(name)) {
+        return Ok(());
     }
     let total: usize = parts.iter().map(|(_, rows)| rows).sum();
     let ty = store.expect(fused, &[total, cols])?;

@@ -5,7 +5,9 @@
 //! - [`reader`] parses the container; [`quant`] dequantizes ggml blocks.
 //! - Here: llama.cpp's metadata keys → config.json keys, its tensor names →
 //!   transformers' names, the Q/K row order llama.cpp changes for Llama, and
-//!   the `1 +` it adds to Gemma's norm weights.
+//!   the `1 +` it adds to Gemma's norm weights. Its RoPE factor tensors
+//!   (`rope_freqs`, `rope_factors_long/short`) are not weights: they become
+//!   config.json's `rope_scaling`.
 //! - [`tokenizer`] rebuilds tokenizer.json and tokenizer_config.json.
 
 pub mod quant;
@@ -29,14 +31,22 @@ pub enum GgufModelError {
 
 /// llama.cpp architecture name → (transformers class, whether llama.cpp
 /// permuted the Q/K rows for its interleaved RoPE).
-const ARCHITECTURES: [(&str, &str, bool); 6] = [
+const ARCHITECTURES: [(&str, &str, bool); 7] = [
     ("llama", "LlamaForCausalLM", true),
     ("mistral", "MistralForCausalLM", true),
     ("qwen2", "Qwen2ForCausalLM", false),
     ("qwen3", "Qwen3ForCausalLM", false),
     ("gemma", "GemmaForCausalLM", false),
     ("gemma2", "Gemma2ForCausalLM", false),
+    // Fused attn_qkv and ffn_up (gate then up) as transformers stores them.
+    ("phi3", "Phi3ForCausalLM", false),
 ];
+
+/// Tensors llama.cpp's converter writes for RoPE: per-frequency divisors,
+/// read into config.json rather than loaded as weights.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+const ROPE_FACTORS_LONG: &str = "rope_factors_long.weight";
+const ROPE_FACTORS_SHORT: &str = "rope_factors_short.weight";
 
 /// A weight of a GGUF file: dequantized, or kept in its blocks.
 pub enum GgufTensor {
@@ -84,21 +94,20 @@ impl GgufModel {
         let config_json = config_json(&file, &arch, class).map_err(unsupported)?;
         let heads = config_json["num_attention_heads"].as_u64().unwrap_or(1) as usize;
         let kv_heads = config_json["num_key_value_heads"].as_u64().unwrap_or(1) as usize;
+        let head_dim = config_json["head_dim"].as_u64().unwrap_or(0) as usize;
+        let intermediate = config_json["intermediate_size"].as_u64().unwrap_or(0) as usize;
 
         let layers = config_json["num_hidden_layers"].as_u64().unwrap_or(0);
         let mut names = std::collections::BTreeMap::new();
         let mut tensors = Vec::with_capacity(file.tensors.len());
         for info in &file.tensors {
-            let name = arch_hf_name(&arch, &info.name).or_else(|| hf_name(&info.name));
-            let name = name.ok_or_else(|| {
+            if [ROPE_FREQS, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT].contains(&info.name.as_str()) {
+                continue; // in config_json's rope_scaling
+            }
+            let name = hf_name(&info.name, &arch).ok_or_else(|| {
                 unsupported(format!(
-                    "it holds tensor `{}`, which Kiln does not know how to map{}",
-                    info.name,
-                    if info.name.starts_with("rope_freqs") {
-                        " (Llama 3.1-style RoPE frequency factors are not supported from GGUF yet)"
-                    } else {
-                        ""
-                    }
+                    "it holds tensor `{}`, which Kiln does not know how to map",
+                    info.name
                 ))
             })?;
             // Checked before dequantizing: `blk.00` and `blk.0` are one
@@ -148,6 +157,31 @@ impl GgufModel {
                         if q.scheme.offset {
                             q.min = unpermute_rows(info, &q.min, heads).map_err(unsupported)?;
                         }
+                    }
+                    // A fused matrix kept in blocks is split here: the
+                    // family splits float weights at load, but not blocks.
+                    let parts = fused_parts(&name, heads, kv_heads, head_dim, intermediate);
+                    if let Some(parts) = parts {
+                        let total: usize = parts.iter().map(|(_, rows)| rows).sum();
+                        if total != q.n {
+                            return Err(unsupported(format!(
+                                "tensor `{}` has {} rows, but the config's heads and sizes need {total}",
+                                info.name, q.n
+                            )));
+                        }
+                        let mut at = 0;
+                        for (part, rows) in parts {
+                            let block = split_quantized(&q, at, rows);
+                            at += rows;
+                            if let Some(first) = names.insert(part.clone(), info.name.clone()) {
+                                return Err(unsupported(format!(
+                                    "tensors `{first}` and `{}` are both `{part}`",
+                                    info.name
+                                )));
+                            }
+                            tensors.push((part, vec![rows, q.k], GgufTensor::Quantized(block)));
+                        }
+                        continue;
                     }
                     GgufTensor::Quantized(q)
                 }
@@ -220,13 +254,15 @@ fn config_json(file: &GgufFile, arch: &str, class: &str) -> Result<Value, String
     let head_dim = key("attention.key_length")
         .and_then(MetaValue::as_u64)
         .unwrap_or(hidden.checked_div(heads).unwrap_or(0));
-    if let Some(rot) = key("rope.dimension_count").and_then(MetaValue::as_u64) {
-        if rot != head_dim {
+    let rotary_dim = match key("rope.dimension_count").and_then(MetaValue::as_u64) {
+        Some(rot) if rot == 0 || rot > head_dim || rot % 2 == 1 => {
             return Err(format!(
-                "it rotates {rot} of each head's {head_dim} dimensions; Kiln supports full-width RoPE only"
-            ));
+                "{arch}.rope.dimension_count is {rot}; it must be even and at most the head's {head_dim} dimensions"
+            ))
         }
-    }
+        Some(rot) => rot,
+        None => head_dim,
+    };
     let mut config = json!({
         "architectures": [class],
         "model_type": arch,
@@ -252,6 +288,7 @@ fn config_json(file: &GgufFile, arch: &str, class: &str) -> Result<Value, String
             config["rope_scaling"] = json!({"rope_type": kind, "factor": factor});
         }
     }
+    rope_config(file, arch, &mut config, head_dim, rotary_dim)?;
     for (hf, gguf) in [
         ("bos_token_id", "bos_token_id"),
         ("eos_token_id", "eos_token_id"),
@@ -312,6 +349,98 @@ fn arch_config<'a>(
     Ok(())
 }
 
+/// The RoPE settings beyond the base: partial rotary, Phi-3's original
+/// length, sliding window and LongRoPE factors, Llama 3.1's `rope_freqs`.
+/// Keys and tensors as llama.cpp's converter writes them
+/// (`convert_hf_to_gguf.py`, `LlamaModel.generate_extra_tensors` and
+/// `Phi3MiniModel`; https://github.com/ggml-org/llama.cpp).
+fn rope_config(
+    file: &GgufFile,
+    arch: &str,
+    config: &mut Value,
+    head_dim: u64,
+    rotary_dim: u64,
+) -> Result<(), String> {
+    let key = |name: &str| file.get(&format!("{arch}.{name}"));
+    let phi3 = arch == "phi3";
+    if rotary_dim != head_dim {
+        // Refused by the config reader for families that rotate whole heads.
+        let factor = rotary_dim as f64 / head_dim as f64;
+        if ((head_dim as f64 * factor) as u64) != rotary_dim {
+            return Err(format!(
+                "{arch}.rope.dimension_count {rotary_dim} of {head_dim} is no partial_rotary_factor transformers reproduces"
+            ));
+        }
+        config["partial_rotary_factor"] = json!(factor);
+    }
+    if phi3 {
+        if let Some(n) = key("rope.scaling.original_context_length").and_then(MetaValue::as_u64) {
+            config["original_max_position_embeddings"] = json!(n);
+        }
+        // 0: no window (the converter's mark for Phi-4).
+        if let Some(w) = key("attention.sliding_window").and_then(MetaValue::as_u64) {
+            config["sliding_window"] = if w == 0 { Value::Null } else { json!(w) };
+        }
+    }
+    let long = factor_tensor(file, ROPE_FACTORS_LONG)?;
+    let short = factor_tensor(file, ROPE_FACTORS_SHORT)?;
+    let freqs = factor_tensor(file, ROPE_FREQS)?;
+    match (long, short, freqs) {
+        (None, None, None) => {}
+        // Phi-3 128k / Phi-3.5 / Phi-4-mini: transformers' `longrope`.
+        (Some(long), Some(short), None) => {
+            let mut scaling = json!({
+                "rope_type": "longrope",
+                "short_factor": short,
+                "long_factor": long,
+            });
+            if let Some(a) = key("rope.scaling.attn_factor").and_then(MetaValue::as_f64) {
+                scaling["attention_factor"] = json!(a);
+            }
+            config["rope_scaling"] = scaling;
+        }
+        // Llama 3.1/3.2: the converter computes transformers' `llama3`
+        // scaling as one divisor per frequency, which llama.cpp applies as
+        // `theta / freq_factors[i]` (ggml's rope). In transformers' terms
+        // that is `longrope` with both sets equal to the divisors and no
+        // attention factor, which Kiln and transformers both read.
+        (None, None, Some(freqs)) => {
+            if freqs.len() as u64 != rotary_dim / 2 {
+                return Err(format!(
+                    "tensor `{ROPE_FREQS}` has {} factors; {rotary_dim} rotated dimensions need {}",
+                    freqs.len(),
+                    rotary_dim / 2
+                ));
+            }
+            let linear = match config.get("rope_scaling") {
+                None => 1.0,
+                Some(s) if s["rope_type"] == "linear" => s["factor"].as_f64().unwrap_or(1.0),
+                Some(s) => {
+                    return Err(format!(
+                        "it has {ROPE_FREQS} and rope scaling {}; Kiln applies {ROPE_FREQS} alone or with linear scaling",
+                        s["rope_type"]
+                    ))
+                }
+            };
+            let factors: Vec<f64> = freqs.iter().map(|f| f * linear).collect();
+            config["rope_scaling"] = json!({
+                "rope_type": "longrope",
+                "short_factor": factors,
+                "long_factor": factors,
+                "original_max_position_embeddings": config["max_position_embeddings"],
+                "attention_factor": 1.0,
+            });
+        }
+        _ => {
+            return Err(format!(
+                "it has only some of {ROPE_FACTORS_LONG}, {ROPE_FACTORS_SHORT} and {ROPE_FREQS}; \
+                 Kiln reads both LongRoPE factor tensors, or {ROPE_FREQS} alone"
+            ))
+        }
+    }
+    Ok(())
+}
+
 /// What llama.cpp added to a norm weight of `arch`: Gemma's converters store
 /// `1 + w` for the `w` transformers' Gemma RMSNorm multiplies by `1 + w`
 /// (convert_hf_to_gguf.py, GemmaModel and Gemma2Model `modify_tensors`), so
@@ -323,19 +452,62 @@ fn norm_offset(arch: &str, hf_name: &str) -> f32 {
     }
 }
 
-/// transformers' name for a tensor whose llama.cpp name means something
-/// else in `arch` than in [`hf_name`]'s Llama layout.
-fn arch_hf_name(arch: &str, gguf: &str) -> Option<String> {
-    let (block, module) = gguf.strip_prefix("blk.")?.split_once('.')?;
-    let hf = match (arch, module) {
-        // Gemma 2's four norms (gguf's tensor map for MODEL_ARCH.GEMMA2).
-        ("gemma2", "post_attention_norm.weight") => "post_attention_layernorm.weight",
-        ("gemma2", "ffn_norm.weight") => "pre_feedforward_layernorm.weight",
-        ("gemma2", "post_ffw_norm.weight") => "post_feedforward_layernorm.weight",
-        _ => return None,
+/// A 1-D RoPE factor tensor's values, if the file has it.
+fn factor_tensor(file: &GgufFile, name: &str) -> Result<Option<Vec<f64>>, String> {
+    let Some(info) = file.tensors.iter().find(|t| t.name == name) else {
+        return Ok(None);
     };
-    let layer: usize = block.parse().ok()?;
-    Some(format!("model.layers.{layer}.{hf}"))
+    if info.shape.len() != 1 {
+        return Err(format!(
+            "tensor `{name}` has shape {:?}; RoPE factors are one number per frequency",
+            info.shape
+        ));
+    }
+    let mut values = vec![0f32; info.numel()];
+    quant::dequantize(info.ggml_type, file.tensor_bytes(info), &mut values);
+    if let Some(bad) = values.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
+        return Err(format!(
+            "tensor `{name}` holds {bad}; RoPE factors divide frequencies and must be positive"
+        ));
+    }
+    Ok(Some(values.iter().map(|&v| v as f64).collect()))
+}
+
+/// The row blocks a fused Phi-3 matrix holds, under transformers' split
+/// names: `qkv_proj` → q, k, v; `gate_up_proj` → gate, up.
+fn fused_parts(
+    name: &str,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    intermediate: usize,
+) -> Option<Vec<(String, usize)>> {
+    if let Some(prefix) = name.strip_suffix("self_attn.qkv_proj.weight") {
+        let part = |p: &str| format!("{prefix}self_attn.{p}_proj.weight");
+        return Some(vec![
+            (part("q"), heads * head_dim),
+            (part("k"), kv_heads * head_dim),
+            (part("v"), kv_heads * head_dim),
+        ]);
+    }
+    let prefix = name.strip_suffix("mlp.gate_up_proj.weight")?;
+    Some(vec![
+        (format!("{prefix}mlp.gate_proj.weight"), intermediate),
+        (format!("{prefix}mlp.up_proj.weight"), intermediate),
+    ])
+}
+
+/// Rows `at..at + rows` of a quantized matrix (its q bytes, scales, mins).
+fn split_quantized(m: &QuantizedMatrix, at: usize, rows: usize) -> QuantizedMatrix {
+    let part = |len: usize| (at * len / m.n)..((at + rows) * len / m.n);
+    QuantizedMatrix {
+        scheme: m.scheme,
+        n: rows,
+        k: m.k,
+        q: m.q[part(m.q.len())].to_vec(),
+        scale: m.scale[part(m.scale.len())].to_vec(),
+        min: m.min[part(m.min.len())].to_vec(),
+    }
 }
 
 /// The layer a transformers tensor name belongs to.
@@ -348,8 +520,9 @@ fn layer_of(hf_name: &str) -> Option<u64> {
         .ok()
 }
 
-/// transformers' name for a llama.cpp tensor name, or `None` if unknown.
-fn hf_name(gguf: &str) -> Option<String> {
+/// transformers' name for a llama.cpp tensor name of architecture `arch`,
+/// or `None` if unknown.
+fn hf_name(gguf: &str, arch: &str) -> Option<String> {
     let top = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -368,6 +541,10 @@ fn hf_name(gguf: &str) -> Option<String> {
     }
     let hf_module = match module {
         "attn_norm" => "input_layernorm",
+        // Gemma 2's four norms (gguf's tensor map for MODEL_ARCH.GEMMA2).
+        "post_attention_norm" if arch == "gemma2" => "post_attention_layernorm",
+        "ffn_norm" if arch == "gemma2" => "pre_feedforward_layernorm",
+        "post_ffw_norm" if arch == "gemma2" => "post_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
@@ -375,7 +552,10 @@ fn hf_name(gguf: &str) -> Option<String> {
         "attn_output" => "self_attn.o_proj",
         "attn_q_norm" => "self_attn.q_norm",
         "attn_k_norm" => "self_attn.k_norm",
+        "attn_qkv" if arch == "phi3" => "self_attn.qkv_proj",
         "ffn_gate" => "mlp.gate_proj",
+        // Phi-3 has no ffn_gate: its ffn_up is transformers' gate_up_proj.
+        "ffn_up" if arch == "phi3" => "mlp.gate_up_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
         _ => return None,
@@ -424,26 +604,73 @@ mod tests {
     #[test]
     fn maps_llama_cpp_names() {
         assert_eq!(
-            hf_name("blk.12.attn_q.weight").as_deref(),
+            hf_name("blk.12.attn_q.weight", "llama").as_deref(),
             Some("model.layers.12.self_attn.q_proj.weight")
         );
         assert_eq!(
-            hf_name("blk.0.ffn_down.weight").as_deref(),
+            hf_name("blk.0.ffn_down.weight", "llama").as_deref(),
             Some("model.layers.0.mlp.down_proj.weight")
         );
         assert_eq!(
-            hf_name("blk.3.attn_k_norm.weight").as_deref(),
+            hf_name("blk.3.attn_k_norm.weight", "qwen3").as_deref(),
             Some("model.layers.3.self_attn.k_norm.weight")
         );
-        assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
-        assert_eq!(hf_name("rope_freqs.weight"), None);
-        assert_eq!(hf_name("blk.x.attn_q.weight"), None);
-        assert_eq!(hf_name("blk.0.attn_q.scale"), None);
+        assert_eq!(
+            hf_name("output.weight", "llama").as_deref(),
+            Some("lm_head.weight")
+        );
+        assert_eq!(hf_name("rope_freqs.weight", "llama"), None);
+        assert_eq!(hf_name("blk.x.attn_q.weight", "llama"), None);
+        assert_eq!(hf_name("blk.0.attn_q.scale", "llama"), None);
+        // Phi-3's fused tensors keep transformers' fused names.
+        assert_eq!(
+            hf_name("blk.1.attn_qkv.weight", "phi3").as_deref(),
+            Some("model.layers.1.self_attn.qkv_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.1.ffn_up.weight", "phi3").as_deref(),
+            Some("model.layers.1.mlp.gate_up_proj.weight")
+        );
+        assert_eq!(hf_name("blk.1.attn_qkv.weight", "llama"), None);
+    }
+
+    /// A fused matrix kept in blocks splits into row blocks that stand
+    /// for the same rows of the dequantized whole.
+    #[test]
+    fn quantized_rows_split_like_the_dequantized_matrix() {
+        let parts = fused_parts("model.layers.3.self_attn.qkv_proj.weight", 2, 1, 2, 0).unwrap();
+        let rows: Vec<usize> = parts.iter().map(|p| p.1).collect();
+        assert_eq!(parts[1].0, "model.layers.3.self_attn.k_proj.weight");
+        assert_eq!(rows, [4, 2, 2]);
+        let up = fused_parts("model.layers.0.mlp.gate_up_proj.weight", 1, 1, 1, 3).unwrap();
+        assert_eq!(
+            up[0],
+            ("model.layers.0.mlp.gate_proj.weight".to_string(), 3)
+        );
+        assert!(fused_parts("model.layers.0.mlp.down_proj.weight", 1, 1, 1, 3).is_none());
+
+        // Q4_1 (scales and mins), 8 rows of 64: 2 blocks of 20 bytes a row.
+        let (n, k) = (8, 64);
+        let mut bytes = Vec::new();
+        for b in 0..n * k / 32 {
+            bytes.extend(half::f16::from_f32(0.01 * (b + 1) as f32).to_le_bytes());
+            bytes.extend(half::f16::from_f32(-0.1 * b as f32).to_le_bytes());
+            bytes.extend((0..16).map(|i| (b * 7 + i * 13) as u8));
+        }
+        let whole = quant::to_quantized(quant::GgmlType::Q4_1, &bytes, n, k).unwrap();
+        let full = whole.dequantize();
+        let mut at = 0;
+        for rows in rows {
+            let part = split_quantized(&whole, at, rows);
+            assert_eq!((part.n, part.k), (rows, k));
+            assert_eq!(part.dequantize(), full[at * k..(at + rows) * k]);
+            at += rows;
+        }
     }
 
     #[test]
     fn maps_gemma2_norms_and_shifts_gemma_norms() {
-        let name = |gguf: &str| arch_hf_name("gemma2", gguf).or_else(|| hf_name(gguf));
+        let name = |gguf: &str| hf_name(gguf, "gemma2");
         assert_eq!(
             name("blk.1.ffn_norm.weight").as_deref(),
             Some("model.layers.1.pre_feedforward_layernorm.weight")
@@ -457,8 +684,8 @@ mod tests {
             Some("model.layers.0.post_attention_layernorm.weight")
         );
         assert_eq!(
-            arch_hf_name("gemma", "blk.0.ffn_norm.weight"),
-            None,
+            hf_name("blk.0.ffn_norm.weight", "gemma").as_deref(),
+            Some("model.layers.0.post_attention_layernorm.weight"),
             "Gemma 1 keeps Llama's names"
         );
         assert_eq!(norm_offset("gemma", "model.norm.weight"), 1.0);
