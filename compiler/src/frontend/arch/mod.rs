@@ -4,13 +4,14 @@
 
 mod gemma;
 mod gemma2;
+mod gemma3;
 mod llama;
 mod mistral;
 mod phi3;
 mod qwen2;
 mod qwen3;
 
-use super::config::{ConfigError, ModelConfig};
+use super::config::{ConfigError, LayerType, ModelConfig, RopeConfig};
 use super::decoder::{
     self, DecoderBuilder, GateActivation, NormStyle, SelfAttention, WeightSource,
 };
@@ -40,6 +41,19 @@ pub trait Family {
     /// The embedding rows `x [1, T, hidden]` → the first layer's input.
     fn embed(&self, _d: &mut DecoderBuilder, x: ValueId) -> Result<ValueId, FrontendError> {
         Ok(x)
+    }
+
+    /// Which layers attend over the last `config.sliding_window` positions
+    /// only; the others see every earlier position. None, unless the family
+    /// says otherwise.
+    fn sliding_layers(&self, config: &ModelConfig) -> Vec<bool> {
+        vec![false; config.num_layers]
+    }
+
+    /// The RoPE of the sliding layers, when it is not the model's own
+    /// (Gemma 3's local base).
+    fn local_rope(&self) -> Option<&RopeConfig> {
+        None
     }
 
     /// Layer `layer`'s self-attention.
@@ -73,6 +87,20 @@ pub trait Family {
     }
 }
 
+/// The sliding layers as `layer_types` lists them, else as `default(layer)`
+/// says; none without a `sliding_window`.
+pub fn sliding_by_layer_types(config: &ModelConfig, default: impl Fn(usize) -> bool) -> Vec<bool> {
+    (0..config.num_layers)
+        .map(|layer| {
+            config.sliding_window.is_some()
+                && match &config.layer_types {
+                    Some(types) => types[layer] == LayerType::Sliding,
+                    None => default(layer),
+                }
+        })
+        .collect()
+}
+
 /// The family-specific keys of config.json, for a family's constructor.
 pub struct FamilyConfig<'a> {
     pub path: &'a Path,
@@ -101,6 +129,27 @@ impl FamilyConfig<'_> {
     pub fn str(&self, key: &str) -> Option<&str> {
         self.json.get(key).and_then(Value::as_str)
     }
+
+    /// An optional true or false.
+    pub fn bool(&self, key: &str) -> Result<Option<bool>, ConfigError> {
+        match self.json.get(key).filter(|v| !v.is_null()) {
+            None => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.invalid(format!("\"{key}\" must be true or false, got {v}"))),
+        }
+    }
+
+    /// An optional non-negative integer.
+    pub fn usize(&self, key: &str) -> Result<Option<usize>, ConfigError> {
+        match self.json.get(key).filter(|v| !v.is_null()) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+                self.invalid(format!("\"{key}\" must be a non-negative integer, got {v}"))
+            }),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,17 +160,19 @@ pub enum Architecture {
     Qwen3,
     Gemma,
     Gemma2,
+    Gemma3,
     Phi3,
 }
 
 impl Architecture {
-    pub const ALL: [Architecture; 7] = [
+    pub const ALL: [Architecture; 8] = [
         Architecture::Llama,
         Architecture::Qwen2,
         Architecture::Mistral,
         Architecture::Qwen3,
         Architecture::Gemma,
         Architecture::Gemma2,
+        Architecture::Gemma3,
         Architecture::Phi3,
     ];
 
@@ -134,6 +185,7 @@ impl Architecture {
             Architecture::Qwen3 => qwen3::HF_NAME,
             Architecture::Gemma => gemma::HF_NAME,
             Architecture::Gemma2 => gemma2::HF_NAME,
+            Architecture::Gemma3 => gemma3::HF_NAME,
             Architecture::Phi3 => phi3::HF_NAME,
         }
     }
@@ -147,6 +199,7 @@ impl Architecture {
             Architecture::Qwen3 => qwen3::MODEL_TYPE,
             Architecture::Gemma => gemma::MODEL_TYPE,
             Architecture::Gemma2 => gemma2::MODEL_TYPE,
+            Architecture::Gemma3 => gemma3::MODEL_TYPE,
             Architecture::Phi3 => phi3::MODEL_TYPE,
         }
     }
@@ -166,7 +219,10 @@ impl Architecture {
     /// `tie_word_embeddings` when config.json leaves it out (transformers'
     /// default for the class).
     pub fn ties_embeddings_by_default(self) -> bool {
-        matches!(self, Architecture::Gemma | Architecture::Gemma2)
+        matches!(
+            self,
+            Architecture::Gemma | Architecture::Gemma2 | Architecture::Gemma3
+        )
     }
 
     /// The family's decoder, from the parsed config and the family's own
@@ -178,11 +234,12 @@ impl Architecture {
     ) -> Result<Box<dyn Family>, ConfigError> {
         Ok(match self {
             Architecture::Llama => Box::new(llama::Llama::new(config)),
-            Architecture::Qwen2 => Box::new(qwen2::Qwen2),
+            Architecture::Qwen2 => Box::new(qwen2::Qwen2::new(keys)?),
             Architecture::Mistral => Box::new(mistral::Mistral),
-            Architecture::Qwen3 => Box::new(qwen3::Qwen3),
+            Architecture::Qwen3 => Box::new(qwen3::Qwen3::new(keys)?),
             Architecture::Gemma => Box::new(gemma::Gemma::new(config, keys)?),
             Architecture::Gemma2 => Box::new(gemma2::Gemma2::new(config, keys)?),
+            Architecture::Gemma3 => Box::new(gemma3::Gemma3::new(config, keys)?),
             Architecture::Phi3 => Box::new(phi3::Phi3::new(config)),
         })
     }
