@@ -455,11 +455,19 @@ fn the_manifest_lists_the_layers_that_read_each_mask() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|i| (i["name"].as_str().unwrap(), i["shape"][3].as_u64().unwrap_or(0)))
+            .map(|i| {
+                (
+                    i["name"].as_str().unwrap(),
+                    i["shape"][3].as_u64().unwrap_or(0),
+                )
+            })
             .collect();
         assert_eq!(
             inputs[2..4],
-            [("attention_mask", 256 + t), ("attention_mask_local", 256 + t)],
+            [
+                ("attention_mask", 256 + t),
+                ("attention_mask_local", 256 + t)
+            ],
             "{graph}"
         );
     }

@@ -285,3 +285,172 @@ pub fn weight_inventory(
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frontend::config::RopeScaling;
+    use crate::frontend::decoder::attention_masks;
+    use serde_json::json;
+
+    fn config(architecture: &str, layers: usize, extra: Value) -> Result<ModelConfig, ConfigError> {
+        let mut json = json!({
+            "architectures": [architecture],
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
+        });
+        json.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        ModelConfig::from_json(Path::new("config.json"), &json)
+    }
+
+    fn sliding(architecture: &str, layers: usize, extra: Value) -> Vec<bool> {
+        let c = config(architecture, layers, extra).unwrap();
+        c.family().unwrap().sliding_layers(&c)
+    }
+
+    #[test]
+    fn each_family_reads_its_sliding_layers_as_transformers_does() {
+        let (t, f) = (true, false);
+        assert_eq!(sliding("LlamaForCausalLM", 2, json!({})), [f, f]);
+        // Mistral and Phi-3: every layer, when there is a window.
+        assert_eq!(
+            sliding("MistralForCausalLM", 2, json!({"sliding_window": 8})),
+            [t, t]
+        );
+        assert_eq!(
+            sliding("MistralForCausalLM", 2, json!({"sliding_window": null})),
+            [f, f]
+        );
+        assert_eq!(
+            sliding("Phi3ForCausalLM", 2, json!({"sliding_window": 8})),
+            [t, t]
+        );
+        // Qwen: only with use_sliding_window, from max_window_layers on.
+        let qwen = |extra| sliding("Qwen2ForCausalLM", 3, extra);
+        assert_eq!(qwen(json!({"sliding_window": 8})), [f, f, f]);
+        assert_eq!(
+            qwen(json!({"sliding_window": 8, "use_sliding_window": true, "max_window_layers": 1})),
+            [f, t, t]
+        );
+        assert_eq!(
+            qwen(json!({"sliding_window": 8, "use_sliding_window": true,
+                "layer_types": ["sliding_attention", "full_attention", "full_attention"]})),
+            [t, f, f]
+        );
+        // Gemma 2: every other layer from layer 0, unless layer_types says.
+        assert_eq!(
+            sliding("Gemma2ForCausalLM", 3, json!({"sliding_window": 8})),
+            [t, f, t]
+        );
+        assert_eq!(
+            sliding(
+                "Gemma2ForCausalLM",
+                2,
+                json!({"sliding_window": 8,
+                "layer_types": ["full_attention", "sliding_attention"]})
+            ),
+            [f, t]
+        );
+        // Gemma 3: all but every sliding_window_pattern-th (default 6).
+        let gemma3 = json!({"sliding_window": 8, "rope_theta": 1e6});
+        assert_eq!(
+            sliding("Gemma3ForCausalLM", 6, gemma3.clone()),
+            [t, t, t, t, t, f]
+        );
+        let mut pattern = gemma3.clone();
+        pattern["sliding_window_pattern"] = 2.into();
+        assert_eq!(sliding("Gemma3ForCausalLM", 4, pattern), [t, f, t, f]);
+    }
+
+    #[test]
+    fn gemma3_reads_both_rope_forms_and_refuses_what_it_cannot_run() {
+        let local = |c: &ModelConfig| c.family().unwrap().local_rope().cloned();
+        // The hub's form: rope_theta, rope_local_base_freq, rope_scaling.
+        let old = config(
+            "Gemma3ForCausalLM",
+            2,
+            json!({"rope_theta": 1e6, "rope_local_base_freq": 1e4,
+                "rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
+        )
+        .unwrap();
+        assert_eq!(old.rope.theta, 1e6);
+        assert_eq!(old.rope.scaling, RopeScaling::Linear { factor: 8.0 });
+        let expected = Some(RopeConfig {
+            theta: 1e4,
+            scaling: RopeScaling::None,
+        });
+        assert_eq!(local(&old), expected);
+        // transformers ≥ 5: rope_parameters per layer type.
+        let new = config(
+            "Gemma3ForCausalLM",
+            2,
+            json!({"rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+        )
+        .unwrap();
+        assert_eq!((&new.rope, local(&new)), (&old.rope, expected));
+        // The same base for both: one pair of tables.
+        let same = config(
+            "Gemma3ForCausalLM",
+            2,
+            json!({"rope_theta": 1e4, "rope_local_base_freq": 1e4}),
+        )
+        .unwrap();
+        assert_eq!(local(&same), None);
+        for (extra, needle) in [
+            (json!({}), "needs the global layers' RoPE base"),
+            (
+                json!({"rope_theta": 1e6, "use_bidirectional_attention": true}),
+                "use_bidirectional_attention",
+            ),
+            (
+                json!({"rope_parameters": {"full_attention": {"rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "yarn", "factor": 2.0}}}),
+                "\"yarn\" for Gemma 3's sliding layers",
+            ),
+        ] {
+            let err = config("Gemma3ForCausalLM", 2, extra)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle) && err.contains("config.json"), "{err}");
+        }
+        assert_eq!(
+            Architecture::from_model_type("gemma3_text"),
+            Some(Architecture::Gemma3)
+        );
+    }
+
+    #[test]
+    fn masks_are_one_per_layer_kind_and_only_where_the_window_hides_something() {
+        let names =
+            |masks: Vec<kiln_runtime::ir::MaskInput>| -> Vec<(String, Option<usize>, Vec<usize>)> {
+                masks
+                    .into_iter()
+                    .map(|m| (m.input, m.sliding_window, m.layers))
+                    .collect()
+            };
+        let global = "attention_mask".to_string();
+        let local = "attention_mask_local".to_string();
+        let mixed = [true, false, true];
+        assert_eq!(
+            names(attention_masks(&mixed, Some(4), 16)),
+            [
+                (global.clone(), None, vec![1]),
+                (local, Some(4), vec![0, 2])
+            ]
+        );
+        // A window as long as the cache hides nothing: one mask.
+        assert_eq!(
+            names(attention_masks(&mixed, Some(16), 16)),
+            [(global.clone(), None, vec![0, 1, 2])]
+        );
+        // Every layer slides (Mistral v0.1): the one mask is windowed.
+        assert_eq!(
+            names(attention_masks(&[true, true], Some(4), 16)),
+            [(global, Some(4), vec![0, 1])]
+        );
+    }
+}
