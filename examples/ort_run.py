@@ -134,23 +134,30 @@ class OrtSession:
         t, valid, past, cache = graph["tokens"], len(tokens), self.past, self.max_len
         ids = np.zeros((1, t), np.int64)
         positions = np.full((1, t), past + valid - 1, np.int64)
-        mask = np.full((1, 1, t, cache + t), -np.inf, self.float)
-        for i in range(t):
-            if i < valid:
-                ids[0, i] = tokens[i]
-                positions[0, i] = past + i
-                mask[0, 0, i, :past] = 0
-                mask[0, 0, i, cache : cache + i + 1] = 0
-            else:  # padding sees only itself; nothing sees it
-                mask[0, 0, i, cache + i] = 0
+        ids[0, :valid] = tokens
+        positions[0, :valid] = np.arange(past, past + valid)
         feeds = {
             "input_ids": ids,
             "position_ids": positions,
-            "attention_mask": mask,
             "logits_index": np.array([[valid - 1]], np.int64),
             "k_cache": self.k_cache,
             "v_cache": self.v_cache,
         }
+        # One mask per input the manifest lists (attention_mask, and
+        # attention_mask_local for sliding-window layers), as
+        # kiln_runtime::engine::step_mask builds them.
+        for spec in self.manifest["mask"]["inputs"]:
+            window = spec.get("sliding_window")
+            mask = np.full((1, 1, t, cache + t), -np.inf, self.float)
+            for i in range(t):
+                if i < valid:
+                    p = past + i
+                    first = 0 if window is None else max(p + 1 - window, 0)
+                    mask[0, 0, i, min(first, past) : past] = 0
+                    mask[0, 0, i, cache + max(first - past, 0) : cache + i + 1] = 0
+                else:  # padding sees only itself; nothing sees it
+                    mask[0, 0, i, cache + i] = 0
+            feeds[spec["input"]] = mask
         logits, k_new, v_new, *dumped = session.run(["logits", "k_new", "v_new", *self.dump], feeds)
         self.dumped = {name: value.astype(np.float32) for name, value in zip(self.dump, dumped)}
         self.k_cache[:, :, :, past : past + valid] = k_new[:, :, :, :valid]

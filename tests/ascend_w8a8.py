@@ -128,7 +128,7 @@ def inputs_for(session, vocab, seed):
             feeds[i.name] = np.arange(shape[1], dtype=np.int64).reshape(shape)
         elif i.name == "logits_index":
             feeds[i.name] = np.full(shape, 0, dtype=np.int64)
-        elif i.name == "attention_mask":
+        elif i.name.startswith("attention_mask"):
             dtype = np.float16 if i.type == "tensor(float16)" else np.float32
             feeds[i.name] = np.zeros(shape, dtype=dtype)
         else:

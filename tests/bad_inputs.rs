@@ -195,7 +195,7 @@ fn unsupported_architecture() {
                 "config.json",
                 &format!("`{class}` is not supported"),
                 "LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, Qwen3ForCausalLM, \
-                 GemmaForCausalLM, Gemma2ForCausalLM, Phi3ForCausalLM",
+                 GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM",
             ],
         );
     }

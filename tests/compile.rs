@@ -427,6 +427,104 @@ fn fp16_onnx_keeps_the_greedy_ids_of_the_newer_families() {
     compile_and_compare(&FAMILY_FIXTURES, "fp16", "13", 6e-2);
 }
 
+/// A model with sliding-window layers takes two masks, and the manifest
+/// says which layers read each (gemma3: layers 0, 1, 3 slide over 16
+/// positions, layer 2 is global); its attention nodes read them so, and
+/// `kiln-run` on the compiled directory (which checks the IR's masks
+/// against the manifest's) still reproduces transformers' greedy ids. A
+/// cache no longer than the window needs no second mask.
+#[test]
+fn the_manifest_lists_the_layers_that_read_each_mask() {
+    let tmp = tempfile::tempdir().unwrap();
+    let read = |dir: &Path, file: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(file)).unwrap()).unwrap()
+    };
+    let dir = tmp.path().join("gemma3");
+    compile_fixture("gemma3", &dir, &["--dtype", "fp32"]);
+    let manifest = read(&dir, "manifest.json");
+    assert_eq!(
+        manifest["mask"]["inputs"],
+        serde_json::json!([
+            { "input": "attention_mask", "layers": [2] },
+            { "input": "attention_mask_local", "sliding_window": 16, "layers": [0, 1, 3] },
+        ])
+    );
+    for graph in manifest["graphs"].as_array().unwrap() {
+        let t = graph["tokens"].as_u64().unwrap();
+        let inputs: Vec<(&str, u64)> = graph["inputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    i["name"].as_str().unwrap(),
+                    i["shape"][3].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        assert_eq!(
+            inputs[2..4],
+            [
+                ("attention_mask", 256 + t),
+                ("attention_mask_local", 256 + t)
+            ],
+            "{graph}"
+        );
+    }
+    // In the IR, each layer's Attention reads the mask the manifest names.
+    let ir = read(&dir, manifest["ir"].as_str().unwrap());
+    let decode = &ir["graphs"][1];
+    let values = decode["values"].as_array().unwrap();
+    let readers: Vec<(String, String)> = decode["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["op"]["op"] == "Attention")
+        .map(|n| {
+            let mask = n["inputs"][5].as_u64().unwrap() as usize;
+            (
+                n["name"].as_str().unwrap().to_string(),
+                values[mask]["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String)> = ["local", "local", "", "local"]
+        .iter()
+        .enumerate()
+        .map(|(l, kind)| {
+            let mask = match *kind {
+                "local" => "attention_mask_local",
+                _ => "attention_mask",
+            };
+            (format!("model.layers.{l}.self_attn"), mask.to_string())
+        })
+        .collect();
+    assert_eq!(readers, expected);
+
+    let g = golden("gemma3");
+    let o = Command::new(kiln_run_binary())
+        .arg("generate")
+        .arg(&dir)
+        .args(["--backend", "cpu", "--token-ids", &join_ids(&g.prompt_ids)])
+        .args(["--max-new-tokens", &g.generated_ids.len().to_string()])
+        .arg("--ignore-eos")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), join_ids(&g.generated_ids));
+
+    let short = tmp.path().join("short");
+    compile_fixture(
+        "gemma3",
+        &short,
+        &["--max-seq-len", "16", "--prefill-len", "8"],
+    );
+    assert_eq!(
+        read(&short, "manifest.json")["mask"]["inputs"],
+        serde_json::json!([{ "input": "attention_mask", "layers": [0, 1, 2, 3] }])
+    );
+}
+
 fn all_fixtures() -> Vec<&'static str> {
     FIXTURES.iter().chain(&FAMILY_FIXTURES).copied().collect()
 }

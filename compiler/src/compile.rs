@@ -802,10 +802,14 @@ fn manifest(
                 .into(),
         },
         mask: MaskInfo {
-            layout: "attention_mask [1, 1, T, max_len + T], added to the scores: column j < max_len is cache slot j, \
-                     column max_len + c is this step's token c; 0 shows a column"
+            layout: "each mask input [1, 1, T, max_len + T] is added to the scores of the layers it lists: column \
+                     j < max_len is cache slot j (position j), column max_len + c is this step's token c; 0 shows a \
+                     column. A query at position p sees positions j <= p, and with a sliding_window w only those with \
+                     j > p - w. attention_mask_local, when present, serves the sliding-window layers"
                 .into(),
             hidden: "-inf".into(),
+            // Every step graph of a model reads the same masks.
+            inputs: ir.graphs[0].masks.clone(),
         },
         graphs,
         ir: IR_FILE.to_string(),

@@ -224,14 +224,14 @@ impl EvalModel {
 
 /// The inputs that run `graph` (a prefill graph) on `tokens` from
 /// position 0 over an empty cache; shorter token runs are padded.
-pub fn window_inputs(
-    graph: &Graph,
+pub fn window_inputs<'g>(
+    graph: &'g Graph,
     tokens: &[u32],
-) -> Result<Vec<(&'static str, Tensor)>, IrError> {
+) -> Result<Vec<(&'g str, Tensor)>, IrError> {
     let t = graph.ty(graph.input(GraphNames::INPUT_IDS)?).shape[1];
     let cache = graph.ty(graph.input(GraphNames::K_CACHE)?).clone();
     let l = cache.shape[3];
-    let step = StepInputs::new(tokens, t, 0, l);
+    let step = StepInputs::new(tokens, t, 0, l, &graph.masks);
     let empty = || Tensor::from_f32(cache.shape.clone(), vec![0.0; cache.numel()]);
     let mut inputs = vec![
         (
@@ -242,13 +242,15 @@ pub fn window_inputs(
             GraphNames::POSITION_IDS,
             Tensor::from_i64([1, t], step.position_ids),
         ),
-        (
-            GraphNames::ATTENTION_MASK,
-            Tensor::from_f32([1, 1, t, l + t], step.attention_mask),
-        ),
         (GraphNames::K_CACHE, empty()),
         (GraphNames::V_CACHE, empty()),
     ];
+    for (spec, mask) in graph.masks.iter().zip(step.masks) {
+        inputs.push((
+            spec.input.as_str(),
+            Tensor::from_f32([1, 1, t, l + t], mask),
+        ));
+    }
     if graph.input(GraphNames::LOGITS_INDEX).is_ok() {
         inputs.push((
             GraphNames::LOGITS_INDEX,

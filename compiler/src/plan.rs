@@ -168,8 +168,18 @@ pub fn from_config(
         .sum();
     let l = options.max_seq_len as u64;
     let d = config.head_dim as u64;
-    // cos and sin, [max_len, rotary_dim] each, in the graphs' float type.
-    let tables = 2 * registered_size(l * config.rotary_dim as u64 * f);
+    let family = config.family()?;
+    // cos and sin, [max_len, rotary_dim] each, in the graphs' float type; a
+    // second pair for sliding layers with a RoPE of their own.
+    let rope_pairs =
+        1 + crate::frontend::decoder::local_rope(family.as_ref(), config).is_some() as u64;
+    let tables = 2 * rope_pairs * registered_size(l * config.rotary_dim as u64 * f);
+    let masks = crate::frontend::decoder::attention_masks(
+        &family.sliding_layers(config),
+        config.sliding_window,
+        options.max_seq_len,
+    )
+    .len() as u64;
     let graphs: Vec<u64> = match options.layout {
         GraphLayout::Split => vec![options.prefill_len as u64, 1],
         GraphLayout::Single => vec![options.prefill_len as u64],
@@ -178,8 +188,11 @@ pub fn from_config(
     let io = graphs
         .iter()
         .map(|&t| {
-            // ids, positions, logits_index (int64); mask; logits; new K/V rows.
-            (2 * t + 1) * 8 + t * (l + t) * f + config.vocab_size as u64 * f + 2 * rows * t * f
+            // ids, positions, logits_index (int64); masks; logits; new K/V rows.
+            (2 * t + 1) * 8
+                + masks * t * (l + t) * f
+                + config.vocab_size as u64 * f
+                + 2 * rows * t * f
         })
         .sum();
     let kv_cache = 2 * rows * l * f;

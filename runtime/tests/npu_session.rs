@@ -73,22 +73,31 @@ fn tensor(name: &str, dtype: &str, shape: &[usize]) -> serde_json::Value {
     serde_json::json!({ "name": name, "dtype": dtype, "shape": shape })
 }
 
-fn graph(name: &str, tokens: usize, float: &str) -> serde_json::Value {
+/// The manifest's graph entry; with `local`, the graph also takes
+/// `attention_mask_local`.
+fn graph(name: &str, tokens: usize, float: &str, local: bool) -> serde_json::Value {
     let cache = [LAYERS, 1, KV_HEADS, MAX_LEN, HEAD_DIM];
     let rows = [LAYERS, 1, KV_HEADS, tokens, HEAD_DIM];
+    let mask = [1, 1, tokens, MAX_LEN + tokens];
+    let mut inputs = vec![
+        tensor("input_ids", "int64", &[1, tokens]),
+        tensor("position_ids", "int64", &[1, tokens]),
+        tensor("attention_mask", float, &mask),
+    ];
+    if local {
+        inputs.push(tensor("attention_mask_local", float, &mask));
+    }
+    inputs.extend([
+        tensor("logits_index", "int64", &[1, 1]),
+        tensor("k_cache", float, &cache),
+        tensor("v_cache", float, &cache),
+    ]);
     serde_json::json!({
         "name": name,
         "tokens": tokens,
         "onnx": format!("{name}.onnx"),
         "om": format!("{name}.om"),
-        "inputs": [
-            tensor("input_ids", "int64", &[1, tokens]),
-            tensor("position_ids", "int64", &[1, tokens]),
-            tensor("attention_mask", float, &[1, 1, tokens, MAX_LEN + tokens]),
-            tensor("logits_index", "int64", &[1, 1]),
-            tensor("k_cache", float, &cache),
-            tensor("v_cache", float, &cache),
-        ],
+        "inputs": inputs,
         "outputs": [
             tensor("logits", float, &[1, 1, VOCAB]),
             tensor("k_new", float, &rows),
@@ -160,11 +169,31 @@ fn compiled_dir(float: &str) -> CompiledDir {
 
 /// A compiled directory with these graphs (name, tokens per step).
 fn compiled_dir_with(float: &str, graphs: &[(&str, usize)]) -> CompiledDir {
+    compiled_dir_masked(float, graphs, None)
+}
+
+/// [`compiled_dir_with`]; with `local_window`, layer 0 reads
+/// `attention_mask_local` over that window, layer 1 `attention_mask`.
+fn compiled_dir_masked(
+    float: &str,
+    graphs: &[(&str, usize)],
+    local_window: Option<usize>,
+) -> CompiledDir {
+    let masks = match local_window {
+        None => serde_json::json!([
+            { "input": "attention_mask", "layers": (0..LAYERS).collect::<Vec<_>>() }
+        ]),
+        Some(w) => serde_json::json!([
+            { "input": "attention_mask", "layers": [1] },
+            { "input": "attention_mask_local", "sliding_window": w, "layers": [0] },
+        ]),
+    };
+    let local = local_window.is_some();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("model");
     std::fs::create_dir(&dir).unwrap();
     let manifest = serde_json::json!({
-        "format": 1,
+        "format": 2,
         "kiln_version": "test",
         "architecture": "TestForCausalLM",
         "config_sha256": "",
@@ -178,9 +207,9 @@ fn compiled_dir_with(float: &str, graphs: &[(&str, usize)]) -> CompiledDir {
             "layers": LAYERS, "kv_heads": KV_HEADS, "max_len": MAX_LEN, "head_dim": HEAD_DIM,
             "layout": "", "update": "",
         },
-        "mask": { "layout": "", "hidden": "-inf" },
+        "mask": { "layout": "", "hidden": "-inf", "inputs": masks },
         "graph_layout": if graphs.len() == 1 { "single" } else { "split" },
-        "graphs": graphs.iter().map(|&(name, t)| graph(name, t, float)).collect::<Vec<_>>(),
+        "graphs": graphs.iter().map(|&(name, t)| graph(name, t, float, local)).collect::<Vec<_>>(),
         "ir": "model.kiln.json",
         "reference_weights": "weights.safetensors",
         "tokenizer": null,
@@ -391,6 +420,59 @@ fn device_run_mode_session_against_the_test_double() {
             "aclFinalize",
             "live objects at finalize: 0",
         ]
+    );
+}
+
+/// A model with sliding-window layers: the session fills both masks the
+/// manifest describes, each step, and the double sees the local one show
+/// only the window's slots (recorded as `local=first..end`).
+#[test]
+fn both_masks_are_fed_to_a_sliding_window_model() {
+    let _turn = acl_turn();
+    let c = compiled_dir_masked("float16", &[("prefill", PREFILL), ("decode", 1)], Some(3));
+    use_double(&c.lib, &c.log, "host");
+    let manifest = Manifest::load(&c.dir).unwrap();
+    let mut session = NpuSession::open(&c.dir, &manifest, 0).unwrap();
+    // 8 buffers per graph (5 inputs, 3 outputs), K and V caches.
+    assert_eq!(count(&calls(&c.log), "aclrtMalloc"), 18);
+    let prompt = [3, 1, 4, 1, 5, 9];
+    assert_eq!(session.forward(&prompt).unwrap(), fake_logits(9, 5));
+    let mut token = fake_next(9, 5);
+    for position in 6..8 {
+        assert_eq!(
+            session.forward(&[token]).unwrap(),
+            fake_logits(token, position)
+        );
+        token = fake_next(token, position);
+    }
+    assert_cache(&session, 8);
+    // Row 0 of each step (position p = past): the window of 3 shows cache
+    // slots p - 2 and p - 1.
+    assert_eq!(
+        executed(&calls(&c.log)),
+        [
+            "executed prefill.om past=0 local=0..0",
+            "executed prefill.om past=4 local=2..4",
+            "executed decode.om past=6 local=4..6",
+            "executed decode.om past=7 local=5..7",
+        ]
+    );
+    drop(session);
+
+    // A manifest whose masks the graphs do not take is refused by name.
+    let mut bad: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(c.dir.join("manifest.json")).unwrap())
+            .unwrap();
+    bad["mask"]["inputs"][1]["input"] = "attention_mask_global".into();
+    std::fs::write(c.dir.join("manifest.json"), bad.to_string()).unwrap();
+    let manifest = Manifest::load(&c.dir).unwrap();
+    let err = NpuSession::open(&c.dir, &manifest, 0)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("mask input `attention_mask_global` is not one of Kiln's"),
+        "{err}"
     );
 }
 

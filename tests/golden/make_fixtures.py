@@ -30,6 +30,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3TextConfig,
     GemmaConfig,
     LlamaConfig,
     Phi3Config,
@@ -48,6 +49,9 @@ NEW_TOKENS = 9  # the prefill's choice plus 8 decode steps
 VOCAB = 320
 # Greedy choices closer than this would make the comparison fragile.
 MIN_MARGIN = 1e-2
+# Sliding windows shorter than the prompt plus the decode steps (44 + 9), so
+# the window hides keys from the prefill on and more with every step.
+WINDOW = 16
 
 CORPUS = [
     "Kiln is an ahead-of-time graph compiler for language models on Ascend NPUs.",
@@ -243,8 +247,8 @@ FIXTURES = [
     # Fused qkv_proj and gate_up_proj.
     ("phi3", Phi3Config(**SMALL, sliding_window=None), {}),
     # Soft-capped attention scores and logits (caps small enough to bite),
-    # query_pre_attn_scalar, sandwich norms. The window is the whole cache:
-    # Kiln refuses a longer cache (no sliding-window masks yet).
+    # query_pre_attn_scalar, sandwich norms; layer 0 slides over WINDOW
+    # positions, layer 1 is global.
     (
         "gemma2",
         Gemma2Config(
@@ -253,9 +257,27 @@ FIXTURES = [
             query_pre_attn_scalar=24,
             attn_logit_softcapping=4.0,
             final_logit_softcapping=5.0,
-            sliding_window=256,
+            sliding_window=WINDOW,
         ),
-        {},
+        {"varied_ids": True},
+    ),
+    # q/k norms; local layers (0, 1, 3: sliding_window_pattern 3) over
+    # WINDOW positions with their own RoPE base, a global layer with
+    # another base and linear scaling; no soft-caps (Gemma 3's default).
+    (
+        "gemma3",
+        Gemma3TextConfig(
+            **{**SMALL, "head_dim": 16, "num_hidden_layers": 4},
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=24,
+            sliding_window=WINDOW,
+            sliding_window_pattern=3,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+            },
+        ),
+        {"varied_ids": True},
     ),
     # Seeded from place 7, where it was built before the families above came.
     ("llama-outliers", LlamaConfig(**SMALL), {"outliers": True, "seed_index": 7}),
@@ -337,6 +359,10 @@ def build(name: str, config, options: dict, tokenizer, seed: int) -> bool:
     chosen, logits, margin = greedy_with_logits(loaded, ids)
     if margin < MIN_MARGIN:
         print(f"{name}: seed {seed} gives a greedy margin of {margin:.2e}; trying another")
+        return False
+    # A model that repeats one token would not show a wrong window.
+    if options.get("varied_ids") and len(set(chosen)) < 4:
+        print(f"{name}: seed {seed} chooses only {sorted(set(chosen))}; trying another")
         return False
     np.save(golden_dir / "logits.npy", logits)
     golden = {

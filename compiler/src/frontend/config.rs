@@ -91,6 +91,15 @@ pub struct RopeConfig {
     pub scaling: RopeScaling,
 }
 
+/// What a layer's attention sees, as `layer_types` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerType {
+    /// `full_attention`: every earlier position.
+    Full,
+    /// `sliding_attention`: the last `sliding_window` positions.
+    Sliding,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
     pub architecture: Architecture,
@@ -110,8 +119,12 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     pub attention_bias: bool,
     pub mlp_bias: bool,
-    /// The smallest attention window any layer uses, if any layer slides.
+    /// `sliding_window`: the window of the layers that slide (which those
+    /// are is the family's reading of the config, see
+    /// `Family::sliding_layers`).
     pub sliding_window: Option<usize>,
+    /// `layer_types`, when the config lists them (one per layer).
+    pub layer_types: Option<Vec<LayerType>>,
     /// The dtype the config declares for the weights (`dtype` / `torch_dtype`).
     pub declared_dtype: Option<String>,
     pub bos_token_id: Option<u32>,
@@ -244,7 +257,11 @@ impl ModelConfig {
         }
         let num_layers = f.positive("num_hidden_layers")?;
         let max_position_embeddings = f.opt_usize("max_position_embeddings")?.unwrap_or(2048);
-        let sliding_window = Self::sliding_window(&f, num_layers)?;
+        let sliding_window = match f.opt_usize("sliding_window")? {
+            Some(0) => return Err(f.invalid("\"sliding_window\" must be positive".into())),
+            w => w,
+        };
+        let layer_types = Self::layer_types(&f, num_layers)?;
         let (rope, rotary_dim) = Self::rope(&f, architecture, head_dim, max_position_embeddings)?;
         let declared_dtype = f
             .get("dtype")
@@ -280,6 +297,7 @@ impl ModelConfig {
             attention_bias: f.bool_or("attention_bias", false)?,
             mlp_bias: f.bool_or("mlp_bias", false)?,
             sliding_window,
+            layer_types,
             declared_dtype,
             bos_token_id: f.token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: f.token_ids("eos_token_id")?,
@@ -338,6 +356,9 @@ impl ModelConfig {
         max_position_embeddings: usize,
     ) -> Result<(RopeConfig, usize), ConfigError> {
         let params = f.get("rope_parameters").or_else(|| f.get("rope_scaling"));
+        // Per layer type (Gemma 3): the global layers' are the model's RoPE;
+        // the family reads the others.
+        let params = params.and_then(|p| p.get("full_attention")).or(params);
         let empty = Map::new();
         let params = match params {
             None => &empty,
@@ -507,29 +528,32 @@ impl ModelConfig {
         Ok((RopeConfig { theta, scaling }, rotary_dim))
     }
 
-    /// The window of the layers that use sliding-window attention, if any do.
-    fn sliding_window(f: &Fields, num_layers: usize) -> Result<Option<usize>, ConfigError> {
-        let Some(window) = f.opt_usize("sliding_window")? else {
+    /// `layer_types`: one per layer, each `full_attention` or
+    /// `sliding_attention`.
+    fn layer_types(f: &Fields, num_layers: usize) -> Result<Option<Vec<LayerType>>, ConfigError> {
+        let Some(types) = f.get("layer_types") else {
             return Ok(None);
         };
-        // Qwen2/Qwen3 list per-layer types; older Qwen files switch it with
-        // use_sliding_window; Mistral applies the window to every layer.
-        if let Some(types) = f.get("layer_types").and_then(|v| v.as_array()) {
-            if types.len() != num_layers {
-                return Err(f.invalid(format!(
-                    "\"layer_types\" lists {} layers but num_hidden_layers is {num_layers}",
-                    types.len()
-                )));
-            }
-            let slides = types
-                .iter()
-                .any(|t| t.as_str() == Some("sliding_attention"));
-            return Ok(slides.then_some(window));
+        let types = types
+            .as_array()
+            .ok_or_else(|| f.invalid(format!("\"layer_types\" must be a list, got {types}")))?;
+        if types.len() != num_layers {
+            return Err(f.invalid(format!(
+                "\"layer_types\" lists {} layers but num_hidden_layers is {num_layers}",
+                types.len()
+            )));
         }
-        if !f.bool_or("use_sliding_window", true)? {
-            return Ok(None);
-        }
-        Ok(Some(window))
+        types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("full_attention") => Ok(LayerType::Full),
+                Some("sliding_attention") => Ok(LayerType::Sliding),
+                _ => Err(f.invalid(format!(
+                    "layer type {t} is not supported (Kiln supports full_attention and sliding_attention)"
+                ))),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 }
 
@@ -741,18 +765,25 @@ mod tests {
     }
 
     #[test]
-    fn sliding_window_only_when_a_layer_slides() {
-        let c = parse(llama(
-            json!({"sliding_window": 4096, "layer_types": ["full_attention", "full_attention"]}),
-        ))
+    fn reads_layer_types_and_the_window() {
+        let c = parse(llama(json!({
+            "sliding_window": 4096,
+            "layer_types": ["sliding_attention", "full_attention"]
+        })))
         .unwrap();
-        assert_eq!(c.sliding_window, None);
-        let c = parse(llama(
-            json!({"sliding_window": 4096, "use_sliding_window": false}),
-        ))
-        .unwrap();
-        assert_eq!(c.sliding_window, None);
-        let c = parse(llama(json!({"sliding_window": 4096}))).unwrap();
         assert_eq!(c.sliding_window, Some(4096));
+        assert_eq!(
+            c.layer_types,
+            Some(vec![LayerType::Sliding, LayerType::Full])
+        );
+        let err = parse(llama(json!({"layer_types": ["full_attention"]}))).unwrap_err();
+        assert!(err.to_string().contains("lists 1 layers"), "{err}");
+        let err = parse(llama(
+            json!({"layer_types": ["chunked_attention", "full_attention"]}),
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("\"chunked_attention\""), "{err}");
+        let err = parse(llama(json!({"sliding_window": 0}))).unwrap_err();
+        assert!(err.to_string().contains("must be positive"), "{err}");
     }
 }

@@ -9,7 +9,7 @@
 //! gated MLPs. The Llama layout is the default of every hook.
 
 use super::arch::Family;
-use super::config::ModelConfig;
+use super::config::{ModelConfig, RopeConfig};
 use super::FrontendError;
 use kiln_runtime::ir::ops::{
     Add, Attention, Concat, Gather, GeluTanh, Linear, Mul, QuantGather, QuantLinear, Reshape,
@@ -17,7 +17,7 @@ use kiln_runtime::ir::ops::{
 };
 use kiln_runtime::ir::quant::ActivationQuant;
 use kiln_runtime::ir::{
-    DType, Graph, GraphBuilder, GraphNames, KvCacheLayout, TensorType, ValueId,
+    DType, Graph, GraphBuilder, GraphNames, KvCacheLayout, MaskInput, TensorType, ValueId,
 };
 use kiln_runtime::weights::QuantTensors;
 use kiln_runtime::weights::WeightStore;
@@ -44,6 +44,48 @@ pub fn rope_tables(positions: usize) -> (String, String) {
         format!("kiln.rope{positions}.cos"),
         format!("kiln.rope{positions}.sin"),
     )
+}
+
+/// The RoPE tables of the sliding layers, when their RoPE differs from the
+/// model's (Gemma 3).
+pub fn local_rope_tables(positions: usize) -> (String, String) {
+    (
+        format!("kiln.rope{positions}.local.cos"),
+        format!("kiln.rope{positions}.local.sin"),
+    )
+}
+
+/// The RoPE of `family`'s sliding layers when it has some and theirs is
+/// not the model's: the graphs then read a second pair of tables.
+pub fn local_rope<'a>(family: &'a dyn Family, config: &ModelConfig) -> Option<&'a RopeConfig> {
+    family
+        .local_rope()
+        .filter(|_| family.sliding_layers(config).contains(&true))
+}
+
+/// The attention masks of a model whose layers slide where `sliding` says
+/// (over `window` positions), over a cache of `max_len` slots: one mask when
+/// every layer sees the same positions, else `attention_mask` for the
+/// global layers and `attention_mask_local` for the sliding ones. A window
+/// at least as long as the cache hides nothing, so it makes no mask of its
+/// own.
+pub fn attention_masks(sliding: &[bool], window: Option<usize>, max_len: usize) -> Vec<MaskInput> {
+    let window = window.filter(|&w| w < max_len);
+    let (local, global): (Vec<usize>, Vec<usize>) =
+        (0..sliding.len()).partition(|&l| sliding[l] && window.is_some());
+    let mask = |input: &str, sliding_window, layers| MaskInput {
+        input: input.to_string(),
+        sliding_window,
+        layers,
+    };
+    match (global.is_empty(), local.is_empty()) {
+        (_, true) => vec![mask(GraphNames::ATTENTION_MASK, None, global)],
+        (true, false) => vec![mask(GraphNames::ATTENTION_MASK, window, local)],
+        (false, false) => vec![
+            mask(GraphNames::ATTENTION_MASK, None, global),
+            mask(GraphNames::ATTENTION_MASK_LOCAL, window, local),
+        ],
+    }
 }
 
 /// The weights a graph is built over: the store, and which of its
@@ -142,11 +184,14 @@ pub enum GateActivation {
 
 /// The step inputs every layer reads.
 struct StepValues {
-    mask: ValueId,
+    /// Each mask input, with the layers that read it.
+    masks: Vec<(ValueId, Vec<usize>)>,
     k_cache: ValueId,
     v_cache: ValueId,
-    cos: ValueId,
-    sin: ValueId,
+    /// The RoPE rows (cos, sin) of the model, and of its sliding layers
+    /// when theirs differ.
+    rope: (ValueId, ValueId),
+    local_rope: Option<(ValueId, ValueId)>,
 }
 
 /// Builds a graph over the weights, checking every weight's shape, and
@@ -158,6 +203,8 @@ pub struct DecoderBuilder<'a> {
     tokens: usize,
     cache: &'a KvCacheLayout,
     norm_style: NormStyle,
+    /// Which layers slide ([`Family::sliding_layers`]).
+    sliding: Vec<bool>,
     step: Option<StepValues>,
     new_keys: Vec<ValueId>,
     new_values: Vec<ValueId>,
@@ -316,7 +363,10 @@ impl<'a> DecoderBuilder<'a> {
             (c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size);
         let rotary_dim = c.rotary_dim;
         let p = format!("model.layers.{layer}");
-        let (cos, sin) = (self.step().cos, self.step().sin);
+        let (cos, sin) = match self.step().local_rope {
+            Some(local) if self.sliding[layer] => local,
+            _ => self.step().rope,
+        };
 
         // [1, T, n·D] → [1, T, n, D] (→ per-head norm) → [1, n, T, D] (→ RoPE)
         let project = |d: &mut DecoderBuilder,
@@ -401,7 +451,14 @@ impl<'a> DecoderBuilder<'a> {
                 &[slice],
             )
         };
-        let (k_cache, v_cache, mask) = (self.step().k_cache, self.step().v_cache, self.step().mask);
+        let step = self.step();
+        let (k_cache, v_cache) = (step.k_cache, step.v_cache);
+        let mask = step
+            .masks
+            .iter()
+            .find(|(_, layers)| layers.contains(&layer))
+            .map(|&(mask, _)| mask)
+            .expect("every layer reads a mask");
         let kc = layer_cache(self, k_cache, "k")?;
         let vc = layer_cache(self, v_cache, "v")?;
         let attn = self.node(
@@ -500,6 +557,7 @@ pub fn build_graph(
         tokens,
         cache,
         norm_style: family.norm_style(),
+        sliding: family.sliding_layers(config),
         step: None,
         new_keys: Vec::with_capacity(c.num_layers),
         new_values: Vec::with_capacity(c.num_layers),
@@ -513,10 +571,14 @@ pub fn build_graph(
         GraphNames::POSITION_IDS,
         TensorType::new(DType::I64, [1, tokens]),
     );
-    let mask = d.b.input(
-        GraphNames::ATTENTION_MASK,
-        TensorType::f32([1, 1, tokens, cache.max_len + tokens]),
-    );
+    let masks: Vec<(ValueId, Vec<usize>)> =
+        attention_masks(&d.sliding, c.sliding_window, cache.max_len)
+            .into_iter()
+            .map(|m| {
+                let layers = m.layers.clone();
+                (d.b.mask_input(m, tokens, cache.max_len + tokens), layers)
+            })
+            .collect();
     let logits_index = (logits_output == LogitsOutput::Selected).then(|| {
         d.b.input(
             GraphNames::LOGITS_INDEX,
@@ -540,17 +602,31 @@ pub fn build_graph(
     };
     let mut x = family.embed(&mut d, x)?;
 
-    let (cos_name, sin_name) = rope_tables(cache.max_len);
-    let cos_table = d.weight(&cos_name, &[cache.max_len, c.rotary_dim])?;
-    let sin_table = d.weight(&sin_name, &[cache.max_len, c.rotary_dim])?;
-    let cos = d.node("rope.cos", Gather, &[cos_table, positions])?;
-    let sin = d.node("rope.sin", Gather, &[sin_table, positions])?;
+    let rope_rows = |d: &mut DecoderBuilder,
+                     (cos_name, sin_name): (String, String),
+                     node: &str|
+     -> Result<(ValueId, ValueId), FrontendError> {
+        let cos_table = d.weight(&cos_name, &[cache.max_len, c.rotary_dim])?;
+        let sin_table = d.weight(&sin_name, &[cache.max_len, c.rotary_dim])?;
+        let cos = d.node(format!("{node}.cos"), Gather, &[cos_table, positions])?;
+        let sin = d.node(format!("{node}.sin"), Gather, &[sin_table, positions])?;
+        Ok((cos, sin))
+    };
+    let rope = rope_rows(&mut d, rope_tables(cache.max_len), "rope")?;
+    let local_rope = match local_rope(family, config) {
+        Some(_) => Some(rope_rows(
+            &mut d,
+            local_rope_tables(cache.max_len),
+            "rope.local",
+        )?),
+        None => None,
+    };
     d.step = Some(StepValues {
-        mask,
+        masks,
         k_cache,
         v_cache,
-        cos,
-        sin,
+        rope,
+        local_rope,
     });
 
     for layer in 0..c.num_layers {

@@ -95,12 +95,6 @@ impl GraphOptions {
                 self.max_seq_len, config.max_position_embeddings
             ));
         }
-        if let Some(window) = config.sliding_window.filter(|&w| w < self.max_seq_len) {
-            return fail(format!(
-                "this model uses sliding-window attention over {window} tokens, which Kiln does not \
-                 implement; use --max-seq-len {window} or less, where the window changes nothing"
-            ));
-        }
         Ok(())
     }
 }
@@ -363,12 +357,18 @@ impl HfModel {
             "model.layers.0.self_attn.q_proj.weight",
             &[c.num_heads * c.head_dim, c.hidden_size],
         )?;
-        let (cos, sin) = rope::tables(&c.rope, c.rotary_dim, cache.max_len);
-        let (cos_name, sin_name) = decoder::rope_tables(cache.max_len);
-        self.weights
-            .insert_f32(&cos_name, vec![cache.max_len, c.rotary_dim], cos);
-        self.weights
-            .insert_f32(&sin_name, vec![cache.max_len, c.rotary_dim], sin);
+        let local = decoder::local_rope(family.as_ref(), c);
+        let tables = [(Some(&c.rope), decoder::rope_tables(cache.max_len))]
+            .into_iter()
+            .chain([(local, decoder::local_rope_tables(cache.max_len))]);
+        for (rope, (cos_name, sin_name)) in tables {
+            let Some(rope) = rope else { continue };
+            let (cos, sin) = rope::tables(rope, c.rotary_dim, cache.max_len);
+            self.weights
+                .insert_f32(&cos_name, vec![cache.max_len, c.rotary_dim], cos);
+            self.weights
+                .insert_f32(&sin_name, vec![cache.max_len, c.rotary_dim], sin);
+        }
 
         let weights = decoder::WeightSource::Store(decoder::Weights {
             store: &self.weights,

@@ -2,12 +2,12 @@
 //! runtime reads it to check a compiled model before running it (a KV length
 //! that disagrees with the .om files is the peers' "garbled output" bug).
 
-use crate::ir::GraphLayout;
+use crate::ir::{GraphLayout, MaskInput};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
-pub const MANIFEST_FORMAT: u32 = 1;
+pub const MANIFEST_FORMAT: u32 = 2;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -189,6 +189,10 @@ pub struct MaskInfo {
     pub layout: String,
     /// The value that hides a column ("-inf").
     pub hidden: String,
+    /// Every graph's mask inputs: what each shows and which layers read it
+    /// (`attention_mask`, and `attention_mask_local` for the sliding-window
+    /// layers of a model that also has global ones).
+    pub inputs: Vec<MaskInput>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -6,7 +6,7 @@ pub mod external_weights;
 pub mod manifest;
 
 use crate::ir::model::ModelIrError;
-use crate::ir::ModelIr;
+use crate::ir::{GraphNames, ModelIr};
 use crate::om::{OmError, OmFile, OmModelIo};
 use crate::weights::{WeightError, WeightStore};
 use manifest::{GraphInfo, Manifest, ManifestError};
@@ -72,7 +72,13 @@ pub fn check_io(graph: &GraphInfo, io: &OmModelIo, kv_max_len: usize) -> Result<
             }
             let dims: Vec<i64> = e.shape.iter().map(|&d| d as i64).collect();
             if a.dims != dims {
-                let cache = matches!(e.name.as_str(), "k_cache" | "v_cache" | "attention_mask");
+                let cache = matches!(
+                    e.name.as_str(),
+                    GraphNames::K_CACHE
+                        | GraphNames::V_CACHE
+                        | GraphNames::ATTENTION_MASK
+                        | GraphNames::ATTENTION_MASK_LOCAL
+                );
                 let hint = if cache {
                     format!(
                         ": the .om was built for a different KV-cache length than manifest.json's {kv_max_len}; \
@@ -150,6 +156,12 @@ impl CompiledModel {
         for graph in ir.graphs() {
             for (_, tensor) in graph.weights() {
                 weights.tensor_type(tensor)?;
+            }
+            if graph.masks != manifest.mask.inputs {
+                return Err(mismatch(format!(
+                    "the {} graph's attention masks {:?} vs {:?}",
+                    graph.name, graph.masks, manifest.mask.inputs
+                )));
             }
         }
         Ok(CompiledModel {
@@ -381,13 +393,13 @@ mod tests {
 
     fn manifest(atc_weights: Option<&str>, kernel: Option<&str>) -> Manifest {
         let mut m = serde_json::json!({
-            "format": 1, "kiln_version": "test", "architecture": "TestForCausalLM",
+            "format": 2, "kiln_version": "test", "architecture": "TestForCausalLM",
             "config_sha256": "", "weights_sha256": "",
             "target": { "name": "310b", "soc_version": "Ascend310B1" },
             "dtype": "float16", "opset": 17, "vocab_size": 8, "prefill_len": 4,
             "kv_cache": { "layers": 1, "kv_heads": 1, "max_len": 8, "head_dim": 4,
                           "layout": "", "update": "" },
-            "mask": { "layout": "", "hidden": "-inf" },
+            "mask": { "layout": "", "hidden": "-inf", "inputs": [] },
             "graphs": [], "ir": "model.kiln.json", "reference_weights": "w.safetensors",
             "tokenizer": null, "tokenizer_config": null,
             "generation": { "bos_token_id": null, "eos_token_ids": [] },

@@ -68,36 +68,33 @@ impl CpuSession {
         let interp = &self.graphs[which];
         let graph_tokens = graph_tokens(interp.graph());
         let cache_len = self.layout.max_len;
-        let inputs = StepInputs::new(tokens, graph_tokens, self.past_len, cache_len);
-        let capture: Vec<&str> = self.capture.iter().map(String::as_str).collect();
-        let (outputs, captured) = interp.run_with_taps(
-            &[
-                (
-                    GraphNames::INPUT_IDS,
-                    Tensor::from_i64([1, graph_tokens], inputs.input_ids),
-                ),
-                (
-                    GraphNames::POSITION_IDS,
-                    Tensor::from_i64([1, graph_tokens], inputs.position_ids),
-                ),
-                (
-                    GraphNames::ATTENTION_MASK,
-                    Tensor::from_f32(
-                        [1, 1, graph_tokens, cache_len + graph_tokens],
-                        inputs.attention_mask,
-                    ),
-                ),
-                (
-                    GraphNames::LOGITS_INDEX,
-                    Tensor::from_i64([1, 1], vec![inputs.logits_index]),
-                ),
-                (GraphNames::K_CACHE, self.k_cache.clone()),
-                (GraphNames::V_CACHE, self.v_cache.clone()),
-            ],
-            &capture,
-        )?;
-        self.captured = captured;
         let graph = interp.graph();
+        let inputs = StepInputs::new(tokens, graph_tokens, self.past_len, cache_len, &graph.masks);
+        let capture: Vec<&str> = self.capture.iter().map(String::as_str).collect();
+        let mut feeds = vec![
+            (
+                GraphNames::INPUT_IDS,
+                Tensor::from_i64([1, graph_tokens], inputs.input_ids),
+            ),
+            (
+                GraphNames::POSITION_IDS,
+                Tensor::from_i64([1, graph_tokens], inputs.position_ids),
+            ),
+            (
+                GraphNames::LOGITS_INDEX,
+                Tensor::from_i64([1, 1], vec![inputs.logits_index]),
+            ),
+            (GraphNames::K_CACHE, self.k_cache.clone()),
+            (GraphNames::V_CACHE, self.v_cache.clone()),
+        ];
+        for (spec, mask) in graph.masks.iter().zip(inputs.masks) {
+            feeds.push((
+                spec.input.as_str(),
+                Tensor::from_f32([1, 1, graph_tokens, cache_len + graph_tokens], mask),
+            ));
+        }
+        let (outputs, captured) = interp.run_with_taps(&feeds, &capture)?;
+        self.captured = captured;
         let position = |name: &str| {
             graph
                 .outputs

@@ -12,7 +12,7 @@ use crate::compiled::manifest::Manifest;
 use crate::compiled::CompiledModel;
 use crate::interp::InterpError;
 use crate::ir::model::pick_graph;
-use crate::ir::KvCacheLayout;
+use crate::ir::{KvCacheLayout, MaskInput};
 use std::ops::Range;
 use std::path::Path;
 
@@ -95,7 +95,7 @@ pub trait Engine {
 }
 
 /// The inputs of one step of `tokens` graph positions, of which the first
-/// `valid` are real: ids, positions, the additive mask and the position
+/// `valid` are real: ids, positions, the additive masks and the position
 /// whose logits to return.
 ///
 /// Padding rows (a short last prefill chunk) see only themselves, so their
@@ -104,7 +104,8 @@ pub trait Engine {
 pub struct StepInputs {
     pub input_ids: Vec<i64>,
     pub position_ids: Vec<i64>,
-    pub attention_mask: Vec<f32>,
+    /// One `[T, L + T]` mask per [`MaskInput`] of the graph, in its order.
+    pub masks: Vec<Vec<f32>>,
     pub logits_index: i64,
 }
 
@@ -114,33 +115,55 @@ impl StepInputs {
         graph_tokens: usize,
         past_len: usize,
         cache_len: usize,
+        masks: &[MaskInput],
     ) -> StepInputs {
         let valid = tokens.len();
         assert!(valid <= graph_tokens && past_len + valid <= cache_len);
-        let width = cache_len + graph_tokens;
         let mut input_ids = vec![0i64; graph_tokens];
-        let mut position_ids = vec![0i64; graph_tokens];
-        let mut attention_mask = vec![f32::NEG_INFINITY; graph_tokens * width];
-        for t in 0..graph_tokens {
-            let row = &mut attention_mask[t * width..(t + 1) * width];
-            if t < valid {
-                input_ids[t] = tokens[t] as i64;
-                position_ids[t] = (past_len + t) as i64;
-                row[..past_len].fill(0.0);
-                row[cache_len..=cache_len + t].fill(0.0);
-            } else {
-                // Any in-range position will do; the row is discarded.
-                position_ids[t] = (past_len + valid - 1) as i64;
-                row[cache_len + t] = 0.0;
-            }
+        // Padding takes any in-range position; its row is discarded.
+        let mut position_ids = vec![(past_len + valid).saturating_sub(1) as i64; graph_tokens];
+        for (t, &id) in tokens.iter().enumerate() {
+            input_ids[t] = id as i64;
+            position_ids[t] = (past_len + t) as i64;
         }
         StepInputs {
             input_ids,
             position_ids,
-            attention_mask,
+            masks: masks
+                .iter()
+                .map(|m| step_mask(valid, graph_tokens, past_len, cache_len, m.sliding_window))
+                .collect(),
             logits_index: valid as i64 - 1,
         }
     }
+}
+
+/// One additive mask `[graph_tokens, cache_len + graph_tokens]` for a step
+/// whose first `valid` tokens are real, at positions `past_len..`: row `t`
+/// (position `p = past_len + t`) shows cache slots and earlier new tokens at
+/// positions `j ≤ p`, and with a `window` only those with `p - window < j`
+/// (see [`MaskInput::sliding_window`]).
+pub fn step_mask(
+    valid: usize,
+    graph_tokens: usize,
+    past_len: usize,
+    cache_len: usize,
+    window: Option<usize>,
+) -> Vec<f32> {
+    let width = cache_len + graph_tokens;
+    let mut mask = vec![f32::NEG_INFINITY; graph_tokens * width];
+    for (t, row) in mask.chunks_exact_mut(width).enumerate() {
+        if t >= valid {
+            row[cache_len + t] = 0.0;
+            continue;
+        }
+        let p = past_len + t;
+        // The first position the row sees.
+        let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
+        row[first.min(past_len)..past_len].fill(0.0);
+        row[cache_len + first.saturating_sub(past_len)..=cache_len + t].fill(0.0);
+    }
+    mask
 }
 
 /// Copies the first `valid` new rows of every layer and KV head into the
@@ -205,16 +228,44 @@ mod tests {
     #[test]
     fn mask_shows_past_slots_and_earlier_tokens_only() {
         let inf = f32::NEG_INFINITY;
-        let s = StepInputs::new(&[7, 8], 3, 2, 4);
+        let global = MaskInput {
+            input: "attention_mask".into(),
+            sliding_window: None,
+            layers: vec![0],
+        };
+        let s = StepInputs::new(&[7, 8], 3, 2, 4, &[global]);
         assert_eq!(s.input_ids, [7, 8, 0]);
         assert_eq!(s.position_ids, [2, 3, 3]);
         assert_eq!(s.logits_index, 1);
         #[rustfmt::skip]
-        assert_eq!(s.attention_mask, [
+        assert_eq!(s.masks, [vec![
             0., 0., inf, inf,   0., inf, inf,
             0., 0., inf, inf,   0., 0., inf,
             inf, inf, inf, inf, inf, inf, 0.,
+        ]]);
+    }
+
+    #[test]
+    fn a_sliding_window_shows_the_last_positions_up_to_the_query() {
+        let inf = f32::NEG_INFINITY;
+        // Window 2: position p sees p - 1 and p. Cache of 4 holding 2 slots
+        // (positions 0, 1); new tokens at positions 2, 3; one padding row.
+        #[rustfmt::skip]
+        assert_eq!(step_mask(2, 3, 2, 4, Some(2)), [
+            inf, 0., inf, inf,   0., inf, inf,
+            inf, inf, inf, inf,  0., 0., inf,
+            inf, inf, inf, inf,  inf, inf, 0.,
         ]);
+        // Window 3 from an empty cache: the window slides over the new tokens.
+        #[rustfmt::skip]
+        assert_eq!(step_mask(4, 4, 0, 1, Some(3)), [
+            inf,   0., inf, inf, inf,
+            inf,   0., 0., inf, inf,
+            inf,   0., 0., 0., inf,
+            inf,   inf, 0., 0., 0.,
+        ]);
+        // A window as long as the cache changes nothing.
+        assert_eq!(step_mask(2, 3, 2, 4, Some(4)), step_mask(2, 3, 2, 4, None));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::compiled::external_weights::{registered_size, ExternalWeights, Extern
 use crate::compiled::manifest::{GraphInfo, Manifest, TensorInfo};
 use crate::compiled::{check_io, check_om_file, CompiledError, OmCheck};
 use crate::engine::{check_step, step_chunks, Engine, SessionError, StepInputs};
-use crate::ir::{GraphNames, KvCacheLayout};
+use crate::ir::{GraphNames, KvCacheLayout, MaskInput};
 use crate::om::{OmModelIo, OmTensor};
 use std::path::{Path, PathBuf};
 
@@ -297,7 +297,8 @@ struct GraphRun {
     tokens: usize,
     input_ids: Staged,
     position_ids: Staged,
-    attention_mask: Staged,
+    /// One per mask input, in the manifest's order.
+    masks: Vec<Staged>,
     logits_index: Staged,
     logits: Staged,
     k_new: DeviceBuffer,
@@ -310,13 +311,13 @@ impl GraphRun {
         [
             &self.input_ids.buffer,
             &self.position_ids.buffer,
-            &self.attention_mask.buffer,
             &self.logits_index.buffer,
             &self.logits.buffer,
             &self.k_new,
             &self.v_new,
         ]
-        .iter()
+        .into_iter()
+        .chain(self.masks.iter().map(|m| &m.buffer))
         .map(|b| b.size() as u64)
         .sum()
     }
@@ -407,6 +408,8 @@ pub struct NpuSession {
     cache_element: Element,
     device: Device,
     layout: KvCacheLayout,
+    /// The graphs' mask inputs, as the manifest describes them.
+    masks: Vec<MaskInput>,
     vocab: usize,
     past_len: usize,
     description: String,
@@ -541,7 +544,16 @@ impl NpuSession {
         let graphs = models
             .into_iter()
             .zip(&plans)
-            .map(|(model, plan)| Self::prepare(&device, model, plan, &k_cache, &v_cache))
+            .map(|(model, plan)| {
+                Self::prepare(
+                    &device,
+                    model,
+                    plan,
+                    &k_cache,
+                    &v_cache,
+                    &manifest.mask.inputs,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let allocation = Allocation {
             loading,
@@ -566,6 +578,7 @@ impl NpuSession {
             cache_element,
             device,
             layout,
+            masks: manifest.mask.inputs.clone(),
             vocab: manifest.vocab_size,
             past_len: 0,
             description,
@@ -595,18 +608,35 @@ impl NpuSession {
             layout.head_dim,
         ];
         let new_rows = vec![layout.layers, 1, layout.kv_heads, t, layout.head_dim];
-        let want_inputs = [
+        let mut want_inputs = vec![
             (GraphNames::INPUT_IDS, vec![1, t], false),
             (GraphNames::POSITION_IDS, vec![1, t], false),
-            (
-                GraphNames::ATTENTION_MASK,
-                vec![1, 1, t, layout.max_len + t],
-                true,
-            ),
             (GraphNames::LOGITS_INDEX, vec![1, 1], false),
             (GraphNames::K_CACHE, cache.clone(), true),
             (GraphNames::V_CACHE, cache, true),
         ];
+        // The masks the manifest describes, which the session fills: Kiln's
+        // names, each once, at least the global one.
+        let masks = &manifest.mask.inputs;
+        for (i, mask) in masks.iter().enumerate() {
+            let known = [GraphNames::ATTENTION_MASK, GraphNames::ATTENTION_MASK_LOCAL]
+                .into_iter()
+                .find(|&n| n == mask.input)
+                .ok_or_else(|| bad(format!("mask input `{}` is not one of Kiln's", mask.input)))?;
+            if masks[..i].iter().any(|m| m.input == mask.input) || mask.sliding_window == Some(0) {
+                return Err(bad(format!(
+                    "mask input `{}` is described twice or with a window of 0",
+                    mask.input
+                )));
+            }
+            want_inputs.push((known, vec![1, 1, t, layout.max_len + t], true));
+        }
+        if !masks.iter().any(|m| m.input == GraphNames::ATTENTION_MASK) {
+            return Err(bad(format!(
+                "the manifest describes no `{}` input",
+                GraphNames::ATTENTION_MASK
+            )));
+        }
         let want_outputs = [
             (GraphNames::LOGITS, vec![1, 1, manifest.vocab_size]),
             (GraphNames::K_NEW, new_rows.clone()),
@@ -759,6 +789,7 @@ impl NpuSession {
         plan: &GraphPlan,
         k_cache: &DeviceBuffer,
         v_cache: &DeviceBuffer,
+        masks_in: &[MaskInput],
     ) -> Result<GraphRun, NpuError> {
         let staged = |name: &str| -> Result<Staged, NpuError> {
             let at = plan.input(name);
@@ -788,7 +819,10 @@ impl NpuSession {
         };
         let input_ids = staged(GraphNames::INPUT_IDS)?;
         let position_ids = staged(GraphNames::POSITION_IDS)?;
-        let attention_mask = staged(GraphNames::ATTENTION_MASK)?;
+        let masks = masks_in
+            .iter()
+            .map(|m| staged(&m.input))
+            .collect::<Result<Vec<_>, _>>()?;
         let logits_index = staged(GraphNames::LOGITS_INDEX)?;
         let logits = output(GraphNames::LOGITS)?;
         let k_new = output(GraphNames::K_NEW)?.buffer;
@@ -801,11 +835,13 @@ impl NpuSession {
             .map(|t| match t.name.as_str() {
                 GraphNames::INPUT_IDS => &input_ids.buffer,
                 GraphNames::POSITION_IDS => &position_ids.buffer,
-                GraphNames::ATTENTION_MASK => &attention_mask.buffer,
                 GraphNames::LOGITS_INDEX => &logits_index.buffer,
                 GraphNames::K_CACHE => k_cache,
                 GraphNames::V_CACHE => v_cache,
-                other => unreachable!("plan admits only Kiln's inputs, not {other}"),
+                mask => match masks_in.iter().position(|m| m.input == mask) {
+                    Some(at) => &masks[at].buffer,
+                    None => unreachable!("plan admits only Kiln's inputs, not {mask}"),
+                },
             })
             .collect();
         let outputs: Vec<&DeviceBuffer> = plan
@@ -828,7 +864,7 @@ impl NpuSession {
             tokens: plan.info.tokens,
             input_ids,
             position_ids,
-            attention_mask,
+            masks,
             logits_index,
             logits,
             k_new,
@@ -888,7 +924,13 @@ impl NpuSession {
     /// Runs graph `which` over `tokens` (at most the graph's length).
     fn step(&mut self, which: usize, tokens: &[u32]) -> Result<Vec<f32>, NpuError> {
         let graph = &mut self.graphs[which];
-        let inputs = StepInputs::new(tokens, graph.tokens, self.past_len, self.layout.max_len);
+        let inputs = StepInputs::new(
+            tokens,
+            graph.tokens,
+            self.past_len,
+            self.layout.max_len,
+            &self.masks,
+        );
         graph
             .input_ids
             .upload(&encode_ints(&inputs.input_ids, graph.input_ids.element))?;
@@ -896,10 +938,9 @@ impl NpuSession {
             &inputs.position_ids,
             graph.position_ids.element,
         ))?;
-        graph.attention_mask.upload(&encode_floats(
-            &inputs.attention_mask,
-            graph.attention_mask.element,
-        ))?;
+        for (staged, mask) in graph.masks.iter_mut().zip(&inputs.masks) {
+            staged.upload(&encode_floats(mask, staged.element))?;
+        }
         graph.logits_index.upload(&encode_ints(
             &[inputs.logits_index],
             graph.logits_index.element,

@@ -26,8 +26,8 @@ pub(super) type Run = (usize, usize);
 
 /// The visible columns of each row of an attention mask `[.., T, L + T]`
 /// (`L = cache_len`), as runs, found as the op finds them. Every
-/// `Attention` node of a model reads the same mask: the interpreter finds
-/// them once per run.
+/// `Attention` node of a model reads one of its one or two masks (global,
+/// sliding-window): the interpreter finds each mask's once per run.
 pub(super) fn mask_runs(mask: &Tensor, cache_len: usize) -> Result<Vec<Vec<Run>>, KernelError> {
     let width = *mask.shape().last().expect("rank checked");
     let runs: Vec<Vec<Run>> = mask

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;
 
-pub use model::{GraphLayout, GraphNames, KvCacheLayout, ModelIr};
+pub use model::{GraphLayout, GraphNames, KvCacheLayout, MaskInput, ModelIr};
 pub use ops::Op;
 
 /// Element types of IR tensors.
@@ -152,6 +152,10 @@ pub struct Graph {
     pub nodes: Vec<Node>,
     pub inputs: Vec<ValueId>,
     pub outputs: Vec<ValueId>,
+    /// The inputs that are attention masks, and how the host fills them
+    /// (a model's step graphs; none in other graphs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub masks: Vec<MaskInput>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -336,6 +340,18 @@ impl Graph {
                 )));
             }
         }
+        for mask in &self.masks {
+            let ty = self.ty(self.input(&mask.input)?);
+            if ty.dtype != DType::F32 || ty.rank() != 4 {
+                return Err(fail(format!(
+                    "mask input `{}` is {ty}, not a rank-4 f32 tensor",
+                    mask.input
+                )));
+            }
+            if mask.sliding_window == Some(0) {
+                return Err(fail(format!("mask `{}` has a window of 0", mask.input)));
+            }
+        }
         Ok(())
     }
 }
@@ -354,6 +370,7 @@ impl GraphBuilder {
                 nodes: Vec::new(),
                 inputs: Vec::new(),
                 outputs: Vec::new(),
+                masks: Vec::new(),
             },
         }
     }
@@ -367,6 +384,13 @@ impl GraphBuilder {
     pub fn input(&mut self, name: impl Into<String>, ty: TensorType) -> ValueId {
         let id = self.push_value(name.into(), ty, ValueSource::Input);
         self.graph.inputs.push(id);
+        id
+    }
+
+    /// An attention-mask input `[1, 1, tokens, width]`, described for the host.
+    pub fn mask_input(&mut self, mask: MaskInput, tokens: usize, width: usize) -> ValueId {
+        let id = self.input(mask.input.clone(), TensorType::f32([1, 1, tokens, width]));
+        self.graph.masks.push(mask);
         id
     }
 

@@ -16,6 +16,9 @@ impl GraphNames {
     pub const POSITION_IDS: &'static str = "position_ids";
     /// `[1, 1, T, L + T]` f32, additive: 0 shows a key, -inf hides it.
     pub const ATTENTION_MASK: &'static str = "attention_mask";
+    /// The same for the sliding-window layers of a model that also has
+    /// global ones (Gemma 2 and 3); see [`MaskInput`].
+    pub const ATTENTION_MASK_LOCAL: &'static str = "attention_mask_local";
     /// `[1, 1]` i64: which of the step's `T` positions to compute logits for
     /// (the last real token; later positions may be padding).
     pub const LOGITS_INDEX: &'static str = "logits_index";
@@ -27,6 +30,28 @@ impl GraphNames {
     /// `[layers, 1, kv_heads, T, head_dim]` f32: this step's new keys/values.
     pub const K_NEW: &'static str = "k_new";
     pub const V_NEW: &'static str = "v_new";
+}
+
+/// One additive attention-mask input of a step graph: which positions it
+/// shows, for the host that fills it, and which layers' attention reads it.
+///
+/// A model whose layers all see the same positions has one mask,
+/// `attention_mask`; one that mixes sliding-window layers with global ones
+/// has `attention_mask` for the global layers and `attention_mask_local`
+/// for the others. Both follow [`KvCacheLayout`]'s columns; the cache stays
+/// one tensor per K and V either way.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaskInput {
+    /// The graph input it fills.
+    pub input: String,
+    /// `None`: a query at position `p` sees every position `j ≤ p`.
+    /// `Some(w)`: only the last `w` of them, its own included
+    /// (`p - w < j ≤ p`), as transformers' `sliding_window_overlay` has it
+    /// (`kv_idx > q_idx - sliding_window`, src/transformers/masking_utils.py).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// The layers whose attention reads it, ascending.
+    pub layers: Vec<usize>,
 }
 
 /// How the KV cache is laid out and who writes it.
@@ -81,7 +106,7 @@ pub struct ModelIr {
     pub graphs: Vec<Graph>,
 }
 
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Which step graphs a model is compiled into.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,7 +9,8 @@
  *   [1, 4]); execute writes y = 2x.
  * - an .om (magic "IMOD"): described from its MODEL_INOUT_INFO partition,
  *   as ACL would. If its inputs are Kiln's (input_ids, position_ids,
- *   attention_mask, logits_index, k_cache, v_cache), execute plays a fake
+ *   attention_mask, logits_index, k_cache, v_cache; optionally
+ *   attention_mask_local), execute plays a fake
  *   language model: it first checks that every cache slot the mask shows
  *   holds what an earlier step's k_new/v_new wrote there (else it fails,
  *   with the slot in the message), then fills k_new/v_new from the position
@@ -744,6 +745,26 @@ static int fake_language_model(const Model *m, const Dataset *in, Dataset *out) 
     int64_t target = (7 * get_int(id_data, id_type, (size_t)at) + 3 * get_int(pos_data, pos_type, (size_t)at) + 1) % V;
     for (int64_t v = 0; v < V; v++) {
         put_float(out->buffers[logits]->data, m->out[logits].dtype, (size_t)v, v == target ? 8.0f : -0.25f * (float)(v % 16));
+    }
+    /* A second, sliding-window mask (attention_mask_local): its first row
+     * must show one run of cache slots ending at the past; the run is
+     * recorded for the test to judge against the window. */
+    int local = find(m->in, m->n_in, "attention_mask_local");
+    if (local >= 0) {
+        const void *local_data = in->buffers[local]->data;
+        int local_type = m->in[local].dtype;
+        int64_t first = 0;
+        while (first < L && get_float(local_data, local_type, (size_t)first) != 0.0f) first++;
+        int64_t end = first;
+        while (end < L && get_float(local_data, local_type, (size_t)end) == 0.0f) end++;
+        if (first == L) first = end = past;
+        if (end != past) {
+            return fail(500001, "test double: the local mask shows slots [%lld, %lld) with %lld past",
+                        (long long)first, (long long)end, (long long)past);
+        }
+        record("executed %s past=%lld local=%lld..%lld", m->file, (long long)past, (long long)first,
+               (long long)end);
+        return 0;
     }
     record("executed %s past=%lld", m->file, (long long)past);
     return 0;

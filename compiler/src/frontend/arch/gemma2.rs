@@ -10,14 +10,14 @@
 //! soft-capped (`attn_logit_softcapping`), and the final logits soft-capped
 //! (`final_logit_softcapping`), each `c · tanh(x / c)`.
 //!
-//! Every other layer attends over a sliding window (`sliding_window`); the
-//! frontend refuses a KV cache longer than the window (see
-//! `GraphOptions::check`), within which the window changes nothing.
+//! The layers `layer_types` marks `sliding_attention` (by default every
+//! other one, from layer 0) attend over the last `sliding_window`
+//! positions: they read the graphs' second mask (`attention_mask_local`).
 //! Source: transformers' `models/gemma2/modeling_gemma2.py`
 //! (https://github.com/huggingface/transformers/tree/main/src/transformers/models/gemma2).
 
 use super::gemma::Gemma;
-use super::{Family, FamilyConfig};
+use super::{sliding_by_layer_types, Family, FamilyConfig};
 use crate::frontend::config::{ConfigError, ModelConfig};
 use crate::frontend::decoder::{DecoderBuilder, NormStyle, SelfAttention};
 use crate::frontend::FrontendError;
@@ -38,16 +38,30 @@ pub struct Gemma2 {
 impl Gemma2 {
     pub fn new(config: &ModelConfig, keys: &FamilyConfig) -> Result<Gemma2, ConfigError> {
         // transformers' Gemma2Config defaults.
+        Self::with_default_caps(config, keys, Some(50.0), Some(30.0))
+    }
+
+    /// Gemma 2's pieces with soft-caps that default (when the key is absent;
+    /// `null` means none) to these.
+    pub fn with_default_caps(
+        config: &ModelConfig,
+        keys: &FamilyConfig,
+        attention: Option<f64>,
+        last: Option<f64>,
+    ) -> Result<Gemma2, ConfigError> {
         let scalar = keys.positive_f64("query_pre_attn_scalar")?.unwrap_or(256.0);
+        let cap = |key: &str, default: Option<f64>| -> Result<Option<f32>, ConfigError> {
+            let value = match keys.json.get(key) {
+                None => default,
+                Some(_) => keys.positive_f64(key)?,
+            };
+            Ok(value.map(|c| c as f32))
+        };
         Ok(Gemma2 {
             gemma: Gemma::new(config, keys)?,
             attention_scale: scalar.powf(-0.5) as f32,
-            attention_softcap: keys
-                .positive_f64("attn_logit_softcapping")?
-                .map(|c| c as f32),
-            final_softcap: keys
-                .positive_f64("final_logit_softcapping")?
-                .map(|c| c as f32),
+            attention_softcap: cap("attn_logit_softcapping", attention)?,
+            final_softcap: cap("final_logit_softcapping", last)?,
         })
     }
 }
@@ -59,6 +73,11 @@ impl Family for Gemma2 {
 
     fn embed(&self, d: &mut DecoderBuilder, x: ValueId) -> Result<ValueId, FrontendError> {
         self.gemma.embed(d, x)
+    }
+
+    fn sliding_layers(&self, config: &ModelConfig) -> Vec<bool> {
+        // Gemma2Config.__post_init__: sliding where (i + 1) % 2 != 0.
+        sliding_by_layer_types(config, |layer| layer % 2 == 0)
     }
 
     fn attention(&self, config: &ModelConfig, layer: usize) -> SelfAttention {
@@ -84,15 +103,7 @@ impl Family for Gemma2 {
         layer: usize,
         x: ValueId,
     ) -> Result<ValueId, FrontendError> {
-        let p = format!("model.layers.{layer}");
-        let h = d.rms_norm(x, &format!("{p}.input_layernorm.weight"))?;
-        let o = d.self_attention(layer, h, &self.attention(d.config(), layer))?;
-        let o = d.rms_norm(o, &format!("{p}.post_attention_layernorm.weight"))?;
-        let x = d.residual(format!("{p}.attn_residual"), x, o)?;
-        let h = d.rms_norm(x, &format!("{p}.pre_feedforward_layernorm.weight"))?;
-        let m = self.mlp(d, layer, h)?;
-        let m = d.rms_norm(m, &format!("{p}.post_feedforward_layernorm.weight"))?;
-        d.residual(format!("{p}.mlp_residual"), x, m)
+        sandwich_layer(self, d, layer, x)
     }
 
     fn logits(&self, d: &mut DecoderBuilder, logits: ValueId) -> Result<ValueId, FrontendError> {
@@ -101,4 +112,23 @@ impl Family for Gemma2 {
             None => Ok(logits),
         }
     }
+}
+
+/// Gemma 2's layer, which Gemma 3 keeps: every block between a pre- and a
+/// post-norm.
+pub fn sandwich_layer(
+    family: &(impl Family + ?Sized),
+    d: &mut DecoderBuilder,
+    layer: usize,
+    x: ValueId,
+) -> Result<ValueId, FrontendError> {
+    let p = format!("model.layers.{layer}");
+    let h = d.rms_norm(x, &format!("{p}.input_layernorm.weight"))?;
+    let o = d.self_attention(layer, h, &family.attention(d.config(), layer))?;
+    let o = d.rms_norm(o, &format!("{p}.post_attention_layernorm.weight"))?;
+    let x = d.residual(format!("{p}.attn_residual"), x, o)?;
+    let h = d.rms_norm(x, &format!("{p}.pre_feedforward_layernorm.weight"))?;
+    let m = family.mlp(d, layer, h)?;
+    let m = d.rms_norm(m, &format!("{p}.post_feedforward_layernorm.weight"))?;
+    d.residual(format!("{p}.mlp_residual"), x, m)
 }

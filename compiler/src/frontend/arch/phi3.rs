@@ -5,9 +5,11 @@
 //! - `mlp.gate_up_proj.weight [2·I, hidden]` → rows `gate_proj`, then
 //!   `up_proj` (transformers' `chunk(2, dim=-1)`: gate first).
 //!
-//! No biases. What else Phi-3 changes is RoPE, read by the config reader
-//! and built by the shared pieces: `longrope` scaling (Phi-3 128k,
-//! Phi-3.5, Phi-4-mini; `rope.rs`) and rotation of only the first
+//! No biases. Every layer attends over the last `sliding_window` positions
+//! when the config sets one (Phi-3-mini-4k: 2047), as `Phi3Attention`
+//! passes it to every layer. What else Phi-3 changes is RoPE, read by the
+//! config reader and built by the shared pieces: `longrope` scaling (Phi-3
+//! 128k, Phi-3.5, Phi-4-mini; `rope.rs`) and rotation of only the first
 //! `partial_rotary_factor · head_dim` dimensions (`decoder.rs`).
 //! Source: transformers' `models/phi3/modeling_phi3.py`
 //! (https://github.com/huggingface/transformers/tree/main/src/transformers/models/phi3).
@@ -79,6 +81,10 @@ fn split_rows(
 }
 
 impl Family for Phi3 {
+    fn sliding_layers(&self, config: &ModelConfig) -> Vec<bool> {
+        vec![config.sliding_window.is_some(); config.num_layers]
+    }
+
     fn prepare_weights(&self, store: &mut WeightStore) -> Result<(), FrontendError> {
         for layer in 0..self.layers {
             let p = format!("model.layers.{layer}");

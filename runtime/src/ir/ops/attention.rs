@@ -7,7 +7,9 @@
 //!   heads each (grouped-query attention);
 //! - `k_cache [1, G, L, D]`, `v_cache [1, G, L, D]`: the cache before this step;
 //! - `mask [1, 1, T, L + T]`: additive, f32; column `j < L` is cache slot `j`,
-//!   column `L + c` is new token `c`. `-inf` hides a column.
+//!   column `L + c` is new token `c`. `-inf` hides a column. A model's
+//!   sliding-window layers read another mask input than its global layers
+//!   (see `MaskInput`); the op is the same.
 //!
 //! Output `[1, H, T, D]`. The cache is not written here: the graph returns the
 //! new rows and the host stores them (see `ModelIr::kv_cache`). Keeping the
