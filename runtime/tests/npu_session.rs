@@ -1059,6 +1059,12 @@ fn kiln_run_serve_with_backend_npu_reuses_the_device_kv_cache() {
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["usage"]["prompt_tokens_details"]["cached_tokens"], 5);
     assert_eq!(reply["choices"][0]["text"], format!("t{}", fake_next(7, 5)));
+    // The reply's last token is fed after the reply is sent: wait for it
+    // before stopping the server.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while executed(&calls(&c.log)).len() < 5 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(
