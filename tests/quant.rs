@@ -32,48 +32,75 @@ fn check_onnx(python: &Path, paths: &[std::path::PathBuf]) {
     assert!(out.status.success(), "onnx.checker: {}", stderr(&out));
 }
 
-#[test]
-fn onnx_runtime_agrees_with_the_interpreter_on_every_fixture_and_scheme() {
+/// One scheme on every fixture: the ONNX is well formed (one checker run
+/// for all of them) and ONNX Runtime computes what the interpreter does. A
+/// test per scheme, so that the test runner spreads them over the cores.
+fn onnx_runtime_agrees_with_the_interpreter_on_every_fixture(scheme: &str) {
+    let args = SCHEMES
+        .iter()
+        .find(|(name, _)| *name == scheme)
+        .map(|(_, args)| *args)
+        .unwrap();
     let python = python();
     let tmp = tempfile::tempdir().unwrap();
     let mut worst = 1f64;
+    let mut graphs = Vec::new();
     for name in FIXTURES {
-        for (scheme, args) in SCHEMES {
-            let dir = tmp.path().join(format!("{name}-{scheme}"));
-            let mut extra = vec!["--dtype", "fp32", "--dequantize-for-atc"];
-            extra.extend_from_slice(args);
-            compile_fixture(name, &dir, &extra);
-            let manifest: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
-            assert!(manifest["quantization"].is_string(), "{name} {scheme}");
-            let paths: Vec<_> = ["prefill.ort.onnx", "decode.ort.onnx", "prefill.onnx"]
+        let dir = tmp.path().join(name);
+        let mut extra = vec!["--dtype", "fp32", "--dequantize-for-atc"];
+        extra.extend_from_slice(args);
+        compile_fixture(name, &dir, &extra);
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        assert!(manifest["quantization"].is_string(), "{name} {scheme}");
+        graphs.extend(
+            ["prefill.ort.onnx", "decode.ort.onnx", "prefill.onnx"]
                 .iter()
-                .map(|f| dir.join(f))
-                .collect();
-            check_onnx(&python, &paths);
-            let g = golden(name);
-            let model = CompiledModel::open(&dir).unwrap();
-            let report = diff_backends(
-                &model,
-                DiffBackend::Cpu,
-                DiffBackend::Onnxruntime,
-                &g.prompt_ids,
-                8,
-                Some(&python),
-            )
-            .unwrap_or_else(|e| panic!("{name} {scheme}: {e}"));
-            for (step, d) in report.steps.iter().enumerate() {
-                assert!(
-                    d.cosine >= 0.99999 && d.top1_agrees,
-                    "{name} {scheme} step {step}: cosine {} top-1 {}",
-                    d.cosine,
-                    d.top1_agrees
-                );
-                worst = worst.min(d.cosine);
-            }
+                .map(|f| dir.join(f)),
+        );
+        let g = golden(name);
+        let model = CompiledModel::open(&dir).unwrap();
+        let report = diff_backends(
+            &model,
+            DiffBackend::Cpu,
+            DiffBackend::Onnxruntime,
+            &g.prompt_ids,
+            8,
+            Some(&python),
+        )
+        .unwrap_or_else(|e| panic!("{name} {scheme}: {e}"));
+        for (step, d) in report.steps.iter().enumerate() {
+            assert!(
+                d.cosine >= 0.99999 && d.top1_agrees,
+                "{name} {scheme} step {step}: cosine {} top-1 {}",
+                d.cosine,
+                d.top1_agrees
+            );
+            worst = worst.min(d.cosine);
         }
     }
-    eprintln!("quantized ONNX Runtime vs interpreter: worst cosine {worst:.8}");
+    check_onnx(&python, &graphs);
+    eprintln!("{scheme}: ONNX Runtime vs interpreter: worst cosine {worst:.8}");
+}
+
+#[test]
+fn onnx_runtime_agrees_with_the_interpreter_at_w8a16() {
+    onnx_runtime_agrees_with_the_interpreter_on_every_fixture("w8a16");
+}
+
+#[test]
+fn onnx_runtime_agrees_with_the_interpreter_at_w4a16_g32() {
+    onnx_runtime_agrees_with_the_interpreter_on_every_fixture("w4a16-g32");
+}
+
+#[test]
+fn onnx_runtime_agrees_with_the_interpreter_at_w4a16_g32_asymmetric() {
+    onnx_runtime_agrees_with_the_interpreter_on_every_fixture("w4a16-g32-asym");
+}
+
+#[test]
+fn onnx_runtime_agrees_with_the_interpreter_at_w8a8() {
+    onnx_runtime_agrees_with_the_interpreter_on_every_fixture("w8a8");
 }
 
 #[test]
