@@ -82,6 +82,7 @@ fn w4a16_compiles_to_kiln_nodes_over_packed_weights_with_their_package() {
     assert!(summary.contains("per token"), "{summary}");
     assert!(summary.contains("on a CANN machine"), "{summary}");
 
+    common::expand_weights(&dir);
     let out = Command::new(&py)
         .args(["-c", INSPECT])
         .arg(&dir)

@@ -153,6 +153,16 @@ pub enum WeightsBinError {
     #[error("{manifest}: {problem}; recompile the model")]
     BadRecipe { manifest: PathBuf, problem: String },
     #[error(
+        "{reference}: weight `{tensor}` has max |value| {max_abs:e}, which float16 cannot hold and \
+         kiln compile refuses: these are not the reference weights it wrote; recompile the model \
+         (nothing was written)"
+    )]
+    Corrupt {
+        reference: PathBuf,
+        tensor: String,
+        max_abs: f32,
+    },
+    #[error(
         "{reference}: initializer `{initializer}` comes out {got} bytes, the manifest records \
          {expected}: these are not the reference weights kiln compile wrote; recompile the model"
     )]
@@ -628,7 +638,16 @@ pub fn expand(
                 };
                 Cow::Borrowed(&data[range])
             }
-            _ => initializer_bytes(&store, &t.name, &t.recipe, float)?,
+            _ => initializer_bytes(&store, &t.name, &t.recipe, float).map_err(|e| match e {
+                WeightsBinError::OutOfHalfRange {
+                    tensor, max_abs, ..
+                } => WeightsBinError::Corrupt {
+                    reference: reference.clone(),
+                    tensor,
+                    max_abs,
+                },
+                e => e,
+            })?,
         };
         if bytes.len() as u64 != t.bytes {
             return Err(WeightsBinError::Length {
