@@ -507,13 +507,22 @@ echo om > "$out.om"
         record = record.display()
     );
     write_executable(&bin.join("atc"), &fake);
+    // kiln-run on PATH makes weights.bin first.
+    std::os::unix::fs::symlink(kiln_run_binary(), bin.join("kiln-run")).unwrap();
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
     let out = Command::new("bash")
         .arg(dir.join("build_om.sh"))
         .env("PATH", &path)
+        .env_remove("KILN_RUN")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("weights.bin: making it from weights.safetensors")
+            && !dir.join("weights.bin").exists(),
+        "{}",
+        stdout(&out)
+    );
     let args = std::fs::read_to_string(&record).unwrap();
     let calls: Vec<&str> = args
         .split("---\n")

@@ -191,6 +191,7 @@ fn build_om_builds_and_installs_the_package_then_runs_atc_with_it() {
     let out = Command::new("bash")
         .arg(dir.join("build_om.sh"))
         .env("PATH", path)
+        .env("KILN_RUN", common::kiln_run_binary())
         .env_remove("ASCEND_CUSTOM_OPP_PATH")
         .output()
         .unwrap();

@@ -1281,4 +1281,70 @@ mod tests {
             assert_eq!(back.bytes(name).unwrap(), store.bytes(name).unwrap());
         }
     }
+
+    /// Each initializer gets the recipe that makes it from the reference
+    /// weights (a dequantized one is listed with the tensors it reads);
+    /// one that reads anything else is stored as it is in the extra file,
+    /// by the same function.
+    #[test]
+    fn initializers_no_recipe_makes_go_to_the_extra_file() {
+        use kiln_runtime::ir::quant::{quantize, WeightQuant};
+        let mut store = WeightStore::default();
+        store.insert_f32("a", vec![2], vec![1.0, 2.0]);
+        store.insert_f32("b", vec![3], vec![3.0, 4.0, 5.0]);
+        let scheme = WeightQuant {
+            bits: 8,
+            group_size: 4,
+            offset: false,
+        };
+        let w: Vec<f32> = (0..8).map(|i| i as f32 / 4.0 - 1.0).collect();
+        let tensors = store.insert_quantized("l", quantize(&w, 2, 4, scheme).unwrap());
+        store.insert_dequantized("l.weight", &tensors).unwrap();
+        let order = ["a", "b", "l.weight"];
+        let lens = [4u64, 6, 16];
+        let mut stored = std::collections::HashMap::new();
+        let mut offset = 0;
+        for (name, len) in order.iter().zip(lens) {
+            let place = onnx::StoredBytes {
+                file: EXTERNAL_DATA_FILE.into(),
+                offset,
+                len,
+            };
+            stored.insert(name.to_string(), place);
+            offset += len;
+        }
+        let written = onnx::Written {
+            weight_bytes: offset,
+            weights_sha256: "hash".into(),
+            stored,
+            order: order.iter().map(|n| n.to_string()).collect(),
+        };
+        let reference = ["a", "l.qweight", "l.scales"];
+        let (recipe, extra) =
+            weights_bin_recipe(&written, &[], &store, &reference, FloatType::F16).unwrap();
+        let recipes: Vec<(&str, u64, &Recipe)> = recipe
+            .tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.offset, &t.recipe))
+            .collect();
+        assert_eq!(
+            recipes,
+            [
+                ("a", 0, &Recipe::Tensor),
+                ("b", 4, &Recipe::Stored { offset: 0 }),
+                ("l.weight", 10, &Recipe::Tensor),
+            ]
+        );
+        assert_eq!(recipe.dequantized.keys().collect::<Vec<_>>(), ["l.weight"]);
+        assert_eq!(recipe.dequantized["l.weight"].q, "l.qweight");
+        assert_eq!((recipe.bytes, recipe.sha256.as_str()), (26, "hash"));
+        assert_eq!(extra, [("b".to_string(), Recipe::Tensor)]);
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(WEIGHTS_EXTRA_FILE);
+        write_extra(&path, &extra, &store, FloatType::F16).unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            FloatType::F16.encode(&[3.0, 4.0, 5.0])
+        );
+    }
 }

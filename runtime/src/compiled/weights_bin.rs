@@ -871,4 +871,191 @@ mod tests {
         let err = initializer_bytes(&store, "x", &t, DType::F16).unwrap_err();
         assert!(err.to_string().contains("not i8"), "{err}");
     }
+
+    /// A directory with every kind of recipe: a u4 matrix dequantized
+    /// (asymmetric, groups of 32), a bf16 norm cast, w8a8's transposed
+    /// int8 weights and deq_scale words, and bytes from the extra file;
+    /// values chosen so that the expected bytes are known by hand.
+    fn planted(dir: &Path) -> Manifest {
+        use safetensors::tensor::TensorView;
+        use safetensors::Dtype;
+        let halves = |v: &[f32]| -> Vec<u8> {
+            v.iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect()
+        };
+        let q = vec![0x33u8; 2 * 32]; // q = 3 everywhere, [2, 64] as u4
+        let (scale, min) = (halves(&[0.5; 4]), halves(&[1.0; 4]));
+        let norm: Vec<u8> = [1.0f32, 2.0, -0.5, 4.0]
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect();
+        let q8 = vec![1u8, 2, 3, 4, 5, 6];
+        let s8 = halves(&[0.25, 1.0, 2.0]);
+        let views = [
+            ("q", TensorView::new(Dtype::U8, vec![2, 32], &q).unwrap()),
+            (
+                "s",
+                TensorView::new(Dtype::F16, vec![2, 2], &scale).unwrap(),
+            ),
+            ("m", TensorView::new(Dtype::F16, vec![2, 2], &min).unwrap()),
+            (
+                "norm",
+                TensorView::new(Dtype::BF16, vec![4], &norm).unwrap(),
+            ),
+            ("q8", TensorView::new(Dtype::I8, vec![3, 2], &q8).unwrap()),
+            ("s8", TensorView::new(Dtype::F16, vec![3, 1], &s8).unwrap()),
+        ];
+        let metadata = std::collections::HashMap::from([(
+            crate::weights::U4_METADATA_KEY.to_string(),
+            r#"["q"]"#.to_string(),
+        )]);
+        let bytes = safetensors::serialize(views, Some(metadata)).unwrap();
+        std::fs::write(dir.join("w.safetensors"), bytes).unwrap();
+        std::fs::write(dir.join("weights.extra.bin"), b"xyzEXTRA").unwrap();
+
+        let mut expected = halves(&[2.5; 128]); // 3 · 0.5 + 1
+        expected.extend(halves(&[1.0, 2.0, -0.5, 4.0]));
+        expected.extend([1, 3, 5, 2, 4, 6]);
+        for s in [0.25f32, 1.0, 2.0] {
+            expected.extend(deq_scale(s, 0).to_le_bytes());
+        }
+        expected.extend(b"EXTRA");
+        let entry = |name: &str, offset: u64, bytes: u64, recipe: Recipe| Initializer {
+            name: name.into(),
+            offset,
+            bytes,
+            recipe,
+        };
+        let recipe = WeightsBin {
+            file: WEIGHTS_BIN.into(),
+            bytes: expected.len() as u64,
+            sha256: format!("{:x}", Sha256::digest(&expected)),
+            stored: false,
+            dequantized: BTreeMap::from([(
+                "w".to_string(),
+                DequantizedTensor {
+                    scheme: WeightQuant {
+                        bits: 4,
+                        group_size: 32,
+                        offset: true,
+                    },
+                    q: "q".into(),
+                    scale: "s".into(),
+                    min: Some("m".into()),
+                },
+            )]),
+            extra_file: Some("weights.extra.bin".into()),
+            tensors: vec![
+                entry("w", 0, 256, Recipe::Tensor),
+                entry("norm", 256, 8, Recipe::Tensor),
+                entry(
+                    "q8.t",
+                    264,
+                    6,
+                    Recipe::TransposedI8 {
+                        source: "q8".into(),
+                    },
+                ),
+                entry("s8.d", 270, 24, Recipe::DeqScale { scale: "s8".into() }),
+                entry("x", 294, 5, Recipe::Stored { offset: 3 }),
+            ],
+        };
+        let mut m = serde_json::json!({
+            "format": 1, "kiln_version": "test", "architecture": "TestForCausalLM",
+            "config_sha256": "", "weights_sha256": "",
+            "target": { "name": "310b", "soc_version": "Ascend310B1" },
+            "dtype": "float16", "opset": 13, "vocab_size": 8, "prefill_len": 4,
+            "kv_cache": { "layers": 1, "kv_heads": 1, "max_len": 8, "head_dim": 4,
+                          "layout": "", "update": "" },
+            "mask": { "layout": "", "hidden": "-inf" },
+            "graphs": [], "ir": "model.kiln.json", "reference_weights": "w.safetensors",
+            "tokenizer": null, "tokenizer_config": null,
+            "generation": { "bos_token_id": null, "eos_token_ids": [] },
+        });
+        m["weights_bin"] = serde_json::to_value(&recipe).unwrap();
+        std::fs::write(dir.join("expected.bin"), &expected).unwrap();
+        serde_json::from_value(m).unwrap()
+    }
+
+    #[test]
+    fn every_recipe_expands_to_its_bytes_and_bad_recipes_are_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let manifest = planted(dir);
+        let expected = std::fs::read(dir.join("expected.bin")).unwrap();
+        assert_eq!(state(dir, &manifest), State::Missing);
+        check_recipe(dir, &manifest).unwrap();
+        let mut calls = Vec::new();
+        let made = ensure(dir, &manifest, |done, total| calls.push((done, total)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(std::fs::read(&made.path).unwrap(), expected);
+        assert_eq!(calls.first(), Some(&(0, 299)));
+        assert_eq!(calls.last(), Some(&(299, 299)));
+        assert_eq!(state(dir, &manifest), State::Present);
+        assert!(ensure(dir, &manifest, |_, _| {}).unwrap().is_none());
+        std::fs::remove_file(&made.path).unwrap();
+        let left = |dir: &Path| -> Vec<String> {
+            std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('.') || n == WEIGHTS_BIN)
+                .collect()
+        };
+
+        let broken = |change: &dyn Fn(&mut WeightsBin)| {
+            let mut m = manifest.clone();
+            change(m.weights_bin.as_mut().unwrap());
+            let err = expand(dir, &m, |_, _| {}).unwrap_err().to_string();
+            assert!(left(dir).is_empty(), "{err}: {:?}", left(dir));
+            err
+        };
+        let err = broken(&|r| r.sha256 = "0".repeat(64));
+        assert!(
+            err.contains("records 0000")
+                && err.contains("w.safetensors")
+                && err.contains("nothing was written"),
+            "{err}"
+        );
+        let err = broken(&|r| r.tensors[1].offset = 255);
+        assert!(
+            err.contains("manifest.json") && err.contains("`norm` is at offset 255"),
+            "{err}"
+        );
+        let err = broken(&|r| {
+            r.tensors[2].recipe = Recipe::TransposedI8 {
+                source: "gone".into(),
+            }
+        });
+        assert!(err.contains("reads `gone`"), "{err}");
+        let err = broken(&|r| r.bytes = 300);
+        assert!(err.contains("add up to 299 bytes, not the 300"), "{err}");
+        let err = broken(&|r| {
+            r.tensors[0].bytes = 255;
+            r.tensors[1].offset = 255;
+            r.tensors[2].offset = 263;
+            r.tensors[3].offset = 269;
+            r.tensors[4].offset = 293;
+            r.bytes = 298;
+        });
+        assert!(
+            err.contains("`w` comes out 256 bytes, the manifest records 255"),
+            "{err}"
+        );
+        let err = broken(&|r| r.dequantized.get_mut("w").unwrap().scale = "m8".into());
+        assert!(err.contains("m8"), "{err}");
+        let err = broken(&|r| r.dequantized.get_mut("w").unwrap().scale = "norm".into());
+        assert!(err.contains("`norm` of `w` is bf16"), "{err}");
+        let err = broken(&|r| r.dequantized.get_mut("w").unwrap().scheme.bits = 8);
+        assert!(err.contains("8-bit groups of 32 cannot read"), "{err}");
+        let err = broken(&|r| r.tensors[4].recipe = Recipe::Stored { offset: 5 });
+        assert!(err.contains("weights.extra.bin"), "{err}");
+        let err = broken(&|r| r.extra_file = Some("../x".into()));
+        assert!(err.contains("`../x` is not a plain file name"), "{err}");
+        let mut m = manifest.clone();
+        m.weights_bin = None;
+        let err = expand(dir, &m, |_, _| {}).unwrap_err().to_string();
+        assert!(err.contains("inline"), "{err}");
+    }
 }

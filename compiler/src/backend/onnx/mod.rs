@@ -1251,6 +1251,27 @@ mod tests {
                     assert_eq!(data.len() as u64, written.weight_bytes);
                 }
             }
+            // Unwritten: the same graphs, layout and hash, and no data file.
+            let external_written = std::fs::read(&external).unwrap();
+            let graphs_written: Vec<Vec<u8>> = ["one.onnx", "two.onnx"]
+                .iter()
+                .map(|f| std::fs::read(tmp.path().join(f)).unwrap())
+                .collect();
+            std::fs::remove_file(&external).unwrap();
+            let paths = [tmp.path().join("one.onnx"), tmp.path().join("two.onnx")];
+            let graphs = [
+                (paths[0].as_path(), &lowered[0]),
+                (paths[1].as_path(), &lowered[1]),
+            ];
+            let placement = WeightPlacement::Unwritten(&external);
+            let written = write(&graphs, &store, float, placement, |_, _| {}).unwrap();
+            assert_eq!(written.weights_sha256, hash);
+            assert_eq!(written.order, ["norm.weight", "proj.weight"]);
+            assert!(!external.exists());
+            for (path, bytes) in paths.iter().zip(&graphs_written) {
+                assert!(std::fs::read(path).unwrap() == *bytes, "{}", path.display());
+            }
+            assert_eq!(external_written.len() as u64, written.weight_bytes);
         }
     }
 
