@@ -125,33 +125,25 @@ fn check(dir: &std::path::Path) -> Result<(), String> {
         "{}: manifest, IR and reference weights agree",
         dir.display()
     );
-    {
+    if let Some(recipe) = &model.manifest.weights_bin {
         use kiln_runtime::compiled::weights_bin::{self, State};
         let mb = |b: u64| b as f64 / 1e6;
-        match (
-            &model.manifest.weights_bin,
-            weights_bin::state(dir, &model.manifest),
-        ) {
-            (Some(recipe), state) => {
-                weights_bin::check_recipe(dir, &model.manifest).map_err(|e| e.to_string())?;
-                if state == State::Present {
-                    kiln_runtime::say!(
-                        "{}: present ({:.1} MB), for build_om.sh",
-                        recipe.file,
-                        mb(recipe.bytes)
-                    );
-                } else {
-                    kiln_runtime::say!(
-                        "{}: not stored ({:.1} MB, its recipe checked): build_om.sh makes it from {} \
-                         (kiln-run expand-weights {})",
-                        recipe.file,
-                        mb(recipe.bytes),
-                        model.manifest.reference_weights,
-                        dir.display()
-                    );
-                }
-            }
-            (None, _) => {}
+        weights_bin::check_recipe(dir, &model.manifest).map_err(|e| e.to_string())?;
+        if weights_bin::state(dir, &model.manifest) == State::Present {
+            kiln_runtime::say!(
+                "{}: present ({:.1} MB), for build_om.sh",
+                recipe.file,
+                mb(recipe.bytes)
+            );
+        } else {
+            kiln_runtime::say!(
+                "{}: not stored ({:.1} MB, its recipe checked): build_om.sh makes it from {} \
+                 (kiln-run expand-weights {})",
+                recipe.file,
+                mb(recipe.bytes),
+                model.manifest.reference_weights,
+                dir.display()
+            );
         }
     }
     let mut built = 0;
