@@ -41,10 +41,10 @@ enum Command {
     /// aarch64 kiln-run when one is built, and a README.txt of the commands
     /// to run there.
     Bundle(BundleArgs),
-    /// Write a compiled directory's weights.bin (the ONNX graphs' external
-    /// data) from its reference weights by the recipe in manifest.json and
-    /// check its sha256, as `kiln-run expand-weights` does (build_om.sh and
-    /// kiln diff run it themselves when the file is missing).
+    /// Write a compiled directory's weights.bin from its reference weights,
+    /// by the recipe in manifest.json, checking its sha256 (as `kiln-run
+    /// expand-weights` does; build_om.sh and kiln diff run it themselves
+    /// when the file is missing).
     ExpandWeights {
         /// A directory written by `kiln compile`.
         compiled: PathBuf,

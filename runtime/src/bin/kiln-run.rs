@@ -46,13 +46,17 @@ enum Command {
         /// A directory written by `kiln compile`.
         model: PathBuf,
     },
-    /// Write a compiled directory's weights.bin (the ONNX graphs' external
-    /// data, which ATC converts and ONNX Runtime reads) from its reference
-    /// weights by the recipe in manifest.json, and check its sha256. kiln
-    /// compile leaves the file out to keep the directory small (a quantized
-    /// model's fp16 copy is several times its size); build_om.sh and kiln
-    /// diff run this themselves when the file is missing. The file appears
-    /// whole or not at all.
+    /// Write a compiled directory's weights.bin from its reference weights,
+    /// by the recipe in manifest.json, checking its sha256.
+    ///
+    /// weights.bin is the ONNX graphs' external data: what build_om.sh gives
+    /// ATC, and what ONNX Runtime reads. kiln compile leaves it out to keep
+    /// the directory small (a quantized model's fp16 copy is several times
+    /// its size) and records how each initializer is made; build_om.sh and
+    /// kiln diff run this themselves when the file is missing. The file is
+    /// written beside its place and renamed there only once its sha256 is
+    /// the recorded one; a file already there is checked, and rewritten if
+    /// it differs.
     ExpandWeights {
         /// A directory written by `kiln compile`.
         model: PathBuf,
