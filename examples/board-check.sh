@@ -108,7 +108,8 @@ if [ "$build" = 1 ]; then
     start=$(now)
     build_args=()
     [ -z "$soc" ] || build_args=(--soc "$soc")
-    if bash "$dir/build_om.sh" "${build_args[@]}" >"$logs/build_om.txt" 2>&1; then
+    # build_om.sh makes weights.bin with this kiln-run when it is not there.
+    if KILN_RUN=$kiln_run bash "$dir/build_om.sh" "${build_args[@]}" >"$logs/build_om.txt" 2>&1; then
         record "build_om.sh" PASS "$(elapsed "$start") s; $(first '^done:' "$logs/build_om.txt")"
     else
         record "build_om.sh" FAIL "see the build_om.sh log below"

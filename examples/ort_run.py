@@ -11,7 +11,9 @@ into the cache as manifest.json describes.
 
 It takes the same options as `kiln generate` and prints the generated ids the
 same way (comma-separated on stdout), so the two can be compared file to file.
-Needs numpy and onnxruntime (and onnx for --dump).
+Needs numpy and onnxruntime (and onnx for --dump), and the directory's
+weights.bin: kiln compile records how to make it instead of storing it, so
+run `kiln-run expand-weights COMPILED_DIR` first (kiln diff does it itself).
 
 --dump saves intermediate values, by IR value name (the ONNX graphs keep the
 IR's names), as DIR/step<N>/<name>.npy in f32: each is added as an extra
@@ -103,6 +105,14 @@ class OrtSession:
     def __init__(self, directory: Path, dump: "list[str] | None" = None, engine: str = "onnxruntime"):
         self.manifest = json.loads((directory / "manifest.json").read_text())
         m = self.manifest
+        # kiln compile leaves weights.bin out and records how to make it.
+        weights_bin = (m.get("weights_bin") or {}).get("file")
+        if weights_bin and not (directory / weights_bin).is_file():
+            sys.exit(
+                f"{directory / weights_bin} is not there: kiln compile records how to make it from the reference "
+                f"weights instead of storing it; run `kiln-run expand-weights {directory}` (or `kiln expand-weights`) "
+                "first (kiln diff does it itself)"
+            )
         self.float = {"float32": np.float32, "float16": np.float16}[m["dtype"]]
         self.dump = dump or []
         self.dumped = {}  # the last graph run's values, by name

@@ -32,7 +32,8 @@ Next, for the board (aarch64, CANN installed):
   sudo apt-get install gcc-aarch64-linux-gnu   # the linker .cargo/config.toml names
   cargo build --release -p kiln-runtime --bin kiln-run --target aarch64-unknown-linux-gnu
   $kiln bundle out/smollm2-135m out/smollm2-135m.tar   # the board's files, kiln-run, README.txt
-then on the board: tar xf smollm2-135m.tar; ./smollm2-135m/build_om.sh --soc auto;
+then on the board: tar xf smollm2-135m.tar; ./smollm2-135m/build_om.sh --soc auto (it makes
+  weights.bin, the weights ATC converts, with ./kiln-run first);
   ./kiln-run check smollm2-135m
   ./kiln-run generate smollm2-135m --backend npu --chat --prompt "…"
 (the NPU path has not yet run on hardware; see README "Not on hardware yet").

@@ -107,6 +107,12 @@ fn board_check_runs_end_to_end_on_the_stand_ins_and_says_so() {
     let out = board_check(&s, &dir, &report_path, &[]);
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     let report = std::fs::read_to_string(&report_path).unwrap();
+    // build_om.sh made weights.bin with the kiln-run given, and removed it after.
+    assert!(
+        report.contains("weights.bin: making it from weights.safetensors")
+            && report.contains("weights.bin: removed"),
+        "{report}"
+    );
     // No log folder or temporary report left beside the report.
     let left: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
@@ -210,6 +216,9 @@ fn board_check_runs_end_to_end_on_the_stand_ins_and_says_so() {
     // both, and the script exits 1.
     let stage = tmp.path().join("stage");
     std::fs::create_dir_all(&stage).unwrap();
+    // build_om.sh removed the weights.bin it made: atc needs it again.
+    assert!(!dir.join("weights.bin").exists());
+    expand_weights(&dir);
     let o = Command::new(s.bin.join("atc"))
         .arg(format!("--model={}", dir.join("decode.onnx").display()))
         .arg(format!("--output={}", stage.join("decode").display()))

@@ -13,6 +13,7 @@ fn check_onnx(python: &Path, dir: &Path) {
                   for path in sys.argv[1:]:\n\
                   \x20   onnx.checker.check_model(path, full_check=True)\n";
     let manifest = kiln_runtime::compiled::manifest::Manifest::load(dir).unwrap();
+    expand_weights(dir);
     let out = Command::new(python)
         .args(["-c", script])
         .args(manifest.graphs.iter().map(|g| dir.join(&g.onnx)))
@@ -39,6 +40,7 @@ fn run_ort_with(
     extra: &[&str],
 ) -> (Vec<u32>, Vec<Vec<f32>>) {
     let logits = dir.join("ort_logits.npy");
+    expand_weights(dir);
     let out = Command::new(python)
         .arg(repo_root().join("examples/ort_run.py"))
         .arg(dir)
@@ -541,6 +543,7 @@ fn every_op_is_on_the_atc_allow_list_and_none_to_avoid_appears() {
     for name in ["qwen2-old-config", "gemma"] {
         let dir = tmp.path().join(name);
         compile_fixture(name, &dir, &["--opset", "17"]);
+        expand_weights(&dir);
         // Read the op types back with onnx itself, not with Kiln's own code.
         let out = Command::new(&python)
             .args(["-c", "import onnx, sys; print(' '.join(sorted({n.op_type for n in onnx.load(sys.argv[1]).graph.node})))"])
@@ -602,13 +605,22 @@ echo om > "$out.om"
         record = record.display()
     );
     write_executable(&bin.join("atc"), &fake);
+    // kiln-run on PATH makes weights.bin first.
+    std::os::unix::fs::symlink(kiln_run_binary(), bin.join("kiln-run")).unwrap();
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
     let out = Command::new("bash")
         .arg(dir.join("build_om.sh"))
         .env("PATH", &path)
+        .env_remove("KILN_RUN")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("weights.bin: making it from weights.safetensors")
+            && !dir.join("weights.bin").exists(),
+        "{}",
+        stdout(&out)
+    );
     let args = std::fs::read_to_string(&record).unwrap();
     let calls: Vec<&str> = args
         .split("---\n")
@@ -618,6 +630,7 @@ echo om > "$out.om"
 
     // The shapes must be the ONNX inputs' shapes, read back by onnx itself.
     let python = python();
+    expand_weights(&dir);
     for (call, graph) in calls.iter().zip(["prefill", "decode"]) {
         let script = "import onnx, sys\n\
                       g = onnx.load(sys.argv[1]).graph\n\
@@ -793,27 +806,218 @@ fn a_failed_compile_leaves_no_output_directory() {
     assert!(out_dir.join("precious.txt").exists());
 }
 
+/// The names of the entries of `dir` that start with a dot (temporary files).
+fn hidden_entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
+/// One weights.bin both graphs share, which a default compile does not
+/// store: the manifest records how each initializer is made from the
+/// reference weights, and `kiln-run expand-weights` makes the very bytes
+/// `--store-atc-weights` writes (fp32, fp16, a dequantized w4a16 and w8a8's
+/// transposed int8 and deq_scale words), which ONNX Runtime then runs.
 #[test]
-fn external_data_is_shared_by_both_graphs() {
+fn weights_bin_is_made_from_the_reference_weights_byte_for_byte() {
+    use kiln_runtime::compiled::manifest::Manifest;
     let python = python();
+    let kiln_run = kiln_run_binary();
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("ext");
-    compile_fixture(
-        "llama-bf16-tied",
-        &dir,
-        &["--dtype", "fp32", "--external-data"],
+    let expand = |dir: &Path| {
+        Command::new(&kiln_run)
+            .arg("expand-weights")
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let cases: [(&str, &str, &[&str]); 4] = [
+        ("fp32", "llama-bf16-tied", &["--dtype", "fp32"]),
+        ("fp16", "llama-bf16-tied", &[]),
+        (
+            "w4a16",
+            "qwen3",
+            &[
+                "--quant",
+                "w4a16",
+                "--group-size",
+                "32",
+                "--asymmetric",
+                "--dequantize-for-atc",
+            ],
+        ),
+        ("w8a8", "qwen3", &["--quant", "w8a8"]),
+    ];
+    for (case, fixture, extra) in cases {
+        let made = tmp.path().join(format!("{case}-made"));
+        let stored = tmp.path().join(format!("{case}-stored"));
+        compile_fixture(fixture, &made, extra);
+        compile_fixture(
+            fixture,
+            &stored,
+            &[extra, &["--store-atc-weights"]].concat(),
+        );
+        assert!(!made.join("weights.bin").exists(), "{case}");
+        let (mut a, b) = (
+            Manifest::load(&made).unwrap(),
+            Manifest::load(&stored).unwrap(),
+        );
+        let recipe = a.weights_bin.as_mut().expect("a recipe");
+        assert!(
+            !recipe.stored && b.weights_bin.as_ref().unwrap().stored,
+            "{case}"
+        );
+        recipe.stored = true;
+        assert!(a == b, "{case}: the manifests differ but for `stored`");
+        for graph in &a.graphs {
+            let onnx = |dir: &Path| std::fs::read(dir.join(&graph.onnx)).unwrap();
+            assert!(onnx(&made) == onnx(&stored), "{case}: {}", graph.onnx);
+        }
+
+        let o = expand(&made);
+        assert!(o.status.success(), "{case}: {}", stderr(&o));
+        assert!(
+            stdout(&o).contains("as the manifest records"),
+            "{case}: {}",
+            stdout(&o)
+        );
+        let (ours, theirs) = (
+            std::fs::read(made.join("weights.bin")).unwrap(),
+            std::fs::read(stored.join("weights.bin")).unwrap(),
+        );
+        assert!(
+            ours == theirs,
+            "{case}: weights.bin differs from the stored one"
+        );
+        assert_eq!(ours.len() as u64, a.weights_bin.as_ref().unwrap().bytes);
+        assert!(hidden_entries(&made).is_empty(), "{case}");
+        let again = expand(&made);
+        assert!(
+            stdout(&again).contains("already there"),
+            "{case}: {}",
+            stdout(&again)
+        );
+        if case == "fp32" {
+            // Both graphs reference the one file; ONNX Runtime runs them.
+            let onnx_size = std::fs::metadata(made.join("decode.onnx")).unwrap().len();
+            assert!(
+                onnx_size < 100_000 && ours.len() > 100_000,
+                "{onnx_size} {}",
+                ours.len()
+            );
+            check_onnx(&python, &made);
+            let g = golden(fixture);
+            let (ids, logits) = run_ort(&python, &made, &g);
+            assert_eq!(ids, g.generated_ids);
+            assert!(max_abs_diff(&logits, &g.logits) <= 1e-4);
+        }
+    }
+
+    // What goes wrong is named, and nothing is left behind.
+    let dir = tmp.path().join("fp16-made");
+    std::fs::remove_file(dir.join("weights.bin")).unwrap();
+    let reference = dir.join("weights.safetensors");
+    let original = std::fs::read(&reference).unwrap();
+    let mut changed = original.clone();
+    let at = changed.len() - 2; // the low byte of the last bf16 value
+    changed[at] ^= 1;
+    std::fs::write(&reference, &changed).unwrap();
+    assert_fails_with(
+        &expand(&dir),
+        &[
+            "weights.safetensors",
+            "sha256",
+            "recompile the model",
+            "nothing was written",
+        ],
     );
-    let onnx_size = std::fs::metadata(dir.join("decode.onnx")).unwrap().len();
-    let data_size = std::fs::metadata(dir.join("weights.bin")).unwrap().len();
+    (changed[at], changed[at + 1]) = (0xc1, 0x7f); // NaN, which no compile writes
+    std::fs::write(&reference, &changed).unwrap();
+    assert_fails_with(
+        &expand(&dir),
+        &["weights.safetensors", "not the reference weights"],
+    );
+    assert!(!dir.join("weights.bin").exists() && hidden_entries(&dir).is_empty());
+    std::fs::write(&reference, &original[..original.len() - 8]).unwrap();
+    assert_fails_with(&expand(&dir), &["weights.safetensors", "truncated"]);
+    std::fs::write(&reference, &original).unwrap();
+    let manifest_path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest_path).unwrap();
+    let sha = Manifest::load(&dir).unwrap().weights_bin.unwrap().sha256;
+    std::fs::write(&manifest_path, text.replace(&sha, &"0".repeat(64))).unwrap();
+    assert_fails_with(
+        &expand(&dir),
+        &["manifest.json records 0000", "weights.safetensors"],
+    );
+    std::fs::write(
+        &manifest_path,
+        text.replace(
+            "\"recipe\": \"tensor\"",
+            "\"recipe\": {\"deq_scale\": {\"scale\": \"nope\"}}",
+        ),
+    )
+    .unwrap();
+    assert_fails_with(
+        &expand(&dir),
+        &[
+            "manifest.json",
+            "reads `nope`, which the reference weights do not hold",
+        ],
+    );
+    assert!(!dir.join("weights.bin").exists() && hidden_entries(&dir).is_empty());
+    std::fs::write(&manifest_path, &text).unwrap();
+
+    // build_om.sh makes it first (here with the kiln-run beside the
+    // directory, as a bundle has it), and says what to do without one.
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    write_executable(
+        &bin.join("atc"),
+        "#!/bin/sh\necho stand-in atc >&2\nexit 3\n",
+    );
+    let path = format!("{}:/usr/bin:/bin", bin.display());
+    let build_om = || {
+        Command::new("bash")
+            .arg(dir.join("build_om.sh"))
+            .env("PATH", &path)
+            .env_remove("KILN_RUN")
+            .output()
+            .unwrap()
+    };
+    let o = build_om();
+    assert!(!o.status.success());
+    for needle in [
+        "weights.bin is not here",
+        "kiln-run expand-weights",
+        "KILN_RUN",
+        "--store-atc-weights",
+    ] {
+        assert!(stderr(&o).contains(needle), "{needle}: {}", stderr(&o));
+    }
+    assert!(!dir.join("weights.bin").exists());
+    std::os::unix::fs::symlink(&kiln_run, tmp.path().join("kiln-run")).unwrap();
+    let o = build_om();
     assert!(
-        onnx_size < 100_000 && data_size > 100_000,
-        "onnx {onnx_size} B, weights.bin {data_size} B"
+        stdout(&o).contains("weights.bin: making it"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
     );
-    check_onnx(&python, &dir);
-    let g = golden("llama-bf16-tied");
-    let (ids, logits) = run_ort(&python, &dir, &g);
-    assert_eq!(ids, g.generated_ids);
-    assert!(max_abs_diff(&logits, &g.logits) <= 1e-4);
+    assert!(stderr(&o).contains("stand-in atc"), "{}", stderr(&o));
+    let stored = std::fs::read(tmp.path().join("fp16-stored/weights.bin")).unwrap();
+    assert!(std::fs::read(dir.join("weights.bin")).unwrap() == stored);
+
+    // The graphs inline: there is nothing to make.
+    let inline = tmp.path().join("inline");
+    compile_fixture("qwen3", &inline, &["--inline-weights"]);
+    let o = expand(&inline);
+    assert!(
+        o.status.success() && stdout(&o).contains("nothing to write"),
+        "{}",
+        stdout(&o)
+    );
 }
 
 #[test]
@@ -984,6 +1188,7 @@ fn npu_session_runs_a_compiled_directory_on_the_acl_test_double() {
                    \x20   open(os.path.join(d, g['name'] + '.weights'), 'w').write('\\n'.join(names) + '\\n')\n\
                    \x20   reads[g['name']] = names\n\
                    print(json.dumps(reads))\n";
+    expand_weights(&dir);
     let out = Command::new(python())
         .args(["-c", planter])
         .arg(&dir)
@@ -1264,7 +1469,8 @@ fn diff_cpu_against_onnxruntime_and_a_perturbed_weight() {
 }
 
 /// A default compile is fp16: `diff` judges it by fp16's limits (stated in
-/// its report line), and still catches a perturbed weight.
+/// its report line), and still catches a perturbed weight. It does not
+/// store weights.bin: diff makes it first, saying so.
 #[test]
 fn diff_passes_on_a_default_fp16_compile_and_still_catches_a_perturbed_weight() {
     let python = python();
@@ -1281,8 +1487,16 @@ fn diff_passes_on_a_default_fp16_compile_and_still_catches_a_perturbed_weight() 
             .output()
             .unwrap()
     };
+    assert!(!dir.join("weights.bin").exists());
     let out = diff(&[]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stderr(&out).contains("weights.bin is not stored in")
+            && stderr(&out).contains("as `kiln-run expand-weights")
+            && dir.join("weights.bin").is_file(),
+        "{}",
+        stderr(&out)
+    );
     assert!(
         stdout(&out)
             .contains("cosine ≥ 0.9999 and max abs ≤ 1.0e-2 × max|logits| (float16's defaults"),
@@ -1696,7 +1910,6 @@ fn a_bundle_unpacked_elsewhere_runs_on_its_own() {
         "prefill.onnx",
         "tokenizer.json",
         "tokenizer_config.json",
-        "weights.bin",
         "weights.safetensors",
     ];
     let mut expected: Vec<String> = model_files
@@ -1726,6 +1939,7 @@ fn a_bundle_unpacked_elsewhere_runs_on_its_own() {
         "./kiln-run check qwen3.kiln",
         "./kiln-run generate qwen3.kiln --backend npu",
         "./kiln-run diff qwen3.kiln --a cpu --b npu",
+        "./kiln-run expand-weights qwen3.kiln",
     ] {
         assert!(readme.contains(command), "{command}:\n{readme}");
     }
@@ -1755,6 +1969,25 @@ fn a_bundle_unpacked_elsewhere_runs_on_its_own() {
         .output()
         .unwrap();
     assert!(check.status.success(), "{}", stderr(&check));
+    assert!(
+        stdout(&check).contains("weights.bin: not stored"),
+        "{}",
+        stdout(&check)
+    );
+    // weights.bin is made there from the bundled reference weights alone,
+    // byte for byte what the original directory makes.
+    for dir in [&unpacked, &moved] {
+        let o = Command::new(&kiln_run)
+            .arg("expand-weights")
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    assert!(
+        std::fs::read(unpacked.join("weights.bin")).unwrap()
+            == std::fs::read(moved.join("weights.bin")).unwrap()
+    );
     let bundled = generate(&unpacked);
     eprintln!("kiln-run generate on the unpacked bundle: {bundled}");
     assert_eq!(bundled, original);

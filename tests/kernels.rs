@@ -82,6 +82,7 @@ fn w4a16_compiles_to_kiln_nodes_over_packed_weights_with_their_package() {
     assert!(summary.contains("per token"), "{summary}");
     assert!(summary.contains("on a CANN machine"), "{summary}");
 
+    common::expand_weights(&dir);
     let out = Command::new(&py)
         .args(["-c", INSPECT])
         .arg(&dir)
@@ -190,6 +191,7 @@ fn build_om_builds_and_installs_the_package_then_runs_atc_with_it() {
     let out = Command::new("bash")
         .arg(dir.join("build_om.sh"))
         .env("PATH", path)
+        .env("KILN_RUN", common::kiln_run_binary())
         .env_remove("ASCEND_CUSTOM_OPP_PATH")
         .output()
         .unwrap();

@@ -21,6 +21,9 @@ const SCHEMES: [(&str, &[&str]); 4] = [
 ];
 
 fn check_onnx(python: &Path, paths: &[std::path::PathBuf]) {
+    for dir in paths.iter().filter_map(|p| p.parent()) {
+        expand_weights(dir);
+    }
     let script = "import onnx, sys\n\
                   for path in sys.argv[1:]:\n\
                   \x20   onnx.checker.check_model(path, full_check=True)\n";
@@ -149,6 +152,7 @@ fn quantized_weights_are_int8_initializers_and_the_reference_weights_stay_small(
                   print(kinds.get('qweight'), kinds.get('scales'))\n";
     let python = python();
     for (dir, want) in [(&w8, "INT8 FLOAT"), (&w4, "UINT8 FLOAT")] {
+        expand_weights(dir);
         let out = Command::new(&python)
             .args(["-c", script])
             .arg(dir.join("decode.ort.onnx"))
@@ -187,6 +191,7 @@ fn quantized_weights_are_int8_initializers_and_the_reference_weights_stay_small(
                   \x20       places[place if place != 'weights.ort.bin' or i.name.endswith('.scales') else 'other'] += 1\n\
                   same = all(i.raw_data == inline[i.name] for i in shared.graph.initializer)\n\
                   print(same, len(shared.graph.initializer) == len(inline), sorted(places.items()))\n";
+    expand_weights(&w4);
     for graph in ["prefill.ort.onnx", "decode.ort.onnx"] {
         let out = Command::new(&python)
             .args(["-c", script])
@@ -333,6 +338,7 @@ fn w8a8_atc_graphs_keep_int8_weights_and_compute_what_onnx_runtime_runs() {
             &python,
             &[dir.join("prefill.ort.onnx"), dir.join("decode.ort.onnx")],
         );
+        expand_weights(&dir);
         let out = Command::new(&python)
             .arg(repo_root().join("tests/ascend_w8a8.py"))
             .arg(&dir)
@@ -362,6 +368,7 @@ fn w8a8_atc_graphs_keep_int8_weights_and_compute_what_onnx_runtime_runs() {
         let dir = tmp.path().join(format!("external-{quant}"));
         let args = ["--dtype", "fp16", "--quant", quant, "--external-data"];
         compile_fixture("llama-gqa", &dir, &args);
+        expand_weights(&dir);
         dir
     };
     let (none, w8a8) = (external("none"), external("w8a8"));

@@ -4,7 +4,10 @@
 //! cpu` and `diff`), `kernels/` when there is one, any .om files already
 //! built — plus an aarch64 `kiln-run` when one is given or found, and a
 //! `README.txt` with the commands to run there. Left out: what serves ONNX
-//! Runtime on the build machine (`*.ort.onnx`, `ort_run.py`).
+//! Runtime on the build machine (`*.ort.onnx`, `ort_run.py`), and
+//! `weights.bin` unless `kiln compile --store-atc-weights` stored it: its
+//! recipe is in the manifest, and build_om.sh has `kiln-run expand-weights`
+//! make it on the board.
 //!
 //! The archive is written to a temporary file beside the target and renamed
 //! at the end. Names read from the manifest become archive paths only when
@@ -28,7 +31,6 @@ const OPTIONAL_FILES: &[&str] = &[
     "config.json",
     "generation_config.json",
     kiln_runtime::generate::chat::TEMPLATE_FILE,
-    EXTERNAL_DATA_FILE,
     OM_SOC_FILE,
 ];
 
@@ -117,6 +119,25 @@ pub fn board_files(dir: &Path) -> Result<Vec<BoardFile>, BundleError> {
             .map(|n| (n.to_string(), Need::IfPresent)),
     );
     names.push((WEIGHT_DIR.into(), Need::IfPresent));
+    // weights.bin goes only when compile stored it (or, from before
+    // recipes, wrote it without one): otherwise the board makes it.
+    match &manifest.weights_bin {
+        Some(recipe) => {
+            if recipe.stored {
+                names.push((
+                    recipe.file.clone(),
+                    Need::Required("stored by kiln compile --store-atc-weights"),
+                ));
+            }
+            if let Some(extra) = &recipe.extra_file {
+                names.push((
+                    extra.clone(),
+                    Need::Required("the initializers weights.bin is made with"),
+                ));
+            }
+        }
+        None => names.push((EXTERNAL_DATA_FILE.into(), Need::IfPresent)),
+    }
 
     let mut files: Vec<BoardFile> = Vec::new();
     for (name, need) in names {
@@ -339,11 +360,23 @@ fn readme(root: &str, manifest: &Manifest, files: &[BoardFile], with_kiln_run: b
         manifest.architecture, manifest.dtype, manifest.target.name, manifest.target.soc_version
     );
     text += "On the board (CANN installed, as on the Orange Pi AI Pro images), in this folder:\n\n";
+    let made_on_board = manifest
+        .weights_bin
+        .as_ref()
+        .filter(|w| !w.stored && !files.iter().any(|f| f.name == w.file));
     if built {
         text += &format!(
             "  # the .om files came in the bundle; ./{root}/build_om.sh --soc auto remakes them\n"
         );
     } else {
+        if let Some(w) = made_on_board {
+            text += &format!(
+                "  # build_om.sh first makes {root}/{} ({:.1} MB, the weights ATC converts) from the reference\n\
+                 \x20 # weights with `./{KILN_RUN} expand-weights {root}` (sha256 checked), and removes it when done\n",
+                w.file,
+                mb(w.bytes)
+            );
+        }
         text += &format!(
             "  ./{root}/build_om.sh --soc auto   # the .om files, for the chip npu-smi reports (atc, a few minutes)\n"
         );
@@ -380,6 +413,7 @@ mod tests {
     #[test]
     fn only_plain_relative_names_become_archive_paths() {
         for good in ["weights.bin", "kernels", "a/b.json", "x..y"] {
+            // (weights.bin: a stored one is packed.)
             assert!(is_plain_relative(good), "{good}");
         }
         for bad in [

@@ -15,6 +15,9 @@ use kiln_runtime::compiled::manifest::{
     GenerationInfo, GraphInfo, KvCacheInfo, Manifest, MaskInfo, TargetInfo, TensorInfo,
     MANIFEST_FILE, MANIFEST_FORMAT,
 };
+use kiln_runtime::compiled::weights_bin::{
+    self, DequantizedTensor, Initializer, Recipe, WeightsBin,
+};
 use kiln_runtime::ir::{DType, ModelIr};
 use kiln_runtime::weights::WeightStore;
 use sha2::{Digest, Sha256};
@@ -30,6 +33,10 @@ pub const REFERENCE_WEIGHTS: &str = "weights.safetensors";
 /// it (none, for the models Kiln compiles today: the file is made only if
 /// needed).
 pub const ORT_EXTERNAL_DATA_FILE: &str = "weights.ort.bin";
+/// The initializers of `weights.bin` that no recipe makes from the
+/// reference weights, as they are (none for the models Kiln compiles
+/// today: the file is made only if needed).
+pub const WEIGHTS_EXTRA_FILE: &str = "weights.extra.bin";
 
 /// Above this many weight bytes the ONNX files keep their weights in an
 /// external data file (protobuf messages are limited to 2 GiB).
@@ -100,6 +107,10 @@ pub struct CompileOptions {
     /// Weights in one `weights.bin` the graphs share (else inline in each
     /// .onnx while below protobuf's 2 GB).
     pub external_data: bool,
+    /// Write `weights.bin` too (`--store-atc-weights`): otherwise the
+    /// manifest records how to make it from the reference weights, and
+    /// `kiln-run expand-weights` (or build_om.sh) makes it where needed.
+    pub store_atc_weights: bool,
     /// Do not run ATC even when it is installed.
     pub skip_atc: bool,
     /// The weights' precision.
@@ -366,11 +377,12 @@ pub fn compile(
     let weight_bytes = initializer_bytes(&lowered[0].1, &model.weights, options.float)?;
     let external = options.external_data || weight_bytes > INLINE_LIMIT;
     let external_path = tmp.path.join(EXTERNAL_DATA_FILE);
-    let placement = if external {
-        WeightPlacement::External(&external_path)
-    } else {
-        WeightPlacement::Inline
+    let placement = match (external, options.store_atc_weights) {
+        (false, _) => WeightPlacement::Inline,
+        (true, true) => WeightPlacement::External(&external_path),
+        (true, false) => WeightPlacement::Unwritten(&external_path),
     };
+    let derived_bin = external && !options.store_atc_weights;
     let names: Vec<String> = lowered.iter().map(|(n, _)| format!("{n}.onnx")).collect();
     let paths: Vec<PathBuf> = names.iter().map(|name| tmp.path.join(name)).collect();
     let graphs: Vec<(&Path, &OnnxGraph)> = paths
@@ -384,7 +396,13 @@ pub fn compile(
         let tenth = (done * 10).checked_div(total).unwrap_or(10);
         if done == 0 {
             let mb = weight_bytes as f64 / 1e6;
-            progress(&if external {
+            progress(&if derived_bin {
+                format!(
+                    "writing {} and {REFERENCE_WEIGHTS}, and the recipe of {EXTERNAL_DATA_FILE} ({total} weight \
+                     tensors, {mb:.1} MB, made from {REFERENCE_WEIGHTS} when needed)",
+                    names.join(", ")
+                )
+            } else if external {
                 format!(
                     "writing {}, {EXTERNAL_DATA_FILE} ({total} weight tensors, {mb:.1} MB) and {REFERENCE_WEIGHTS}",
                     names.join(", ")
@@ -419,8 +437,28 @@ pub fn compile(
         (written, reference)
     });
     let written = written?;
-    let weights_sha256 = written.weights_sha256;
+    let weights_sha256 = written.weights_sha256.clone();
     let reference = reference?;
+    // How weights.bin is made from the reference weights: recorded whether
+    // or not the file is written, so that either can be checked.
+    let weights_bin = if external {
+        let (mut recipe, extra) = weights_bin_recipe(
+            &written,
+            &lowered,
+            &model.weights,
+            &reference_names,
+            options.float,
+        )?;
+        recipe.stored = options.store_atc_weights;
+        if !extra.is_empty() {
+            let path = tmp.path.join(WEIGHTS_EXTRA_FILE);
+            write_extra(&path, &extra, &model.weights, options.float)?;
+            recipe.extra_file = Some(WEIGHTS_EXTRA_FILE.to_string());
+        }
+        Some(recipe)
+    } else {
+        None
+    };
 
     // ONNX Runtime's graphs over the quantized weights, beside ATC's.
     let mut ort_names = Vec::new();
@@ -499,6 +537,7 @@ pub fn compile(
         tokenizer_config,
     );
     manifest.memory = Some(plan);
+    manifest.weights_bin = weights_bin;
     manifest.residual_dtype = Some(residual.name().to_string());
     for (graph, ort) in manifest.graphs.iter_mut().zip(&ort_names) {
         graph.ort_onnx = Some(ort.clone());
@@ -569,9 +608,13 @@ pub fn compile(
         })
         .collect();
     let script_path = tmp.path.join(BUILD_SCRIPT);
+    let external_data = manifest
+        .weights_bin
+        .as_ref()
+        .map(|w| (w.file.as_str(), w.bytes));
     std::fs::write(
         &script_path,
-        atc::script(&jobs, options.target, precision_mode),
+        atc::script(&jobs, options.target, precision_mode, external_data),
     )
     .map_err(io_err(&script_path))?;
     #[cfg(unix)]
@@ -590,6 +633,16 @@ pub fn compile(
         atc::find_atc()
     };
     if let Some(atc) = &atc_path {
+        // ATC reads weights.bin: made here first, as build_om.sh would.
+        let made = weights_bin::ensure(out, &manifest, |done, total| {
+            if done == 0 {
+                progress(&format!(
+                    "writing {EXTERNAL_DATA_FILE} ({:.1} MB) from {REFERENCE_WEIGHTS} for ATC",
+                    total as f64 / 1e6
+                ));
+            }
+        });
+        made.map_err(onnx::OnnxError::from)?;
         progress(&format!("running ATC ({})", atc.display()));
         atc::run_script(out, atc, |line| progress(line))?;
     }
@@ -826,6 +879,7 @@ fn manifest(
         kernels: None,
         kernel_package: None,
         residual_dtype: None,
+        weights_bin: None,
     }
 }
 
@@ -859,6 +913,92 @@ fn stored_elsewhere(
         }
     }
     Ok(existing)
+}
+
+/// The recipe of `weights.bin` as `written` laid it out: each initializer
+/// made from the tensors of the reference weights (`reference`) or from
+/// dequantized tensors computed from them. An initializer that reads
+/// anything else is stored as it is in the extra file instead: those are
+/// returned, with their recipes over the compile's store, to be written there.
+fn weights_bin_recipe(
+    written: &onnx::Written,
+    lowered: &[(String, OnnxGraph)],
+    store: &WeightStore,
+    reference: &[&str],
+    float: FloatType,
+) -> Result<(WeightsBin, Vec<(String, Recipe)>), CompileError> {
+    let reference: std::collections::HashSet<&str> = reference.iter().copied().collect();
+    let mut dequantized = std::collections::BTreeMap::new();
+    let mut derivable = |name: &str| -> bool {
+        if reference.contains(name) {
+            return true;
+        }
+        match store.dequantized_source(name) {
+            Some(t)
+                if std::iter::once(&t.q)
+                    .chain([&t.scale])
+                    .chain(&t.min)
+                    .all(|part| reference.contains(part.as_str())) =>
+            {
+                dequantized.insert(name.to_string(), DequantizedTensor::from(t));
+                true
+            }
+            _ => false,
+        }
+    };
+    let mut tensors = Vec::with_capacity(written.order.len());
+    let mut extra = Vec::new();
+    let mut extra_bytes = 0;
+    let mut offset = 0;
+    for name in &written.order {
+        let derived = lowered.iter().find_map(|(_, g)| g.derived.get(name));
+        let bytes = onnx::initializer_layout(name, derived, store, float)?.1;
+        debug_assert_eq!(written.stored[name].offset, offset, "{name}");
+        let mut recipe = onnx::recipe(derived);
+        if !recipe.sources(name).into_iter().all(&mut derivable) {
+            extra.push((name.clone(), recipe));
+            recipe = Recipe::Stored {
+                offset: extra_bytes,
+            };
+            extra_bytes += bytes;
+        }
+        tensors.push(Initializer {
+            name: name.clone(),
+            offset,
+            bytes,
+            recipe,
+        });
+        offset += bytes;
+    }
+    let recipe = WeightsBin {
+        file: EXTERNAL_DATA_FILE.to_string(),
+        bytes: written.weight_bytes,
+        sha256: written.weights_sha256.clone(),
+        stored: false,
+        dequantized,
+        extra_file: None,
+        tensors,
+    };
+    Ok((recipe, extra))
+}
+
+/// Writes the initializers no recipe makes from the reference weights, back
+/// to back, by the same function that makes the others.
+fn write_extra(
+    path: &Path,
+    extra: &[(String, Recipe)],
+    store: &WeightStore,
+    float: FloatType,
+) -> Result<(), CompileError> {
+    use std::io::Write;
+    let file = std::fs::File::create(path).map_err(io_err(path))?;
+    let mut out = std::io::BufWriter::new(file);
+    for (name, recipe) in extra {
+        let bytes = weights_bin::initializer_bytes(store, name, recipe, float.dtype())
+            .map_err(onnx::OnnxError::from)?;
+        out.write_all(&bytes).map_err(io_err(path))?;
+    }
+    out.flush().map_err(io_err(path))
 }
 
 /// The manifest's entry for each lowered graph.
@@ -1144,5 +1284,71 @@ mod tests {
             );
             assert_eq!(back.bytes(name).unwrap(), store.bytes(name).unwrap());
         }
+    }
+
+    /// Each initializer gets the recipe that makes it from the reference
+    /// weights (a dequantized one is listed with the tensors it reads);
+    /// one that reads anything else is stored as it is in the extra file,
+    /// by the same function.
+    #[test]
+    fn initializers_no_recipe_makes_go_to_the_extra_file() {
+        use kiln_runtime::ir::quant::{quantize, WeightQuant};
+        let mut store = WeightStore::default();
+        store.insert_f32("a", vec![2], vec![1.0, 2.0]);
+        store.insert_f32("b", vec![3], vec![3.0, 4.0, 5.0]);
+        let scheme = WeightQuant {
+            bits: 8,
+            group_size: 4,
+            offset: false,
+        };
+        let w: Vec<f32> = (0..8).map(|i| i as f32 / 4.0 - 1.0).collect();
+        let tensors = store.insert_quantized("l", quantize(&w, 2, 4, scheme).unwrap());
+        store.insert_dequantized("l.weight", &tensors).unwrap();
+        let order = ["a", "b", "l.weight"];
+        let lens = [4u64, 6, 16];
+        let mut stored = std::collections::HashMap::new();
+        let mut offset = 0;
+        for (name, len) in order.iter().zip(lens) {
+            let place = onnx::StoredBytes {
+                file: EXTERNAL_DATA_FILE.into(),
+                offset,
+                len,
+            };
+            stored.insert(name.to_string(), place);
+            offset += len;
+        }
+        let written = onnx::Written {
+            weight_bytes: offset,
+            weights_sha256: "hash".into(),
+            stored,
+            order: order.iter().map(|n| n.to_string()).collect(),
+        };
+        let reference = ["a", "l.qweight", "l.scales"];
+        let (recipe, extra) =
+            weights_bin_recipe(&written, &[], &store, &reference, FloatType::F16).unwrap();
+        let recipes: Vec<(&str, u64, &Recipe)> = recipe
+            .tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.offset, &t.recipe))
+            .collect();
+        assert_eq!(
+            recipes,
+            [
+                ("a", 0, &Recipe::Tensor),
+                ("b", 4, &Recipe::Stored { offset: 0 }),
+                ("l.weight", 10, &Recipe::Tensor),
+            ]
+        );
+        assert_eq!(recipe.dequantized.keys().collect::<Vec<_>>(), ["l.weight"]);
+        assert_eq!(recipe.dequantized["l.weight"].q, "l.qweight");
+        assert_eq!((recipe.bytes, recipe.sha256.as_str()), (26, "hash"));
+        assert_eq!(extra, [("b".to_string(), Recipe::Tensor)]);
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(WEIGHTS_EXTRA_FILE);
+        write_extra(&path, &extra, &store, FloatType::F16).unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            FloatType::F16.encode(&[3.0, 4.0, 5.0])
+        );
     }
 }

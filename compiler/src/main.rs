@@ -41,6 +41,14 @@ enum Command {
     /// aarch64 kiln-run when one is built, and a README.txt of the commands
     /// to run there.
     Bundle(BundleArgs),
+    /// Write a compiled directory's weights.bin from its reference weights,
+    /// by the recipe in manifest.json, checking its sha256 (as `kiln-run
+    /// expand-weights` does; build_om.sh and kiln diff run it themselves
+    /// when the file is missing).
+    ExpandWeights {
+        /// A directory written by `kiln compile`.
+        compiled: PathBuf,
+    },
     /// Write a model (a .gguf file, say) as a plain Hugging Face directory:
     /// config.json, model.safetensors, tokenizer.json, tokenizer_config.json.
     Import(ImportArgs),
@@ -198,6 +206,14 @@ struct CompileArgs {
     /// One weights.bin shared by the graphs: the default (kept for scripts).
     #[arg(long, hide = true)]
     external_data: bool,
+    /// Write weights.bin (the fp16 or fp32 weights ATC converts, or int8 for
+    /// w8a8) into the directory, as Kiln did before: for running ATC on a
+    /// host without kiln-run or kiln. By default the directory holds only
+    /// its recipe, and `kiln-run expand-weights DIR` (which build_om.sh and
+    /// kiln diff run when needed) makes it from the reference weights, byte
+    /// for byte, checked by sha256
+    #[arg(long, conflicts_with = "inline_weights")]
+    store_atc_weights: bool,
     /// Do not run ATC even when it is installed.
     #[arg(long)]
     no_atc: bool,
@@ -477,6 +493,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tokenize(args) => tokenize_command(args),
         Command::Import(args) => import_command(args),
         Command::Bundle(args) => bundle_command(args),
+        Command::ExpandWeights { compiled } => {
+            kiln_runtime::compiled::weights_bin::expand_command(&compiled, "kiln")
+                .map_err(anyhow::Error::msg)
+        }
         Command::Compile(args) => compile_command(args),
         Command::Diff(args) => kiln_runtime::diff::diff_command(&args).map_err(anyhow::Error::msg),
         Command::Eval(args) => eval_command(args),
@@ -617,6 +637,7 @@ fn compile_command(args: CompileArgs) -> Result<()> {
         },
         opset: args.opset,
         external_data: !args.inline_weights,
+        store_atc_weights: args.store_atc_weights,
         skip_atc: args.no_atc,
         quant: args.quant.mode()?,
         dequantize_for_atc: args.dequantize_for_atc,
@@ -741,7 +762,7 @@ fn compile_command(args: CompileArgs) -> Result<()> {
             report.out.display()
         ),
     }
-    compile_closing(&report.out, &report.files)?;
+    compile_closing(&report.out, &report.files, m)?;
     if let Some(archive) = &args.bundle {
         let bundled = kiln::bundle::bundle(
             &report.out,
@@ -761,9 +782,14 @@ fn compile_command(args: CompileArgs) -> Result<()> {
     Ok(())
 }
 
-/// The end of the compile summary: the total, what of it the board needs,
-/// and the next commands, the cross-build's prerequisites included.
-fn compile_closing(out: &std::path::Path, files: &[(String, u64)]) -> Result<()> {
+/// The end of the compile summary: the total, what of it the board needs
+/// (and what is made there), and the next commands, the cross-build's
+/// prerequisites included.
+fn compile_closing(
+    out: &std::path::Path,
+    files: &[(String, u64)],
+    manifest: &kiln_runtime::compiled::manifest::Manifest,
+) -> Result<()> {
     let mb = |b: u64| b as f64 / 1e6;
     let total: u64 = files.iter().map(|(_, size)| size).sum();
     let board = kiln::bundle::board_files(out)?;
@@ -774,6 +800,12 @@ fn compile_closing(out: &std::path::Path, files: &[(String, u64)]) -> Result<()>
         .map(|(n, _)| n.as_str())
         .filter(|n| !names.contains(n))
         .collect();
+    let dir = out.display();
+    // weights.bin is made from the reference weights where it is needed.
+    let made = manifest
+        .weights_bin
+        .as_ref()
+        .filter(|w| !w.stored && !files.iter().any(|(n, _)| *n == w.file));
     kiln_runtime::say!(
         "  board      {:.1} MB: {} (build_om.sh converts the .onnx files there or on any CANN machine; the IR \
          and {} serve --backend cpu and diff){}",
@@ -786,19 +818,35 @@ fn compile_closing(out: &std::path::Path, files: &[(String, u64)]) -> Result<()>
             format!("; not needed there: {} (ONNX Runtime, for kiln diff --b onnxruntime here)", left.join(", "))
         }
     );
+    if let Some(w) = made {
+        kiln_runtime::say!(
+            "  weights    {} ({:.1} MB, the weights ATC converts) is not stored: build_om.sh and kiln diff make it \
+             from {} when they need it (kiln-run expand-weights {dir}, sha256 checked; --store-atc-weights \
+             stores it)",
+            w.file,
+            mb(w.bytes),
+            kiln::compile::REFERENCE_WEIGHTS
+        );
+    }
     kiln_runtime::say!("  total      {:.1} MB in {}", mb(total), out.display());
-    let dir = out.display();
     let leaf = out.file_name().unwrap_or_default().to_string_lossy();
     let [target, linker, build] = kiln::bundle::cross_build_steps();
+    let (diff_note, board_note) = match made {
+        Some(w) => (
+            format!("writes {} first; ", w.file),
+            format!(" (it makes {} with ./kiln-run first)", w.file),
+        ),
+        None => (String::new(), String::new()),
+    };
     let steps = [
         format!("kiln-run generate {dir} --chat --prompt \"What is the capital of France?\"   # on this CPU"),
-        format!("kiln diff {dir} --b onnxruntime --prompt \"The capital of France is\"   # needs a Python with onnxruntime (--python)"),
+        format!("kiln diff {dir} --b onnxruntime --prompt \"The capital of France is\"   # {diff_note}needs a Python with onnxruntime (--python)"),
         "# kiln-run for the board (aarch64), once:".to_string(),
         target,
         linker,
         build,
         format!("kiln bundle {dir} {dir}.tar   # the board's files, that kiln-run and a README.txt in one archive"),
-        format!("# on the board: tar xf {leaf}.tar; ./{leaf}/build_om.sh --soc auto; ./kiln-run check {leaf}"),
+        format!("# on the board: tar xf {leaf}.tar; ./{leaf}/build_om.sh --soc auto{board_note}; ./kiln-run check {leaf}"),
         format!("# ./kiln-run generate {leaf} --backend npu --chat --prompt \"…\"   (README.txt in the archive lists them)"),
     ];
     kiln_runtime::say!("Next:");

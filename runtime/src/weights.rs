@@ -353,6 +353,15 @@ impl WeightStore {
         Ok(())
     }
 
+    /// The quantized tensors a dequantized tensor (see
+    /// [`Self::insert_dequantized`]) is computed from; `None` for any other.
+    pub fn dequantized_source(&self, name: &str) -> Option<&QuantTensors> {
+        match self.entries.get(name).map(|e| &e.source) {
+            Some(Source::Dequantized(t)) => Some(t),
+            _ => None,
+        }
+    }
+
     /// Removes a tensor (one a pass replaced by others). Mapped bytes stay
     /// mapped; owned ones are freed.
     pub fn remove(&mut self, name: &str) {

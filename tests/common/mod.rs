@@ -223,6 +223,16 @@ pub fn compile_fixture(name: &str, out: &Path, extra: &[&str]) -> Output {
     o
 }
 
+/// Makes a compiled directory's weights.bin (kiln compile records how to
+/// make it from the reference weights instead of storing it), as `kiln-run
+/// expand-weights` does: for the Python tools that read the ONNX graphs'
+/// external data. Nothing happens when it is there or not needed.
+pub fn expand_weights(dir: &Path) {
+    let manifest = kiln_runtime::compiled::manifest::Manifest::load(dir).unwrap();
+    kiln_runtime::compiled::weights_bin::ensure(dir, &manifest, |_, _| {})
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// Writes a stand-in tool (a test double: atc, npu-smi, …) as an executable script.
 pub fn write_executable(path: &Path, script: &str) {
     use std::os::unix::fs::PermissionsExt;

@@ -209,7 +209,14 @@ fn shell_safe(s: &str) -> bool {
 /// The `build_om.sh` script: converts every graph with atc into the
 /// directory the script is in, with external weights, logging each to
 /// `atc-<graph>.log` (see `build_om.sh` beside this file for the rest).
-pub fn script(jobs: &[AtcJob], target: &Target, precision_mode: &str) -> String {
+/// `weights_bin` is the graphs' external data file and its size, made
+/// first when it is missing.
+pub fn script(
+    jobs: &[AtcJob],
+    target: &Target,
+    precision_mode: &str,
+    weights_bin: Option<(&str, u64)>,
+) -> String {
     let mut conversions = String::new();
     for job in jobs {
         let args = job.args(precision_mode);
@@ -226,7 +233,11 @@ pub fn script(jobs: &[AtcJob], target: &Target, precision_mode: &str) -> String 
     }
     let graphs: Vec<String> = jobs.iter().map(|j| format!("'{}'", j.graph)).collect();
     assert!(shell_safe(target.soc_version));
+    let (file, bytes) = weights_bin.unwrap_or(("", 0));
+    assert!(file.is_empty() || shell_safe(file));
     include_str!("build_om.sh")
+        .replace("@WEIGHTS_BIN@", &format!("'{file}'"))
+        .replace("@WEIGHTS_BIN_BYTES@", &bytes.to_string())
         .replace("@VENDOR@", crate::backend::ascendc::VENDOR)
         .replace("@COMPILED_SOC@", target.soc_version)
         .replace("@GRAPHS@", &graphs.join(" "))
@@ -331,6 +342,7 @@ mod tests {
             &[job],
             target("ascend310b1").unwrap(),
             "must_keep_origin_dtype",
+            Some(("weights.bin", 1234)),
         );
         assert!(
             script.contains("'--input_shape=input_ids:1,1;k_cache:2,1,2,16,8'"),
@@ -338,13 +350,18 @@ mod tests {
         );
         assert!(script.contains("compiled_soc=Ascend310B1\n"), "{script}");
         assert!(
+            script.contains("weights_bin='weights.bin'\nweights_bin_bytes=1234\n"),
+            "{script}"
+        );
+        assert!(
             script.contains("convert 'decode' 'decode' '--framework=5'"),
             "{script}"
         );
         assert!(
             !script.contains("@COMPILED_SOC@")
                 && !script.contains("@GRAPHS@")
-                && !script.contains("@CONVERSIONS@"),
+                && !script.contains("@CONVERSIONS@")
+                && !script.contains("@WEIGHTS_BIN"),
             "{script}"
         );
     }

@@ -9,6 +9,11 @@
 #                Ascend310B4, ...); `auto` reads it from `npu-smi info` on
 #                this machine. Default: the chip the model was compiled for.
 #
+# The graphs' weights.bin is made first from weights.safetensors when it is
+# not here (kiln compile leaves it out to keep the directory small), by
+# `kiln-run expand-weights`: $KILN_RUN, ./kiln-run, ../kiln-run, kiln-run on
+# PATH, or `kiln expand-weights`. It is removed again once ATC is done.
+#
 # Every graph is converted with --external_weight=1: its weights go to
 # weight/, one file per distinct constant (weight_<sha256 of its bytes>), so
 # graphs with the same weights share the same files, and <graph>.weights
@@ -16,12 +21,16 @@
 # registers it for every graph. The chip converted for goes to om_soc.txt,
 # which kiln-run compares with the NPU before loading.
 set -euo pipefail
+started_in=$PWD
 cd "$(dirname "$0")"
 
 compiled_soc=@COMPILED_SOC@
 graphs=(@GRAPHS@)
+# The graphs' external data and its size; empty when the weights are inline.
+weights_bin=@WEIGHTS_BIN@
+weights_bin_bytes=@WEIGHTS_BIN_BYTES@
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 
 soc=$compiled_soc
 while [ $# -gt 0 ]; do
@@ -79,6 +88,40 @@ if ! command -v atc >/dev/null 2>&1; then
     done
 fi
 command -v atc >/dev/null 2>&1 || { echo "atc not found: install CANN and source its set_env.sh" >&2; exit 127; }
+
+# The program that makes weights.bin: kiln-run expand-weights, or kiln's.
+expander() {
+    local candidate=${KILN_RUN:-}
+    case "$candidate" in "" | /*) ;; *) candidate="$started_in/$candidate" ;; esac
+    for candidate in "$candidate" ./kiln-run ../kiln-run; do
+        if [ -n "$candidate" ] && [ -f "$candidate" ] && [ -x "$candidate" ]; then
+            echo "$candidate"
+            return
+        fi
+    done
+    command -v kiln-run || command -v kiln
+}
+
+made_weights_bin=
+if [ -n "$weights_bin" ] && { [ ! -f "$weights_bin" ] || [ "$(wc -c <"$weights_bin")" != "$weights_bin_bytes" ]; }; then
+    if ! program=$(expander); then
+        {
+            echo "build_om.sh: $weights_bin is not here: kiln compile leaves it out and records how to make it"
+            echo "from weights.safetensors. Make it with kiln-run, built for this machine:"
+            echo "  kiln-run expand-weights $PWD"
+            echo "(put kiln-run beside this directory or on PATH, or set KILN_RUN=/path/to/kiln-run, and build_om.sh"
+            echo "runs it itself), or with \`kiln expand-weights DIR\` on the build machine and copy $weights_bin here;"
+            echo "kiln compile --store-atc-weights writes it into the directory from the start."
+        } >&2
+        exit 1
+    fi
+    echo "$weights_bin: making it from weights.safetensors ($program expand-weights)"
+    if ! "$program" expand-weights "$PWD"; then
+        echo "build_om.sh: $program expand-weights failed (above); $weights_bin is needed for atc" >&2
+        exit 1
+    fi
+    made_weights_bin=yes
+fi
 
 # A fresh start: nothing of an earlier conversion survives.
 rm -rf weight om_soc.txt opp
@@ -191,5 +234,10 @@ report_weights() {
 
 @CONVERSIONS@
 echo "$soc" >om_soc.txt
+if [ -n "$made_weights_bin" ]; then
+    # The .om files and weight/ hold what ATC took from it.
+    rm -f "$weights_bin"
+    echo "$weights_bin: removed (atc is done with it; kiln-run expand-weights makes it again)"
+fi
 report_weights
 echo "done: .om models written for $soc"

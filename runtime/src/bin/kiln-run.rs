@@ -46,6 +46,21 @@ enum Command {
         /// A directory written by `kiln compile`.
         model: PathBuf,
     },
+    /// Write a compiled directory's weights.bin from its reference weights,
+    /// by the recipe in manifest.json, checking its sha256.
+    ///
+    /// weights.bin is the ONNX graphs' external data: what build_om.sh gives
+    /// ATC, and what ONNX Runtime reads. kiln compile leaves it out to keep
+    /// the directory small (a quantized model's fp16 copy is several times
+    /// its size) and records how each initializer is made; build_om.sh and
+    /// kiln diff run this themselves when the file is missing. The file is
+    /// written beside its place and renamed there only once its sha256 is
+    /// the recorded one; a file already there is checked, and rewritten if
+    /// it differs.
+    ExpandWeights {
+        /// A directory written by `kiln compile`.
+        model: PathBuf,
+    },
     /// Serve the model over OpenAI's HTTP API (chat and text completions,
     /// streaming), keeping the last conversation's KV cache for its next turn.
     Serve(kiln_runtime::serve::ServeArgs),
@@ -72,6 +87,9 @@ fn main() {
         Command::Generate(args) => generate(args),
         Command::Inspect { om, graph } => inspect(&om, graph),
         Command::Check { model } => check(&model),
+        Command::ExpandWeights { model } => {
+            kiln_runtime::compiled::weights_bin::expand_command(&model, "kiln-run")
+        }
         Command::Diff(args) => kiln_runtime::diff::diff_command(&args),
         Command::Serve(args) => kiln_runtime::serve::serve(&args),
         Command::Bench(args) => kiln_runtime::bench::bench(&args).map(|report| {
@@ -111,6 +129,27 @@ fn check(dir: &std::path::Path) -> Result<(), String> {
         "{}: manifest, IR and reference weights agree",
         dir.display()
     );
+    if let Some(recipe) = &model.manifest.weights_bin {
+        use kiln_runtime::compiled::weights_bin::{self, State};
+        let mb = |b: u64| b as f64 / 1e6;
+        weights_bin::check_recipe(dir, &model.manifest).map_err(|e| e.to_string())?;
+        if weights_bin::state(dir, &model.manifest) == State::Present {
+            kiln_runtime::say!(
+                "{}: present ({:.1} MB), for build_om.sh",
+                recipe.file,
+                mb(recipe.bytes)
+            );
+        } else {
+            kiln_runtime::say!(
+                "{}: not stored ({:.1} MB, its recipe checked): build_om.sh makes it from {} \
+                 (kiln-run expand-weights {})",
+                recipe.file,
+                mb(recipe.bytes),
+                model.manifest.reference_weights,
+                dir.display()
+            );
+        }
+    }
     let mut built = 0;
     for (om, status) in model.check_om_files().map_err(|e| e.to_string())? {
         match status {

@@ -62,6 +62,11 @@ pub struct Manifest {
     /// around the fp16 blocks (`kiln compile --residual-dtype`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub residual_dtype: Option<String>,
+    /// How `weights.bin`, the ONNX graphs' external data, is made from the
+    /// reference weights (absent when the graphs hold their weights inline,
+    /// and in directories from before recipes, which store the file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_bin: Option<super::weights_bin::WeightsBin>,
 }
 
 /// The generated Ascend C package a compiled directory's graphs call.

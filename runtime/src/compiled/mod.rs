@@ -4,6 +4,7 @@
 
 pub mod external_weights;
 pub mod manifest;
+pub mod weights_bin;
 
 use crate::ir::model::ModelIrError;
 use crate::ir::{GraphNames, ModelIr};

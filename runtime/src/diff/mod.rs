@@ -210,6 +210,7 @@ fn run_backend(
                 .or_else(|| std::env::var_os("KILN_PYTHON").map(PathBuf::from))
                 .unwrap_or_else(|| PathBuf::from("python3"));
             check_python(&python, dumps.is_some())?;
+            ensure_weights_bin(model)?;
             let runner = model.dir.join("ort_run.py");
             let logits_path =
                 std::env::temp_dir().join(format!("kiln-diff-{}.npy", std::process::id()));
@@ -265,6 +266,37 @@ fn run_backend(
             ))
         }
     }
+}
+
+/// ONNX Runtime reads the graphs' weights.bin: made from the reference
+/// weights first when the directory does not store it, saying so.
+fn ensure_weights_bin(model: &CompiledModel) -> Result<(), String> {
+    use crate::compiled::weights_bin::{self, State};
+    if weights_bin::state(&model.dir, &model.manifest) != State::Missing {
+        return Ok(());
+    }
+    let recipe = weights_bin::recipe_of(&model.dir, &model.manifest).map_err(|e| e.to_string())?;
+    crate::note!(
+        "note: {} is not stored in {}: writing it ({:.1} MB) from {} for ONNX Runtime, as \
+         `kiln-run expand-weights {}` does",
+        recipe.file,
+        model.dir.display(),
+        recipe.bytes as f64 / 1e6,
+        model.manifest.reference_weights,
+        model.dir.display()
+    );
+    let made = weights_bin::expand(
+        &model.dir,
+        &model.manifest,
+        weights_bin::tenths("note", &recipe.file),
+    )
+    .map_err(|e| e.to_string())?;
+    crate::note!(
+        "note: wrote {} in {:.1} s (sha256 as the manifest records)",
+        made.path.display(),
+        made.seconds
+    );
+    Ok(())
 }
 
 /// Refuses, with what to do, a Python that cannot run ort_run.py: rather

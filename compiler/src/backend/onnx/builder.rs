@@ -38,30 +38,18 @@ impl FloatType {
         }
     }
 
+    /// The runtime's name for this type.
+    pub fn dtype(self) -> kiln_runtime::ir::DType {
+        match self {
+            FloatType::F32 => kiln_runtime::ir::DType::F32,
+            FloatType::F16 => kiln_runtime::ir::DType::F16,
+        }
+    }
+
     /// Little-endian bytes of `values` in this type (to f16: rounded to
     /// nearest even, with F16C when the CPU has it).
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
-        let mut out = vec![0; values.len() * self.size_bytes()];
-        match self {
-            FloatType::F32 => {
-                for (v, d) in values.iter().zip(out.chunks_exact_mut(4)) {
-                    d.copy_from_slice(&v.to_le_bytes());
-                }
-            }
-            FloatType::F16 => {
-                use half::slice::HalfFloatSliceExt;
-                const BLOCK: usize = 1024;
-                let mut halves = [half::f16::ZERO; BLOCK];
-                for (src, dst) in values.chunks(BLOCK).zip(out.chunks_mut(2 * BLOCK)) {
-                    let halves = &mut halves[..src.len()];
-                    halves.convert_from_f32_slice(src);
-                    for (h, d) in halves.iter().zip(dst.chunks_exact_mut(2)) {
-                        d.copy_from_slice(&h.to_le_bytes());
-                    }
-                }
-            }
-        }
-        out
+        kiln_runtime::compiled::weights_bin::encode_floats(values, self.dtype())
     }
 }
 

@@ -11,6 +11,7 @@ pub mod builder;
 mod ops;
 
 use builder::{value_info, FloatType, GraphBuilder};
+use kiln_runtime::compiled::weights_bin::{self, Recipe, WeightsBinError};
 use kiln_runtime::ir::{DType, Graph, TensorType};
 use kiln_runtime::weights::{WeightError, WeightStore};
 use onnx_protobuf::tensor_proto::{DataLocation, DataType};
@@ -60,11 +61,32 @@ pub enum OnnxError {
         max_abs: f32,
         file: PathBuf,
     },
+    #[error(transparent)]
+    WeightsBin(WeightsBinError),
     #[error(
         "--residual-dtype f32 cannot be used with --kernels ascendc: the Add + RMSNorm kernel \
          keeps the residual stream in float16 (use --residual-dtype fp16, or --kernels onnx)"
     )]
     ResidualWithKernels,
+}
+
+impl From<WeightsBinError> for OnnxError {
+    /// The compile's own words for a weight float16 cannot hold.
+    fn from(e: WeightsBinError) -> Self {
+        match e {
+            WeightsBinError::OutOfHalfRange {
+                tensor,
+                max_abs,
+                file,
+            } => OnnxError::OutOfHalfRange {
+                tensor,
+                max_abs,
+                file,
+            },
+            WeightsBinError::Weights(e) => OnnxError::Weights(e),
+            e => OnnxError::WeightsBin(e),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -113,6 +135,23 @@ pub enum Derived {
     },
 }
 
+impl Derived {
+    /// The recipe `weights.bin` records for this initializer: the runtime
+    /// makes its bytes, at compile time and when the file is expanded.
+    pub fn recipe(&self) -> Recipe {
+        match self.clone() {
+            Derived::TransposedI8 { source } => Recipe::TransposedI8 { source },
+            Derived::DeqScale { scale } => Recipe::DeqScale { scale },
+            Derived::Rows { source, start, end } => Recipe::Rows { source, start, end },
+        }
+    }
+}
+
+/// The recipe of an initializer that is `derived`, or a store tensor.
+pub fn recipe(derived: Option<&Derived>) -> Recipe {
+    derived.map_or(Recipe::Tensor, Derived::recipe)
+}
+
 /// A lowered graph: everything but the weight bytes.
 pub struct OnnxGraph {
     /// The model with the graph's nodes, inputs, outputs and small constants.
@@ -127,15 +166,7 @@ pub struct OnnxGraph {
     pub kernels: crate::backend::ascendc::KernelPlan,
 }
 
-/// `AscendDequant`'s `deq_scale` word for an f32 scale and an int8 weight
-/// offset, laid out as ATC's quantization tool (AMCT) writes it: bits 31..0
-/// the f32 bit pattern of the scale, of which the hardware reads only the
-/// top 19 bits (sign, exponent, 10 mantissa bits: the low 13 are cleared
-/// here), bits 47..40 the offset in two's complement, every other bit 0.
-pub fn deq_scale(scale: f32, offset: i8) -> u64 {
-    let bits = scale.to_bits() & 0xFFFF_E000;
-    u64::from(bits) | (u64::from(offset as u8) << 40)
-}
+pub use kiln_runtime::compiled::weights_bin::deq_scale;
 
 /// Whether `deq_scale` keeps `scale` exactly: true of every f16 value (10
 /// mantissa bits), which is what the quantizer stores.
@@ -320,6 +351,10 @@ pub enum WeightPlacement<'a> {
     /// In one external data file at this path, which every graph references
     /// by its file name: each tensor is written there once.
     External(&'a Path),
+    /// Laid out as [`Self::External`], but the file is not written: its
+    /// bytes are only hashed (`kiln-run expand-weights` makes it from the
+    /// reference weights by the same recipes).
+    Unwritten(&'a Path),
     /// The initializers `existing` names reference those bytes, already in
     /// files beside the graphs; the others go into one external data file at
     /// `rest`, made only when there are any.
@@ -353,19 +388,15 @@ pub struct Written {
     pub weights_sha256: String,
     /// Each weight's place in the external data (empty when inline).
     pub stored: HashMap<String, StoredBytes>,
+    /// The weights converted, in the order written (that of the external
+    /// data file).
+    pub order: Vec<String>,
 }
 
 /// Whether a weight's initializer holds the store tensor's bytes unchanged
 /// (so a file that holds the tensor as stored can serve the graph).
 pub fn stored_as_is(store: &WeightStore, name: &str, float: FloatType) -> bool {
-    let Ok(ty) = store.tensor_type(name) else {
-        return false;
-    };
-    match (ty.dtype, float) {
-        (DType::I8 | DType::U4, _) => true,
-        (DType::F32, FloatType::F32) | (DType::F16, FloatType::F16) => store.bytes(name).is_ok(),
-        _ => false,
-    }
+    weights_bin::stored_as_is(store, name, float.dtype())
 }
 
 /// One weight converted to the model's float type (borrowed from the store
@@ -377,124 +408,28 @@ struct Chunk<'s> {
 }
 
 impl<'s> Chunk<'s> {
+    /// Quantized weights go as stored (their f16 scales were checked when
+    /// quantized); so do floats already in the graph's type (unless
+    /// computed when read, as dequantized ones are). Whatever becomes fp16
+    /// is checked against its range. The bytes come from the runtime's
+    /// [`weights_bin::initializer_bytes`], which `kiln-run expand-weights`
+    /// runs too.
     fn convert(
         store: &'s WeightStore,
         name: &'s str,
         derived: Option<&Derived>,
         float: FloatType,
     ) -> Result<Self, OnnxError> {
-        if let Some(derived) = derived {
-            let bytes = Cow::Owned(derive(store, derived, float)?);
-            return Ok(Chunk { name, bytes, store });
-        }
-        // Quantized weights go as stored (their f16 scales were checked
-        // when quantized); so do floats already in the graph's type (unless
-        // computed when read, as dequantized ones are). Whatever becomes
-        // fp16 is checked against its range.
-        let ty = store.tensor_type(name)?;
-        let bytes = if stored_as_is(store, name, float) {
-            let bytes = store.bytes(name)?;
-            if ty.dtype == DType::F16 {
-                check_half_bits(store, name, bytes)?;
-            }
-            Cow::Borrowed(bytes)
-        } else {
-            let tensor = store.to_f32_tensor(name)?;
-            if float == FloatType::F16 {
-                check_half_range(store, name, tensor.f32s())?;
-            }
-            let converted = float.encode(tensor.f32s());
-            store.release(name);
-            Cow::Owned(converted)
-        };
+        let bytes = weights_bin::initializer_bytes(store, name, &recipe(derived), float.dtype())?;
         Ok(Chunk { name, bytes, store })
     }
 }
 
-/// Refuses a weight that float16 cannot hold: a |value| above 65504 (it
-/// would be inf, or round to the largest finite value and silently change
-/// the model) or one that is not finite.
-fn check_half_range(store: &WeightStore, name: &str, values: &[f32]) -> Result<(), OnnxError> {
-    let max_abs = values.iter().fold(0f32, |m, v| {
-        if m.is_nan() || v.is_nan() {
-            f32::NAN
-        } else {
-            m.max(v.abs())
-        }
-    });
-    // Written so that NaN fails it too.
-    if max_abs <= half::f16::MAX.to_f32() {
-        return Ok(());
-    }
-    Err(OnnxError::OutOfHalfRange {
-        tensor: name.to_string(),
-        max_abs,
-        file: store.origin(name),
-    })
-}
-
-/// [`check_half_range`] for a tensor stored as f16: no inf or NaN.
-fn check_half_bits(store: &WeightStore, name: &str, bytes: &[u8]) -> Result<(), OnnxError> {
-    let bad = bytes
-        .chunks_exact(2)
-        .map(|b| half::f16::from_le_bytes([b[0], b[1]]))
-        .find(|h| !h.is_finite());
-    match bad {
-        None => Ok(()),
-        Some(h) => Err(OnnxError::OutOfHalfRange {
-            tensor: name.to_string(),
-            max_abs: h.to_f32().abs(),
-            file: store.origin(name),
-        }),
-    }
-}
-
 /// The bytes of a derived initializer.
+#[cfg(test)]
 fn derive(store: &WeightStore, derived: &Derived, float: FloatType) -> Result<Vec<u8>, OnnxError> {
-    Ok(match derived {
-        Derived::TransposedI8 { source } => {
-            let ty = store.tensor_type(source)?;
-            let (n, k) = (ty.shape[0], ty.shape[1]);
-            let q = store.bytes(source)?;
-            let mut out = vec![0u8; n * k];
-            // Row blocks of the source keep both sides' accesses local.
-            for rows in (0..n).step_by(64) {
-                for kk in 0..k {
-                    for row in rows..(rows + 64).min(n) {
-                        out[kk * n + row] = q[row * k + kk];
-                    }
-                }
-            }
-            store.release(source);
-            out
-        }
-        Derived::DeqScale { scale } => store
-            .to_f32_tensor(scale)?
-            .f32s()
-            .iter()
-            .flat_map(|&s| deq_scale(s, 0).to_le_bytes())
-            .collect(),
-        Derived::Rows { source, start, end } => {
-            let ty = store.tensor_type(source)?;
-            let rows = ty.shape[0].max(1);
-            match ty.dtype {
-                DType::I8 | DType::U4 => {
-                    let q = store.bytes(source)?;
-                    let row = q.len() / rows;
-                    q[start * row..end * row].to_vec()
-                }
-                _ => {
-                    let t = store.to_f32_tensor(source)?;
-                    let row = ty.numel() / rows;
-                    let values = &t.f32s()[start * row..end * row];
-                    if float == FloatType::F16 {
-                        check_half_range(store, source, values)?;
-                    }
-                    float.encode(values)
-                }
-            }
-        }
-    })
+    let bytes = weights_bin::initializer_bytes(store, "", &derived.recipe(), float.dtype())?;
+    Ok(bytes.into_owned())
 }
 
 /// The dims, byte length and ONNX type of initializer `name` of a graph.
@@ -740,7 +675,7 @@ pub fn write(
     // the others (the ones streamed below) follow each other in one file.
     let (external_file, existing) = match placement {
         WeightPlacement::Inline => (None, None),
-        WeightPlacement::External(path) => (Some(path), None),
+        WeightPlacement::External(path) | WeightPlacement::Unwritten(path) => (Some(path), None),
         WeightPlacement::Reuse { existing, rest } => (Some(rest), Some(existing)),
     };
     if let Some(existing) = existing {
@@ -787,7 +722,9 @@ pub fn write(
         out.write_all(&prefix).map_err(io_err(path))?;
         match placement {
             WeightPlacement::Inline => sinks.push(Sink::Inline { out, path, entries }),
-            WeightPlacement::External(_) | WeightPlacement::Reuse { .. } => {
+            WeightPlacement::External(_)
+            | WeightPlacement::Unwritten(_)
+            | WeightPlacement::Reuse { .. } => {
                 for name in &graph.weights {
                     out.write_all(&entries[name.as_str()])
                         .map_err(io_err(path))?;
@@ -796,7 +733,8 @@ pub fn write(
             }
         }
     }
-    if let Some(path) = external_file.filter(|_| !order.is_empty()) {
+    let unwritten = matches!(placement, WeightPlacement::Unwritten(_));
+    if let Some(path) = external_file.filter(|_| !order.is_empty() && !unwritten) {
         sinks.push(Sink::External {
             out: create(path)?,
             path,
@@ -848,6 +786,7 @@ pub fn write(
         weight_bytes: order.iter().map(|name| shapes[name].1).sum(),
         weights_sha256,
         stored: external.unwrap_or_default(),
+        order: order.iter().map(|n| n.to_string()).collect(),
     })
 }
 
@@ -1290,7 +1229,9 @@ mod tests {
                         }
                         let bytes = match placement {
                             WeightPlacement::Inline => t.raw_data.clone(),
-                            WeightPlacement::External(_) | WeightPlacement::Reuse { .. } => {
+                            WeightPlacement::External(_)
+                            | WeightPlacement::Unwritten(_)
+                            | WeightPlacement::Reuse { .. } => {
                                 let field = |key: &str| -> usize {
                                     let e = t.external_data.iter().find(|e| e.key == key);
                                     e.unwrap().value.parse().unwrap()
@@ -1310,6 +1251,27 @@ mod tests {
                     assert_eq!(data.len() as u64, written.weight_bytes);
                 }
             }
+            // Unwritten: the same graphs, layout and hash, and no data file.
+            let external_written = std::fs::read(&external).unwrap();
+            let graphs_written: Vec<Vec<u8>> = ["one.onnx", "two.onnx"]
+                .iter()
+                .map(|f| std::fs::read(tmp.path().join(f)).unwrap())
+                .collect();
+            std::fs::remove_file(&external).unwrap();
+            let paths = [tmp.path().join("one.onnx"), tmp.path().join("two.onnx")];
+            let graphs = [
+                (paths[0].as_path(), &lowered[0]),
+                (paths[1].as_path(), &lowered[1]),
+            ];
+            let placement = WeightPlacement::Unwritten(&external);
+            let written = write(&graphs, &store, float, placement, |_, _| {}).unwrap();
+            assert_eq!(written.weights_sha256, hash);
+            assert_eq!(written.order, ["norm.weight", "proj.weight"]);
+            assert!(!external.exists());
+            for (path, bytes) in paths.iter().zip(&graphs_written) {
+                assert!(std::fs::read(path).unwrap() == *bytes, "{}", path.display());
+            }
+            assert_eq!(external_written.len() as u64, written.weight_bytes);
         }
     }
 
