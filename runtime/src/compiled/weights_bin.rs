@@ -968,7 +968,7 @@ mod tests {
             "dtype": "float16", "opset": 13, "vocab_size": 8, "prefill_len": 4,
             "kv_cache": { "layers": 1, "kv_heads": 1, "max_len": 8, "head_dim": 4,
                           "layout": "", "update": "" },
-            "mask": { "layout": "", "hidden": "-inf" },
+            "mask": { "layout": "", "hidden": "-inf", "inputs": [] },
             "graphs": [], "ir": "model.kiln.json", "reference_weights": "w.safetensors",
             "tokenizer": null, "tokenizer_config": null,
             "generation": { "bos_token_id": null, "eos_token_ids": [] },
