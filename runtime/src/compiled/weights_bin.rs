@@ -962,7 +962,7 @@ mod tests {
             ],
         };
         let mut m = serde_json::json!({
-            "format": 1, "kiln_version": "test", "architecture": "TestForCausalLM",
+            "format": 2, "kiln_version": "test", "architecture": "TestForCausalLM",
             "config_sha256": "", "weights_sha256": "",
             "target": { "name": "310b", "soc_version": "Ascend310B1" },
             "dtype": "float16", "opset": 13, "vocab_size": 8, "prefill_len": 4,
