@@ -386,6 +386,23 @@ impl CompiledModel {
     }
 }
 
+/// A minimal manifest of the current format, for tests to edit.
+#[cfg(test)]
+pub(crate) fn test_manifest_json() -> serde_json::Value {
+    serde_json::json!({
+        "format": 2, "kiln_version": "test", "architecture": "TestForCausalLM",
+        "config_sha256": "", "weights_sha256": "",
+        "target": { "name": "310b", "soc_version": "Ascend310B1" },
+        "dtype": "float16", "opset": 17, "vocab_size": 8, "prefill_len": 4,
+        "kv_cache": { "layers": 1, "kv_heads": 1, "max_len": 8, "head_dim": 4,
+                      "layout": "", "update": "" },
+        "mask": { "layout": "", "hidden": "-inf", "inputs": [] },
+        "graphs": [], "ir": "model.kiln.json", "reference_weights": "w.safetensors",
+        "tokenizer": null, "tokenizer_config": null,
+        "generation": { "bos_token_id": null, "eos_token_ids": [] },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,18 +410,7 @@ mod tests {
     use crate::om::model_def::OmGraph;
 
     fn manifest(atc_weights: Option<&str>, kernel: Option<&str>) -> Manifest {
-        let mut m = serde_json::json!({
-            "format": 2, "kiln_version": "test", "architecture": "TestForCausalLM",
-            "config_sha256": "", "weights_sha256": "",
-            "target": { "name": "310b", "soc_version": "Ascend310B1" },
-            "dtype": "float16", "opset": 17, "vocab_size": 8, "prefill_len": 4,
-            "kv_cache": { "layers": 1, "kv_heads": 1, "max_len": 8, "head_dim": 4,
-                          "layout": "", "update": "" },
-            "mask": { "layout": "", "hidden": "-inf", "inputs": [] },
-            "graphs": [], "ir": "model.kiln.json", "reference_weights": "w.safetensors",
-            "tokenizer": null, "tokenizer_config": null,
-            "generation": { "bos_token_id": null, "eos_token_ids": [] },
-        });
+        let mut m = test_manifest_json();
         if let Some(w) = atc_weights {
             m["quantization"] = "w8a8".into();
             m["atc_weights"] = w.into();

@@ -961,18 +961,7 @@ mod tests {
                 entry("x", 294, 5, Recipe::Stored { offset: 3 }),
             ],
         };
-        let mut m = serde_json::json!({
-            "format": 2, "kiln_version": "test", "architecture": "TestForCausalLM",
-            "config_sha256": "", "weights_sha256": "",
-            "target": { "name": "310b", "soc_version": "Ascend310B1" },
-            "dtype": "float16", "opset": 13, "vocab_size": 8, "prefill_len": 4,
-            "kv_cache": { "layers": 1, "kv_heads": 1, "max_len": 8, "head_dim": 4,
-                          "layout": "", "update": "" },
-            "mask": { "layout": "", "hidden": "-inf", "inputs": [] },
-            "graphs": [], "ir": "model.kiln.json", "reference_weights": "w.safetensors",
-            "tokenizer": null, "tokenizer_config": null,
-            "generation": { "bos_token_id": null, "eos_token_ids": [] },
-        });
+        let mut m = crate::compiled::test_manifest_json();
         m["weights_bin"] = serde_json::to_value(&recipe).unwrap();
         std::fs::write(dir.join("expected.bin"), &expected).unwrap();
         serde_json::from_value(m).unwrap()
