@@ -49,13 +49,15 @@ import transformers
 from gguf import GGUFReader
 from transformers import AutoModelForCausalLM, AutoTokenizer, GemmaTokenizer
 
+# The HF fixtures' greedy loop (prefill, then decode steps with the cache).
+from make_fixtures import NEW_TOKENS, greedy_with_logits
+
 ROOT = Path(__file__).resolve().parents[2]
 GGUF_DIR = ROOT / "tests" / "fixtures" / "gguf"
 OUT = GGUF_DIR / "spm"
 MODELS = ROOT / "tests" / "fixtures" / "models"
 
 FILES = ["gemma.gguf", "gemma2.gguf", "spm-llama.gguf", "spm-phi3.gguf"]
-NEW_TOKENS = 9  # the prefill's choice plus 8 decode steps
 MIN_MARGIN = 1e-2
 # Tried in order; the first whose greedy choices are clear is recorded.
 PROMPTS = [
@@ -115,22 +117,6 @@ def tokenizer_goldens(name: str) -> tuple[dict, object]:
     }, tok
 
 
-def greedy(model, ids: list[int]) -> tuple[list[int], np.ndarray, float]:
-    rows, chosen, margins = [], [], []
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids]), use_cache=True)
-        for step in range(NEW_TOKENS):
-            logits = out.logits[0, -1].float()
-            top2 = torch.topk(logits, 2).values
-            margins.append(float(top2[0] - top2[1]))
-            token = int(torch.argmax(logits))
-            rows.append(logits.numpy().copy())
-            chosen.append(token)
-            if step + 1 < NEW_TOKENS:
-                out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
-    return chosen, np.stack(rows).astype(np.float32), min(margins)
-
-
 def field(reader: GGUFReader, key: str):
     f = reader.fields.get(key)
     return None if f is None else f.contents()
@@ -182,7 +168,7 @@ def generation_goldens(name: str, tok) -> dict:
         raise ValueError(arch)
     for prompt in PROMPTS:
         ids = tok(prompt)["input_ids"]
-        chosen, logits, margin = greedy(model, ids)
+        chosen, logits, margin = greedy_with_logits(model, ids)
         if margin >= MIN_MARGIN:
             break
         print(f"{name}: greedy margin {margin:.2e} on {prompt!r}; trying the next prompt")
