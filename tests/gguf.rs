@@ -199,16 +199,18 @@ fn sentencepiece_vocabularies_tokenize_as_transformers_gguf_loader_does() {
     );
 }
 
-/// Gemma and Gemma 2 from GGUF (llama.cpp's tensor names, its `1 + w` norms,
-/// Gemma 2's soft-cap and window keys): the prompt tokenizes as transformers
-/// did, and the logits are transformers' (gemma: of the checkpoint the file
-/// holds, which transformers' GGUF loader refuses; gemma2: of its loader, with
-/// the soft caps and attention scale llama.cpp reads). gemma.gguf also
-/// reproduces the goldens of the HF fixture it was written from.
+/// Gemma, Gemma 2 and Gemma 3 from GGUF (llama.cpp's tensor names, its
+/// `1 + w` norms, Gemma 2's soft-cap and window keys, Gemma 3's q/k norms,
+/// window, fixed layer pattern and two RoPE bases): the prompt tokenizes as
+/// transformers did, and the logits are transformers' (gemma: of the
+/// checkpoint the file holds, which transformers' GGUF loader refuses;
+/// gemma2, gemma3: of its loader, with what llama.cpp reads from the file
+/// and the loader does not). gemma.gguf and gemma3.gguf also reproduce the
+/// goldens of the HF fixtures they were written from.
 #[test]
 fn gemma_ggufs_match_transformers() {
     let goldens = spm_goldens();
-    for file in ["gemma.gguf", "gemma2.gguf"] {
+    for file in ["gemma.gguf", "gemma2.gguf", "gemma3.gguf"] {
         let g = &goldens["generation"][file];
         let model = gguf_fixture(file);
         let prompt_ids = ids_of(&g["prompt_ids"]);
@@ -231,21 +233,20 @@ fn gemma_ggufs_match_transformers() {
         let err = max_abs_diff(&logits, &expected);
         assert!(err <= 1e-4, "{file}: max abs logit error {err:e}");
     }
-    let g = golden("gemma");
-    let (ids, logits) = kiln_generate(
-        &gguf_fixture("gemma.gguf"),
-        &g.prompt_ids,
-        g.generated_ids.len(),
-    );
-    assert_eq!(
-        ids, g.generated_ids,
-        "gemma.gguf vs the gemma fixture's goldens"
-    );
-    let err = max_abs_diff(&logits, &g.logits);
-    assert!(
-        err <= 1e-4,
-        "gemma.gguf vs the gemma fixture's goldens: {err:e}"
-    );
+    for (file, fixture) in [("gemma.gguf", "gemma"), ("gemma3.gguf", "gemma3-pattern6")] {
+        let g = golden(fixture);
+        let (ids, logits) =
+            kiln_generate(&gguf_fixture(file), &g.prompt_ids, g.generated_ids.len());
+        assert_eq!(
+            ids, g.generated_ids,
+            "{file} vs the {fixture} fixture's goldens"
+        );
+        let err = max_abs_diff(&logits, &g.logits);
+        assert!(
+            err <= 1e-4,
+            "{file} vs the {fixture} fixture's goldens: {err:e}"
+        );
+    }
 }
 
 /// Phi-3's fused attn_qkv and ffn_up in Q8_0 blocks: kept in their blocks

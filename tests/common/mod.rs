@@ -19,7 +19,14 @@ pub const FIXTURES: [&str; 6] = [
 /// Fixtures of the families added after the first four: checked against
 /// transformers by the interpreter and by ONNX Runtime (fp32 and fp16), but
 /// left out of the per-fixture compile matrix to keep CI's time.
-pub const FAMILY_FIXTURES: [&str; 5] = ["gemma", "phi3", "gemma2", "gemma3", "phi3-longrope"];
+pub const FAMILY_FIXTURES: [&str; 6] = [
+    "gemma",
+    "phi3",
+    "gemma2",
+    "gemma3",
+    "phi3-longrope",
+    "gemma3-pattern6",
+];
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

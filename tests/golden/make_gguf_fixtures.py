@@ -45,6 +45,11 @@ It writes into tests/fixtures/gguf/:
   spaces). That model is trained here with the `sentencepiece` package on a
   generated text: BPE, 320 pieces (the fixtures' vocabulary size, so their
   embeddings stay as they are), byte fallback, Gemma's special ids.
+- gemma3.gguf: the `gemma3-pattern6` fixture as Gemma3Model writes it: the
+  same, plus q/k norms (also stored plus 1), the global layers' RoPE base and
+  linear scaling, `rope.freq_base_swa` for the local layers, and the window.
+  Its layers follow the pattern llama.cpp assumes for every Gemma 3 file
+  (every sixth global), which the script checks.
 - spm-llama.gguf, spm-phi3.gguf: the same vocabulary alone (no tensors) under
   the `llama` and `phi3` architectures, for which transformers builds
   sentencepiece tokenizers differently (a prefix space, merges ordered by
@@ -53,7 +58,7 @@ It writes into tests/fixtures/gguf/:
 
 Names on the command line build only those files (`quant`, `llama-gqa`,
 `qwen3`, `llama3-rope`, `phi3`, `phi3-longrope`, `phi3-q8_0`, `gemma`,
-`gemma2`, `spm`).
+`gemma2`, `gemma3`, `spm`).
 """
 
 import json
@@ -398,16 +403,22 @@ def sentencepiece_vocab(work: Path, vocab_size: int):
     return tokens, scores, types
 
 
-def make_gemma(fixture: str, work: Path):
-    """The HF fixture `fixture` as GemmaModel / Gemma2Model write it."""
+def make_gemma(fixture: str, work: Path, out_name: str | None = None):
+    """The HF fixture `fixture` as GemmaModel / Gemma2Model / Gemma3Model
+    write it, into `out_name`.gguf (default: the fixture's name)."""
+    out_name = out_name or fixture
     src = MODELS / fixture
     config = json.loads((src / "config.json").read_text())
-    arch = {"gemma": gguf.MODEL_ARCH.GEMMA, "gemma2": gguf.MODEL_ARCH.GEMMA2}[config["model_type"]]
+    arch = {
+        "gemma": gguf.MODEL_ARCH.GEMMA,
+        "gemma2": gguf.MODEL_ARCH.GEMMA2,
+        "gemma3_text": gguf.MODEL_ARCH.GEMMA3,
+    }[config["model_type"]]
     # The converter reads bos/eos/pad ids from config.json; a Gemma one has them.
     (work / "config.json").write_text(json.dumps({"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}))
     tokens, scores, types = sentencepiece_vocab(work, config["vocab_size"])
 
-    writer = gguf.GGUFWriter(str(OUT / f"{fixture}.gguf"), gguf.MODEL_ARCH_NAMES[arch])
+    writer = gguf.GGUFWriter(str(OUT / f"{out_name}.gguf"), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(fixture)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -423,6 +434,23 @@ def make_gemma(fixture: str, work: Path):
         writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
         writer.add_final_logit_softcapping(config["final_logit_softcapping"])
         writer.add_sliding_window(config["sliding_window"])
+    if arch == gguf.MODEL_ARCH.GEMMA3:
+        # TextModel.set_gguf_parameters: the global layers' RoPE (base and
+        # linear scaling) and the local base; Gemma3Model: the window, no
+        # soft-cap keys (the config has none). No key says which layers
+        # slide: llama.cpp takes every sixth as global.
+        assert config["layer_types"] == [
+            "full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+            for i in range(config["num_hidden_layers"])
+        ], "llama.cpp would read another layer pattern from this file"
+        rope = config["rope_parameters"]
+        writer.add_rope_freq_base(rope["full_attention"]["rope_theta"])
+        writer.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
+        if rope["full_attention"]["rope_type"] == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(rope["full_attention"]["factor"])
+        writer.add_sliding_window(config["sliding_window"])
+        assert config["final_logit_softcapping"] is None and config["attn_logit_softcapping"] is None
 
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
@@ -481,7 +509,7 @@ def make_spm_only(arch_name: str, work: Path, add_bos, add_eos):
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     everything = {"quant", "llama-gqa", "qwen3", "llama3-rope", "phi3", "phi3-longrope"}
-    everything |= {"phi3-q8_0", "gemma", "gemma2", "spm"}
+    everything |= {"phi3-q8_0", "gemma", "gemma2", "gemma3", "spm"}
     wanted = set(sys.argv[1:]) or everything
     if "quant" in wanted:
         make_quant()
@@ -504,6 +532,8 @@ def main():
         for fixture in ("gemma", "gemma2"):
             if fixture in wanted:
                 make_gemma(fixture, work)
+        if "gemma3" in wanted:
+            make_gemma("gemma3-pattern6", work, out_name="gemma3")
         if "spm" in wanted:
             (work / "config.json").unlink(missing_ok=True)
             # Between them, the flags' other cases: EOS added; no add-BOS key.

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Records Hugging Face transformers' view of the sentencepiece GGUF fixtures
-(tests/fixtures/gguf/{gemma,gemma2,spm-llama,spm-phi3}.gguf, written by
+(tests/fixtures/gguf/{gemma,gemma2,gemma3,spm-llama,spm-phi3}.gguf, written by
 make_gguf_fixtures.py): the goldens for Kiln's sentencepiece tokenizer and its
 Gemma GGUF architectures.
 
@@ -37,6 +37,13 @@ What transformers' loader cannot do, and what is recorded instead:
   metadata, and the attention scale 1/sqrt(key_length) (llama.cpp's
   llama_model_gemma2 for every size but the 46-layer 27B). The script checks
   that its loader gives other logits without them.
+- For `gemma3` it reads the global RoPE base and the window, but neither
+  `gemma3.rope.scaling.*` nor `gemma3.rope.freq_base_swa`, and a GGUF has no
+  `query_pre_attn_scalar` (Gemma3TextConfig's default is 256). The model is
+  loaded with those passed as llama.cpp reads the file (llama_model_gemma3):
+  the global layers' base and linear factor, the local base, the attention
+  scale 1/sqrt(key_length) (every size but the 62-layer 27B), and its fixed
+  layer pattern (every sixth layer global). Checked as for `gemma2`.
 """
 
 import importlib.metadata
@@ -57,7 +64,7 @@ GGUF_DIR = ROOT / "tests" / "fixtures" / "gguf"
 OUT = GGUF_DIR / "spm"
 MODELS = ROOT / "tests" / "fixtures" / "models"
 
-FILES = ["gemma.gguf", "gemma2.gguf", "spm-llama.gguf", "spm-phi3.gguf"]
+FILES = ["gemma.gguf", "gemma2.gguf", "gemma3.gguf", "spm-llama.gguf", "spm-phi3.gguf"]
 MIN_MARGIN = 1e-2
 # Tried in order; the first whose greedy choices are clear is recorded.
 PROMPTS = [
@@ -164,6 +171,40 @@ def generation_goldens(name: str, tok) -> dict:
             "query_pre_attn_scalar; these are the values llama.cpp takes from the file",
             "loader_config": {k: plain.config.to_dict().get(k) for k in metadata},
         }
+    elif arch == "gemma3":
+        assert field(reader, "gemma3.block_count") != 62  # 27B: hidden / heads instead
+        assert field(reader, "gemma3.final_logit_softcapping") is None
+        full = {"rope_type": "default", "rope_theta": field(reader, "gemma3.rope.freq_base")}
+        if field(reader, "gemma3.rope.scaling.type") == "linear":
+            full = {**full, "rope_type": "linear", "factor": field(reader, "gemma3.rope.scaling.factor")}
+        metadata = {
+            "query_pre_attn_scalar": field(reader, "gemma3.attention.key_length"),
+            "layer_types": [
+                "full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                for i in range(field(reader, "gemma3.block_count"))
+            ],
+            "rope_parameters": {
+                "full_attention": full,
+                "sliding_attention": {
+                    "rope_type": "default",
+                    "rope_theta": field(reader, "gemma3.rope.freq_base_swa") or 10000.0,
+                },
+            },
+        }
+        model = load(GGUF_DIR, gguf_file=name, **metadata)
+        plain = load(GGUF_DIR, gguf_file=name)
+        probe = torch.tensor([tok(PROMPTS[0])["input_ids"]])
+        with torch.no_grad():
+            a = model(input_ids=probe).logits
+            b = plain(input_ids=probe).logits
+        assert not torch.allclose(a, b), "the overrides changed nothing: drop them"
+        source = {
+            "model": f"tests/fixtures/gguf/{name} (transformers' GGUF loader)",
+            "config_overrides": metadata,
+            "why": "transformers' GGUF loader reads neither the RoPE scaling nor the local base of a "
+            "gemma3 file and a GGUF has no query_pre_attn_scalar; these are the values llama.cpp takes",
+            "loader_config": {k: plain.config.to_dict().get(k) for k in metadata},
+        }
     else:
         raise ValueError(arch)
     for prompt in PROMPTS:
@@ -185,6 +226,7 @@ def generation_goldens(name: str, tok) -> dict:
         "config": {k: model.config.to_dict().get(k) for k in (
             "model_type", "head_dim", "sliding_window", "layer_types", "attn_logit_softcapping",
             "final_logit_softcapping", "query_pre_attn_scalar", "tie_word_embeddings", "rms_norm_eps",
+            "rope_parameters",
         )},
         **source,
     }
@@ -203,7 +245,7 @@ def main():
     }
     for name in FILES:
         goldens["tokenizers"][name], tok = tokenizer_goldens(name)
-        if name in ("gemma.gguf", "gemma2.gguf"):
+        if name in ("gemma.gguf", "gemma2.gguf", "gemma3.gguf"):
             goldens["generation"][name] = generation_goldens(name, tok)
     (OUT / "goldens.json").write_text(json.dumps(goldens, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     for name, g in goldens["generation"].items():

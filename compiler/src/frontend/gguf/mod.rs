@@ -31,13 +31,14 @@ pub enum GgufModelError {
 
 /// llama.cpp architecture name → (transformers class, whether llama.cpp
 /// permuted the Q/K rows for its interleaved RoPE).
-const ARCHITECTURES: [(&str, &str, bool); 7] = [
+const ARCHITECTURES: [(&str, &str, bool); 8] = [
     ("llama", "LlamaForCausalLM", true),
     ("mistral", "MistralForCausalLM", true),
     ("qwen2", "Qwen2ForCausalLM", false),
     ("qwen3", "Qwen3ForCausalLM", false),
     ("gemma", "GemmaForCausalLM", false),
     ("gemma2", "Gemma2ForCausalLM", false),
+    ("gemma3", "Gemma3ForCausalLM", false),
     // Fused attn_qkv and ffn_up (gate then up) as transformers stores them.
     ("phi3", "Phi3ForCausalLM", false),
 ];
@@ -344,6 +345,54 @@ fn arch_config<'a>(
                 })
                 .collect();
         }
+        // llama.cpp's LLM_ARCH_GEMMA3 hyperparameters (src/llama-model.cpp):
+        // with a sliding window, every sixth layer is global (the file keeps
+        // no pattern) and the local layers rotate without scaling, whatever
+        // the global layers use, with base 10000 (newer converters write it
+        // as `rope.freq_base_swa`); without a window (or 0), every layer is
+        // global. The attention scale is 1/sqrt(key_length), but
+        // 1/sqrt(hidden / heads) for the 62-layer 27B; no attention soft-cap,
+        // the final one only if the file has it.
+        "gemma3" => {
+            const PATTERN: u64 = 6;
+            let layers = config["num_hidden_layers"].as_u64().unwrap_or(0);
+            let window = match key("attention.sliding_window") {
+                None => 0,
+                Some(v) => v.as_u64().ok_or_else(|| {
+                    format!(
+                        "{arch}.attention.sliding_window is {v}; it must be a non-negative integer"
+                    )
+                })?,
+            };
+            let scalar = if layers == 62 {
+                let heads = config["num_attention_heads"].as_u64().unwrap_or(1).max(1);
+                config["hidden_size"].as_u64().unwrap_or(0) / heads
+            } else {
+                config["head_dim"].as_u64().unwrap_or(0)
+            };
+            let final_cap = match key("final_logit_softcapping") {
+                None => Value::Null,
+                Some(_) => json!(positive("final_logit_softcapping", 0.0)?),
+            };
+            config["model_type"] = json!("gemma3_text");
+            config["hidden_activation"] = json!("gelu_pytorch_tanh");
+            config["attn_logit_softcapping"] = Value::Null;
+            config["final_logit_softcapping"] = final_cap;
+            config["query_pre_attn_scalar"] = json!(scalar);
+            config["rope_local_base_freq"] = json!(positive("rope.freq_base_swa", 10000.0)?);
+            config["sliding_window_pattern"] = json!(PATTERN);
+            config["sliding_window"] = if window == 0 {
+                Value::Null
+            } else {
+                json!(window)
+            };
+            config["layer_types"] = (0..layers)
+                .map(|l| match window > 0 && (l + 1) % PATTERN != 0 {
+                    true => "sliding_attention",
+                    false => "full_attention",
+                })
+                .collect();
+        }
         _ => {}
     }
     Ok(())
@@ -443,11 +492,12 @@ fn rope_config(
 
 /// What llama.cpp added to a norm weight of `arch`: Gemma's converters store
 /// `1 + w` for the `w` transformers' Gemma RMSNorm multiplies by `1 + w`
-/// (convert_hf_to_gguf.py, GemmaModel and Gemma2Model `modify_tensors`), so
+/// (convert_hf_to_gguf.py, GemmaModel and Gemma2Model `modify_tensors`,
+/// Gemma3Model `norm_shift`: q/k norms included), so
 /// `hf_name`'s weight gets it taken off again.
 fn norm_offset(arch: &str, hf_name: &str) -> f32 {
     match arch {
-        "gemma" | "gemma2" if hf_name.ends_with("norm.weight") => 1.0,
+        "gemma" | "gemma2" | "gemma3" if hf_name.ends_with("norm.weight") => 1.0,
         _ => 0.0,
     }
 }
@@ -539,12 +589,14 @@ fn hf_name(gguf: &str, arch: &str) -> Option<String> {
     if param != "weight" && param != "bias" {
         return None;
     }
+    let sandwich = matches!(arch, "gemma2" | "gemma3");
     let hf_module = match module {
         "attn_norm" => "input_layernorm",
-        // Gemma 2's four norms (gguf's tensor map for MODEL_ARCH.GEMMA2).
-        "post_attention_norm" if arch == "gemma2" => "post_attention_layernorm",
-        "ffn_norm" if arch == "gemma2" => "pre_feedforward_layernorm",
-        "post_ffw_norm" if arch == "gemma2" => "post_feedforward_layernorm",
+        // Gemma 2's and 3's four norms (gguf's tensor map for
+        // MODEL_ARCH.GEMMA2 and GEMMA3).
+        "post_attention_norm" if sandwich => "post_attention_layernorm",
+        "ffn_norm" if sandwich => "pre_feedforward_layernorm",
+        "post_ffw_norm" if sandwich => "post_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
@@ -698,6 +750,77 @@ mod tests {
             0.0
         );
         assert_eq!(norm_offset("llama", "model.norm.weight"), 0.0);
+    }
+
+    /// Gemma 3's keys as llama.cpp reads them: every sixth layer global when
+    /// the file has a window, none sliding without one; the local base from
+    /// `rope.freq_base_swa` or 10000; the 27B's attention scale.
+    #[test]
+    fn gemma3_keys_follow_llama_cpp() {
+        let run = |layers: u64, meta: &[(&str, MetaValue)]| {
+            let mut config = json!({
+                "num_hidden_layers": layers, "head_dim": 256,
+                "hidden_size": 5376, "num_attention_heads": 32,
+            });
+            let meta: std::collections::BTreeMap<String, MetaValue> = meta
+                .iter()
+                .map(|(k, v)| (format!("gemma3.{k}"), v.clone()))
+                .collect();
+            let key = |name: &str| meta.get(&format!("gemma3.{name}"));
+            let positive = |name: &str, default: f64| -> Result<f64, String> {
+                Ok(key(name).and_then(MetaValue::as_f64).unwrap_or(default))
+            };
+            arch_config("gemma3", &mut config, key, positive).map(|()| config)
+        };
+        let c = run(7, &[("attention.sliding_window", MetaValue::U32(512))]).unwrap();
+        let types: Vec<&str> = c["layer_types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            types[4..],
+            ["sliding_attention", "full_attention", "sliding_attention"]
+        );
+        assert_eq!(c["sliding_window"], 512);
+        assert_eq!(c["model_type"], "gemma3_text");
+        assert_eq!(c["query_pre_attn_scalar"], 256);
+        assert_eq!(c["rope_local_base_freq"], 10000.0);
+        assert_eq!(c["final_logit_softcapping"], Value::Null);
+
+        let c = run(
+            62,
+            &[
+                ("rope.freq_base_swa", MetaValue::F32(20000.0)),
+                ("final_logit_softcapping", MetaValue::F32(30.0)),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c["sliding_window"], Value::Null);
+        assert!(c["layer_types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t == "full_attention"));
+        assert_eq!(c["query_pre_attn_scalar"], 5376 / 32);
+        assert_eq!(c["rope_local_base_freq"], 20000.0);
+        assert_eq!(c["final_logit_softcapping"], 30.0);
+
+        let err = run(6, &[("attention.sliding_window", MetaValue::F32(1.5))]).unwrap_err();
+        assert!(err.contains("gemma3.attention.sliding_window"), "{err}");
+        assert_eq!(
+            hf_name("blk.5.attn_q_norm.weight", "gemma3").as_deref(),
+            Some("model.layers.5.self_attn.q_norm.weight")
+        );
+        assert_eq!(
+            hf_name("blk.5.ffn_norm.weight", "gemma3").as_deref(),
+            Some("model.layers.5.pre_feedforward_layernorm.weight")
+        );
+        assert_eq!(
+            norm_offset("gemma3", "model.layers.5.self_attn.k_norm.weight"),
+            1.0
+        );
     }
 
     /// llama.cpp's permutation, written as its converter does it (reshape to
