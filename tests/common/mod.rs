@@ -16,16 +16,19 @@ pub const FIXTURES: [&str; 6] = [
     "qwen3",
 ];
 
-/// Fixtures of the families added after the first four: checked against
+/// Fixtures of the families added after the first four, and of the layouts
+/// those brought (sliding windows): checked against
 /// transformers by the interpreter and by ONNX Runtime (fp32 and fp16), but
 /// left out of the per-fixture compile matrix to keep CI's time.
-pub const FAMILY_FIXTURES: [&str; 6] = [
+pub const FAMILY_FIXTURES: [&str; 8] = [
     "gemma",
     "phi3",
     "gemma2",
     "gemma3",
     "phi3-longrope",
     "gemma3-pattern6",
+    "mistral-window",
+    "phi3-window",
 ];
 
 pub fn repo_root() -> PathBuf {

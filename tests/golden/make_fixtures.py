@@ -322,7 +322,23 @@ FIXTURES = [
         # A wider margin: its fp16 run must choose the same ids.
         {"varied_ids": True, "min_margin": 0.03},
     ),
+    # Mistral's and Phi-3's windows, on every layer (Mistral 7B v0.1: 4096;
+    # Phi-3-mini: 2047), shorter here than the prompt.
+    ("mistral-window", MistralConfig(**SMALL, sliding_window=WINDOW), {"varied_ids": True}),
+    ("phi3-window", Phi3Config(**SMALL, sliding_window=WINDOW), {"varied_ids": True}),
 ]
+
+
+def check_window_matters(model_dir: Path, ids: list[int], logits: np.ndarray) -> None:
+    """The same files without the sliding window must give other logits:
+    else the fixture would not show a window applied wrongly."""
+    unwindowed = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager", sliding_window=None
+    ).eval()
+    _, other, _ = greedy_with_logits(unwindowed, ids)
+    moved = float(np.abs(other - logits).max())
+    assert moved > 0.1, f"{model_dir.name}: without the window the logits move only {moved:.2e}"
+    print(f"{model_dir.name}: without the window the logits move by {moved:.2f}")
 
 
 def greedy_with_logits(model, ids: list[int]) -> tuple[list[int], np.ndarray, float]:
@@ -384,6 +400,8 @@ def build(name: str, config, options: dict, tokenizer, seed: int) -> bool:
     if options.get("varied_ids") and len(set(chosen)) < 4:
         print(f"{name}: seed {seed} chooses only {sorted(set(chosen))}; trying another")
         return False
+    if options.get("varied_ids") and getattr(loaded.config, "sliding_window", None):
+        check_window_matters(model_dir, ids, logits)
     np.save(golden_dir / "logits.npy", logits)
     golden = {
         "model": name,
