@@ -47,6 +47,13 @@ fn onnx_runtime_agrees_with_the_interpreter_on_every_fixture(scheme: &str) {
     let python = python();
     let tmp = tempfile::tempdir().unwrap();
     let mut worst = 1f64;
+    // w8a8 rounds every activation to an int8 step, so an input that differs
+    // in its last bit (ONNX Runtime's softmax and sums are not Kiln's) and
+    // sits on a half step moves by a whole step, and that spreads: on one
+    // CI machine llama-bf16-tied's o_proj input differed by 1.4e-6 and the
+    // logits ended at cosine 0.99993, top-1 equal. Weight-only schemes keep
+    // such differences at 1e-6.
+    let min_cosine = if scheme == "w8a8" { 0.9999 } else { 0.99999 };
     let mut graphs = Vec::new();
     for name in FIXTURES {
         let dir = tmp.path().join(name);
@@ -74,7 +81,7 @@ fn onnx_runtime_agrees_with_the_interpreter_on_every_fixture(scheme: &str) {
         .unwrap_or_else(|e| panic!("{name} {scheme}: {e}"));
         for (step, d) in report.steps.iter().enumerate() {
             assert!(
-                d.cosine >= 0.99999 && d.top1_agrees,
+                d.cosine >= min_cosine && d.top1_agrees,
                 "{name} {scheme} step {step}: cosine {} top-1 {}",
                 d.cosine,
                 d.top1_agrees
