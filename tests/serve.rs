@@ -505,6 +505,19 @@ fn openai_client_raw_http_kv_reuse_bad_requests_and_bench() {
             400,
         ),
         (
+            // The qwen3 fixture's template has no tools: they would be dropped.
+            "tools the chat template does not read",
+            chat(
+                json!({ "messages": message("x"), "tools": [{
+                    "type": "function", "function": {"name": "f", "parameters": {}}
+                }] })
+                .to_string()
+                .as_bytes(),
+                API_KEY,
+            ),
+            400,
+        ),
+        (
             "wrong API key",
             chat(
                 json!({ "messages": message("x") }).to_string().as_bytes(),
@@ -709,4 +722,114 @@ fn a_full_queue_refuses_and_a_client_that_leaves_frees_the_model() {
     // The long one was cancelled when its client left, not run to the end.
     assert_eq!(server.stat("requests_cancelled"), 1);
     assert_eq!(server.stat("requests_finished"), 1);
+}
+
+/// Tools on `qwen2-tool-caller` (tests/golden/make_tool_fixture.py), a model
+/// made to answer every chat with one call of `get_weather`: requests with
+/// tools, assistant tool calls and tool results render to the text and ids
+/// transformers' `apply_chat_template` made; through the official client,
+/// the call comes back as OpenAI's `tool_calls`, whole and streamed.
+#[test]
+fn tools_render_as_transformers_does_and_calls_come_back_as_tool_calls() {
+    use kiln_runtime::generate::chat::ChatTemplate;
+    use kiln_runtime::generate::tokenizer::Tokenizer;
+    use kiln_runtime::serve::api::{self, ChatRequest};
+
+    let golden_path = repo_root().join("tests/fixtures/golden/qwen2-tool-caller/golden.json");
+    let g: Value = serde_json::from_str(&std::fs::read_to_string(&golden_path).unwrap()).unwrap();
+    let source = common::model_dir("qwen2-tool-caller");
+    let template = ChatTemplate::from_dir(&source).unwrap().unwrap();
+    let tokenizer = Tokenizer::from_file(&source.join("tokenizer.json")).unwrap();
+    for (name, chat) in g["chats"].as_object().unwrap() {
+        // The request as a client sends it: each call's arguments as JSON text.
+        let mut body = json!({ "messages": chat["messages"], "tools": chat["tools"] });
+        for message in body["messages"].as_array_mut().unwrap() {
+            for call in message["tool_calls"].as_array_mut().into_iter().flatten() {
+                let text = call["function"]["arguments"].to_string();
+                call["function"]["arguments"] = json!(text);
+            }
+        }
+        let request: ChatRequest = api::parse(body.to_string().as_bytes()).unwrap();
+        let messages = api::chat_messages(&request.messages).unwrap();
+        let text = template
+            .render_with_tools(&messages, request.tools.as_deref(), true)
+            .unwrap();
+        assert_eq!(
+            text,
+            chat["text"].as_str().unwrap(),
+            "{name}: rendered text"
+        );
+        let (ids, format) = api::chat_prompt(&request, &tokenizer, Some(&template)).unwrap();
+        let expected: Vec<u32> = serde_json::from_value(chat["ids"].clone()).unwrap();
+        assert_eq!(ids, expected, "{name}: prompt ids");
+        assert_eq!(format.is_some(), chat["tools"].is_array(), "{name}");
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tool-caller");
+    compile_fixture("qwen2-tool-caller", &model, &["--max-seq-len", "1024"]);
+    let server = Server::start(&model, &[]);
+    let o = Command::new(python())
+        .arg(repo_root().join("tests/serve_tools.py"))
+        .arg(format!("http://127.0.0.1:{}/v1", server.port))
+        .arg(&golden_path)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "serve_tools.py failed:\n{}\nserver:\n{}",
+        stderr(&o),
+        server.log_text()
+    );
+    let got: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let chats = &g["chats"];
+    let prompt_len = |chat: &str| chats[chat]["ids"].as_array().unwrap().len() as u64;
+    let arguments = |v: &Value| -> Value { serde_json::from_str(v.as_str().unwrap()).unwrap() };
+
+    let whole = &got["whole"];
+    assert_eq!(whole["finish_reason"], "tool_calls", "{whole}");
+    assert_eq!(whole["content"], Value::Null, "{whole}");
+    let call = &whole["tool_calls"][0];
+    assert_eq!(whole["tool_calls"].as_array().unwrap().len(), 1, "{whole}");
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], g["call"]["name"]);
+    assert_eq!(
+        arguments(&call["function"]["arguments"]),
+        g["call"]["arguments"]
+    );
+    assert!(call["id"].as_str().is_some_and(|id| !id.is_empty()));
+    assert_eq!(
+        usage(&whole["usage"], "prompt_tokens"),
+        prompt_len("question")
+    );
+    assert_eq!(
+        usage(&whole["usage"], "completion_tokens"),
+        g["generated_ids"].as_array().unwrap().len() as u64
+    );
+
+    let streamed = &got["stream"];
+    assert_eq!(streamed["finish_reason"], "tool_calls", "{streamed}");
+    assert_eq!(streamed["content"], "", "no call text leaks as content");
+    let call = &streamed["calls"][0];
+    assert_eq!(call["name"], g["call"]["name"]);
+    assert_eq!(arguments(&call["arguments"]), g["call"]["arguments"]);
+
+    let second = &got["second_turn"];
+    assert_eq!(
+        usage(&second["usage"], "prompt_tokens"),
+        prompt_len("tool_result")
+    );
+    assert_eq!(
+        second["tool_calls"][0]["function"]["name"],
+        g["call"]["name"]
+    );
+
+    // tool_choice "none": the prompt holds no tools, the reply is text.
+    let none = &got["tool_choice_none"];
+    assert_eq!(none["tool_calls"], Value::Null, "{none}");
+    assert_eq!(none["content"], g["generated_text"], "{none}");
+    assert_eq!(none["finish_reason"], "stop");
+    assert!(usage(&none["usage"], "prompt_tokens") < prompt_len("question"));
+    let refused = got["tool_choice_required"].to_string();
+    assert!(refused.contains("cannot force a call"), "{refused}");
 }

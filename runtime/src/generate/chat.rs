@@ -8,6 +8,7 @@
 //! controls, `raise_exception`, `strftime_now`) and templates call Python
 //! string methods; minijinja with `pycompat` covers both.
 
+use minijinja::value::Serde;
 use minijinja::{Environment, Error, ErrorKind, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,18 +26,60 @@ pub enum ChatError {
     Render { origin: PathBuf, message: String },
 }
 
+/// One message of a conversation, as a chat template reads it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChatMessage {
     pub role: String,
-    pub content: String,
+    /// `None`: the null `content` of an assistant message that only calls
+    /// tools.
+    pub content: Option<String>,
+    /// The tools an assistant message called.
+    pub tool_calls: Vec<ToolCall>,
+    /// A `tool` message's answer to the call of this id.
+    pub tool_call_id: Option<String>,
+}
+
+/// A call of a tool, as chat templates take it: Hugging Face's convention
+/// (`{"type": "function", "function": {"name", "arguments"}}`) with the
+/// arguments an object, where OpenAI's API sends them as a JSON string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: serde_json::Value,
 }
 
 impl ChatMessage {
     pub fn new(role: &str, content: &str) -> ChatMessage {
         ChatMessage {
             role: role.into(),
-            content: content.into(),
+            content: Some(content.into()),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
+    }
+
+    /// The message as the dict transformers' `apply_chat_template` gets:
+    /// `tool_calls` and `tool_call_id` only where the message has them.
+    fn to_json(&self) -> serde_json::Value {
+        let mut message = serde_json::json!({"role": self.role, "content": self.content});
+        if !self.tool_calls.is_empty() {
+            message["tool_calls"] = self
+                .tool_calls
+                .iter()
+                .map(|call| {
+                    serde_json::json!({
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments},
+                    })
+                })
+                .collect();
+        }
+        if let Some(id) = &self.tool_call_id {
+            message["tool_call_id"] = serde_json::json!(id);
+        }
+        message
     }
 }
 
@@ -166,7 +209,21 @@ impl ChatTemplate {
             },
         );
         env.add_function("strftime_now", |format: String| strftime_now(&format));
+        // transformers' own `tojson` (Python's json.dumps, not Jinja2's
+        // HTML-safe one): templates print tool schemas and arguments with it.
+        env.add_filter("tojson", super::pyjson::tojson_filter);
         env
+    }
+
+    /// Whether the template reads the `tools` a request offers: one that
+    /// does not would drop them silently.
+    pub fn takes_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
+    /// The template's source text.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     fn render_error(&self, e: Error) -> ChatError {
@@ -187,21 +244,36 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, ChatError> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`render`](Self::render) with the tools the model may call (OpenAI's
+    /// `tools`: `{"type": "function", "function": {"name", "description",
+    /// "parameters"}}` each), as transformers passes them: `tools` is none
+    /// without them, and so is `documents`.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatError> {
         let env = self.environment();
         let template = env
             .template_from_str(&self.source)
             .map_err(|e| self.render_error(e))?;
+        // Through serde_json, whose maps (like Python's dicts) keep their
+        // order: templates iterate schemas and print them.
         let messages: Vec<Value> = messages
             .iter()
-            .map(|m| {
-                Value::from(BTreeMap::from([
-                    ("role", Value::from(m.role.as_str())),
-                    ("content", Value::from(m.content.as_str())),
-                ]))
-            })
+            .map(|m| Value::from(Serde(m.to_json())))
             .collect();
         let context = BTreeMap::from([
             ("messages", Value::from(messages)),
+            (
+                "tools",
+                tools.map_or(Value::from(()), |t| Value::from(Serde(t))),
+            ),
+            ("documents", Value::from(())),
             ("add_generation_prompt", Value::from(add_generation_prompt)),
             ("bos_token", Value::from(self.bos_token.as_str())),
             ("eos_token", Value::from(self.eos_token.as_str())),

@@ -2,6 +2,7 @@
 //! pick and feed back one token at a time until a stop condition.
 
 pub mod chat;
+pub mod pyjson;
 pub mod run;
 pub mod sampling;
 pub mod tokenizer;

@@ -8,7 +8,8 @@
 //! …/completions/create); `top_k` and `repetition_penalty` are the
 //! extensions vLLM and llama.cpp's server accept.
 
-use crate::generate::chat::{ChatMessage, ChatTemplate};
+use super::tools::ToolCallFormat;
+use crate::generate::chat::{ChatMessage, ChatTemplate, ToolCall};
 use crate::generate::sampling::Sampling;
 use crate::generate::tokenizer::Tokenizer;
 use axum::http::StatusCode;
@@ -107,11 +108,34 @@ pub struct ContentPart {
 pub struct Message {
     pub role: String,
     pub content: Option<Content>,
+    /// An assistant message's calls of tools.
+    pub tool_calls: Option<Vec<RequestToolCall>>,
+    /// A `tool` message: the id of the call it answers.
+    pub tool_call_id: Option<String>,
+}
+
+/// `{"id", "type": "function", "function": {"name", "arguments"}}`, the
+/// arguments a JSON string (an object is taken too).
+#[derive(Deserialize, Debug)]
+pub struct RequestToolCall {
+    pub id: Option<String>,
+    pub function: RequestFunction,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct RequestFunction {
+    pub name: String,
+    pub arguments: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize, Debug)]
 pub struct ChatRequest {
     pub messages: Vec<Message>,
+    /// The tools the model may call, passed to the chat template as they
+    /// come (`{"type": "function", "function": {...}}`).
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// `"auto"` (the default with tools) or `"none"`.
+    pub tool_choice: Option<serde_json::Value>,
     #[serde(flatten)]
     pub common: CommonFields,
 }
@@ -141,6 +165,8 @@ pub struct Generation {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Where the request offers tools: the form the reply's calls are read in.
+    pub tools: Option<ToolCallFormat>,
 }
 
 /// Parses a JSON body, turning serde's complaint into a 400.
@@ -162,6 +188,7 @@ fn template_role(role: &str) -> Option<&'static str> {
         "system" | "developer" => Some("system"),
         "user" => Some("user"),
         "assistant" => Some("assistant"),
+        "tool" => Some("tool"),
         _ => None,
     }
 }
@@ -181,15 +208,18 @@ pub fn chat_messages(messages: &[Message]) -> Result<Vec<ChatMessage>, ApiError>
             let role = template_role(&message.role).ok_or_else(|| {
                 ApiError::invalid(
                     format!(
-                        "messages[{i}].role is {:?}; Kiln takes system, developer, user and assistant",
+                        "messages[{i}].role is {:?}; Kiln takes system, developer, user, assistant and tool",
                         message.role
                     ),
                     Some("messages"),
                 )
             })?;
+            let calls = message.tool_calls.as_deref().unwrap_or_default();
             let content = match &message.content {
-                None => String::new(),
-                Some(Content::Text(text)) => text.clone(),
+                // OpenAI's null content of a message that only calls tools.
+                None if !calls.is_empty() => None,
+                None => Some(String::new()),
+                Some(Content::Text(text)) => Some(text.clone()),
                 Some(Content::Parts(parts)) => {
                     let mut text = String::new();
                     for part in parts {
@@ -206,21 +236,127 @@ pub fn chat_messages(messages: &[Message]) -> Result<Vec<ChatMessage>, ApiError>
                             }
                         }
                     }
-                    text
+                    Some(text)
                 }
             };
-            Ok(ChatMessage::new(role, &content))
+            if !calls.is_empty() && role != "assistant" {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}] has tool_calls, which only assistant messages make"),
+                    Some("messages"),
+                ));
+            }
+            let tool_calls = calls
+                .iter()
+                .enumerate()
+                .map(|(j, call)| tool_call(i, j, call))
+                .collect::<Result<_, _>>()?;
+            Ok(ChatMessage {
+                role: role.into(),
+                content,
+                tool_calls,
+                tool_call_id: message.tool_call_id.clone(),
+            })
         })
         .collect()
 }
 
+/// A request's tool call as templates take it: the arguments' JSON string
+/// read into an object (as vLLM does for Hugging Face templates).
+fn tool_call(i: usize, j: usize, call: &RequestToolCall) -> Result<ToolCall, ApiError> {
+    let bad = |problem: String| {
+        ApiError::invalid(
+            format!("messages[{i}].tool_calls[{j}].function.arguments {problem}"),
+            Some("messages"),
+        )
+    };
+    let arguments = match &call.function.arguments {
+        None => serde_json::json!({}),
+        Some(serde_json::Value::String(text)) => {
+            serde_json::from_str(text).map_err(|e| bad(format!("is not JSON ({e}): {text:?}")))?
+        }
+        Some(object @ serde_json::Value::Object(_)) => object.clone(),
+        Some(other) => return Err(bad(format!("must be a JSON string, got {other}"))),
+    };
+    Ok(ToolCall {
+        id: call.id.clone().unwrap_or_default(),
+        name: call.function.name.clone(),
+        arguments,
+    })
+}
+
+/// Whether a chat request offers tools the model may call, checked against
+/// what the chat template and Kiln can do with them.
+fn offered_tools<'r>(
+    request: &'r ChatRequest,
+    template: &ChatTemplate,
+) -> Result<Option<&'r [serde_json::Value]>, ApiError> {
+    let choice = request.tool_choice.as_ref().filter(|c| !c.is_null());
+    let tools = match request.tools.as_deref() {
+        None | Some([]) => {
+            return match choice {
+                Some(c) if c != "none" && c != "auto" => Err(ApiError::invalid(
+                    format!("tool_choice is {c}, but the request offers no tools"),
+                    Some("tool_choice"),
+                )),
+                _ => Ok(None),
+            }
+        }
+        Some(tools) => tools,
+    };
+    match choice {
+        None => {}
+        Some(c) if c == "auto" => {}
+        Some(c) if c == "none" => return Ok(None),
+        Some(c) => {
+            return Err(ApiError::invalid(
+                format!(
+                    "tool_choice {c} is not supported: Kiln cannot force a call (it has no \
+                     constrained decoding); send \"auto\" and the model decides"
+                ),
+                Some("tool_choice"),
+            ))
+        }
+    }
+    for (i, tool) in tools.iter().enumerate() {
+        let name = tool.pointer("/function/name").and_then(|n| n.as_str());
+        if tool.get("type").and_then(|t| t.as_str()) != Some("function") || name.is_none() {
+            return Err(ApiError::invalid(
+                format!(
+                    "tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": …}}}}, got {tool}"
+                ),
+                Some("tools"),
+            ));
+        }
+    }
+    if !template.takes_tools() {
+        return Err(ApiError::invalid(
+            "this model's chat template does not read `tools`, so the model would never see \
+             them; send the request without tools",
+            Some("tools"),
+        ));
+    }
+    if ToolCallFormat::of(template).is_none() {
+        return Err(ApiError::invalid(
+            format!(
+                "this model's chat template describes tool calls in a form Kiln does not read \
+                 back; Kiln reads {}",
+                ToolCallFormat::DESCRIPTION
+            ),
+            Some("tools"),
+        ));
+    }
+    Ok(Some(tools))
+}
+
 /// The prompt ids of a chat request: its messages through the model's chat
 /// template, tokenized as `kiln-run generate --chat` does.
+/// With the format its reply's tool calls are read in, when the request
+/// offers tools.
 pub fn chat_prompt(
     request: &ChatRequest,
     tokenizer: &Tokenizer,
     template: Option<&ChatTemplate>,
-) -> Result<Vec<u32>, ApiError> {
+) -> Result<(Vec<u32>, Option<ToolCallFormat>), ApiError> {
     let messages = chat_messages(&request.messages)?;
     let template = template.ok_or_else(|| {
         ApiError::invalid(
@@ -229,12 +365,14 @@ pub fn chat_prompt(
             None,
         )
     })?;
+    let tools = offered_tools(request, template)?;
     let text = template
-        .render(&messages, true)
+        .render_with_tools(&messages, tools, true)
         .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
-    tokenizer
+    let ids = tokenizer
         .encode_plain(&text)
-        .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+    Ok((ids, tools.and_then(|_| ToolCallFormat::of(template))))
 }
 
 /// The prompt ids of a completion request (the tokenizer adds its special
@@ -371,6 +509,7 @@ impl CommonFields {
                 .stream_options
                 .as_ref()
                 .is_some_and(|o| o.include_usage),
+            tools: None,
         })
     }
 }

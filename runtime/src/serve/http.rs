@@ -6,6 +6,7 @@
 //! the worker to stop.
 
 use super::api::{self, ApiError, ChatRequest, CompletionRequest, Generation};
+use super::tools::{self, ParsedCall, ToolCallStream};
 use super::worker::{Admission, Event, Finished, Job, Stats};
 use crate::generate::chat::ChatTemplate;
 use crate::generate::tokenizer::Tokenizer;
@@ -132,8 +133,13 @@ async fn chat_completions(
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let generation = api::chat_prompt(&request, &app.tokenizer, app.template.as_ref())
-        .and_then(|prompt| app.check(&request.common, prompt));
+    let generation = api::chat_prompt(&request, &app.tokenizer, app.template.as_ref()).and_then(
+        |(prompt, tools)| {
+            let mut g = app.check(&request.common, prompt)?;
+            g.tools = tools;
+            Ok(g)
+        },
+    );
     match generation {
         Ok(g) => app.reply(shape, g).await,
         Err(e) => e.into_response(),
@@ -285,10 +291,11 @@ impl App {
             created: unix_seconds(),
             model: self.model_id.clone(),
         };
+        let tools = g.tools.is_some();
         if g.stream {
-            stream(shape, meta, receiver, g.include_usage).into_response()
+            stream(shape, meta, receiver, g.include_usage, tools).into_response()
         } else {
-            whole(shape, meta, receiver).await
+            whole(shape, meta, receiver, tools).await
         }
     }
 }
@@ -375,22 +382,62 @@ fn failure(message: String) -> ApiError {
     }
 }
 
+/// OpenAI's `tool_calls` entries for the calls read from a reply; in a
+/// streamed reply's delta each also carries its `index`.
+fn tool_calls_json(meta: &Meta, calls: &[ParsedCall], streamed: bool) -> serde_json::Value {
+    let request = meta.id.rsplit('-').next().unwrap_or_default();
+    calls
+        .iter()
+        .enumerate()
+        .map(|(i, call)| {
+            let mut entry = serde_json::json!({
+                "id": format!("call_kiln_{request}_{i}"),
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            });
+            if streamed {
+                entry["index"] = i.into();
+            }
+            entry
+        })
+        .collect()
+}
+
 /// The reply as one JSON object, once generation has ended.
-async fn whole(shape: Shape, meta: Meta, mut events: UnboundedReceiver<Event>) -> Response {
+async fn whole(
+    shape: Shape,
+    meta: Meta,
+    mut events: UnboundedReceiver<Event>,
+    tools: bool,
+) -> Response {
     let mut text = String::new();
     loop {
         match events.recv().await {
             Some(Event::Text(piece)) => text.push_str(&piece),
             Some(Event::Done(f)) => {
+                let reply = tools.then(|| tools::parse(&text)).flatten();
+                let choice = match reply {
+                    Some(reply) => serde_json::json!({
+                        "index": 0,
+                        "message": {
+                            "role": "assistant",
+                            "content": reply.content,
+                            "tool_calls": tool_calls_json(&meta, &reply.calls, false),
+                        },
+                        "logprobs": null,
+                        "finish_reason": "tool_calls",
+                    }),
+                    None => shape.whole_choice(text, f.reason.as_str()),
+                };
                 return Json(serde_json::json!({
                     "id": meta.id,
                     "object": shape.object(false),
                     "created": meta.created,
                     "model": meta.model,
-                    "choices": [shape.whole_choice(text, f.reason.as_str())],
+                    "choices": [choice],
                     "usage": usage(&f),
                 }))
-                .into_response()
+                .into_response();
             }
             Some(Event::Failed(message)) => return failure(message).into_response(),
             None => {
@@ -406,6 +453,8 @@ struct Streaming {
     meta: Meta,
     events: UnboundedReceiver<Event>,
     include_usage: bool,
+    /// With tools offered: holds back what may be a call.
+    tools: Option<ToolCallStream>,
     ready: VecDeque<SseEvent>,
     first: bool,
     ended: bool,
@@ -427,6 +476,15 @@ impl Streaming {
         SseEvent::default().data(object.to_string())
     }
 
+    /// A piece of generated text: sent on, unless it may be a tool call.
+    fn piece(&mut self, piece: &str) {
+        match self.tools.as_mut().map(|t| t.push(piece)) {
+            Some(released) if released.is_empty() => {}
+            Some(released) => self.text(&released),
+            None => self.text(piece),
+        }
+    }
+
     fn text(&mut self, text: &str) {
         let choice = self.shape.chunk_choice(text, self.first, None);
         self.first = false;
@@ -437,11 +495,24 @@ impl Streaming {
     fn end(&mut self, event: Option<Event>) {
         match event {
             Some(Event::Done(f)) => {
-                if self.first {
+                let (rest, calls) = self.tools.take().map(|t| t.finish()).unwrap_or_default();
+                if !rest.is_empty() || self.first {
                     // The role comes first even when no text did.
-                    self.text("");
+                    self.text(&rest);
                 }
-                let choice = self.shape.chunk_choice("", false, Some(f.reason.as_str()));
+                let mut finish = f.reason.as_str();
+                if !calls.is_empty() {
+                    let delta = serde_json::json!({
+                        "index": 0,
+                        "delta": {"tool_calls": tool_calls_json(&self.meta, &calls, true)},
+                        "logprobs": null,
+                        "finish_reason": null,
+                    });
+                    let chunk = self.chunk(serde_json::json!([delta]), None);
+                    self.ready.push_back(chunk);
+                    finish = "tool_calls";
+                }
+                let choice = self.shape.chunk_choice("", false, Some(finish));
                 let last = self.chunk(serde_json::json!([choice]), None);
                 self.ready.push_back(last);
                 if self.include_usage {
@@ -471,12 +542,14 @@ fn stream(
     meta: Meta,
     events: UnboundedReceiver<Event>,
     include_usage: bool,
+    tools: bool,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     let state = Streaming {
         shape,
         meta,
         events,
         include_usage,
+        tools: tools.then(ToolCallStream::default),
         ready: VecDeque::new(),
         first: true,
         ended: false,
@@ -490,7 +563,7 @@ fn stream(
                 return None;
             }
             match s.events.recv().await {
-                Some(Event::Text(piece)) => s.text(&piece),
+                Some(Event::Text(piece)) => s.piece(&piece),
                 other => s.end(other),
             }
         }

@@ -13,6 +13,7 @@
 pub mod api;
 mod http;
 pub mod stop;
+pub mod tools;
 pub mod worker;
 
 use crate::compiled::manifest::Manifest;

@@ -65,7 +65,7 @@ impl StopStrings {
 
 /// The length of the longest proper suffix of `text` that is a prefix of
 /// `stop`, on character boundaries.
-fn longest_suffix_that_starts(text: &str, stop: &str) -> usize {
+pub(super) fn longest_suffix_that_starts(text: &str, stop: &str) -> usize {
     let longest = stop.len().saturating_sub(1).min(text.len());
     (1..=longest)
         .rev()
