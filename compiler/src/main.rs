@@ -14,7 +14,8 @@ use std::path::PathBuf;
     version,
     about = "Compile Hugging Face language models for Ascend NPUs, and run them",
     long_about = "Kiln lowers a Hugging Face decoder-only model (config.json + safetensors + \
-                  tokenizer.json, or a llama.cpp .gguf file; Llama, Qwen2/2.5, Qwen3, Mistral) \
+                  tokenizer.json, or a llama.cpp .gguf file; Llama, Qwen2/2.5, Qwen3, Mistral, Gemma, \
+                  Gemma 2, Gemma 3 text, Phi-3) \
                   into a static-shape IR with a prefill graph and a decode graph over a \
                   fixed-length KV cache, compiles it to ONNX for Huawei's ATC, and runs it on the \
                   reference CPU interpreter.\n\nStart with: kiln generate MODEL --chat --prompt \"…\"; \
