@@ -724,20 +724,31 @@ fn a_full_queue_refuses_and_a_client_that_leaves_frees_the_model() {
     assert_eq!(server.stat("requests_finished"), 1);
 }
 
-/// Tools on `qwen2-tool-caller` (tests/golden/make_tool_fixture.py), a model
-/// made to answer every chat with one call of `get_weather`: requests with
-/// tools, assistant tool calls and tool results render to the text and ids
-/// transformers' `apply_chat_template` made; through the official client,
-/// the call comes back as OpenAI's `tool_calls`, whole and streamed.
+/// Tools on `qwen2-tool-caller` and `llama-tool-caller`
+/// (tests/golden/make_tool_fixture.py), models made to answer every chat
+/// with one call of `get_weather`, in the Hermes and the Llama 3 form:
+/// requests with tools, assistant tool calls and tool results render to the
+/// text and ids transformers' `apply_chat_template` made; through the
+/// official client, the call comes back as OpenAI's `tool_calls`, whole and
+/// streamed.
 #[test]
 fn tools_render_as_transformers_does_and_calls_come_back_as_tool_calls() {
+    for fixture in ["qwen2-tool-caller", "llama-tool-caller"] {
+        tool_calls_round_trip(fixture);
+    }
+}
+
+fn tool_calls_round_trip(fixture: &str) {
     use kiln_runtime::generate::chat::ChatTemplate;
     use kiln_runtime::generate::tokenizer::Tokenizer;
     use kiln_runtime::serve::api::{self, ChatRequest};
 
-    let golden_path = repo_root().join("tests/fixtures/golden/qwen2-tool-caller/golden.json");
+    let golden_path = repo_root()
+        .join("tests/fixtures/golden")
+        .join(fixture)
+        .join("golden.json");
     let g: Value = serde_json::from_str(&std::fs::read_to_string(&golden_path).unwrap()).unwrap();
-    let source = common::model_dir("qwen2-tool-caller");
+    let source = common::model_dir(fixture);
     let template = ChatTemplate::from_dir(&source).unwrap().unwrap();
     let tokenizer = Tokenizer::from_file(&source.join("tokenizer.json")).unwrap();
     for (name, chat) in g["chats"].as_object().unwrap() {
@@ -761,13 +772,17 @@ fn tools_render_as_transformers_does_and_calls_come_back_as_tool_calls() {
         );
         let (ids, format) = api::chat_prompt(&request, &tokenizer, Some(&template)).unwrap();
         let expected: Vec<u32> = serde_json::from_value(chat["ids"].clone()).unwrap();
-        assert_eq!(ids, expected, "{name}: prompt ids");
-        assert_eq!(format.is_some(), chat["tools"].is_array(), "{name}");
+        assert_eq!(ids, expected, "{fixture} {name}: prompt ids");
+        assert_eq!(
+            format.is_some(),
+            chat["tools"].is_array(),
+            "{fixture} {name}"
+        );
     }
 
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tool-caller");
-    compile_fixture("qwen2-tool-caller", &model, &["--max-seq-len", "1024"]);
+    let model = tmp.path().join(fixture);
+    compile_fixture(fixture, &model, &["--max-seq-len", "1536"]);
     let server = Server::start(&model, &[]);
     let o = Command::new(python())
         .arg(repo_root().join("tests/serve_tools.py"))
@@ -777,7 +792,7 @@ fn tools_render_as_transformers_does_and_calls_come_back_as_tool_calls() {
         .unwrap();
     assert!(
         o.status.success(),
-        "serve_tools.py failed:\n{}\nserver:\n{}",
+        "serve_tools.py failed on {fixture}:\n{}\nserver:\n{}",
         stderr(&o),
         server.log_text()
     );

@@ -1,35 +1,37 @@
 #!/usr/bin/env python3
-"""Builds `qwen2-tool-caller`: a tiny Qwen2 model made (not trained) to
-answer every chat with one tool call in the Hermes form, with a ChatML chat
-template that offers tools the way Qwen2.5's does. It tests that
-`kiln-run serve` renders tools and tool messages as transformers does and
-reads the call back into OpenAI's `tool_calls`.
+"""Builds two tiny models made (not trained) to answer every chat with one
+tool call, each with a chat template that offers tools as its family's
+does, in our own words: `qwen2-tool-caller` (ChatML, Qwen2.5's layout, the
+call in Hermes `<tool_call>` tags) and `llama-tool-caller` (Llama 3.1's
+layout: the tools as indented JSON in the first user turn, the reply the
+call's JSON `{"name", "parameters"}`, results as `ipython` turns). They test
+that `kiln-run serve` renders tools and tool messages as transformers does
+and reads each form of call back into OpenAI's `tool_calls`.
 
 Run it from the repository root with the reference stack
 (tests/golden/requirements.txt); CI never runs it, its outputs are committed:
 
     /tmp/ref/bin/python tests/golden/make_tool_fixture.py
 
-How the model calls the tool: its one layer adds nothing to the residual
+How a model calls the tool: its one layer adds nothing to the residual
 stream (`o_proj` and `down_proj` are zero), so the logits at a position
 depend on that position's token alone, through `lm_head`. `lm_head`'s row of
-each token of the call is the embedding direction of the token before it, so
-after the generation prompt's last token ("\\n") the greedy reply is
-`<tool_call>`, the call's JSON (one added token), `</tool_call>`,
-`<|im_end|>` (EOS). transformers' own greedy decoding is checked to give
-exactly that.
+each token of the reply is the embedding direction of the token before it,
+so after the generation prompt's last token the greedy reply is the call
+(the call's text is one added token) and EOS. transformers' own greedy
+decoding is checked to give exactly that.
 
-It writes tests/fixtures/models/qwen2-tool-caller/ (config, weights,
-tokenizer with the template) and tests/fixtures/golden/qwen2-tool-caller/:
+For each NAME it writes tests/fixtures/models/NAME/ (config, weights,
+tokenizer with the template) and tests/fixtures/golden/NAME/:
 
 - golden.json: the prompt ids, transformers' greedy ids and decoded reply
-  (as for the other fixtures), and `chats`: conversations with and without
-  tools, each as transformers' `apply_chat_template(messages, tools=…,
-  add_generation_prompt=True)` renders it (`text`) and tokenizes it
+  (as for the other fixtures), the call, and `chats`: conversations with
+  and without tools, each as transformers' `apply_chat_template(messages,
+  tools=…, add_generation_prompt=True)` renders it (`text`) and tokenizes it
   (`ids`); assistant tool calls carry their arguments as objects, as
   Hugging Face templates take them.
-- logits.npy: float32 [4, vocab], row i the logits the i-th reply token was
-  chosen from.
+- logits.npy: float32 [reply tokens, vocab], row i the logits the i-th
+  reply token was chosen from.
 """
 
 import json
@@ -40,18 +42,16 @@ import numpy as np
 import torch
 import transformers
 from tokenizers import AddedToken
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
 from make_fixtures import GOLDEN, MODELS, greedy_with_logits, make_tokenizer
 
-NAME = "qwen2-tool-caller"
 CALL = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
-CALL_TEXT = "\n" + json.dumps(CALL) + "\n"
 
 # Qwen2.5's layout (tools as JSON lines in the system turn, calls between
 # <tool_call> tags, tool results as a user turn of <tool_response>s),
 # written for this fixture.
-TEMPLATE = """\
+CHATML_TEMPLATE = """\
 {%- if tools %}
 {{- '<|im_start|>system\\n' }}
 {%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
@@ -81,6 +81,40 @@ TEMPLATE = """\
 {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+"""
+
+# Llama 3.1's layout; the sentence asking for the JSON is the one Meta's
+# templates use, which is how Kiln knows the form.
+LLAMA3_TEMPLATE = """\
+{{- bos_token }}
+{%- if messages[0].role == 'system' %}
+{%- set system = messages[0].content %}
+{%- set messages = messages[1:] %}
+{%- else %}
+{%- set system = 'You are a helpful assistant.' %}
+{%- endif %}
+{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + system + '<|eot_id|>' }}
+{%- for message in messages %}
+{%- if loop.first and tools %}
+{{- '<|start_header_id|>user<|end_header_id|>\\n\\nGiven the following functions, please respond with a JSON \
+for a function call with its proper arguments that best answers the given prompt.\\n\\nRespond in the format \
+{"name": function name, "parameters": dictionary of argument name and its value}. Do not use variables.\\n\\n' }}
+{%- for tool in tools %}{{- tool | tojson(indent=4) }}{{- '\\n\\n' }}{%- endfor %}
+{{- message.content + '<|eot_id|>' }}
+{%- elif message.role == 'assistant' and message.tool_calls is defined and message.tool_calls %}
+{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- for call in message.tool_calls %}
+{{- '{"name": "' + call.function.name + '", "parameters": ' + (call.function.arguments | tojson) + '}' }}
+{%- if not loop.last %}{{- '; ' }}{%- endif %}
+{%- endfor %}
+{{- '<|eot_id|>' }}
+{%- elif message.role == 'tool' %}
+{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + message.content + '<|eot_id|>' }}
+{%- else %}
+{{- '<|start_header_id|>' + message.role + '<|end_header_id|>\\n\\n' + message.content + '<|eot_id|>' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}
 """
 
 TOOLS = [
@@ -129,22 +163,41 @@ CHATS = {
 }
 
 
-def make_model_tokenizer():
+# name → (config class, chat template, special tokens, EOS, the reply's
+# text tokens): the reply is those tokens (one added token each, not
+# special, so decoded text keeps them), then EOS.
+FIXTURES = {
+    "qwen2-tool-caller": (
+        Qwen2Config,
+        CHATML_TEMPLATE,
+        ["<|im_start|>", "<|im_end|>"],
+        "<|im_end|>",
+        ["<tool_call>", "\n" + json.dumps(CALL) + "\n", "</tool_call>"],
+    ),
+    "llama-tool-caller": (
+        LlamaConfig,
+        LLAMA3_TEMPLATE,
+        ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|eot_id|>",
+        [json.dumps({"name": CALL["name"], "parameters": CALL["arguments"]})],
+    ),
+}
+
+
+def make_model_tokenizer(template, specials, eos, reply):
     tok = make_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    # Not special, as in Qwen2.5: decoded text keeps them.
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<tool_call>", CALL_TEXT, "</tool_call>")])
-    tok.eos_token = "<|im_end|>"
-    tok.chat_template = TEMPLATE
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in reply])
+    tok.eos_token = eos
+    if "<|begin_of_text|>" in specials:
+        tok.bos_token = "<|begin_of_text|>"
+    tok.chat_template = template
     return tok
 
 
-def build_model(tok, seed: int = 1):
-    ids = lambda text: tok.convert_tokens_to_ids(text)  # noqa: E731
-    newline = tok("\n", add_special_tokens=False)["input_ids"]
-    assert len(newline) == 1, newline
-    chain = [newline[0], ids("<tool_call>"), ids(CALL_TEXT), ids("</tool_call>"), ids("<|im_end|>")]
-    config = Qwen2Config(
+def build_model(tok, config_class, last_prompt_token, eos, reply, seed: int = 1):
+    chain = [last_prompt_token] + [tok.convert_tokens_to_ids(t) for t in reply] + [tok.convert_tokens_to_ids(eos)]
+    config = config_class(
         vocab_size=len(tok),
         hidden_size=64,
         intermediate_size=128,
@@ -154,8 +207,8 @@ def build_model(tok, seed: int = 1):
         max_position_embeddings=2048,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
-        eos_token_id=ids("<|im_end|>"),
-        bos_token_id=None,
+        eos_token_id=chain[-1],
+        bos_token_id=tok.bos_token_id,
         pad_token_id=None,
     )
     torch.manual_seed(seed)
@@ -182,14 +235,16 @@ def build_model(tok, seed: int = 1):
     return model.eval(), chain
 
 
-def main():
-    torch.use_deterministic_algorithms(True)
-    model_dir, golden_dir = MODELS / NAME, GOLDEN / NAME
+def build(name, config_class, template, specials, eos, reply_tokens):
+    model_dir, golden_dir = MODELS / name, GOLDEN / name
     for d in (model_dir, golden_dir):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
-    tok = make_model_tokenizer()
-    model, chain = build_model(tok)
+    tok = make_model_tokenizer(template, specials, eos, reply_tokens)
+    question = CHATS["question"]
+    text = tok.apply_chat_template(question["messages"], tools=question["tools"], add_generation_prompt=True, tokenize=False)
+    last = tok(text, add_special_tokens=False)["input_ids"][-1]
+    model, chain = build_model(tok, config_class, last, eos, reply_tokens)
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
 
@@ -197,10 +252,11 @@ def main():
     tok = AutoTokenizer.from_pretrained(model_dir)
     loaded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     chats = {}
-    for name, chat in CHATS.items():
+    for chat_name, chat in CHATS.items():
         text = tok.apply_chat_template(chat["messages"], tools=chat.get("tools"), add_generation_prompt=True, tokenize=False)
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        chats[name] = {**chat, "text": text, "ids": ids}
+        assert ids[-1] == last, (chat_name, "every generation prompt ends in the same token")
+        chats[chat_name] = {**chat, "text": text, "ids": ids}
     prompt_ids = chats["question"]["ids"]
     chosen, logits, _ = greedy_with_logits(loaded, prompt_ids)
     reply = chosen[: chosen.index(chain[-1]) + 1]
@@ -210,10 +266,10 @@ def main():
     margin = float((top2[:, 1] - top2[:, 0]).min())
     assert margin > 1.0, margin
     reply_text = tok.decode(reply, skip_special_tokens=True)
-    assert reply_text == "<tool_call>" + CALL_TEXT + "</tool_call>", repr(reply_text)
+    assert reply_text == "".join(reply_tokens), repr(reply_text)
     np.save(golden_dir / "logits.npy", logits[: len(reply)])
     golden = {
-        "model": NAME,
+        "model": name,
         "prompt_ids": prompt_ids,
         "generated_ids": reply,
         "generated_text": reply_text,
@@ -224,8 +280,15 @@ def main():
         "reference": {"transformers": transformers.__version__, "torch": torch.__version__},
     }
     (golden_dir / "golden.json").write_text(json.dumps(golden, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"{NAME}: {len(prompt_ids)} prompt ids → {reply} {reply_text!r} (margin {margin:.2f}); "
+    lengths = {k: len(v["ids"]) for k, v in chats.items()}
+    print(f"{name}: prompts {lengths} → {reply} {reply_text!r} (margin {margin:.2f}); "
           f"files: {sorted(p.name for p in model_dir.iterdir())}")
+
+
+def main():
+    torch.use_deterministic_algorithms(True)
+    for name, spec in FIXTURES.items():
+        build(name, *spec)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 //! the worker to stop.
 
 use super::api::{self, ApiError, ChatRequest, CompletionRequest, Generation};
-use super::tools::{self, ParsedCall, ToolCallStream};
+use super::tools::{ParsedCall, ToolCallFormat, ToolCallStream};
 use super::worker::{Admission, Event, Finished, Job, Stats};
 use crate::generate::chat::ChatTemplate;
 use crate::generate::tokenizer::Tokenizer;
@@ -291,7 +291,7 @@ impl App {
             created: unix_seconds(),
             model: self.model_id.clone(),
         };
-        let tools = g.tools.is_some();
+        let tools = g.tools;
         if g.stream {
             stream(shape, meta, receiver, g.include_usage, tools).into_response()
         } else {
@@ -408,14 +408,14 @@ async fn whole(
     shape: Shape,
     meta: Meta,
     mut events: UnboundedReceiver<Event>,
-    tools: bool,
+    tools: Option<ToolCallFormat>,
 ) -> Response {
     let mut text = String::new();
     loop {
         match events.recv().await {
             Some(Event::Text(piece)) => text.push_str(&piece),
             Some(Event::Done(f)) => {
-                let reply = tools.then(|| tools::parse(&text)).flatten();
+                let reply = tools.and_then(|format| format.parse(&text));
                 let choice = match reply {
                     Some(reply) => serde_json::json!({
                         "index": 0,
@@ -542,14 +542,14 @@ fn stream(
     meta: Meta,
     events: UnboundedReceiver<Event>,
     include_usage: bool,
-    tools: bool,
+    tools: Option<ToolCallFormat>,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     let state = Streaming {
         shape,
         meta,
         events,
         include_usage,
-        tools: tools.then(ToolCallStream::default),
+        tools: tools.map(ToolCallStream::new),
         ready: VecDeque::new(),
         first: true,
         ended: false,

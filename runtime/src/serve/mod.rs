@@ -32,7 +32,8 @@ Endpoints: POST /v1/chat/completions (the model's chat template), POST /v1/compl
 GET /v1/models, GET /health (status and counters, no key needed). Streaming with \"stream\": true \
 sends OpenAI's chunks as server-sent events. Tool calling: \"tools\" go to the chat template; \
 calls the model writes as <tool_call>{\"name\": …, \"arguments\": …}</tool_call> (Qwen2.5, Qwen3, \
-Hermes) come back as tool_calls; tool_choice \"auto\" or \"none\".
+Hermes) or as a reply {\"name\": …, \"parameters\": …} (Llama 3.x) come back as tool_calls; \
+tool_choice \"auto\" or \"none\".
 
 Example, with the official client (pip install openai):
   kiln-run serve model.kiln &
