@@ -230,6 +230,12 @@ impl Tensor {
 
     /// Gives back the buffer for writing when this tensor is its only user
     /// and covers all of it (the session uses this to update the KV cache in place).
+    /// Whether another tensor holds this one's buffer (then
+    /// [`into_f32_vec`](Self::into_f32_vec) copies it).
+    pub fn shares_buffer(&self) -> bool {
+        Arc::strong_count(&self.buffer) > 1
+    }
+
     pub fn into_f32_vec(self) -> Vec<f32> {
         let whole = self.offset == 0 && self.numel() == self.buffer.len();
         match Arc::try_unwrap(self.buffer) {

@@ -94,6 +94,10 @@ impl CpuSession {
             ));
         }
         let (outputs, captured) = interp.run_with_taps(&feeds, &capture)?;
+        // The feeds hold the caches too: dropped, the caches' buffers are
+        // unshared again and take the new rows in place (else every step
+        // would copy the whole KV cache).
+        drop(feeds);
         self.captured = captured;
         let position = |name: &str| {
             graph
@@ -114,7 +118,12 @@ impl CpuSession {
             (&mut self.v_cache, &outputs[v_at]),
         ] {
             let shape = cache.shape().to_vec();
-            // The interpreter has dropped its references: this reuses the buffer.
+            // The interpreter has dropped its references: this reuses the
+            // buffer (unless a capture keeps a view of the cache).
+            debug_assert!(
+                !cache.shares_buffer() || !self.capture.is_empty(),
+                "the KV cache is still shared: every step would copy it whole"
+            );
             let mut data = std::mem::replace(cache, Tensor::from_f32([0], vec![])).into_f32_vec();
             write_new_rows(
                 &mut data,
