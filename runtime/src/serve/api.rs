@@ -348,10 +348,9 @@ fn offered_tools<'r>(
     Ok(Some(tools))
 }
 
-/// The prompt ids of a chat request: its messages through the model's chat
-/// template, tokenized as `kiln-run generate --chat` does.
-/// With the format its reply's tool calls are read in, when the request
-/// offers tools.
+/// The prompt ids of a chat request: its messages (and tools) through the
+/// model's chat template, tokenized as `kiln-run generate --chat` does;
+/// with the form the reply's tool calls are read in, when it offers tools.
 pub fn chat_prompt(
     request: &ChatRequest,
     tokenizer: &Tokenizer,
@@ -618,5 +617,40 @@ mod tests {
                 .unwrap();
         assert!(chat_messages(&image.messages).is_err());
         assert!(parse::<ChatRequest>(br#"{"model": "x"}"#).is_err());
+    }
+
+    #[test]
+    fn tool_calls_and_tool_messages_are_read_and_checked() {
+        let request: ChatRequest = parse(
+            br#"{"messages": [
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                    "function": {"name": "f", "arguments": "{\"b\": 1, \"a\": [2]}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}"#,
+        )
+        .unwrap();
+        let messages = chat_messages(&request.messages).unwrap();
+        assert_eq!(messages[0].content, None);
+        let call = &messages[0].tool_calls[0];
+        assert_eq!((call.id.as_str(), call.name.as_str()), ("c1", "f"));
+        // Read into an object that keeps the arguments' order.
+        assert_eq!(call.arguments.to_string(), r#"{"b":1,"a":[2]}"#);
+        assert_eq!(messages[1].role, "tool");
+        assert_eq!(messages[1].tool_call_id.as_deref(), Some("c1"));
+
+        let bad = |body: &[u8]| {
+            let request: ChatRequest = parse(body).unwrap();
+            chat_messages(&request.messages).unwrap_err().message
+        };
+        let err = bad(br#"{"messages": [{"role": "assistant", "tool_calls": [
+            {"function": {"name": "f", "arguments": "{not json"}}]}]}"#);
+        assert!(
+            err.contains("messages[0].tool_calls[0].function.arguments is not JSON"),
+            "{err}"
+        );
+        let err = bad(
+            br#"{"messages": [{"role": "user", "content": "x", "tool_calls": [
+            {"function": {"name": "f"}}]}]}"#,
+        );
+        assert!(err.contains("only assistant messages"), "{err}");
     }
 }
