@@ -94,6 +94,25 @@ fn every_ggml_type_dequantizes_as_llama_cpps_python_package_does() {
             "{}: max abs error {err:e} against gguf.quants.dequantize (scale {scale})",
             info.name
         );
+        // Blocks Kiln keeps stand for the same weights: exactly, or for
+        // Q4_K within its f16 scales and mins (a 2⁻¹¹ rounding of each).
+        if let Some(kept) = quant::to_quantized(info.ggml_type, file.tensor_bytes(info), 4, 512) {
+            let got = kept.dequantize();
+            for (i, (g, w)) in got.iter().zip(expected).enumerate() {
+                let bound = match info.ggml_type.name() {
+                    "Q4_K" => {
+                        let (s, m) = (kept.scale[i / 32].to_f32(), kept.min[i / 32].to_f32());
+                        (15.0 * s.abs() + m.abs()) / 2048.0 + 1e-6 * w.abs()
+                    }
+                    _ => 1e-6 * w.abs(),
+                };
+                assert!(
+                    (g - w).abs() <= bound,
+                    "{} kept: weight {i} is {g}, gguf's {w}",
+                    info.name
+                );
+            }
+        }
     }
 }
 

@@ -144,13 +144,17 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// A `[n, k]` matrix of Q8_0, Q4_0 or Q4_1 blocks in Kiln's quantized form
-/// (see `kiln_runtime::ir::quant`), without dequantizing: Q8_0 is int8 in
-/// groups of 32, Q4_0 4-bit around 8 and Q4_1 4-bit with a min, each block's
-/// f16 scale (and min) kept as it is. `None` for the other types, which
-/// are dequantized instead. The weights it stands for are exactly the ones
-/// [`dequantize`] computes.
+/// A `[n, k]` matrix of Q8_0, Q4_0, Q4_1 or Q4_K blocks in Kiln's quantized
+/// form (see `kiln_runtime::ir::quant`), without dequantizing: Q8_0 is int8
+/// in groups of 32, Q4_0 4-bit around 8 and Q4_1 4-bit with a min, each
+/// block's f16 scale (and min) kept as it is: the weights it stands for are
+/// exactly the ones [`dequantize`] computes. Q4_K ([`q4k_to_quantized`]) is
+/// 4-bit with a min per 32 too, within a hundredth of a step of them.
+/// `None` for the other types, which are dequantized instead.
 pub fn to_quantized(ty: GgmlType, bytes: &[u8], n: usize, k: usize) -> Option<QuantizedMatrix> {
+    if ty == GgmlType::Q4K {
+        return q4k_to_quantized(bytes, n, k);
+    }
     let offset = match ty {
         GgmlType::Q8_0 | GgmlType::Q4_0 => false,
         GgmlType::Q4_1 => true,
@@ -191,6 +195,54 @@ pub fn to_quantized(ty: GgmlType, bytes: &[u8], n: usize, k: usize) -> Option<Qu
     }
     Some(QuantizedMatrix {
         scheme,
+        n,
+        k,
+        q,
+        scale,
+        min,
+    })
+}
+
+/// Q4_K blocks as 4-bit groups of 32 with a scale and a min each: a 256
+/// block's 8 groups take its 6-bit scale and min codes times `d` and
+/// `dmin`, `w = q·(d·sc) − dmin·m`, each product rounded to f16 (Kiln's
+/// scales are f16; ggml keeps them in f32). That moves a weight by at most
+/// `15 · 2⁻¹¹` of its group's scale plus `2⁻¹¹` of its min: about a
+/// hundredth of a quantization step.
+fn q4k_to_quantized(bytes: &[u8], n: usize, k: usize) -> Option<QuantizedMatrix> {
+    let ty = GgmlType::Q4K;
+    if !k.is_multiple_of(256) || bytes.len() != n * k / 256 * ty.block_bytes() {
+        return None;
+    }
+    let groups = n * k / 32;
+    let (mut q, mut scale, mut min) = (
+        Vec::with_capacity(n * k / 2),
+        Vec::with_capacity(groups),
+        Vec::with_capacity(groups),
+    );
+    for b in bytes.chunks_exact(ty.block_bytes()) {
+        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+        let (scales, qs) = (&b[4..16], &b[16..144]);
+        for group in 0..8 {
+            let (sc, m) = q4k_scale_min(group, scales);
+            scale.push(f16::from_f32(d * sc as f32));
+            min.push(f16::from_f32(-(dmin * m as f32)));
+            // Groups 2c and 2c + 1 are the low and the high nibbles of
+            // bytes 32c..32c + 32; Kiln packs weights 2i, 2i + 1 per byte.
+            let bytes = &qs[group / 2 * 32..][..32];
+            let nibble = |l: usize| match group % 2 {
+                0 => bytes[l] & 0x0f,
+                _ => bytes[l] >> 4,
+            };
+            q.extend((0..16).map(|i| nibble(2 * i) | (nibble(2 * i + 1) << 4)));
+        }
+    }
+    Some(QuantizedMatrix {
+        scheme: WeightQuant {
+            bits: 4,
+            group_size: 32,
+            offset: true,
+        },
         n,
         k,
         q,
@@ -310,6 +362,47 @@ mod tests {
             assert_eq!(kept.dequantize(), want, "{ty:?}");
         }
         assert!(to_quantized(GgmlType::Q6K, &[], 0, 256).is_none());
+    }
+
+    /// Kept Q4_K blocks stand for ggml's weights within their f16 scales'
+    /// rounding: at most 15 · 2⁻¹¹ of a group's scale plus 2⁻¹¹ of its min.
+    #[test]
+    fn kept_q4_k_blocks_are_ggmls_weights_within_f16_scales() {
+        let (n, k) = (2, 512);
+        let mut seed = 11u32;
+        let mut byte = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 24) as u8
+        };
+        let mut bytes = Vec::new();
+        for _ in 0..n * k / 256 {
+            let mut block: Vec<u8> = (0..GgmlType::Q4K.block_bytes()).map(|_| byte()).collect();
+            // d and dmin: small positive f16s with random mantissas.
+            block[1] = 0x1c;
+            block[3] = 0x1c;
+            bytes.extend(block);
+        }
+        let mut want = vec![0f32; n * k];
+        dequantize(GgmlType::Q4K, &bytes, &mut want);
+        let kept = to_quantized(GgmlType::Q4K, &bytes, n, k).unwrap();
+        assert_eq!((kept.scale.len(), kept.min.len()), (n * k / 32, n * k / 32));
+        let got = kept.dequantize();
+        let mut moved = 0usize;
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let group = i / 32;
+            let (s, m) = (kept.scale[group].to_f32(), kept.min[group].to_f32());
+            let bound = (15.0 * s.abs() + m.abs()) / 2048.0 + 1e-6 * w.abs();
+            assert!((g - w).abs() <= bound, "weight {i}: {g} vs ggml's {w}");
+            moved += usize::from(g != w);
+        }
+        assert!(
+            moved > 0,
+            "f16 scales should move some weights: is the test reading Q4_K?"
+        );
+        assert!(
+            to_quantized(GgmlType::Q4K, &bytes, n, 256).is_none(),
+            "wrong length"
+        );
     }
 
     #[test]
