@@ -95,17 +95,17 @@ fn every_ggml_type_dequantizes_as_llama_cpps_python_package_does() {
             info.name
         );
         // Blocks Kiln keeps stand for the same weights: exactly, or for
-        // Q4_K within its f16 scales and mins (a 2⁻¹¹ rounding of each).
+        // Q4_K and Q6_K within their f16 scales (a 2⁻¹¹ rounding of each).
         if let Some(kept) = quant::to_quantized(info.ggml_type, file.tensor_bytes(info), 4, 512) {
             let got = kept.dequantize();
             for (i, (g, w)) in got.iter().zip(expected).enumerate() {
+                let group = kept.scheme.group_size;
+                let s = kept.scale[i / group].to_f32().abs();
                 let bound = match info.ggml_type.name() {
-                    "Q4_K" => {
-                        let (s, m) = (kept.scale[i / 32].to_f32(), kept.min[i / 32].to_f32());
-                        (15.0 * s.abs() + m.abs()) / 2048.0 + 1e-6 * w.abs()
-                    }
-                    _ => 1e-6 * w.abs(),
-                };
+                    "Q4_K" => (15.0 * s + kept.min[i / group].to_f32().abs()) / 2048.0,
+                    "Q6_K" => 32.0 * s / 2048.0,
+                    _ => 0.0,
+                } + 1e-6 * w.abs();
                 assert!(
                     (g - w).abs() <= bound,
                     "{} kept: weight {i} is {g}, gguf's {w}",
@@ -264,6 +264,44 @@ fn gemma_ggufs_match_transformers() {
         assert!(
             err <= 1e-4,
             "{file} vs the {fixture} fixture's goldens: {err:e}"
+        );
+    }
+}
+
+/// A Q4_K_M-style file (llama-kquant.gguf: Q4_K and Q6_K blocks): dequantized
+/// (`--quant none`) it computes what transformers' GGUF loader computes
+/// (gguf's dequantizer); kept (the default), its Q4_K matrices are int4 in
+/// groups of 32 with mins and its Q6_K ones int8 in groups of 16, whose f16
+/// scales move the logits by 1.8e-3 here (of 4.9), with the same greedy ids.
+#[test]
+fn k_quant_blocks_stay_quantized_and_match_transformers() {
+    let g: Value =
+        serde_json::from_str(&std::fs::read_to_string(gguf_fixture("kquant/golden.json")).unwrap())
+            .unwrap();
+    let model = gguf_fixture("llama-kquant.gguf");
+    let prompt_ids = ids_of(&g["prompt_ids"]);
+    let expected_ids = ids_of(&g["generated_ids"]);
+    let expected = read_rows(&gguf_fixture("kquant/logits.npy"));
+    for (quant, tolerance) in [("none", 1e-4), ("keep", 1e-2)] {
+        let (ids, logits) =
+            kiln_generate_with(&model, &prompt_ids, expected_ids.len(), &["--quant", quant]);
+        assert_eq!(ids, expected_ids, "--quant {quant}: greedy ids");
+        let err = max_abs_diff(&logits, &expected);
+        assert!(
+            err <= tolerance,
+            "--quant {quant}: max abs logit error {err:e}"
+        );
+    }
+    let out = kiln(&["inspect", model.to_str().unwrap(), "--ir"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ir = stdout(&out);
+    for scheme in [
+        r#"{"bits":4,"group_size":32,"offset":true}"#,
+        r#"{"bits":8,"group_size":16,"offset":false}"#,
+    ] {
+        assert!(
+            ir.contains(scheme),
+            "no QuantLinear with {scheme} in:\n{ir}"
         );
     }
 }

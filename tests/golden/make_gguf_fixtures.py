@@ -31,6 +31,8 @@ It writes into tests/fixtures/gguf/:
     (The converter would take a Phi-3 vocabulary from tokenizer.model, which
     these fixtures do not have; their byte-level BPE is stored as for the
     others.)
+- llama-kquant.gguf: a 256-wide Llama in Q4_K and Q6_K blocks, as a Q4_K_M
+  file holds one (random blocks; see make_kquant).
 - phi3-q8_0.gguf: phi3.gguf with every matrix in Q8_0 blocks
   (`gguf.quants.quantize`), as `llama-quantize` leaves them, so the fused
   matrices Kiln keeps in blocks are split in their blocks.
@@ -57,8 +59,8 @@ It writes into tests/fixtures/gguf/:
   key (older files), which means BOS.
 
 Names on the command line build only those files (`quant`, `llama-gqa`,
-`qwen3`, `llama3-rope`, `phi3`, `phi3-longrope`, `phi3-q8_0`, `gemma`,
-`gemma2`, `gemma3`, `spm`).
+`qwen3`, `llama3-rope`, `phi3`, `phi3-longrope`, `phi3-q8_0`,
+`llama-kquant`, `gemma`, `gemma2`, `gemma3`, `spm`).
 """
 
 import json
@@ -275,6 +277,80 @@ def make_model(fixture, arch, out_name=None, matrix_type=None):
             writer.add_tensor(gguf_name, raw, raw_shape=raw.shape, raw_dtype=matrix_type)
         else:
             writer.add_tensor(gguf_name, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def make_kquant():
+    """llama-kquant.gguf: a Llama of 256-wide matrices (k-quants need rows of
+    whole 256-blocks) as a Q4_K_M file holds it: Q4_K for most matrices,
+    Q6_K for attn_v, ffn_down and output, norms and the embedding in F32,
+    the llama-gqa fixture's byte-level vocabulary. The blocks are random, with
+    d and dmin chosen so that weights are about 1/sqrt(fan-in) and the
+    activations stay O(1); gguf's own dequantizer (through transformers' GGUF
+    loader) is the reference for what they mean."""
+    rng = np.random.default_rng(19)
+    hidden, ffn, layers, heads, kv_heads = 256, 512, 2, 4, 2
+    head_dim = hidden // heads
+    src = json.loads((MODELS / "llama-gqa" / "tokenizer.json").read_text())
+    writer = gguf.GGUFWriter(str(OUT / "llama-kquant.gguf"), "llama")
+    writer.add_name("llama-kquant")
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    vocab = src["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for token, index in vocab.items():
+        tokens[index] = token
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    special = {t["id"] for t in src.get("added_tokens", []) if t.get("special")}
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in src["model"]["merges"]])
+    writer.add_add_bos_token(False)
+
+    def scales(n, top):
+        values = rng.uniform(0.2 * top, top, size=n).astype(np.float16)
+        return np.frombuffer(values.tobytes(), dtype=np.uint8).reshape(n, 2)
+
+    def matrix(name, rows, cols, qtype):
+        raw = random_blocks(rng, qtype, rows, cols)
+        blocks = raw.reshape(-1, gguf.GGML_QUANT_SIZES[qtype][1])
+        target = 4 / math.sqrt(cols)  # the largest |w| wanted
+        if qtype == Q.Q4_K:  # w = d·sc·q − dmin·m, sc and m ≤ 63, q ≤ 15
+            blocks[:, 0:2] = scales(len(blocks), target / (63 * 15))
+            blocks[:, 2:4] = scales(len(blocks), target / 63 / 2)
+        else:  # Q6_K: w = d·sc·(q − 32), |sc| ≤ 128
+            blocks[:, 208:210] = scales(len(blocks), target / (128 * 32))
+        writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
+
+    f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
+    writer.add_tensor("token_embd.weight", f32(0.5 * rng.standard_normal((len(tokens), hidden))))
+    writer.add_tensor("output_norm.weight", f32(1 + 0.1 * rng.standard_normal(hidden)))
+    matrix("output.weight", len(tokens), hidden, Q.Q6_K)
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", f32(1 + 0.1 * rng.standard_normal(hidden)))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", f32(1 + 0.1 * rng.standard_normal(hidden)))
+        for name, rows, cols, qtype in [
+            ("attn_q", hidden, hidden, Q.Q4_K),
+            ("attn_k", kv_heads * head_dim, hidden, Q.Q4_K),
+            ("attn_v", kv_heads * head_dim, hidden, Q.Q6_K),
+            ("attn_output", hidden, hidden, Q.Q4_K),
+            ("ffn_gate", ffn, hidden, Q.Q4_K),
+            ("ffn_up", ffn, hidden, Q.Q4_K),
+            ("ffn_down", hidden, ffn, Q.Q6_K),
+        ]:
+            matrix(f"blk.{i}.{name}.weight", rows, cols, qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -509,7 +585,7 @@ def make_spm_only(arch_name: str, work: Path, add_bos, add_eos):
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     everything = {"quant", "llama-gqa", "qwen3", "llama3-rope", "phi3", "phi3-longrope"}
-    everything |= {"phi3-q8_0", "gemma", "gemma2", "gemma3", "spm"}
+    everything |= {"phi3-q8_0", "llama-kquant", "gemma", "gemma2", "gemma3", "spm"}
     wanted = set(sys.argv[1:]) or everything
     if "quant" in wanted:
         make_quant()
@@ -523,6 +599,8 @@ def main():
         make_model("phi3", "phi3")
     if "phi3-longrope" in wanted:
         make_model("phi3-longrope", "phi3")
+    if "llama-kquant" in wanted:
+        make_kquant()
     if "phi3-q8_0" in wanted:
         make_model("phi3", "phi3", out_name="phi3-q8_0", matrix_type=Q.Q8_0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -149,11 +149,14 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
 /// in groups of 32, Q4_0 4-bit around 8 and Q4_1 4-bit with a min, each
 /// block's f16 scale (and min) kept as it is: the weights it stands for are
 /// exactly the ones [`dequantize`] computes. Q4_K ([`q4k_to_quantized`]) is
-/// 4-bit with a min per 32 too, within a hundredth of a step of them.
-/// `None` for the other types, which are dequantized instead.
+/// 4-bit with a min per 32 too and Q6_K ([`q6k_to_quantized`]) int8 per 16,
+/// within a hundredth of a step of them. `None` for the other types, which
+/// are dequantized instead.
 pub fn to_quantized(ty: GgmlType, bytes: &[u8], n: usize, k: usize) -> Option<QuantizedMatrix> {
-    if ty == GgmlType::Q4K {
-        return q4k_to_quantized(bytes, n, k);
+    match ty {
+        GgmlType::Q4K => return q4k_to_quantized(bytes, n, k),
+        GgmlType::Q6K => return q6k_to_quantized(bytes, n, k),
+        _ => {}
     }
     let offset = match ty {
         GgmlType::Q8_0 | GgmlType::Q4_0 => false,
@@ -248,6 +251,51 @@ fn q4k_to_quantized(bytes: &[u8], n: usize, k: usize) -> Option<QuantizedMatrix>
         q,
         scale,
         min,
+    })
+}
+
+/// Q6_K blocks as int8 groups of 16, symmetric: `q − 32` (−32..=31) and
+/// each group's `d · scale` rounded to f16, which moves a weight by at most
+/// `32 · 2⁻¹¹` of its group's scale.
+fn q6k_to_quantized(bytes: &[u8], n: usize, k: usize) -> Option<QuantizedMatrix> {
+    let ty = GgmlType::Q6K;
+    if !k.is_multiple_of(256) || bytes.len() != n * k / 256 * ty.block_bytes() {
+        return None;
+    }
+    let (mut q, mut scale) = (Vec::with_capacity(n * k), Vec::with_capacity(n * k / 16));
+    for b in bytes.chunks_exact(ty.block_bytes()) {
+        let d = f16_at(b, 208);
+        for half in 0..2 {
+            let ql = &b[half * 64..][..64];
+            let qh = &b[128 + half * 32..][..32];
+            let sc = &b[192 + half * 8..][..8];
+            // Weight j of the half: its low 4 bits from ql, high 2 from qh,
+            // in the order dequantize_q6k writes them.
+            let q6 = |j: usize| -> u8 {
+                let (quarter, l) = (j / 32, j % 32);
+                let low = match quarter {
+                    0 => ql[l] & 0xf,
+                    1 => ql[l + 32] & 0xf,
+                    2 => ql[l] >> 4,
+                    _ => ql[l + 32] >> 4,
+                };
+                low | (((qh[l] >> (2 * quarter)) & 3) << 4)
+            };
+            q.extend((0..128).map(|j| (q6(j) as i8 - 32) as u8));
+            scale.extend(sc.iter().map(|&s| f16::from_f32(d * (s as i8) as f32)));
+        }
+    }
+    Some(QuantizedMatrix {
+        scheme: WeightQuant {
+            bits: 8,
+            group_size: 16,
+            offset: false,
+        },
+        n,
+        k,
+        q,
+        scale,
+        min: Vec::new(),
     })
 }
 
@@ -361,48 +409,57 @@ mod tests {
             let kept = to_quantized(ty, &bytes, n, k).unwrap();
             assert_eq!(kept.dequantize(), want, "{ty:?}");
         }
-        assert!(to_quantized(GgmlType::Q6K, &[], 0, 256).is_none());
+        assert!(to_quantized(GgmlType::F16, &[], 0, 256).is_none());
     }
 
-    /// Kept Q4_K blocks stand for ggml's weights within their f16 scales'
-    /// rounding: at most 15 · 2⁻¹¹ of a group's scale plus 2⁻¹¹ of its min.
+    /// Kept Q4_K and Q6_K blocks stand for ggml's weights within their f16
+    /// scales' rounding: at most 15 · 2⁻¹¹ of a group's scale plus 2⁻¹¹ of
+    /// its min (Q4_K), 32 · 2⁻¹¹ of its scale (Q6_K).
     #[test]
-    fn kept_q4_k_blocks_are_ggmls_weights_within_f16_scales() {
+    fn kept_k_quant_blocks_are_ggmls_weights_within_f16_scales() {
         let (n, k) = (2, 512);
         let mut seed = 11u32;
         let mut byte = || {
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             (seed >> 24) as u8
         };
-        let mut bytes = Vec::new();
-        for _ in 0..n * k / 256 {
-            let mut block: Vec<u8> = (0..GgmlType::Q4K.block_bytes()).map(|_| byte()).collect();
-            // d and dmin: small positive f16s with random mantissas.
-            block[1] = 0x1c;
-            block[3] = 0x1c;
-            bytes.extend(block);
+        for ty in [GgmlType::Q4K, GgmlType::Q6K] {
+            let mut bytes = Vec::new();
+            for _ in 0..n * k / 256 {
+                let mut block: Vec<u8> = (0..ty.block_bytes()).map(|_| byte()).collect();
+                // d (and dmin): small positive f16s with random mantissas.
+                match ty {
+                    GgmlType::Q4K => (block[1], block[3]) = (0x1c, 0x1c),
+                    _ => block[209] = 0x1c,
+                }
+                bytes.extend(block);
+            }
+            let mut want = vec![0f32; n * k];
+            dequantize(ty, &bytes, &mut want);
+            let kept = to_quantized(ty, &bytes, n, k).unwrap();
+            let group = kept.scheme.group_size;
+            assert_eq!(kept.scale.len(), n * k / group, "{ty:?}");
+            let got = kept.dequantize();
+            let mut moved = 0usize;
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let s = kept.scale[i / group].to_f32().abs();
+                let bound = match ty {
+                    GgmlType::Q4K => 15.0 * s + kept.min[i / group].to_f32().abs(),
+                    _ => 32.0 * s,
+                } / 2048.0
+                    + 1e-6 * w.abs();
+                assert!(
+                    (g - w).abs() <= bound,
+                    "{ty:?} weight {i}: {g} vs ggml's {w}"
+                );
+                moved += usize::from(g != w);
+            }
+            assert!(moved > 0, "{ty:?}: f16 scales should move some weights");
+            assert!(
+                to_quantized(ty, &bytes, n, 256).is_none(),
+                "{ty:?}: wrong length"
+            );
         }
-        let mut want = vec![0f32; n * k];
-        dequantize(GgmlType::Q4K, &bytes, &mut want);
-        let kept = to_quantized(GgmlType::Q4K, &bytes, n, k).unwrap();
-        assert_eq!((kept.scale.len(), kept.min.len()), (n * k / 32, n * k / 32));
-        let got = kept.dequantize();
-        let mut moved = 0usize;
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            let group = i / 32;
-            let (s, m) = (kept.scale[group].to_f32(), kept.min[group].to_f32());
-            let bound = (15.0 * s.abs() + m.abs()) / 2048.0 + 1e-6 * w.abs();
-            assert!((g - w).abs() <= bound, "weight {i}: {g} vs ggml's {w}");
-            moved += usize::from(g != w);
-        }
-        assert!(
-            moved > 0,
-            "f16 scales should move some weights: is the test reading Q4_K?"
-        );
-        assert!(
-            to_quantized(GgmlType::Q4K, &bytes, n, 256).is_none(),
-            "wrong length"
-        );
     }
 
     #[test]
