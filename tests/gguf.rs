@@ -77,11 +77,11 @@ fn every_ggml_type_dequantizes_as_llama_cpps_python_package_does() {
     else {
         panic!("expected f32")
     };
-    assert_eq!(shape, vec![8, 4, 512]);
+    assert_eq!(shape, vec![10, 4, 512]);
     let types: Vec<&str> = file.tensors.iter().map(|t| t.ggml_type.name()).collect();
     assert_eq!(
         types,
-        ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
+        ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "Q5_0", "Q5_1"]
     );
     for (info, expected) in file.tensors.iter().zip(data.chunks(4 * 512)) {
         assert_eq!(info.shape, vec![4, 512], "{}", info.name);
@@ -430,7 +430,7 @@ fn malformed_gguf_files_get_clear_errors() {
     huge_count[8..16].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
     case("huge-count.gguf", &huge_count, &["claims", "tensors"]);
 
-    // The first tensor's type field → 6 (Q5_0), which Kiln does not read.
+    // The first tensor's type field → 13 (Q5_K), which Kiln does not read.
     let first = &file.tensors[0];
     let name_at = good
         .windows(first.name.len())
@@ -438,8 +438,8 @@ fn malformed_gguf_files_get_clear_errors() {
         .unwrap();
     let type_at = name_at + first.name.len() + 4 + 8 * first.shape.len();
     let mut unknown = good.clone();
-    unknown[type_at..type_at + 4].copy_from_slice(&6u32.to_le_bytes());
-    case("q5.gguf", &unknown, &["Q5_0", "Kiln cannot read"]);
+    unknown[type_at..type_at + 4].copy_from_slice(&13u32.to_le_bytes());
+    case("q5k.gguf", &unknown, &["Q5_K", "Kiln cannot read"]);
 
     // A config the weights do not bear out is refused before anything is
     // allocated from it (here 2^31 layers).

@@ -271,7 +271,7 @@ enum KernelsArg {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum QuantArg {
-    /// Weights as stored: a GGUF's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K blocks stay quantized, float checkpoints stay float.
+    /// Weights as stored: a GGUF's Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K blocks stay quantized, float checkpoints stay float.
     Keep,
     /// Every weight in float (a GGUF's blocks are dequantized).
     None,

@@ -9,9 +9,9 @@ independent dequantizer. Not run in CI; run it once and commit the output:
 It writes into tests/fixtures/gguf/:
 
 - quant.gguf + quant_expected.npy: one tensor per ggml type Kiln reads
-  (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) made of random blocks, and
-  what `gguf.quants.dequantize` makes of each, stacked in file order
-  ([8, 4, 512]).
+  (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, Q5_0, Q5_1) made of
+  random blocks, and what `gguf.quants.dequantize` makes of each, stacked in
+  file order ([10, 4, 512]).
 - llama-gqa.gguf, qwen3.gguf, llama3-rope.gguf, phi3.gguf,
   phi3-longrope.gguf: the Hugging Face fixtures of the same names
   (tests/fixtures/models/) as llama.cpp's converter (convert_hf_to_gguf.py,
@@ -88,9 +88,9 @@ def random_blocks(rng, qtype, rows, cols):
     scale = lambda n: np.frombuffer(  # noqa: E731
         rng.uniform(-0.1, 0.1, size=n).astype(np.float16).tobytes(), dtype=np.uint8
     ).reshape(n, 2)
-    if qtype in (Q.Q4_0, Q.Q8_0):
+    if qtype in (Q.Q4_0, Q.Q8_0, Q.Q5_0):
         raw[:, 0:2] = scale(n_blocks)
-    elif qtype == Q.Q4_1:
+    elif qtype in (Q.Q4_1, Q.Q5_1):
         raw[:, 0:2] = scale(n_blocks)
         raw[:, 2:4] = scale(n_blocks)
     elif qtype == Q.Q4_K:
@@ -115,6 +115,9 @@ def make_quant():
         ("q8_0", Q.Q8_0),
         ("q4_k", Q.Q4_K),
         ("q6_k", Q.Q6_K),
+        # Last, so that the blocks above stay as they were.
+        ("q5_0", Q.Q5_0),
+        ("q5_1", Q.Q5_1),
     ]:
         if qtype in (Q.F32, Q.F16):
             values = rng.standard_normal((rows, cols)).astype(np.float32)

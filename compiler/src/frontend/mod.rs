@@ -176,7 +176,7 @@ impl HfModel {
     }
 
     /// Opens a model directory or a .gguf file; with `keep_blocks`, a GGUF's
-    /// Q8_0, Q4_0, Q4_1, Q4_K and Q6_K matrices stay quantized (see [`Self::quantized`]).
+    /// Q8_0, Q4_0, Q4_1, Q5_0, Q4_K and Q6_K matrices stay quantized (see [`Self::quantized`]).
     pub fn open_keeping_blocks(path: &Path, keep_blocks: bool) -> Result<HfModel, FrontendError> {
         let gguf_name = path
             .extension()

@@ -52,7 +52,7 @@ const ROPE_FACTORS_SHORT: &str = "rope_factors_short.weight";
 /// A weight of a GGUF file: dequantized, or kept in its blocks.
 pub enum GgufTensor {
     Float(Vec<f32>),
-    /// A Q8_0, Q4_0, Q4_1, Q4_K or Q6_K matrix in Kiln's quantized form (see
+    /// A Q8_0, Q4_0, Q4_1, Q5_0, Q4_K or Q6_K matrix in Kiln's quantized form (see
     /// [`quant::to_quantized`]).
     Quantized(QuantizedMatrix),
 }
@@ -69,7 +69,7 @@ pub struct GgufModel {
 }
 
 impl GgufModel {
-    /// Reads `path`. With `keep_blocks`, Q8_0, Q4_0, Q4_1, Q4_K and Q6_K matrices stay
+    /// Reads `path`. With `keep_blocks`, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K and Q6_K matrices stay
     /// quantized (see [`quant::to_quantized`]); every other tensor, and all
     /// of them without it, is dequantized to f32.
     pub fn open(path: &Path, keep_blocks: bool) -> Result<GgufModel, GgufModelError> {

@@ -19,6 +19,12 @@ pub enum GgmlType {
     Q4_1,
     /// 32 weights: f16 scale d, 32 × i8 q; w = d·q.
     Q8_0,
+    /// 32 weights: f16 scale d, 32 high bits, 16 bytes of low 4 bits;
+    /// w = d·(q − 16).
+    Q5_0,
+    /// 32 weights: f16 scale d, f16 min m, 32 high bits, 16 bytes of low 4
+    /// bits; w = d·q + m.
+    Q5_1,
     /// 256 weights in 8 sub-blocks of 32 with 6-bit scales and mins.
     Q4K,
     /// 256 weights of 6 bits in 16 sub-blocks of 16 with i8 scales.
@@ -26,12 +32,14 @@ pub enum GgmlType {
 }
 
 impl GgmlType {
-    const ALL: [GgmlType; 8] = [
+    const ALL: [GgmlType; 10] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
         GgmlType::Q4_0,
         GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
         GgmlType::Q8_0,
         GgmlType::Q4K,
         GgmlType::Q6K,
@@ -44,6 +52,8 @@ impl GgmlType {
             GgmlType::F16 => 1,
             GgmlType::Q4_0 => 2,
             GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
             GgmlType::Q8_0 => 8,
             GgmlType::Q4K => 12,
             GgmlType::Q6K => 14,
@@ -79,7 +89,9 @@ impl GgmlType {
     pub fn block_len(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => 32,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+                32
+            }
             GgmlType::Q4K | GgmlType::Q6K => 256,
         }
     }
@@ -91,6 +103,8 @@ impl GgmlType {
             GgmlType::F16 | GgmlType::BF16 => 2,
             GgmlType::Q4_0 => 2 + 16,
             GgmlType::Q4_1 => 2 + 2 + 16,
+            GgmlType::Q5_0 => 2 + 4 + 16,
+            GgmlType::Q5_1 => 2 + 2 + 4 + 16,
             GgmlType::Q8_0 => 2 + 32,
             GgmlType::Q4K => 2 + 2 + 12 + 128,
             GgmlType::Q6K => 128 + 64 + 16 + 2,
@@ -139,6 +153,8 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
                 *o = q as i8 as f32 * d;
             }
         }),
+        GgmlType::Q5_0 => blocks.for_each(|(b, o)| dequantize_q5(b, o, false)),
+        GgmlType::Q5_1 => blocks.for_each(|(b, o)| dequantize_q5(b, o, true)),
         GgmlType::Q4K => blocks.for_each(|(b, o)| dequantize_q4k(b, o)),
         GgmlType::Q6K => blocks.for_each(|(b, o)| dequantize_q6k(b, o)),
     }
@@ -148,14 +164,16 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
 /// form (see `kiln_runtime::ir::quant`), without dequantizing: Q8_0 is int8
 /// in groups of 32, Q4_0 4-bit around 8 and Q4_1 4-bit with a min, each
 /// block's f16 scale (and min) kept as it is: the weights it stands for are
-/// exactly the ones [`dequantize`] computes. Q4_K ([`q4k_to_quantized`]) is
-/// 4-bit with a min per 32 too and Q6_K ([`q6k_to_quantized`]) int8 per 16,
-/// within a hundredth of a step of them. `None` for the other types, which
-/// are dequantized instead.
+/// exactly the ones [`dequantize`] computes, as are Q5_0's, kept as int8
+/// per 32 ([`q5_0_to_quantized`]). Q4_K ([`q4k_to_quantized`]) is 4-bit
+/// with a min per 32 too and Q6_K ([`q6k_to_quantized`]) int8 per 16,
+/// within a hundredth of a step of them. `None` for the other types (Q5_1,
+/// whose min int8 cannot hold), which are dequantized instead.
 pub fn to_quantized(ty: GgmlType, bytes: &[u8], n: usize, k: usize) -> Option<QuantizedMatrix> {
     match ty {
         GgmlType::Q4K => return q4k_to_quantized(bytes, n, k),
         GgmlType::Q6K => return q6k_to_quantized(bytes, n, k),
+        GgmlType::Q5_0 => return q5_0_to_quantized(bytes, n, k),
         _ => {}
     }
     let offset = match ty {
@@ -299,6 +317,64 @@ fn q6k_to_quantized(bytes: &[u8], n: usize, k: usize) -> Option<QuantizedMatrix>
     })
 }
 
+/// Q5_0 blocks as int8 groups of 32, symmetric: `q − 16` (−16..=15) with
+/// the block's own f16 scale, so the same weights exactly. (llama.cpp writes
+/// Q5_0 where a Q4_K_M file's rows are not whole 256-blocks.)
+fn q5_0_to_quantized(bytes: &[u8], n: usize, k: usize) -> Option<QuantizedMatrix> {
+    let ty = GgmlType::Q5_0;
+    if !k.is_multiple_of(32) || bytes.len() != n * k / 32 * ty.block_bytes() {
+        return None;
+    }
+    let (mut q, mut scale) = (Vec::with_capacity(n * k), Vec::with_capacity(n * k / 32));
+    for b in bytes.chunks_exact(ty.block_bytes()) {
+        scale.push(f16::from_le_bytes([b[0], b[1]]));
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        q.extend((0..32).map(|e| (q5_code(qh, &b[6..22], e) as i8 - 16) as u8));
+    }
+    Some(QuantizedMatrix {
+        scheme: WeightQuant {
+            bits: 8,
+            group_size: 32,
+            offset: false,
+        },
+        n,
+        k,
+        q,
+        scale,
+        min: Vec::new(),
+    })
+}
+
+/// Weight `e` (0..32) of a Q5_0/Q5_1 block as its 5-bit code: the low 4
+/// bits from byte `e % 16` of `qs` (low nibble for the first 16), the fifth
+/// from bit `e` of `qh`.
+fn q5_code(qh: u32, qs: &[u8], e: usize) -> u8 {
+    let low = match e < 16 {
+        true => qs[e] & 0x0f,
+        false => qs[e - 16] >> 4,
+    };
+    low | ((((qh >> e) & 1) as u8) << 4)
+}
+
+/// Q5_0: w = d·(q − 16); Q5_1 (`with_min`): w = d·q + m.
+fn dequantize_q5(b: &[u8], o: &mut [f32], with_min: bool) {
+    let d = f16_at(b, 0);
+    let (m, at) = if with_min {
+        (f16_at(b, 2), 4)
+    } else {
+        (0.0, 2)
+    };
+    let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let qs = &b[at + 4..at + 20];
+    for (e, out) in o.iter_mut().enumerate().take(32) {
+        let q = q5_code(qh, qs, e);
+        *out = match with_min {
+            true => d * q as f32 + m,
+            false => (q as i32 - 16) as f32 * d,
+        };
+    }
+}
+
 /// The j-th 6-bit (scale, min) pair of a Q4_K block's 12 packed bytes.
 fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
@@ -365,8 +441,8 @@ mod tests {
         for t in GgmlType::ALL {
             assert_eq!(GgmlType::from_id(t.id()), Some(t));
         }
-        assert_eq!(GgmlType::from_id(6), None);
-        assert_eq!(GgmlType::id_name(6), "Q5_0");
+        assert_eq!(GgmlType::from_id(13), None);
+        assert_eq!(GgmlType::id_name(13), "Q5_K");
         assert_eq!(GgmlType::id_name(1000), "unknown");
     }
 
@@ -393,7 +469,12 @@ mod tests {
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             (seed >> 24) as u8
         };
-        for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+        for ty in [
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+        ] {
             let mut bytes = Vec::new();
             for _ in 0..n * k / 32 {
                 // Small f16 scales and mins (exponent bits kept low), random q.
@@ -410,6 +491,10 @@ mod tests {
             assert_eq!(kept.dequantize(), want, "{ty:?}");
         }
         assert!(to_quantized(GgmlType::F16, &[], 0, 256).is_none());
+        assert!(
+            to_quantized(GgmlType::Q5_1, &[0; 24], 1, 32).is_none(),
+            "Q5_1 is dequantized"
+        );
     }
 
     /// Kept Q4_K and Q6_K blocks stand for ggml's weights within their f16
