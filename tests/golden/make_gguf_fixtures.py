@@ -198,6 +198,21 @@ def llama3_rope_freqs(config):
     return torch.tensor(factors, dtype=torch.float32).numpy()
 
 
+def add_bpe_vocab(writer, tok):
+    """A byte-level BPE tokenizer.json as `tokenizer.ggml.*` arrays: tokens
+    in id order, special added tokens as control tokens, the merges."""
+    vocab = tok["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for token, index in vocab.items():
+        tokens[index] = token
+    special = {t["id"] for t in tok.get("added_tokens", []) if t.get("special")}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+
+
 def make_model(fixture, arch, out_name=None, matrix_type=None):
     src = MODELS / fixture
     config = json.loads((src / "config.json").read_text())
@@ -241,17 +256,7 @@ def make_model(fixture, arch, out_name=None, matrix_type=None):
         if (config.get("rope_parameters") or {}).get("rope_type") == "llama3":
             extra_tensors["rope_freqs.weight"] = llama3_rope_freqs(config)
 
-    vocab = tok["model"]["vocab"]
-    tokens = [None] * len(vocab)
-    for token, index in vocab.items():
-        tokens[index] = token
-    special = {t["id"] for t in tok.get("added_tokens", []) if t.get("special")}
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-    writer.add_token_merges(merges)
+    add_bpe_vocab(writer, tok)
     if config.get("eos_token_id") is not None:
         writer.add_eos_token_id(config["eos_token_id"])
     writer.add_add_bos_token(False)
@@ -310,17 +315,9 @@ def make_kquant():
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_dimension_count(head_dim)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
-    vocab = src["model"]["vocab"]
-    tokens = [None] * len(vocab)
-    for token, index in vocab.items():
-        tokens[index] = token
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    special = {t["id"] for t in src.get("added_tokens", []) if t.get("special")}
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in src["model"]["merges"]])
+    add_bpe_vocab(writer, src)
     writer.add_add_bos_token(False)
+    vocab = len(src["model"]["vocab"])
 
     def scales(n, top):
         values = rng.uniform(0.2 * top, top, size=n).astype(np.float16)
@@ -338,9 +335,9 @@ def make_kquant():
         writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
 
     f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
-    writer.add_tensor("token_embd.weight", f32(0.5 * rng.standard_normal((len(tokens), hidden))))
+    writer.add_tensor("token_embd.weight", f32(0.5 * rng.standard_normal((vocab, hidden))))
     writer.add_tensor("output_norm.weight", f32(1 + 0.1 * rng.standard_normal(hidden)))
-    matrix("output.weight", len(tokens), hidden, Q.Q6_K)
+    matrix("output.weight", vocab, hidden, Q.Q6_K)
     for i in range(layers):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", f32(1 + 0.1 * rng.standard_normal(hidden)))
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", f32(1 + 0.1 * rng.standard_normal(hidden)))

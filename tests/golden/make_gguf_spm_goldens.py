@@ -136,6 +136,24 @@ def load(source, **kwargs):
     return model.eval()
 
 
+def with_overrides(name: str, tok, metadata: dict, why: str):
+    """The file through transformers' GGUF loader with `metadata` passed as
+    llama.cpp reads it, checked to differ from the plain loader's model."""
+    model = load(GGUF_DIR, gguf_file=name, **metadata)
+    plain = load(GGUF_DIR, gguf_file=name)
+    probe = torch.tensor([tok(PROMPTS[0])["input_ids"]])
+    with torch.no_grad():
+        a = model(input_ids=probe).logits
+        b = plain(input_ids=probe).logits
+    assert not torch.allclose(a, b), "the overrides changed nothing: drop them"
+    return model, {
+        "model": f"tests/fixtures/gguf/{name} (transformers' GGUF loader)",
+        "config_overrides": metadata,
+        "why": f"{why}; these are the values llama.cpp takes from the file",
+        "loader_config": {k: plain.config.to_dict().get(k) for k in metadata},
+    }
+
+
 def generation_goldens(name: str, tok) -> dict:
     reader = GGUFReader(GGUF_DIR / name)
     arch = field(reader, "general.architecture")
@@ -157,20 +175,8 @@ def generation_goldens(name: str, tok) -> dict:
             "query_pre_attn_scalar": field(reader, "gemma2.attention.key_length"),
         }
         assert field(reader, "gemma2.block_count") != 46  # 27B: hidden / heads instead
-        model = load(GGUF_DIR, gguf_file=name, **metadata)
-        plain = load(GGUF_DIR, gguf_file=name)
-        probe = torch.tensor([tok(PROMPTS[0])["input_ids"]])
-        with torch.no_grad():
-            a = model(input_ids=probe).logits
-            b = plain(input_ids=probe).logits
-        assert not torch.allclose(a, b), "the overrides changed nothing: drop them"
-        source = {
-            "model": f"tests/fixtures/gguf/{name} (transformers' GGUF loader)",
-            "config_overrides": metadata,
-            "why": "transformers' GGUF loader reads neither soft-cap key and a GGUF has no "
-            "query_pre_attn_scalar; these are the values llama.cpp takes from the file",
-            "loader_config": {k: plain.config.to_dict().get(k) for k in metadata},
-        }
+        model, source = with_overrides(name, tok, metadata, "transformers' GGUF loader reads neither "
+                                       "soft-cap key and a GGUF has no query_pre_attn_scalar")
     elif arch == "gemma3":
         assert field(reader, "gemma3.block_count") != 62  # 27B: hidden / heads instead
         assert field(reader, "gemma3.final_logit_softcapping") is None
@@ -191,20 +197,9 @@ def generation_goldens(name: str, tok) -> dict:
                 },
             },
         }
-        model = load(GGUF_DIR, gguf_file=name, **metadata)
-        plain = load(GGUF_DIR, gguf_file=name)
-        probe = torch.tensor([tok(PROMPTS[0])["input_ids"]])
-        with torch.no_grad():
-            a = model(input_ids=probe).logits
-            b = plain(input_ids=probe).logits
-        assert not torch.allclose(a, b), "the overrides changed nothing: drop them"
-        source = {
-            "model": f"tests/fixtures/gguf/{name} (transformers' GGUF loader)",
-            "config_overrides": metadata,
-            "why": "transformers' GGUF loader reads neither the RoPE scaling nor the local base of a "
-            "gemma3 file and a GGUF has no query_pre_attn_scalar; these are the values llama.cpp takes",
-            "loader_config": {k: plain.config.to_dict().get(k) for k in metadata},
-        }
+        model, source = with_overrides(name, tok, metadata, "transformers' GGUF loader reads neither "
+                                       "the RoPE scaling nor the local base of a gemma3 file and a GGUF "
+                                       "has no query_pre_attn_scalar")
     else:
         raise ValueError(arch)
     for prompt in PROMPTS:

@@ -44,7 +44,7 @@ import transformers
 from tokenizers import AddedToken
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
-from make_fixtures import GOLDEN, MODELS, greedy_with_logits, make_tokenizer
+from make_fixtures import GOLDEN, MODELS, SMALL, greedy_with_logits, make_tokenizer
 
 CALL = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
 
@@ -197,19 +197,18 @@ def make_model_tokenizer(template, specials, eos, reply):
 
 def build_model(tok, config_class, last_prompt_token, eos, reply, seed: int = 1):
     chain = [last_prompt_token] + [tok.convert_tokens_to_ids(t) for t in reply] + [tok.convert_tokens_to_ids(eos)]
+    # The other fixtures' sizes, with one layer, room for the tool prompts,
+    # and this vocabulary's size and special ids.
     config = config_class(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-5,
+        **{
+            **SMALL,
+            "vocab_size": len(tok),
+            "num_hidden_layers": 1,
+            "max_position_embeddings": 2048,
+            "eos_token_id": chain[-1],
+            "bos_token_id": tok.bos_token_id,
+        },
         tie_word_embeddings=False,
-        eos_token_id=chain[-1],
-        bos_token_id=tok.bos_token_id,
-        pad_token_id=None,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")

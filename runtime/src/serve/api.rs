@@ -284,12 +284,13 @@ fn tool_call(i: usize, j: usize, call: &RequestToolCall) -> Result<ToolCall, Api
     })
 }
 
-/// Whether a chat request offers tools the model may call, checked against
-/// what the chat template and Kiln can do with them.
+/// The tools a chat request offers the model, with the form the template
+/// teaches for calling them; checked against what the template and Kiln
+/// can do with them.
 fn offered_tools<'r>(
     request: &'r ChatRequest,
     template: &ChatTemplate,
-) -> Result<Option<&'r [serde_json::Value]>, ApiError> {
+) -> Result<Option<(&'r [serde_json::Value], ToolCallFormat)>, ApiError> {
     let choice = request.tool_choice.as_ref().filter(|c| !c.is_null());
     let tools = match request.tools.as_deref() {
         None | Some([]) => {
@@ -335,17 +336,17 @@ fn offered_tools<'r>(
             Some("tools"),
         ));
     }
-    if ToolCallFormat::of(template).is_none() {
-        return Err(ApiError::invalid(
+    let format = ToolCallFormat::of(template).ok_or_else(|| {
+        ApiError::invalid(
             format!(
                 "this model's chat template describes tool calls in a form Kiln does not read \
                  back; Kiln reads {}",
                 ToolCallFormat::DESCRIPTION
             ),
             Some("tools"),
-        ));
-    }
-    Ok(Some(tools))
+        )
+    })?;
+    Ok(Some((tools, format)))
 }
 
 /// The prompt ids of a chat request: its messages (and tools) through the
@@ -364,14 +365,14 @@ pub fn chat_prompt(
             None,
         )
     })?;
-    let tools = offered_tools(request, template)?;
+    let offered = offered_tools(request, template)?;
     let text = template
-        .render_with_tools(&messages, tools, true)
+        .render_with_tools(&messages, offered.map(|(tools, _)| tools), true)
         .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
     let ids = tokenizer
         .encode_plain(&text)
         .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
-    Ok((ids, tools.and_then(|_| ToolCallFormat::of(template))))
+    Ok((ids, offered.map(|(_, format)| format)))
 }
 
 /// The prompt ids of a completion request (the tokenizer adds its special

@@ -84,7 +84,7 @@ fn parse_hermes(text: &str) -> Option<ToolReply> {
             None => (body, ""),
         };
         let value = serde_json::from_str(call.trim()).ok()?;
-        calls.push(read_call(&value, "arguments")?);
+        calls.push(read_call(&value)?);
         rest = after;
     }
     content.push_str(rest);
@@ -113,7 +113,7 @@ fn parse_llama3(text: &str) -> Option<ToolReply> {
         }
         let mut values = serde_json::Deserializer::from_str(rest).into_iter::<serde_json::Value>();
         let value = values.next()?.ok()?;
-        calls.push(read_call(&value, "parameters")?);
+        calls.push(read_call(&value)?);
         rest = &rest[values.byte_offset()..];
     }
     (!calls.is_empty()).then_some(ToolReply {
@@ -122,16 +122,11 @@ fn parse_llama3(text: &str) -> Option<ToolReply> {
     })
 }
 
-/// `{"name": …, <arguments key>: {…}}` (either key is taken; a JSON string
-/// of arguments too, as some models write them).
-fn read_call(call: &serde_json::Value, key: &str) -> Option<ParsedCall> {
+/// `{"name": …, "arguments" or "parameters": {…}}`, whichever form writes
+/// it (and the arguments as a JSON string, as some models write them).
+fn read_call(call: &serde_json::Value) -> Option<ParsedCall> {
     let name = call.get("name")?.as_str()?.to_string();
-    let other = if key == "arguments" {
-        "parameters"
-    } else {
-        "arguments"
-    };
-    let arguments = match call.get(key).or_else(|| call.get(other)) {
+    let arguments = match call.get("arguments").or_else(|| call.get("parameters")) {
         None | Some(serde_json::Value::Null) => serde_json::json!({}),
         Some(serde_json::Value::String(text)) => serde_json::from_str(text).ok()?,
         Some(arguments @ serde_json::Value::Object(_)) => arguments.clone(),

@@ -328,12 +328,7 @@ fn arch_config<'a>(
                     format!("{arch}.attention.sliding_window is {v}; it must be a positive integer")
                 })?,
             };
-            let scalar = if layers == 46 {
-                let heads = config["num_attention_heads"].as_u64().unwrap_or(1).max(1);
-                config["hidden_size"].as_u64().unwrap_or(0) / heads
-            } else {
-                config["head_dim"].as_u64().unwrap_or(0)
-            };
+            let scalar = query_pre_attn_scalar(config, 46);
             config["hidden_activation"] = json!("gelu_pytorch_tanh");
             config["attn_logit_softcapping"] = json!(positive("attn_logit_softcapping", 50.0)?);
             config["final_logit_softcapping"] = json!(positive("final_logit_softcapping", 30.0)?);
@@ -365,12 +360,7 @@ fn arch_config<'a>(
                     )
                 })?,
             };
-            let scalar = if layers == 62 {
-                let heads = config["num_attention_heads"].as_u64().unwrap_or(1).max(1);
-                config["hidden_size"].as_u64().unwrap_or(0) / heads
-            } else {
-                config["head_dim"].as_u64().unwrap_or(0)
-            };
+            let scalar = query_pre_attn_scalar(config, 62);
             let final_cap = match key("final_logit_softcapping") {
                 None => Value::Null,
                 Some(_) => json!(positive("final_logit_softcapping", 0.0)?),
@@ -381,7 +371,6 @@ fn arch_config<'a>(
             config["final_logit_softcapping"] = final_cap;
             config["query_pre_attn_scalar"] = json!(scalar);
             config["rope_local_base_freq"] = json!(positive("rope.freq_base_swa", 10000.0)?);
-            config["sliding_window_pattern"] = json!(PATTERN);
             config["sliding_window"] = if window == 0 {
                 Value::Null
             } else {
@@ -397,6 +386,18 @@ fn arch_config<'a>(
         _ => {}
     }
     Ok(())
+}
+
+/// Gemma 2's and 3's `query_pre_attn_scalar` as llama.cpp derives it (a GGUF
+/// holds none): the head size, but hidden / heads for the 27B, the model of
+/// `layers_of_27b` layers.
+fn query_pre_attn_scalar(config: &Value, layers_of_27b: u64) -> u64 {
+    if config["num_hidden_layers"].as_u64() == Some(layers_of_27b) {
+        let heads = config["num_attention_heads"].as_u64().unwrap_or(1).max(1);
+        config["hidden_size"].as_u64().unwrap_or(0) / heads
+    } else {
+        config["head_dim"].as_u64().unwrap_or(0)
+    }
 }
 
 /// The RoPE settings beyond the base: partial rotary, Phi-3's original
